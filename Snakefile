@@ -1,0 +1,28 @@
+# diffatlas: an atlas of what a diffusion model knows, layer by layer and timestep by timestep.
+#
+# Data flows one way: data -> model -> activations -> {SAE, Diff-C} -> figures, and
+# model -> {DAAM maps, geometry} -> figures. Every rule calls the diffatlas package through
+# its CLI; no analysis logic lives here. The results/ path grammar is in README.md.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/world_model.smk"
+include: "rules/extract.smk"
+include: "rules/sae.smk"
+include: "rules/diffc.smk"
+include: "rules/daam.smk"
+include: "rules/geometry.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        ALL_TARGETS,

@@ -1,0 +1,69 @@
+# Helpers shared by every stage: config validation, the results/ path grammar, model paths,
+# wildcard constraints. Stage files append their final targets to ALL_TARGETS.
+
+import sys
+from pathlib import Path
+
+# Import the package from this checkout, so the workflow and the library never disagree.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from diffatlas.config import validate_config
+from diffatlas.errors import UserError
+
+try:
+    _validated = validate_config(config, Path(workflow.basedir) / "config.schema.yaml")
+except UserError as _err:
+    raise WorkflowError(str(_err)) from None
+config.clear()
+config.update(_validated)
+
+RESULTS = config["results"]
+ALL_TARGETS = []
+
+# The package's console script; rules call it so every step also runs by hand.
+DIFFATLAS = "diffatlas"
+
+
+wildcard_constraints:
+    model="[A-Za-z0-9_-]+",
+    dataset="[A-Za-z0-9_-]+",
+    layer="[A-Za-z0-9_.*?-]+",
+    timestep="[0-9]+",
+
+
+def log_path(rule_name, *parts):
+    """results/logs/{rule}/{parts}.log: every rule logs here."""
+    return str(Path(RESULTS, "logs", rule_name, *parts)) + ".log"
+
+
+def bench_path(rule_name, *parts):
+    """results/benchmarks/{rule}/{parts}.tsv: every rule's Snakemake benchmark."""
+    return str(Path(RESULTS, "benchmarks", rule_name, *parts)) + ".tsv"
+
+
+def world_model_trained_dir():
+    return str(Path(RESULTS, "world_model", "model"))
+
+
+def model_path(name):
+    """Directory (or hub id) the loader reads for model ``name``.
+
+    The ShapesWorld model comes from the committed checkpoint unless
+    world_model.source is 'trained', in which case train_world_model builds it.
+    """
+    path = config["models"][name]["path"]
+    if name == "shapesworld" and config["world_model"]["source"] == "trained":
+        return world_model_trained_dir()
+    return path
+
+
+def model_input(name):
+    """Input files a rule needs for model ``name`` (the trained model dir, if any)."""
+    if name == "shapesworld" and config["world_model"]["source"] == "trained":
+        return [world_model_trained_dir()]
+    local = Path(config["models"][name]["path"])
+    return [str(local / "model_index.json")] if (local / "model_index.json").exists() else []
+
+
+def dataset_dir(name):
+    return str(Path(RESULTS, "data", name))

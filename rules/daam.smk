@@ -1,0 +1,1 @@
+# daam stage: rules to come (see the issue for this stage).

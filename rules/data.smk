@@ -1,0 +1,1 @@
+# data stage: rules to come (see the issue for this stage).

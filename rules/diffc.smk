@@ -1,0 +1,1 @@
+# diffc stage: rules to come (see the issue for this stage).

@@ -1,0 +1,1 @@
+# extract stage: rules to come (see the issue for this stage).

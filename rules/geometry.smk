@@ -1,0 +1,1 @@
+# geometry stage: rules to come (see the issue for this stage).

@@ -1,0 +1,1 @@
+# sae stage: rules to come (see the issue for this stage).

@@ -1,0 +1,1 @@
+# world_model stage: rules to come (see the issue for this stage).

@@ -1,0 +1,3 @@
+from diffatlas.cli import main
+
+raise SystemExit(main())

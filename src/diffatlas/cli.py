@@ -1,0 +1,44 @@
+"""Command-line dispatcher: ``diffatlas <command> [options]``.
+
+Commands live in :mod:`diffatlas.commands`, one module each; the command name uses dashes
+and the module name underscores. Errors that come from bad input (:class:`UserError`)
+print one clear line and exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+import sys
+
+from diffatlas import commands
+from diffatlas.errors import UserError
+from diffatlas.logs import setup_logging
+
+log = logging.getLogger("diffatlas")
+
+
+def available_commands() -> list[str]:
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(commands.__path__))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write("usage: diffatlas <command> [options]\n\ncommands:\n")
+        for name in available_commands():
+            sys.stdout.write(f"  {name}\n")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in available_commands():
+        sys.stderr.write(f"diffatlas: unknown command {name!r}; available: {', '.join(available_commands())}\n")
+        return 2
+    setup_logging()
+    module = importlib.import_module(f"diffatlas.commands.{name.replace('-', '_')}")
+    try:
+        return int(module.main(rest) or 0)
+    except UserError as err:
+        log.error("%s", err)
+        sys.stderr.write(f"diffatlas {name}: error: {err}\n")
+        return 2

@@ -1,0 +1,148 @@
+"""Workflow configuration: JSON Schema validation with clear messages, then dataclasses.
+
+The Snakefile calls :func:`validate_config` before any job runs. Errors name the key path
+(``extract.layers[2]``), the bad value and what is allowed. Defaults from the schema are
+filled in, so the rest of the workflow sees a complete config. Each stage turns its section
+into its own dataclass (``diffatlas.<stage>.config``), which re-checks values in
+``__post_init__`` so the library is safe to call without Snakemake too.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from diffatlas.errors import UserError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config.schema.yaml"
+
+
+def load_schema(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    path = Path(path) if path else SCHEMA_PATH
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def _key_path(parts: Any) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _allowed(schema: dict[str, Any]) -> str:
+    if "x-allowed" in schema:
+        return schema["x-allowed"]
+    if "enum" in schema:
+        return ", ".join(map(str, schema["enum"]))
+    if "const" in schema:
+        return str(schema["const"])
+    bits = []
+    if "type" in schema:
+        bits.append(f"type {schema['type']}")
+    if "minimum" in schema:
+        bits.append(f">= {schema['minimum']}")
+    if "maximum" in schema:
+        bits.append(f"<= {schema['maximum']}")
+    if "pattern" in schema:
+        bits.append(f"matching {schema['pattern']}")
+    return ", ".join(bits) or "see config.schema.yaml"
+
+
+def _explain(err: jsonschema.ValidationError) -> str:
+    key = _key_path(err.absolute_path)
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        hints = []
+        for e in extra:
+            close = difflib.get_close_matches(e, allowed, n=1)
+            hints.append(f"{e!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        where = "" if key == "(top level)" else f" in {key}"
+        return f"unknown config key {', '.join(hints)}{where}; allowed keys: {', '.join(allowed)}"
+    if err.validator == "required":
+        return f"config {key} is missing a required key: {err.message}"
+    if err.validator == "propertyNames":
+        return f"config {key}: name {err.instance!r} is not allowed ({_allowed(err.schema)})"
+    return f"config {key} = {err.instance!r} is not allowed; allowed: {_allowed(err.schema)}"
+
+
+def _fill_defaults(instance: Any, schema: dict[str, Any]) -> None:
+    """Insert schema defaults for absent keys (recursively, including if/then branches)."""
+    if not isinstance(instance, dict):
+        return
+    for key, sub in schema.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            _fill_defaults(instance[key], sub)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in instance.items():
+            if key not in schema.get("properties", {}):
+                _fill_defaults(value, extra)
+    for branch in schema.get("allOf", []):
+        cond = branch.get("if")
+        if cond is None or jsonschema.Draft202012Validator(cond).is_valid(instance):
+            _fill_defaults(instance, branch.get("then", branch))
+
+
+def validate_config(config: dict[str, Any], schema_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Validate ``config`` against the schema; return a copy with defaults filled in.
+
+    Raises :class:`UserError` naming the first bad key (all problems are listed).
+    """
+    schema = load_schema(schema_path)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    # if/then failures repeat the inner error; keep the most specific ones.
+    errors = [e for e in errors if e.validator not in ("if", "allOf")] or errors
+    if errors:
+        lines = []
+        for err in errors:
+            leaves = [err]
+            if err.context:
+                leaves = sorted(err.context, key=lambda e: -len(e.absolute_path))[:1]
+            for leaf in leaves:
+                msg = _explain(leaf)
+                if msg not in lines:
+                    lines.append(msg)
+        raise UserError("invalid configuration:\n  " + "\n  ".join(lines))
+    out = copy.deepcopy(config)
+    _fill_defaults(out, schema)
+    _check_references(out)
+    return out
+
+
+def _check_references(config: dict[str, Any]) -> None:
+    """Names used in stage sections must exist in ``models`` / ``datasets``."""
+    models, datasets = set(config.get("models", {})), set(config.get("datasets", {}))
+    for section in ("extract", "daam", "geometry"):
+        for i, name in enumerate(config.get(section, {}).get("models", [])):
+            if name not in models:
+                raise UserError(f"config {section}.models[{i}] = {name!r} is not a configured model; allowed: {', '.join(sorted(models))}")
+    for i, name in enumerate(config.get("extract", {}).get("datasets", [])):
+        if name not in datasets:
+            raise UserError(f"config extract.datasets[{i}] = {name!r} is not a configured dataset; allowed: {', '.join(sorted(datasets))}")
+
+
+def load_config(path: str | os.PathLike, schema_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Read a YAML config file and validate it (used by commands run outside Snakemake)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"config file not found: {path}")
+    with open(path) as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{path} is not valid YAML: {err}") from err
+    try:
+        return validate_config(data, schema_path)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
