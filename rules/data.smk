@@ -1,1 +1,58 @@
-# data stage: rules to come (see the issue for this stage).
+# data stage: every dataset in config["datasets"] becomes results/data/{dataset}/
+# (images.npy, masks.npy for ShapesWorld, metadata.parquet, info.json), rendered
+# (kind shapesworld) or ingested from an image folder or a CSV/Parquet manifest. The
+# directory appears only when complete. One preview figure per dataset:
+# results/figures/data/{dataset}_preview.png.
+
+import json
+
+
+def _dataset_source(wc):
+    """Real datasets depend on their folder or manifest, so new files trigger a rebuild."""
+    section = config["datasets"][wc.dataset]
+    return [section["path"]] if section["kind"] != "shapesworld" and Path(section["path"]).exists() else []
+
+
+rule make_dataset:
+    input:
+        _dataset_source,
+    output:
+        directory(dataset_dir("{dataset}")),
+    params:
+        cfg=lambda wc: json.dumps(config["datasets"][wc.dataset], sort_keys=True),
+    log:
+        log_path("make_dataset", "{dataset}"),
+    benchmark:
+        bench_path("make_dataset", "{dataset}")
+    wildcard_constraints:
+        # only configured datasets, so a typo'd target is "no rule" rather than a KeyError
+        dataset="|".join(config["datasets"]),
+    threads: 2
+    resources:
+        mem_mb=lambda wc, attempt: 2000 * attempt,
+        runtime=lambda wc, attempt: 10 * attempt,
+    shell:
+        "{DIFFATLAS} make-dataset --name {wildcards.dataset} --config-json {params.cfg:q}"
+        " --out {output:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule dataset_preview:
+    input:
+        dataset_dir("{dataset}"),
+    output:
+        str(Path(RESULTS, "figures", "data", "{dataset}_preview.png")),
+    log:
+        log_path("dataset_preview", "{dataset}"),
+    benchmark:
+        bench_path("dataset_preview", "{dataset}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} preview-dataset --data {input:q} --out {output:q} > {log:q} 2>&1"
+
+
+for _name in config["datasets"]:
+    ALL_TARGETS.append(dataset_dir(_name))
+    ALL_TARGETS.append(str(Path(RESULTS, "figures", "data", f"{_name}_preview.png")))

@@ -1,1 +1,46 @@
-# extract stage: rules to come (see the issue for this stage).
+# extract stage: one job per (model, dataset) runs every selected layer x timestep into
+# results/activations/{model}/{dataset}.zarr (one forward pass per batch and timestep
+# captures every layer). The store is written under a temporary name and renamed into place
+# when complete, so a killed job leaves nothing a later job would trust.
+
+import json
+
+
+def extract_store(model, dataset):
+    return str(Path(RESULTS, "activations", model, f"{dataset}.zarr"))
+
+
+rule extract:
+    input:
+        dataset=lambda wc: dataset_dir(wc.dataset),
+        model=lambda wc: model_input(wc.model),
+    output:
+        directory(str(Path(RESULTS, "activations", "{model}", "{dataset}.zarr"))),
+    params:
+        model_path=lambda wc: model_path(wc.model),
+        revision=lambda wc: (
+            f"--revision {config['models'][wc.model]['revision']}"
+            if config["models"][wc.model].get("revision")
+            else ""
+        ),
+        cfg=json.dumps(config["extract"], sort_keys=True),
+        device=config["device"],
+    log:
+        log_path("extract", "{model}", "{dataset}"),
+    benchmark:
+        bench_path("extract", "{model}", "{dataset}")
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
+    shell:
+        "{DIFFATLAS} extract --model {params.model_path:q} --dataset {input.dataset:q} --out {output:q}"
+        " --config-json {params.cfg:q} --device {params.device} --threads {threads}"
+        " --model-name {wildcards.model} --dataset-name {wildcards.dataset} {params.revision}"
+        " > {log} 2>&1"
+
+
+ALL_TARGETS.extend(
+    extract_store(m, d) for m in config["extract"]["models"] for d in config["extract"]["datasets"]
+)

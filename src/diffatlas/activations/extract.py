@@ -1,0 +1,449 @@
+"""The extraction driver: a dataset through a diffusers model into an activation store.
+
+For every selected timestep (ascending) and every batch of the dataset (in dataset order):
+
+1. images uint8 [B, H, W, 3] -> x in [-1, 1] [B, 3, S, S] (resized to the model's size if
+   needed) -> ``x0 = handle.encode_images(x)`` (the VAE latent, or x for pixel models);
+2. ``x_t`` by seeded forward noise (optionally ``noise_ensemble`` draws, averaged) or by
+   DDIM inversion with the model;
+3. ONE forward pass ``handle.predict_noise(x_t, t, cond)`` with every selected layer hooked
+   (:class:`~diffatlas.activations.hooks.ActivationCapture`), stopping after the last one;
+4. pooled [B, C] and spatial [B, C, h, w] maps written to the store at rows ``start:start+B``.
+
+The store is built in a temporary directory and renamed into place only when complete
+(:func:`~diffatlas.activations.store.open_writer`), so a failed or killed job leaves nothing
+a later job would trust. Memory is bounded by the batch: images are memory-mapped, and states
+reused across timesteps (VAE latents, inversion trajectories) go to a scratch file on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffatlas.activations.config import ExtractConfig
+from diffatlas.activations.hooks import ActivationCapture, Captured
+from diffatlas.activations.layers import ResolvedLayer, resolve_layers
+from diffatlas.activations.noise import CLEAN, add_noise, ddim_invert, inversion_grid, sample_noise
+from diffatlas.activations.store import LayerSpec, open_writer
+from diffatlas.errors import UserError
+from diffatlas.io import ensure_writable_parent, pick_device
+from diffatlas.logs import progress
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# -- small helpers ------------------------------------------------------------------------------
+def images_to_tensor(images: np.ndarray, size: int | None, device: torch.device) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, S, S] in [-1, 1] on ``device`` (resized to ``size``)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).to(torch.float32)
+    x = x / 127.5 - 1.0
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def take_rows(cond: Any, index: torch.Tensor, n_rows: int) -> Any:
+    """Select rows ``index`` of every tensor with leading size ``n_rows`` in a (nested) dict."""
+    if isinstance(cond, torch.Tensor):
+        return cond.index_select(0, index.to(cond.device)) if cond.ndim and cond.shape[0] == n_rows else cond
+    if isinstance(cond, dict):
+        return {k: take_rows(v, index, n_rows) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(take_rows(v, index, n_rows) for v in cond)
+    return cond
+
+
+def prompts_for(cfg: ExtractConfig, labels: Sequence[str], captions: Sequence[str], family: str = "") -> list[str]:
+    """One prompt per sample for the configured conditioning.
+
+    DiT is class-conditional: the empty prompt means the null class, and class_template
+    passes the label itself, which must name one of the model's classes (``id2label``).
+    """
+    if cfg.conditioning == "empty":
+        return [""] * len(labels)
+    if family == "dit":
+        if cfg.conditioning == "caption":
+            raise UserError(
+                "config extract.conditioning = 'caption' needs a text-conditioned model, but this is a "
+                "class-conditional DiT; allowed for DiT: empty (null class), class_template (labels name DiT classes)"
+            )
+        return [str(lab) for lab in labels]
+    if cfg.conditioning == "class_template":
+        return [cfg.prompt_template.format(label=lab) for lab in labels]
+    empty = sum(1 for c in captions if not c)
+    if empty:
+        raise UserError(f"conditioning: caption needs a caption for every sample, but {empty} of {len(captions)} samples have none")
+    return list(captions)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+class _DiskRows:
+    """Float32 rows [N, *shape] in a scratch file: reuse across timesteps without holding them in RAM."""
+
+    def __init__(self, path: Path, n: int, shape: tuple[int, ...]) -> None:
+        self.path, self.shape = path, shape
+        self.row_bytes = int(np.prod(shape)) * 4
+        with open(path, "wb") as fh:
+            fh.truncate(n * self.row_bytes)
+
+    def put(self, start: int, rows: torch.Tensor) -> None:
+        data = rows.detach().to("cpu", torch.float32).contiguous().numpy()
+        with open(self.path, "r+b") as fh:
+            fh.seek(start * self.row_bytes)
+            fh.write(data.tobytes())
+
+    def get(self, start: int, n: int, device: torch.device) -> torch.Tensor:
+        arr = np.fromfile(self.path, dtype=np.float32, count=n * int(np.prod(self.shape)), offset=start * self.row_bytes)
+        return torch.from_numpy(arr.reshape(n, *self.shape)).to(device)
+
+
+@dataclass
+class _Batch:
+    t_index: int
+    start: int
+    results: dict[str, Captured]
+
+
+# -- the driver -----------------------------------------------------------------------------------
+def check_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> None:
+    bad = [t for t in timesteps if not 0 <= int(t) < num_train_timesteps]
+    if bad:
+        raise UserError(
+            f"extract.timesteps {bad} out of range: this model has num_train_timesteps = {num_train_timesteps}, "
+            f"so timesteps must be integers 0..{num_train_timesteps - 1}"
+        )
+
+
+def extract(
+    cfg: ExtractConfig,
+    *,
+    model: str | os.PathLike,
+    dataset: str | os.PathLike,
+    out: str | os.PathLike,
+    device: str = "auto",
+    model_name: str | None = None,
+    dataset_name: str | None = None,
+    revision: str | None = None,
+) -> Path:
+    """Load ``dataset`` and ``model`` and write the store at ``out`` (see module docstring)."""
+    from diffatlas.data.dataset import load_dataset
+    from diffatlas.models.loader import load_model
+
+    out = Path(out)
+    try:
+        ensure_writable_parent(out)
+    except UserError as err:
+        raise UserError(f"cannot write the activation store {out}: {err}") from None
+    dev = pick_device(device)
+    ds = load_dataset(dataset, mmap=True)
+    if len(ds) == 0:
+        raise UserError(f"dataset {dataset} is empty (0 samples): nothing to extract")
+    kwargs: dict[str, Any] = {"device": dev}
+    if revision is not None:
+        kwargs["revision"] = revision
+    handle = load_model(str(model), **kwargs)
+    return extract_activations(
+        handle,
+        images=ds.images,
+        sample_ids=ds.sample_ids,
+        labels=ds.labels("fine"),
+        coarse_labels=ds.labels("coarse"),
+        captions=ds.captions,
+        cfg=cfg,
+        out=out,
+        device=dev,
+        extra_attrs={
+            "model_name": model_name or Path(str(model)).name,
+            "model_path": str(model),
+            "dataset_name": dataset_name or Path(str(dataset)).name,
+            "dataset_path": str(dataset),
+            "dataset_image_size": int(ds.images.shape[1]),
+        },
+    )
+
+
+def extract_activations(
+    handle: Any,
+    *,
+    images: np.ndarray,
+    sample_ids: Sequence[int],
+    labels: Sequence[str],
+    coarse_labels: Sequence[str] | None,
+    captions: Sequence[str] | None,
+    cfg: ExtractConfig,
+    out: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    extra_attrs: dict[str, Any] | None = None,
+    stop_early: bool = True,
+) -> Path:
+    """Extract from an already loaded :class:`~diffatlas.models.loader.ModelHandle`.
+
+    images uint8 [N, H, W, 3] (a memory map is fine: only one batch is read at a time);
+    sample_ids, labels, coarse_labels, captions: N each, aligned with ``images``.
+    ``stop_early=False`` runs every forward pass to the end (only the benchmark wants that).
+    """
+    out = Path(out)
+    device = torch.device(device)
+    n = int(images.shape[0])
+    if n == 0:
+        raise UserError(f"the dataset for {out} is empty (0 samples): nothing to extract")
+    if not (len(sample_ids) == len(labels) == n) or (coarse_labels is not None and len(coarse_labels) != n):
+        raise UserError(f"{n} images but {len(sample_ids)} sample ids and {len(labels)} labels: they must align")
+    try:
+        ensure_writable_parent(out)
+    except UserError as err:
+        raise UserError(f"cannot write the activation store {out}: {err}") from None
+    check_timesteps(cfg.timesteps, int(handle.num_train_timesteps))
+    layers = resolve_layers(handle.denoiser, cfg.layers)
+    spatial_names = {lay.name for lay in layers if lay.selection in set(cfg.layers_with_maps)}
+    prompts = prompts_for(cfg, labels, captions if captions is not None else [""] * n, str(getattr(handle, "family", "")))
+    runner = _Runner(handle, cfg, layers, spatial_names, prompts, np.asarray(sample_ids, dtype=np.int64), device, stop_early)
+
+    alpha_bar = [float(handle.alphas_cumprod[int(t)]) for t in cfg.timesteps]
+    attrs = _attrs(handle, cfg, layers, extra_attrs or {})
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-", dir=out.parent) as scratch:
+        total = len(cfg.timesteps) * -(-n // cfg.batch_size)
+        gen = runner.iterate(images, Path(scratch))
+        batches = iter(progress(gen, desc=f"extract {out.name}", total=total))
+        try:
+            first = next(batches)
+            specs = [
+                LayerSpec(
+                    name=lay.name,
+                    module_path=lay.module_path,
+                    channels=int(first.results[lay.name].pooled.shape[1]),
+                    height=int(first.results[lay.name].spatial.shape[2]) if lay.name in spatial_names else 0,
+                    width=int(first.results[lay.name].spatial.shape[3]) if lay.name in spatial_names else 0,
+                    spatial=lay.name in spatial_names,
+                )
+                for lay in layers
+            ]
+            with open_writer(
+                out,
+                timesteps=list(cfg.timesteps),
+                alpha_bar=alpha_bar,
+                sample_ids=list(map(int, sample_ids)),
+                labels=list(map(str, labels)),
+                coarse_labels=None if coarse_labels is None else list(map(str, coarse_labels)),
+                layers=specs,
+                attrs=attrs,
+                batch_size=cfg.batch_size,
+            ) as writer:
+                for batch in _chain(first, batches):
+                    for lay in layers:
+                        res = batch.results[lay.name]
+                        spatial = res.spatial.cpu().numpy() if res.spatial is not None else None
+                        writer.write(lay.name, batch.t_index, batch.start, res.pooled.cpu().numpy(), spatial)
+        finally:
+            gen.close()  # removes the hooks at once, also on error
+    log.info("wrote %d layers x %d timesteps x %d samples to %s", len(layers), len(cfg.timesteps), n, out)
+    return out
+
+
+def _chain(first: _Batch, rest: Iterator[_Batch]) -> Iterator[_Batch]:
+    yield first
+    yield from rest
+
+
+def _attrs(handle: Any, cfg: ExtractConfig, layers: list[ResolvedLayer], extra: dict[str, Any]) -> dict[str, Any]:
+    """Root attributes: everything needed to know what the numbers are."""
+    from diffatlas import __version__
+
+    scheduler = getattr(handle, "scheduler", None)
+    prompt = {"empty": "", "class_template": cfg.prompt_template, "caption": "{caption}"}[cfg.conditioning]
+    return _jsonable(
+        {
+            "diffatlas_version": __version__,
+            "model_id": str(getattr(handle, "model_id", "")),
+            "revision": str(getattr(handle, "revision", "") or ""),
+            "family": str(getattr(handle, "family", "")),
+            "denoiser_class": type(handle.denoiser).__name__,
+            "scheduler_class": type(scheduler).__name__ if scheduler is not None else None,
+            "scheduler_config": dict(scheduler.config) if scheduler is not None else {},
+            "num_train_timesteps": int(handle.num_train_timesteps),
+            "image_size": int(handle.image_size),
+            "latent_size": int(getattr(handle, "latent_size", handle.image_size)),
+            "layer_selection": list(cfg.layers),
+            "conditioning": cfg.conditioning,
+            "prompt": prompt,
+            "prompt_template": cfg.prompt_template,
+            "guidance_scale": float(cfg.guidance_scale),
+            "guidance_applies_to": "inversion noise prediction" if cfg.noise == "inversion" else "none (forward noise)",
+            "seed": int(cfg.seed),
+            "pooling": cfg.pooling,
+            "spatial_max_size": cfg.spatial_max_size,
+            "noise": cfg.noise,
+            "noise_ensemble": int(cfg.noise_ensemble),
+            "inversion_steps": int(cfg.inversion_steps) if cfg.noise == "inversion" else None,
+            "noise_seeding": "torch.Generator(cpu) per (seed, sample_id, timestep, draw), seed = blake2b-64",
+            "dtype": cfg.dtype,
+            "batch_size": int(cfg.batch_size),
+            "extract_config": cfg.to_dict(),
+            **extra,
+        }
+    )
+
+
+class _Runner:
+    """Produces one :class:`_Batch` per (timestep, batch) in write order."""
+
+    def __init__(
+        self,
+        handle: Any,
+        cfg: ExtractConfig,
+        layers: list[ResolvedLayer],
+        spatial_names: set[str],
+        prompts: list[str],
+        sample_ids: np.ndarray,
+        device: torch.device,
+        stop_early: bool,
+    ) -> None:
+        self.handle, self.cfg, self.layers, self.device = handle, cfg, layers, device
+        self.spatial_names, self.prompts, self.sample_ids = spatial_names, prompts, sample_ids
+        self.stop_early = stop_early
+        self.ab = torch.as_tensor(handle.alphas_cumprod).detach().cpu().to(torch.float64)
+        dtype = cfg.dtype
+        if dtype == "auto":
+            dtype = "float16" if device.type == "cuda" else "float32"
+        self.amp_dtype = AMP_DTYPES.get(dtype)
+        # Conditioning is computed once per distinct prompt when prompts repeat (empty prompt,
+        # class template) and gathered per batch; captions are encoded per batch.
+        self._unique: list[str] | None = None
+        self._cond_unique: Any = None
+        if cfg.conditioning != "caption":
+            self._unique = sorted(set(prompts))
+            self._index = {p: i for i, p in enumerate(self._unique)}
+        self._null_cond: Any = None
+
+    # -- conditioning -------------------------------------------------------------------
+    def _conditioning(self, prompts: list[str]) -> Any:
+        with torch.no_grad():
+            return self.handle.conditioning(prompts)
+
+    def cond(self, start: int, stop: int) -> Any:
+        prompts = self.prompts[start:stop]
+        if self._unique is None:
+            return self._conditioning(prompts)
+        if self._cond_unique is None:
+            self._cond_unique = self._conditioning(self._unique)
+        index = torch.as_tensor([self._index[p] for p in prompts], dtype=torch.long)
+        return take_rows(self._cond_unique, index, len(self._unique))
+
+    def null_cond(self, n: int) -> Any:
+        if self._null_cond is None:
+            self._null_cond = self._conditioning([""])
+        return take_rows(self._null_cond, torch.zeros(n, dtype=torch.long), 1)
+
+    # -- model calls ----------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _timestep(self, t: int, n: int) -> torch.Tensor:
+        return torch.full((n,), int(t), dtype=torch.long, device=self.device)
+
+    def eps(self, x: torch.Tensor, t: int, cond: Any, null: Any) -> torch.Tensor:
+        """Noise prediction (with classifier-free guidance when guidance_scale != 1)."""
+        with self._autocast():
+            eps_c = self.handle.predict_noise(x, self._timestep(t, x.shape[0]), cond).float()
+            if null is None or self.cfg.guidance_scale == 1.0:
+                return eps_c
+            eps_u = self.handle.predict_noise(x, self._timestep(t, x.shape[0]), null).float()
+        return eps_u + self.cfg.guidance_scale * (eps_c - eps_u)
+
+    def x0(self, images: np.ndarray) -> torch.Tensor:
+        x = images_to_tensor(images, int(self.handle.image_size), self.device)
+        return self.handle.encode_images(x).float()
+
+    # -- the loop -------------------------------------------------------------------------
+    def iterate(self, images: np.ndarray, scratch: Path) -> Iterator[_Batch]:
+        cfg, n, bs = self.cfg, int(images.shape[0]), self.cfg.batch_size
+        order = sorted(range(len(cfg.timesteps)), key=lambda i: cfg.timesteps[i])  # ascending t
+        n_batches = -(-n // bs)
+        inversion = cfg.noise == "inversion"
+        grid = inversion_grid(cfg.timesteps, cfg.inversion_steps, len(self.ab)) if inversion else []
+        # States reused at the next timestep: x0 of latent models (the VAE is costly), or the
+        # inversion trajectory. Pixel models recompute x0 from the images (cheaper than I/O).
+        reuse = inversion or (getattr(self.handle, "vae", None) is not None and len(order) > 1)
+        store: _DiskRows | None = None
+        spatial_dtype = torch.float16 if cfg.noise_ensemble == 1 else torch.float32
+        capture = ActivationCapture(
+            self.handle.denoiser,
+            self.layers,
+            pooling=cfg.pooling,
+            spatial_layers=self.spatial_names,
+            spatial_max_size=cfg.spatial_max_size,
+            spatial_dtype=spatial_dtype,
+            stop_early=self.stop_early,
+        )
+        prev_t = CLEAN
+        with torch.no_grad(), capture:
+            for k, t_index in enumerate(order):
+                t = int(cfg.timesteps[t_index])
+                for b in range(n_batches):
+                    start, stop = b * bs, min(n, (b + 1) * bs)
+                    cond = self.cond(start, stop)
+                    if reuse and k > 0:
+                        x = store.get(start, stop - start, self.device)
+                    else:
+                        x = self.x0(images[start:stop])
+                        if reuse and store is None:
+                            store = _DiskRows(scratch / "state.f32", n, tuple(x.shape[1:]))
+                    if inversion:
+                        null = self.null_cond(stop - start) if cfg.guidance_scale != 1.0 else None
+                        x = ddim_invert(lambda z, s: self.eps(z, s, cond, null), x, prev_t, t, self.ab, grid)
+                        store.put(start, x)
+                        results = self._capture(capture, x, t, cond)
+                    else:
+                        if reuse and k == 0:
+                            store.put(start, x)
+                        results = self._forward_noised(capture, x, t, cond, self.sample_ids[start:stop])
+                    yield _Batch(t_index=t_index, start=start, results=results)
+                prev_t = t
+
+    def _capture(self, capture: ActivationCapture, x_t: torch.Tensor, t: int, cond: Any) -> dict[str, Captured]:
+        with self._autocast():
+            return capture.run(self.handle.predict_noise, x_t, self._timestep(t, x_t.shape[0]), cond)
+
+    def _forward_noised(
+        self, capture: ActivationCapture, x0: torch.Tensor, t: int, cond: Any, ids: np.ndarray
+    ) -> dict[str, Captured]:
+        """Capture at ``x_t`` from seeded noise; averaged over ``noise_ensemble`` draws."""
+        total: dict[str, Captured] | None = None
+        draws = self.cfg.noise_ensemble
+        for draw in range(draws):
+            noise = sample_noise(ids.tolist(), t, tuple(x0.shape[1:]), self.cfg.seed, draw)
+            x_t = add_noise(x0, noise, float(self.ab[t]))
+            res = self._capture(capture, x_t, t, cond)
+            if draws == 1:
+                return res
+            if total is None:
+                total = res
+            else:
+                for name, c in res.items():
+                    total[name].pooled += c.pooled
+                    if c.spatial is not None:
+                        total[name].spatial += c.spatial
+        for c in total.values():
+            c.pooled /= draws
+            if c.spatial is not None:
+                c.spatial /= draws
+        return total

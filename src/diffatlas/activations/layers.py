@@ -1,0 +1,117 @@
+"""Resolve the user's layer selection to modules of a diffusers denoiser.
+
+A selection is either a readable alias or a native module path (``named_modules`` name),
+where a path may be an fnmatch glob that expands to every matching module:
+
+================  ==========================================================================
+``mid``           output of ``mid_block`` (the U-Net bottleneck, Revelio's "mid" / h-space)
+``up_ft{i}``      output of ``up_blocks[i]`` (the DIFT / Revelio convention, 0 = lowest resolution)
+``down_ft{i}``    hidden state of ``down_blocks[i]`` (down blocks return ``(hidden, res_samples)``;
+                  the hook keeps the hidden state)
+``block{i}``      output of ``transformer_blocks[i]`` of a DiT; tokens ``[B, N, C]`` become
+                  maps ``[B, C, h, w]`` on the patch grid
+``up_blocks.1.*`` every module under ``up_blocks.1`` (fnmatch ``*`` also crosses dots)
+================  ==========================================================================
+
+Aliases exist only where the model has the block: ``mid`` on a DiT, or ``up_ft3`` on a U-Net
+with three up blocks, is a :class:`UserError` that lists the aliases the model does have.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from diffatlas.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_ALIAS_RE = re.compile(r"^(mid|up_ft\d+|down_ft\d+|block\d+)$")
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class ResolvedLayer:
+    """One selected module.
+
+    ``name`` is what the user wrote for an alias or an exact path, and the module path for
+    each match of a glob; it names the layer in the store and in result paths.
+    """
+
+    name: str
+    module_path: str
+    selection: str = ""  # the entry of extract.layers it came from
+
+
+def layer_aliases(denoiser: nn.Module) -> dict[str, str]:
+    """Aliases this model supports, mapped to their module paths (in forward order)."""
+    out: dict[str, str] = {}
+    down = getattr(denoiser, "down_blocks", None)
+    if isinstance(down, nn.ModuleList):
+        out.update({f"down_ft{i}": f"down_blocks.{i}" for i in range(len(down))})
+    if isinstance(getattr(denoiser, "mid_block", None), nn.Module):
+        out["mid"] = "mid_block"
+    up = getattr(denoiser, "up_blocks", None)
+    if isinstance(up, nn.ModuleList):
+        out.update({f"up_ft{i}": f"up_blocks.{i}" for i in range(len(up))})
+    blocks = getattr(denoiser, "transformer_blocks", None)
+    if isinstance(blocks, nn.ModuleList):
+        out.update({f"block{i}": f"transformer_blocks.{i}" for i in range(len(blocks))})
+    return out
+
+
+def _describe_available(denoiser: nn.Module, aliases: dict[str, str]) -> str:
+    """A readable list: the aliases, then module paths up to depth 2 (full list is long)."""
+    names = [n for n, _ in denoiser.named_modules() if n]
+    shallow = [n for n in names if n.count(".") <= 1]
+    alias_txt = ", ".join(aliases) if aliases else "(none for this model)"
+    more = len(names) - len(shallow)
+    paths_txt = ", ".join(shallow) + (f" (and {more} deeper module paths; globs such as 'up_blocks.1.*' match them)" if more else "")
+    return f"available aliases: {alias_txt}; module paths: {paths_txt}"
+
+
+def resolve_layers(denoiser: nn.Module, selections: Sequence[str]) -> list[ResolvedLayer]:
+    """Expand aliases and globs to a de-duplicated list of modules, in the order given.
+
+    Raises :class:`UserError` naming the selection when it matches nothing in this model.
+    """
+    if not selections:
+        raise UserError("extract.layers is empty: select at least one layer (e.g. mid, up_ft1)")
+    aliases = layer_aliases(denoiser)
+    modules = dict(denoiser.named_modules())
+    modules.pop("", None)
+    resolved: list[ResolvedLayer] = []
+    seen: dict[str, str] = {}
+
+    def add(name: str, path: str) -> None:
+        if path in seen:
+            log.warning("layer %r is the same module as %r (%s); keeping it once", name, seen[path], path)
+            return
+        seen[path] = name
+        resolved.append(ResolvedLayer(name=name, module_path=path, selection=sel))
+
+    for sel in selections:
+        sel = str(sel)
+        if _ALIAS_RE.match(sel):
+            if sel not in aliases:
+                raise UserError(
+                    f"layer {sel!r}: this model ({type(denoiser).__name__}) has no such block; "
+                    + _describe_available(denoiser, aliases)
+                )
+            add(sel, aliases[sel])
+        elif sel in modules:
+            add(sel, sel)
+        elif _GLOB_CHARS & set(sel):
+            hits = [n for n in modules if fnmatch.fnmatchcase(n, sel)]
+            if not hits:
+                raise UserError(f"layer glob {sel!r} matches no module of {type(denoiser).__name__}; " + _describe_available(denoiser, aliases))
+            for n in hits:
+                add(n, n)
+        else:
+            raise UserError(f"unknown layer {sel!r} for {type(denoiser).__name__}; " + _describe_available(denoiser, aliases))
+    return resolved

@@ -1,0 +1,38 @@
+"""``diffatlas sae-summary``: one table row per trained SAE of a (model, dataset) grid.
+
+Reads each run directory's ``metrics.json`` (or the file itself) and writes a CSV (or
+Parquet, by suffix) with the reconstruction metrics, the label statistics of the top latents
+(σ_label, purity, entropy; fine and coarse) and their chance levels.
+
+Example::
+
+    diffatlas sae-summary --out results/sae/shapesworld/shapesworld/summary.csv \\
+        results/sae/shapesworld/shapesworld/mid/t50 results/sae/shapesworld/shapesworld/mid/t250
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffatlas.errors import UserError
+from diffatlas.io import atomic_file
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="diffatlas sae-summary", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="SAE run directories (or their metrics.json)")
+    ap.add_argument("--out", required=True, help="summary table: .csv or .parquet")
+    args = ap.parse_args(argv)
+
+    from diffatlas.sae.analysis import summary_table
+
+    out = Path(args.out)
+    if out.suffix not in (".csv", ".parquet"):
+        raise UserError(f"--out {out} must end in .csv or .parquet")
+    table = summary_table(args.runs)
+    with atomic_file(out) as tmp:
+        table.to_csv(tmp, index=False) if out.suffix == ".csv" else table.to_parquet(tmp, index=False)
+    cols = ["layer", "timestep", "fve", "l0", "dead_fraction", "purity_fine", "purity_coarse", "sigma_label_fine"]
+    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0

@@ -1,0 +1,564 @@
+"""Tracing a denoiser's cross-attention during a run, and the bookkeeping around it.
+
+:class:`AttentionTracer` installs :class:`~diffatlas.daam.processor.DAAMAttnProcessor` on the
+chosen cross-attention modules and a forward pre-hook on the denoiser that reads, at every
+call, the latent size (so map sizes follow the model, never a hard-coded 64×64), the
+timestep and the batch size. On exit it restores the original processors and removes the
+hook, even on error.
+
+Which rows of the denoiser batch are the **conditional branch** is not guessed: after a
+pipeline call, :func:`layout_from_pipeline` asks the pipeline what it did
+
+* :class:`diffatlas.models.pipeline.ShapesWorldPipeline` records its layout after every
+  call (``pipe.last_cfg_layout``, see its docstring);
+* diffusers pipelines (``StableDiffusionPipeline``, SDXL) expose
+  ``do_classifier_free_guidance``, computed from the guidance scale the call actually used:
+  with guidance the batch is ``[negative rows, conditional rows]``, without it every row is
+  conditional.
+
+The number of rows the tracer saw is checked against that layout, so a pipeline that
+batches differently fails loudly instead of silently mixing branches.
+
+:meth:`RawTrace.aggregate` turns the per-resolution sums into image-size maps: each
+resolution's sum (over heads, layers and timesteps) is upsampled bicubically to the output
+size and clamped at zero (bicubic overshoots below zero next to sharp peaks), then the
+resolutions are added.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffatlas.daam.processor import DEFAULT_LAYERS, MapAccumulator, find_cross_attention, install_processors
+
+if TYPE_CHECKING:
+    from diffatlas.daam.words import WordMaps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CFGLayout:
+    """Where each generated item's conditional branch sits in the denoiser batch.
+
+    ``cond_rows[i]`` is the row (in the concatenation of a step's denoiser calls) that
+    carries item ``i``'s conditional prediction; ``n_rows`` is the total per step.
+    """
+
+    n_rows: int
+    cond_rows: tuple[int, ...]
+    guidance: bool
+    source: str = ""
+
+    @staticmethod
+    def batched(n_items: int, guidance: bool, uncond_first: bool = True, source: str = "") -> "CFGLayout":
+        """The usual layout: ``[uncond x n, cond x n]`` with guidance, ``[cond x n]`` without."""
+        if not guidance:
+            return CFGLayout(n_items, tuple(range(n_items)), False, source)
+        first = n_items if uncond_first else 0
+        return CFGLayout(2 * n_items, tuple(range(first, first + n_items)), True, source)
+
+
+def layout_from_pipeline(pipe: Any, n_items: int) -> CFGLayout:
+    """The CFG layout ``pipe`` used in its last call, for ``n_items`` generated images."""
+    recorded = getattr(pipe, "last_cfg_layout", None)
+    if isinstance(recorded, CFGLayout):
+        return recorded
+    if isinstance(recorded, dict):
+        # ShapesWorldPipeline: {"do_cfg", "batch_size", "num_images", "cond_slice", ...}.
+        cond = recorded["cond_slice"]
+        rows = tuple(range(cond.start or 0, cond.stop))
+        if len(rows) != n_items or int(recorded["num_images"]) != n_items:
+            raise RuntimeError(
+                f"{type(pipe).__name__} generated {recorded['num_images']} images in its last call, expected {n_items}"
+            )
+        return CFGLayout(int(recorded["batch_size"]), rows, bool(recorded["do_cfg"]), type(pipe).__name__)
+    if hasattr(pipe, "do_classifier_free_guidance"):
+        if not hasattr(pipe, "_guidance_scale"):
+            raise RuntimeError(f"{type(pipe).__name__} has not been called yet; its CFG layout is unknown")
+        return CFGLayout.batched(n_items, bool(pipe.do_classifier_free_guidance), source=type(pipe).__name__)
+    raise RuntimeError(
+        f"cannot tell which denoiser rows {type(pipe).__name__} used for the conditional branch "
+        "(it neither records last_cfg_layout nor exposes do_classifier_free_guidance)"
+    )
+
+
+@dataclass
+class RawTrace:
+    """Cross-attention sums of the conditional rows of one traced run.
+
+    maps[(h, w)]: float32 ``[items, tokens, h, w]`` summed over heads, layers and steps;
+    counts[(h, w)]: head maps added per item at that resolution;
+    per_step[(step, h, w)]: float16 ``[items, tokens, h, w]`` (only when time-resolved);
+    timesteps: the denoiser's timestep at each step (training scale, in call order).
+    """
+
+    maps: dict[tuple[int, int], torch.Tensor]
+    counts: dict[tuple[int, int], int]
+    timesteps: list[float]
+    latent_hw: tuple[int, int]
+    layers: list[str]
+    per_step: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def n_items(self) -> int:
+        return int(next(iter(self.maps.values())).shape[0])
+
+    @property
+    def resolutions(self) -> list[tuple[int, int]]:
+        return sorted(self.maps, key=lambda x: -x[0] * x[1])
+
+    def aggregate(
+        self,
+        out_hw: tuple[int, int],
+        items: Sequence[int] | None = None,
+        tokens: int | None = None,
+        step: int | None = None,
+    ) -> torch.Tensor:
+        """Image-size maps ``[items, tokens, H, W]`` (float32).
+
+        Every resolution is upsampled bicubically to ``out_hw``, clamped at zero, and the
+        resolutions summed. ``tokens`` keeps the first positions only (the prompt, not the
+        padding); ``step`` aggregates one step of a time-resolved trace instead of all.
+        """
+        source = self.maps if step is None else {(h, w): m for (s, h, w), m in self.per_step.items() if s == step}
+        if not source:
+            raise ValueError("nothing traced" if step is None else f"no time-resolved maps for step {step}")
+        total: torch.Tensor | None = None
+        for hw, m in source.items():
+            m = m.float()
+            if items is not None:
+                m = m[list(items)]
+            if tokens is not None:
+                m = m[:, :tokens]
+            up = m if tuple(hw) == tuple(out_hw) else F.interpolate(m, size=tuple(out_hw), mode="bicubic", align_corners=False)
+            up = up.clamp(min=0)
+            total = up if total is None else total + up
+        assert total is not None
+        return total
+
+
+class AttentionTracer:
+    """Context manager that records cross-attention maps of ``denoiser``.
+
+    Usage::
+
+        with AttentionTracer(unet) as tracer:
+            out = pipe(prompts, ...)
+            raw = tracer.collect(layout_from_pipeline(pipe, len(prompts)))
+
+    ``layers``: module-path globs of the cross-attention modules to trace (``*attn2`` = all
+    of SD's). ``time_resolved`` also keeps one sum per step (memory grows with steps).
+    Call :meth:`reset` between runs; :meth:`paused` stops recording inside a block (e.g.
+    during DDIM inversion).
+    """
+
+    def __init__(
+        self,
+        denoiser: torch.nn.Module,
+        layers: str | Sequence[str] = DEFAULT_LAYERS,
+        time_resolved: bool = False,
+        model_name: str | None = None,
+    ) -> None:
+        self.denoiser = denoiser
+        self.modules = find_cross_attention(denoiser, layers, model_name)
+        self.accumulator = MapAccumulator(time_resolved=time_resolved)
+        self._stack: contextlib.ExitStack | None = None
+
+    # -- install / remove ------------------------------------------------------------
+    def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.accumulator.enabled:
+            return
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if isinstance(t, torch.Tensor):
+            t = float(t.reshape(-1)[0]) if t.numel() else 0.0
+        self.accumulator.begin_call((int(sample.shape[-2]), int(sample.shape[-1])), float(t), int(sample.shape[0]))
+
+    def __enter__(self) -> "AttentionTracer":
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(install_processors(self.modules, self.accumulator))
+            handle = self.denoiser.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            stack.callback(handle.remove)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        self.accumulator.reset()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+    def reset(self) -> None:
+        self.accumulator.reset()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run the denoiser inside the block without recording (nor counting steps)."""
+        acc = self.accumulator
+        enabled, acc.enabled = acc.enabled, False
+        try:
+            yield
+        finally:
+            acc.enabled = enabled
+
+    # -- results ---------------------------------------------------------------------
+    def collect(self, layout: CFGLayout) -> RawTrace:
+        """The conditional rows' maps, in item order, as a :class:`RawTrace` on the CPU."""
+        acc = self.accumulator
+        acc.flush_step()
+        if not acc.sums:
+            raise RuntimeError("the tracer recorded no cross-attention (was the denoiser called inside the block?)")
+        seen = acc.rows_total()
+        if seen != layout.n_rows:
+            raise RuntimeError(
+                f"the denoiser saw {seen} rows per step but the pipeline's CFG layout ({layout.source}) "
+                f"has {layout.n_rows}: cannot tell the conditional rows apart"
+            )
+        offsets = acc.slot_offsets()
+        # Map each conditional row to (slot, row within slot).
+        where = []
+        for r in layout.cond_rows:
+            slot = max(s for s, off in offsets.items() if off <= r)
+            where.append((slot, r - offsets[slot]))
+
+        def gather(src: dict, res_keys: list[tuple]) -> dict:
+            out = {}
+            for key in res_keys:
+                prefix, hw = key[:-2], key[-2:]
+                parts = []
+                for slot, row in where:
+                    t = src.get((*prefix, slot, *hw))
+                    if t is None:
+                        raise RuntimeError(f"no maps at resolution {hw} for slot {slot}")
+                    parts.append(t[row])
+                stacked = torch.stack(parts)  # [items, N, T]
+                h, w = hw
+                out[key] = stacked.permute(0, 2, 1).reshape(len(parts), stacked.shape[2], h, w).cpu().contiguous()
+            return out
+
+        res = sorted({(h, w) for _, h, w in acc.sums})
+        maps = gather(acc.sums, res)
+        counts = {hw: acc.counts.get((where[0][0], *hw), 0) for hw in res}
+        per_step = {}
+        if acc.time_resolved:
+            keys = sorted({(s, h, w) for s, _, h, w in acc.per_step})
+            per_step = gather(acc.per_step, keys)
+        return RawTrace(
+            maps=maps,
+            counts=counts,
+            timesteps=list(acc.timesteps),
+            latent_hw=acc.latent_hw or (0, 0),
+            layers=sorted(acc.layers_seen),
+            per_step=per_step,
+        )
+
+
+def write_time_resolved(group: Any, raw: RawTrace, item_offset: int, n_items_total: int, n_positions: int) -> None:
+    """Write ``raw``'s per-step maps into a zarr group (arrays created on first use).
+
+    Arrays ``steps__{h}x{w}``: float16 ``[step, item, token, y__{h}x{w}, x__{h}x{w}]`` at
+    each map's native resolution, ``items`` rows ``item_offset:item_offset+n``.
+    """
+    if not raw.per_step:
+        return
+    n_steps = len(raw.timesteps)
+    for (step, h, w), m in raw.per_step.items():
+        name = f"steps__{h}x{w}"
+        if name not in group:
+            group.create_array(
+                name,
+                shape=(n_steps, n_items_total, n_positions, h, w),
+                chunks=(1, max(1, m.shape[0]), n_positions, h, w),
+                dtype="float16",
+                fill_value=0,
+                dimension_names=["step", "item", "token", f"y__{h}x{w}", f"x__{h}x{w}"],
+            )
+        arr = group[name]
+        k = min(n_positions, m.shape[1])
+        block = np.zeros((m.shape[0], n_positions, h, w), dtype=np.float16)
+        block[:, :k] = m[:, :k].numpy()
+        arr[step, item_offset : item_offset + m.shape[0]] = block
+
+
+def describe(raw: RawTrace) -> dict[str, Any]:
+    """JSON-able summary of a trace (resolutions, head maps per item, timesteps, layers)."""
+    return {
+        "resolutions": [f"{h}x{w}" for h, w in raw.resolutions],
+        "head_maps_per_item": {f"{h}x{w}": c for (h, w), c in raw.counts.items()},
+        "timesteps": [float(t) for t in raw.timesteps],
+        "latent_hw": list(raw.latent_hw),
+        "layers": raw.layers,
+    }
+
+
+
+# ----------------------------------------------------------------------------- traced runs
+
+
+@dataclass
+class TracedRun:
+    """Images and word maps of one traced run (generation or real images), ready to save.
+
+    images: uint8 ``[items, H, W, 3]``; maps: one :class:`WordMaps` per item; items: one
+    dict per item (prompt, prompt_index, image_index, seed, sample_id, ...); info: run-level
+    settings (model, scheduler, guidance, steps, layers, timesteps, ...). ``time_resolved``
+    optionally holds per-step raw maps to write next to the aggregated ones.
+    """
+
+    images: np.ndarray
+    maps: list["WordMaps"]
+    items: list[dict[str, Any]]
+    info: dict[str, Any]
+    time_resolved: list[tuple[int, RawTrace]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path/`` atomically: maps.zarr, items.parquet, words.parquet, info.json.
+
+        maps.zarr holds ``images`` [item, y, x, rgb] uint8 and ``token_maps``
+        [item, token, y, x] float16 (positions past an item's end token are zero), plus
+        ``steps__{h}x{w}`` [step, item, token, y, x] when time-resolved maps were asked for.
+        """
+        import pandas as pd
+        import zarr
+
+        from diffatlas.io import atomic_dir, write_json
+
+        n = len(self.maps)
+        h, w = self.maps[0].shape if n else self.images.shape[1:3]
+        n_pos = max((m.tokens.n_positions for m in self.maps), default=0)
+        with atomic_dir(path) as tmp:
+            g = zarr.open_group(str(tmp / "maps.zarr"), mode="w", zarr_format=3)
+            img = g.create_array(
+                "images", shape=self.images.shape, dtype="uint8", chunks=(max(1, min(64, n)), *self.images.shape[1:]),
+                dimension_names=["item", "y_image", "x_image", "rgb"],
+            )
+            img[:] = self.images
+            tm = g.create_array(
+                "token_maps", shape=(n, n_pos, h, w), dtype="float16", chunks=(1, n_pos, h, w), fill_value=0,
+                dimension_names=["item", "token", "y", "x"],
+            )
+            for i, m in enumerate(self.maps):
+                block = np.zeros((n_pos, h, w), np.float16)
+                block[: m.tokens.n_positions] = m.token_maps.astype(np.float16)
+                tm[i] = block
+            for offset, raw in self.time_resolved:
+                write_time_resolved(g, raw, offset, n, n_pos)
+            g.attrs.update({k: v for k, v in self.info.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))})
+            zarr.consolidate_metadata(g.store)
+            rows, words = [], []
+            for i, (m, item) in enumerate(zip(self.maps, self.items)):
+                t = m.tokens
+                rows.append(
+                    {
+                        "item": i,
+                        **item,
+                        "prompt": t.prompt,
+                        "n_positions": t.n_positions,
+                        "window": t.window,
+                        "n_content_tokens": t.n_content_tokens,
+                        "truncated_words": json.dumps(t.truncated_words),
+                        "tokens": json.dumps(t.tokens),
+                    }
+                )
+                for wd in t.words:
+                    words.append(
+                        {
+                            "item": i,
+                            "word_index": wd.index,
+                            "word": wd.text,
+                            "start": wd.start,
+                            "end": wd.end,
+                            "positions": json.dumps(list(wd.positions)),
+                            "truncated": wd.truncated,
+                        }
+                    )
+            pd.DataFrame(rows).to_parquet(tmp / "items.parquet", index=False)
+            pd.DataFrame(words, columns=["item", "word_index", "word", "start", "end", "positions", "truncated"]).to_parquet(
+                tmp / "words.parquet", index=False
+            )
+            write_json(tmp / "info.json", self.info)
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> "TracedRun":
+        """Read a run written by :meth:`save` (time-resolved arrays stay on disk)."""
+        import pandas as pd
+        import zarr
+
+        from diffatlas.daam.words import PromptTokens, Word, WordMaps
+        from diffatlas.errors import UserError
+        from diffatlas.io import read_json
+
+        path = Path(path)
+        if not (path / "maps.zarr").exists() or not (path / "items.parquet").exists():
+            raise UserError(f"{path} is not a DAAM run (needs maps.zarr and items.parquet); run the daam rule first")
+        g = zarr.open_group(str(path / "maps.zarr"), mode="r")
+        images = np.asarray(g["images"][:])
+        token_maps = g["token_maps"]
+        items = pd.read_parquet(path / "items.parquet")
+        words = pd.read_parquet(path / "words.parquet")
+        by_item = {i: df for i, df in words.groupby("item")}
+        maps, item_dicts = [], []
+        reserved = {"item", "prompt", "n_positions", "window", "n_content_tokens", "truncated_words", "tokens"}
+        for row in items.to_dict("records"):
+            i = int(row["item"])
+            wdf = by_item.get(i)
+            wl = [] if wdf is None else [
+                Word(str(r["word"]), int(r["word_index"]), int(r["start"]), int(r["end"]), tuple(json.loads(r["positions"])), bool(r["truncated"]))
+                for r in wdf.sort_values("word_index").to_dict("records")
+            ]
+            tokens = PromptTokens(
+                prompt=str(row["prompt"]),
+                words=wl,
+                tokens=json.loads(row["tokens"]),
+                end_position=int(row["n_positions"]) - 1,
+                window=int(row["window"]),
+                n_content_tokens=int(row["n_content_tokens"]),
+                truncated_words=json.loads(row["truncated_words"]),
+            )
+            maps.append(WordMaps(np.asarray(token_maps[i], dtype=np.float32), tokens))
+            item_dicts.append({k: v for k, v in row.items() if k not in reserved})
+        return TracedRun(images=images, maps=maps, items=item_dicts, info=read_json(path / "info.json"))
+
+
+def _to_uint8(images: Any) -> np.ndarray:
+    """Pipeline output (float [0, 1], numpy [N, H, W, 3] or tensor [N, 3, H, W]) -> uint8 [N, H, W, 3]."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    images = np.asarray(images, dtype=np.float32)
+    return (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def build_word_maps(
+    raw: RawTrace, prompts: Sequence[str], tokenizer: Any, out_hw: tuple[int, int], window: int | None = None
+) -> list["WordMaps"]:
+    """One :class:`WordMaps` per traced item (``prompts[i]`` is item i's prompt)."""
+    from diffatlas.daam.words import WordMaps, align_prompt
+
+    aligned = [align_prompt(tokenizer, p, window) for p in prompts]
+    n_pos = max(a.n_positions for a in aligned)
+    agg = raw.aggregate(out_hw, tokens=n_pos).numpy()  # [items, n_pos, H, W]
+    return [WordMaps(agg[i, : a.n_positions], a) for i, a in enumerate(aligned)]
+
+
+def text_window(handle: Any) -> int:
+    """Tokens the text encoder reads (77 for CLIP)."""
+    tok = handle.tokenizers[0]
+    limits = [int(getattr(tok, "model_max_length", 77) or 77)]
+    enc = handle.text_encoders[0] if handle.text_encoders else None
+    if enc is not None and getattr(enc.config, "max_position_embeddings", None):
+        limits.append(int(enc.config.max_position_embeddings))
+    return min(x for x in limits if x > 0)
+
+
+def check_text_model(handle: Any, name: str | None = None) -> None:
+    """DAAM needs a text-conditioned model with cross-attention: reject DiT by name."""
+    from diffatlas.errors import UserError
+
+    label = name or handle.model_id
+    if handle.family == "dit" or not handle.tokenizers:
+        raise UserError(
+            f"model {label!r} is a {handle.family} model without text cross-attention (class-conditioned); "
+            "DAAM needs a text-conditioned UNet (SD, SDXL or the ShapesWorld model)"
+        )
+
+
+def trace_generation(
+    handle: Any,
+    prompts: Sequence[str],
+    *,
+    n_images: int = 1,
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 3.0,
+    layers: str | Sequence[str] = DEFAULT_LAYERS,
+    time_resolved: bool = False,
+    batch_size: int = 8,
+    out_size: int | None = None,
+    model_name: str | None = None,
+) -> TracedRun:
+    """Generate ``n_images`` images per prompt with the model's own pipeline while tracing.
+
+    Item ``k`` (prompt-major: prompt ``k // n_images``, image ``k % n_images``) is drawn from
+    its own generator seeded ``seed + k``, so an image does not depend on ``batch_size``.
+    The conditional rows are taken from the pipeline's recorded CFG layout.
+    """
+    from diffatlas.errors import UserError
+
+    check_text_model(handle, model_name)
+    prompts = list(prompts)
+    if not prompts:
+        raise UserError("daam: the prompt set is empty; give at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise UserError(f"daam: prompt {i} is empty ({p!r}); every prompt needs at least one word")
+    if n_images < 1 or steps < 1 or batch_size < 1:
+        raise UserError(f"daam: n_images ({n_images}), steps ({steps}) and batch_size ({batch_size}) must be >= 1")
+    pipe = handle.pipeline
+    tok = handle.tokenizers[0]
+    window = text_window(handle)
+    size = int(out_size or handle.image_size)
+    tracer = AttentionTracer(handle.denoiser, layers, time_resolved, model_name or handle.model_id)
+    images, maps, items, per_step = [], [], [], []
+    per_batch = max(1, batch_size // n_images)
+    with tracer:
+        for start in range(0, len(prompts), per_batch):
+            chunk = prompts[start : start + per_batch]
+            n_items = len(chunk) * n_images
+            k0 = start * n_images
+            seeds = [seed + k0 + j for j in range(n_items)]
+            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            tracer.reset()
+            out = pipe(
+                prompt=chunk,
+                num_images_per_prompt=n_images,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gens,
+                output_type="np",
+            )
+            raw = tracer.collect(layout_from_pipeline(pipe, n_items))
+            per_item_prompts = [p for p in chunk for _ in range(n_images)]
+            images.append(_to_uint8(out.images))
+            maps.extend(build_word_maps(raw, per_item_prompts, tok, (size, size), window))
+            for j in range(n_items):
+                items.append(
+                    {"prompt_index": start + j // n_images, "image_index": j % n_images, "seed": seeds[j], "sample_id": -1}
+                )
+            if time_resolved:
+                per_step.append((k0, raw))
+            last_raw = raw
+    info = {
+        "mode": "generate",
+        "model": handle.describe(),
+        "steps": steps,
+        "guidance": float(guidance),
+        "cfg": bool(layout_from_pipeline(pipe, n_items).guidance),
+        "n_images_per_prompt": n_images,
+        "seed": seed,
+        "layers": list([layers] if isinstance(layers, str) else layers),
+        "map_size": size,
+        "aggregation": "sum over heads, layers, timesteps per resolution; bicubic upsampling; clamp >= 0; sum over resolutions",
+        "trace": describe(last_raw),
+        "alpha_bar": [float(handle.alphas_cumprod[int(round(t))]) for t in last_raw.timesteps],
+        "time_resolved": bool(time_resolved),
+    }
+    return TracedRun(np.concatenate(images), maps, items, info, per_step)

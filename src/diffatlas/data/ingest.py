@@ -1,0 +1,241 @@
+"""Real image datasets: an image folder or a CSV/Parquet manifest, into the dataset layout.
+
+Two sources:
+
+- ``image_folder``: ``path/<class>/**/<image>``; the class is the sub-folder name, the
+  coarse class the same unless ``coarse_labels`` maps it. Samples are in sorted order of
+  their relative paths; ``sample_id`` is the index in that sorted list of candidate files,
+  so it stays the same whether or not other files are skipped.
+- ``manifest``: a ``.csv``/``.tsv``/``.parquet`` table with columns ``path`` and ``label``,
+  optional ``coarse_label`` and ``caption``. Relative paths are resolved against the
+  manifest's folder. Samples keep the manifest's row order; ``sample_id`` is the row index.
+
+Every image becomes RGB uint8 [S, S, 3]: EXIF orientation is applied; grayscale, 16-bit,
+palette and CMYK images are converted; transparency (RGBA, LA, palette transparency) is
+composited onto ``alpha_background`` (black by default, matching ShapesWorld's dark
+background and what most diffusion VAEs see as "empty"); the centred square of side
+min(width, height) is resized to S (Lanczos), i.e. shorter side to S then centre crop.
+
+A file that cannot be decoded stops the job with a :class:`UserError` naming it
+(``on_bad_image: error``), or is skipped, logged and listed in info.json
+(``on_bad_image: skip``). An image and its label travel together through decoding, so a
+skipped file never shifts labels against images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from diffatlas.data.config import ImageFolderConfig, ManifestConfig
+from diffatlas.data.dataset import open_streaming_writer
+from diffatlas.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+MANIFEST_EXTENSIONS = (".csv", ".tsv", ".parquet", ".pq")
+_BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255)}
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One file to ingest, with everything that must stay attached to it."""
+
+    sample_id: int
+    file: Path  # absolute or cwd-relative path to open
+    path: str  # as recorded in the metadata (relative to the folder, or as in the manifest)
+    label: str
+    coarse_label: str
+    caption: str
+
+
+class BadImage(Exception):
+    """A file that cannot be decoded (internal; becomes a UserError or a skip)."""
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def to_rgb(img: Image.Image, alpha_background: str = "black") -> Image.Image:
+    """Any PIL image -> mode RGB, compositing transparency onto ``alpha_background``."""
+    if img.mode in _HIGH_BIT_MODES:
+        # PIL's own convert clips 16-bit values at 255 (almost everything turns white):
+        # rescale to 8 bits instead. Integer modes are taken as 16-bit, float as [0, 1].
+        arr = np.asarray(img, dtype=np.float64)
+        arr = arr * 255.0 if img.mode == "F" and arr.max(initial=0.0) <= 1.0 else (arr if img.mode == "F" else arr / 257.0)
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    has_alpha = img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info
+    if not has_alpha:
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")
+    base = Image.new("RGBA", rgba.size, (*_BACKGROUNDS[alpha_background], 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+def square_resize(img: Image.Image, size: int) -> np.ndarray:
+    """Centre square crop, resized to ``size``.  RGB image -> uint8 [size, size, 3]."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) / 2.0, (h - side) / 2.0
+    out = img.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
+    return np.asarray(out, dtype=np.uint8).copy()
+
+
+def load_image(file: str | os.PathLike, size: int, alpha_background: str = "black") -> np.ndarray:
+    """Decode ``file`` into RGB uint8 [size, size, 3]; raises :class:`BadImage` if it can't."""
+    try:
+        with Image.open(file) as img:
+            if img.format == "JPEG":
+                img.draft(None, (size, size))  # decode big JPEGs at a reduced scale >= size
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.size[0] < 1 or img.size[1] < 1:
+                raise BadImage("image has no pixels")
+            return square_resize(to_rgb(img, alpha_background), size)
+    except BadImage:
+        raise
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except Exception as err:  # any decoder failure means the file is unusable
+        raise BadImage(f"{type(err).__name__}: {err}") from None
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def list_image_folder(cfg: ImageFolderConfig) -> list[Candidate]:
+    """Candidates of an image folder, sorted by relative path (class-major)."""
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise UserError(f"image_folder path {root} is not a directory (expected one sub-folder per class)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if cfg.coarse_labels is not None:
+        missing = [c for c in classes if c not in cfg.coarse_labels]
+        if missing:
+            raise UserError(f"coarse_labels has no entry for class folder(s) {missing} of {root}; classes: {classes}")
+    files: list[tuple[str, str]] = []
+    ignored = 0
+    for cls in classes:
+        for f in (root / cls).rglob("*"):
+            rel = f.relative_to(root)
+            if any(part.startswith(".") for part in rel.parts) or not f.is_file():
+                continue
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append((rel.as_posix(), cls))
+            else:
+                ignored += 1
+    if ignored:
+        log.info("ignored %d non-image files in %s (image extensions: %s)", ignored, root, ", ".join(IMAGE_EXTENSIONS))
+    loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+        log.warning("ignored %d images directly in %s (not in a class sub-folder), e.g. %s", len(loose), root, loose[0])
+    if not files:
+        raise UserError(
+            f"no images found in {root}: expected one sub-folder per class holding image files ({', '.join(IMAGE_EXTENSIONS)})"
+        )
+    files.sort()
+    coarse = cfg.coarse_labels or {}
+    return [Candidate(i, root / rel, rel, cls, coarse.get(cls, cls), "") for i, (rel, cls) in enumerate(files)]
+
+
+def read_manifest(cfg: ManifestConfig) -> list[Candidate]:
+    """Candidates of a CSV/TSV/Parquet manifest, in row order."""
+    file = Path(cfg.path)
+    suffix = file.suffix.lower()
+    if suffix not in MANIFEST_EXTENSIONS:
+        raise UserError(f"manifest {file} has extension {suffix!r}; allowed: {', '.join(MANIFEST_EXTENSIONS)}")
+    if not file.is_file():
+        raise UserError(f"manifest file not found: {file}")
+    try:
+        if suffix in (".parquet", ".pq"):
+            table = pd.read_parquet(file)
+        else:  # read every cell as text so labels like "NA" or "001" stay what they are
+            table = pd.read_csv(file, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+    except Exception as err:
+        raise UserError(f"manifest {file} cannot be read: {type(err).__name__}: {err}") from err
+    missing = [c for c in ("path", "label") if c not in table.columns]
+    if missing:
+        raise UserError(
+            f"manifest {file} lacks column(s) {missing}; needs path, label and optionally coarse_label, caption "
+            f"(found: {', '.join(map(str, table.columns))})"
+        )
+    if table.empty:
+        raise UserError(f"manifest {file} has no rows")
+
+    def column(name: str) -> list[str]:
+        if name not in table.columns:
+            return [""] * len(table)
+        return ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in table[name].tolist()]
+
+    paths, labels, coarse, captions = column("path"), column("label"), column("coarse_label"), column("caption")
+    out = []
+    for i, (p, lab, co, cap) in enumerate(zip(paths, labels, coarse, captions)):
+        if not p or not lab:
+            raise UserError(f"manifest {file} row {i} has an empty {'path' if not p else 'label'} (path={p!r}, label={lab!r})")
+        f = Path(p)
+        out.append(Candidate(i, f if f.is_absolute() else file.parent / f, p, lab, co or lab, cap))
+    return out
+
+
+# ----------------------------------------------------------------------------- ingestion
+
+
+def ingest(cfg: ImageFolderConfig | ManifestConfig, out: str | os.PathLike, name: str = "dataset", threads: int = 1) -> dict[str, Any]:
+    """Decode every candidate of ``cfg`` and write the dataset directory ``out``.
+
+    Returns the info dict written to info.json. Decoding runs on ``threads`` threads (PIL
+    releases the GIL) in fixed-size chunks whose results are consumed in order.
+    """
+    candidates = list_image_folder(cfg) if isinstance(cfg, ImageFolderConfig) else read_manifest(cfg)
+    skipped: list[dict[str, str]] = []
+
+    def decode(c: Candidate) -> np.ndarray | str:
+        try:
+            return load_image(c.file, cfg.image_size, cfg.alpha_background)
+        except BadImage as err:
+            return str(err)
+
+    log.info("ingesting %d images from %s at %dx%d", len(candidates), cfg.path, cfg.image_size, cfg.image_size)
+    chunk = 64 * max(1, threads)
+    with open_streaming_writer(out, len(candidates), cfg.image_size) as writer, ThreadPoolExecutor(max(1, threads)) as pool:
+        for start in range(0, len(candidates), chunk):
+            part = candidates[start : start + chunk]
+            for c, result in zip(part, pool.map(decode, part)):
+                if isinstance(result, str):
+                    if cfg.on_bad_image == "error":
+                        raise UserError(
+                            f"cannot read image {c.file}: {result} (set on_bad_image: skip in the dataset config to skip unreadable files)"
+                        )
+                    log.warning("skipping unreadable image %s: %s", c.file, result)
+                    skipped.append({"path": c.path, "reason": result})
+                    continue
+                writer.append(
+                    result,
+                    {"sample_id": c.sample_id, "label": c.label, "coarse_label": c.coarse_label, "caption": c.caption, "path": c.path},
+                )
+        if len(skipped) == len(candidates):
+            raise UserError(f"dataset {name}: all {len(candidates)} images in {cfg.path} are unreadable (first: {skipped[0]['path']})")
+        writer.info.update(
+            {
+                "name": name,
+                "kind": cfg.kind,
+                "config": asdict(cfg),
+                "source": str(Path(cfg.path).resolve()),
+                "n_candidates": len(candidates),
+                "n_skipped": len(skipped),
+                "skipped": skipped,
+            }
+        )
+    if skipped:
+        log.warning("dataset %s: skipped %d of %d unreadable images (listed in info.json)", name, len(skipped), len(candidates))
+    return writer.info

@@ -1,0 +1,344 @@
+"""One Diff-C job: a (layer, timestep) of an activation store -> classifiers, probes, metrics.
+
+For each requested label granularity (coarse, fine) the job trains a Diff-C classifier on
+the stored spatial maps and a logistic-regression probe on the pooled features, on the same
+stratified train / validation / test split, and writes to ``out_dir``::
+
+    metrics.json        accuracy, macro-F1, per-class accuracy, confusion matrix, warnings,
+                        per granularity and method, plus model, layer, timestep, ᾱ_t, seed,
+                        prompt, pooling and the split sizes
+    diffc.safetensors   Diff-C weights per granularity (architecture + classes in metadata)
+    probe.safetensors   probe weights per granularity (no pickle)
+    predictions.csv     sample_id, split, granularity, true, diffc, probe (class names)
+
+The directory appears only when every file is complete (``atomic_dir``).
+
+Reading: the timestep's maps are read once, chunk by chunk in the store's own chunking, into
+one in-memory float16 tensor (on the GPU when training there); each minibatch is converted
+to float32 on the fly. No per-sample zarr read happens during training.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from diffatlas.activations.store import SPATIAL, ActivationStore
+from diffatlas.diffc.config import DiffCConfig
+from diffatlas.diffc.metrics import check_classes, classification_metrics
+from diffatlas.diffc.model import DiffC, DiffCArch, save_diffc
+from diffatlas.diffc.probe import fit_probe, probe_predict, save_probes
+from diffatlas.diffc.split import Split, stratified_split
+from diffatlas.errors import UserError
+from diffatlas.io import atomic_dir, pick_device, write_json
+
+log = logging.getLogger(__name__)
+
+# Store attributes that are bookkeeping of the store itself, not of the extraction.
+_STORE_ONLY_ATTRS = {"label_classes", "coarse_label_classes", "layers", "spatial_layers"}
+
+
+@dataclass
+class JobTimings:
+    """Wall-clock seconds of the parts of a job (logged and used by bench/, not in metrics)."""
+
+    read_s: float = 0.0  # store -> memory (spatial maps, pooled features, labels)
+    diffc_s: float = 0.0  # Diff-C training and prediction, all granularities
+    probe_s: float = 0.0  # probe fitting and prediction
+    write_s: float = 0.0
+    train_samples: int = 0  # samples seen by Diff-C optimiser steps, all granularities
+
+    @property
+    def compute_s(self) -> float:
+        return self.diffc_s + self.probe_s
+
+
+@dataclass
+class JobResult:
+    metrics: dict[str, Any]
+    timings: JobTimings = field(default_factory=JobTimings)
+
+
+def load_spatial_maps(store: ActivationStore, layer: str, timestep: int, device: torch.device) -> torch.Tensor:
+    """All samples' maps of ``layer`` at ``timestep`` as one float16 tensor [N, C, H, W].
+
+    Read in the store's sample chunks (one decode per chunk). Raises :class:`UserError` when
+    the layer was extracted without spatial maps.
+    """
+    if not store.has_spatial(layer):
+        with_maps = store.attrs.get("spatial_layers", [])
+        raise UserError(
+            f"layer {layer!r} in {store.path} was extracted without spatial maps, which Diff-C needs; "
+            f"layers with maps: {', '.join(with_maps) or 'none'}. Set extract.spatial: true (or drop the layer "
+            "from diffc.layers) and re-run extract"
+        )
+    arr = store.group[SPATIAL.format(layer)]
+    n, chunk = int(arr.shape[1]), int(arr.chunks[1])
+    out = torch.empty((n, *arr.shape[2:]), dtype=torch.float16, device=device)
+    for start in range(0, n, chunk):
+        block = store.spatial(layer, timestep, slice(start, min(n, start + chunk)))
+        out[start : start + len(block)] = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float16)).to(device)
+    if not torch.isfinite(out).all():
+        bad = int((~torch.isfinite(out)).flatten(1).any(1).sum())
+        raise UserError(
+            f"layer {layer!r} at timestep {timestep} in {store.path} has non-finite values in {bad} sample(s) "
+            "(float16 overflow during extraction?); re-extract with a smaller spatial cap or check the model"
+        )
+    return out
+
+
+def channel_stats(maps: torch.Tensor, rows: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std [C] over ``rows`` of ``maps`` [N, C, H, W] (float64 sums)."""
+    c = maps.shape[1]
+    s1 = torch.zeros(c, dtype=torch.float64, device=maps.device)
+    s2 = torch.zeros(c, dtype=torch.float64, device=maps.device)
+    count = 0
+    idx = torch.as_tensor(rows, device=maps.device)
+    for start in range(0, len(idx), batch):
+        x = maps[idx[start : start + batch]].double()
+        s1 += x.sum(dim=(0, 2, 3))
+        s2 += (x * x).sum(dim=(0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s1 / count
+    var = torch.clamp(s2 / count - mean * mean, min=0.0)
+    return mean.float(), var.sqrt().float()
+
+
+@torch.no_grad()
+def predict(model: DiffC, maps: torch.Tensor, rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class indices [len(rows)] predicted by ``model`` (eval mode) for ``rows`` of ``maps``."""
+    model.eval()
+    out = []
+    idx = torch.as_tensor(rows, device=maps.device)
+    for start in range(0, len(idx), batch_size):
+        x = maps[idx[start : start + batch_size]].float()
+        out.append(model(x).argmax(dim=1).cpu())
+    return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def train_diffc(
+    maps: torch.Tensor,
+    y: np.ndarray,
+    split: Split,
+    n_classes: int,
+    cfg: DiffCConfig,
+) -> tuple[DiffC, dict[str, Any], int]:
+    """Train one Diff-C on ``maps`` [N, C, H, W] (float16, on the training device) with labels ``y`` [N].
+
+    Returns the model (best validation epoch with early stopping, else the last epoch), its
+    training history and the number of samples seen by optimiser steps.
+    """
+    device = maps.device
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    _, c, h, w = maps.shape
+    model = DiffC(DiffCArch(c, h, w, n_classes, cfg.n_convs, cfg.feature_dim, cfg.dropout)).to(device)
+    model.set_input_stats(*channel_stats(maps, split.train))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    y_dev = torch.as_tensor(y, dtype=torch.long, device=device)
+    train_rows = torch.as_tensor(split.train, dtype=torch.long)
+    history: dict[str, list[float]] = {"loss": [], "val_accuracy": []}
+    best_acc, best_epoch, best_state, stale, seen = -1.0, 0, None, 0, 0
+
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = train_rows[torch.randperm(len(train_rows), generator=gen)].to(device)
+        total, batches = 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            rows = order[start : start + cfg.batch_size]
+            if len(rows) < 2:  # BatchNorm needs two samples; the one left over waits for the next epoch
+                continue
+            logits = model(maps[rows].float())
+            loss = loss_fn(logits, y_dev[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            batches += 1
+            seen += len(rows)
+        history["loss"].append(total / max(batches, 1))
+        if len(split.val):
+            acc = float((predict(model, maps, split.val, cfg.batch_size) == y[split.val]).mean())
+            history["val_accuracy"].append(acc)
+            if acc > best_acc:
+                best_acc, best_epoch, stale = acc, epoch + 1, 0
+                if cfg.early_stopping:
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+            if cfg.early_stopping and stale >= cfg.patience:
+                log.info("early stopping after epoch %d (best validation accuracy %.3f at epoch %d)", epoch + 1, best_acc, best_epoch)
+                break
+        log.debug("epoch %d loss %.4f", epoch + 1, history["loss"][-1])
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    info = {
+        "epochs_run": len(history["loss"]),
+        "best_epoch": best_epoch if cfg.early_stopping else len(history["loss"]),
+        "history": history,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "map_before_pooling": list(model.out_size),
+    }
+    return model.eval(), info, seen
+
+
+def _label_codes(store: ActivationStore, granularity: str) -> tuple[np.ndarray, list[str]]:
+    names = np.asarray(store.labels(granularity)).astype(str)
+    classes, codes = np.unique(names, return_inverse=True)
+    classes = [str(c) for c in classes]
+    check_classes(classes, f"{store.path}: {granularity} labels")
+    return codes.astype(np.int64), classes
+
+
+def _majority_baseline(y: np.ndarray, split: Split, n_classes: int) -> float:
+    """Test accuracy of always predicting the most frequent training class."""
+    majority = int(np.argmax(np.bincount(y[split.train], minlength=n_classes)))
+    return float((y[split.test] == majority).mean())
+
+
+def run_diffc_job(
+    store_path: str | Path,
+    layer: str,
+    timestep: int,
+    out_dir: str | Path,
+    cfg: DiffCConfig | None = None,
+    device: str = "auto",
+    model_name: str | None = None,
+    dataset_name: str | None = None,
+) -> JobResult:
+    """Train Diff-C and the probe for one (layer, timestep) of a store; write ``out_dir``."""
+    cfg = cfg or DiffCConfig()
+    dev = pick_device(device)
+    timings = JobTimings()
+    store = ActivationStore(store_path)
+    t_idx = store.t_index(timestep)  # UserError naming the stored timesteps
+    if layer not in store.layers:
+        raise UserError(f"layer {layer!r} is not in {store.path}; stored layers: {', '.join(store.layers)}")
+
+    labels = {g: _label_codes(store, g) for g in cfg.granularities}
+    split = stratified_split([labels[g][0] for g in cfg.granularities], cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    if len(split.test) == 0 or len(split.train) < 2:
+        raise UserError(
+            f"{store.path} has {len(store)} samples: too few for a train/test split "
+            f"(diffc.test_fraction = {cfg.test_fraction}); extract more samples"
+        )
+
+    t0 = time.perf_counter()
+    maps = load_spatial_maps(store, layer, timestep, dev)
+    pooled = store.pooled(layer, timestep)
+    timings.read_s = time.perf_counter() - t0
+    n, c, h, w = maps.shape
+    log.info(
+        "%s t=%d: %d samples, maps %dx%dx%d, split %d/%d/%d, device %s, read %.2fs",
+        layer, timestep, n, c, h, w, len(split.train), len(split.val), len(split.test), dev, timings.read_s,
+    )
+
+    results: dict[str, Any] = {}
+    all_warnings: list[str] = []
+    models: dict[str, DiffC] = {}
+    probes = {}
+    classes = {g: labels[g][1] for g in cfg.granularities}
+    pred_rows = []
+    assignment = split.assignment(n)
+    for gran in cfg.granularities:
+        y, names = labels[gran]
+        where = f"{store.path}: layer {layer}, t={timestep}, {gran}"
+
+        t0 = time.perf_counter()
+        model, info, seen = train_diffc(maps, y, split, len(names), cfg)
+        d_pred = predict(model, maps, np.arange(n), cfg.batch_size)
+        timings.diffc_s += time.perf_counter() - t0
+        timings.train_samples += seen
+
+        t0 = time.perf_counter()
+        probe = fit_probe(pooled, y, split.train, cfg.probe_c, cfg.probe_max_iter, cfg.seed)
+        p_pred = probe_predict(probe, pooled)
+        timings.probe_s += time.perf_counter() - t0
+
+        entry: dict[str, Any] = {"classes": names, "majority_baseline": _majority_baseline(y, split, len(names))}
+        for method, pred, extra in (("diffc", d_pred, info), ("probe", p_pred, {"n_iter": probe.n_iter})):
+            m = classification_metrics(y[split.test], pred[split.test], names, where=f"{where}, {method}")
+            m["train_accuracy"] = float((pred[split.train] == y[split.train]).mean())
+            m["val_accuracy"] = float((pred[split.val] == y[split.val]).mean()) if len(split.val) else None
+            if method == "probe":
+                m["warnings"] += probe.warnings
+            m.update(extra)
+            entry[method] = m
+            all_warnings += [f"{gran}/{method}: {x}" for x in m["warnings"]]
+        results[gran] = entry
+        models[gran], probes[gran] = model, probe
+        pred_rows.append(
+            pd.DataFrame(
+                {
+                    "sample_id": store.sample_ids,
+                    "split": assignment,
+                    "granularity": gran,
+                    "true": np.asarray(names, dtype=object)[y],
+                    "diffc": np.asarray(names, dtype=object)[d_pred],
+                    "probe": np.asarray(names, dtype=object)[p_pred],
+                }
+            )
+        )
+        log.info(
+            "%s t=%d %s: Diff-C %.3f, probe %.3f (chance %.3f, majority %.3f)",
+            layer, timestep, gran, entry["diffc"]["accuracy"], entry["probe"]["accuracy"],
+            1 / len(names), entry["majority_baseline"],
+        )
+
+    extraction = {k: v for k, v in store.attrs.items() if k not in _STORE_ONLY_ATTRS}
+    metrics = {
+        "model": model_name or extraction.get("model_id") or extraction.get("model"),
+        "dataset": dataset_name or extraction.get("dataset"),
+        "layer": layer,
+        "module_path": store.attrs.get("layers", {}).get(layer),
+        "timestep": int(timestep),
+        "alpha_bar": float(store.alpha_bar[t_idx]),
+        "seed": cfg.seed,
+        "prompt": extraction.get("prompt"),
+        "pooling": extraction.get("pooling"),
+        "store": str(store.path),
+        "input": {"n_samples": n, "channels": c, "height": h, "width": w},
+        "split": {
+            "seed": cfg.seed,
+            "stratified_by": list(cfg.granularities),
+            "n_train": len(split.train),
+            "n_val": len(split.val),
+            "n_test": len(split.test),
+        },
+        "config": cfg.to_dict(),
+        "results": results,
+        "warnings": all_warnings,
+        "extraction": extraction,
+    }
+    meta = {
+        "format": "diffatlas.diffc/1",
+        "model": str(metrics["model"]),
+        "dataset": str(metrics["dataset"]),
+        "layer": layer,
+        "timestep": str(timestep),
+        "alpha_bar": repr(metrics["alpha_bar"]),
+        "seed": str(cfg.seed),
+        "prompt": str(metrics["prompt"]),
+        "pooling": str(metrics["pooling"]),
+    }
+    t0 = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        save_diffc(str(tmp / "diffc.safetensors"), models, classes, meta)
+        save_probes(tmp / "probe.safetensors", probes, classes, meta)
+        pd.concat(pred_rows, ignore_index=True).to_csv(tmp / "predictions.csv", index=False)
+        write_json(tmp / "metrics.json", metrics)
+    timings.write_s = time.perf_counter() - t0
+    log.info(
+        "wrote %s (read %.2fs, Diff-C %.2fs, probe %.2fs, write %.2fs)",
+        out_dir, timings.read_s, timings.diffc_s, timings.probe_s, timings.write_s,
+    )
+    return JobResult(metrics=metrics, timings=timings)

@@ -1,0 +1,446 @@
+"""One loader for every model family: ``load_model(path_or_hub_id) -> ModelHandle``.
+
+The family is read from ``model_index.json``'s ``_class_name``:
+
+=============================  ==========  ===============================================
+``_class_name``                family      denoiser
+=============================  ==========  ===============================================
+``StableDiffusionPipeline``    ``"sd"``    ``UNet2DConditionModel`` on VAE latents (SD1.x/2.x)
+``StableDiffusionXLPipeline``  ``"sdxl"``  ``UNet2DConditionModel`` + two text encoders
+``DiTPipeline``                ``"dit"``   ``DiTTransformer2DModel`` (class-conditional)
+``ShapesWorldPipeline``        ``"pixel"`` ``UNet2DConditionModel`` on pixels (no VAE)
+=============================  ==========  ===============================================
+
+A local directory is loaded as is. Anything else is treated as a Hugging Face hub id and
+looked up **only in the local cache** (``local_files_only=True`` by default): nothing is
+ever downloaded, and a model that is not cached is a :class:`~diffatlas.errors.UserError`.
+
+The :class:`ModelHandle` hides the differences between families behind three calls that
+every analysis uses: ``conditioning(prompts)`` (the denoiser's keyword arguments),
+``predict_noise(x_t, t, cond)`` (epsilon, DiT's learned-sigma half removed) and
+``encode_images``/``decode`` (VAE or identity). All modules are put in ``eval()`` mode
+with ``requires_grad_(False)`` (gradients w.r.t. *inputs*, e.g. Jacobians, still work); to
+train, build the model from config instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffatlas.errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: model_index.json ``_class_name`` -> family.
+CLASS_TO_FAMILY = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "DiTPipeline": "dit",
+    "ShapesWorldPipeline": "pixel",
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class ModelHandle:
+    """A loaded diffusion model with a family-independent interface.
+
+    Attributes:
+        family: ``"sd"``, ``"sdxl"``, ``"dit"`` or ``"pixel"``.
+        pipeline: the diffusers pipeline (components on ``device`` in ``dtype``).
+        denoiser: the UNet2DConditionModel or DiTTransformer2DModel.
+        scheduler: the pipeline's scheduler (its config is the timestep convention).
+        vae: AutoencoderKL, or None for pixel models.
+        tokenizers, text_encoders: lists (two for SDXL, none for DiT).
+        num_train_timesteps: T; timesteps are training-scale integers 0..T-1.
+        alphas_cumprod: float32 tensor [T] (CPU): ᾱ_t of the scheduler.
+        image_size: pixels per side; latent_size: denoiser input side; latent_channels.
+        model_id: the path or hub id as given; revision: hub revision / commit, or a short
+            content hash of the weight files for local directories (see :func:`weights_hash`).
+        id2label: DiT class names (empty for text-conditioned families).
+    """
+
+    family: str
+    pipeline: Any
+    denoiser: torch.nn.Module
+    scheduler: Any
+    vae: torch.nn.Module | None
+    tokenizers: list
+    text_encoders: list
+    num_train_timesteps: int
+    alphas_cumprod: torch.Tensor
+    image_size: int
+    latent_size: int
+    latent_channels: int
+    model_id: str
+    revision: str
+    device: torch.device
+    dtype: torch.dtype
+    local_path: Path | None = None
+    id2label: dict[int, str] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ images <-> x0
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (1 for pixel models)."""
+        return self.image_size // self.latent_size
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of DiT classes (``num_embeds_ada_norm``); None for text-conditioned models."""
+        return int(self.denoiser.config.num_embeds_ada_norm) if self.family == "dit" else None
+
+    @torch.no_grad()
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [-1, 1] -> clean denoiser input x0 ``[B, C, h, w]``.
+
+        Latent models: the VAE posterior *mean* (deterministic, so repeated extraction gives
+        identical activations) times ``scaling_factor`` (minus ``shift_factor`` if the VAE
+        has one). Pixel models: the images themselves.
+        """
+        x = x.to(self.device, self.dtype)
+        if self.vae is None:
+            return x
+        cfg = self.vae.config
+        z = self.vae.encode(x).latent_dist.mean
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return (z - shift) * cfg.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Denoiser-space ``x0 [B, C, h, w]`` -> images ``[B, 3, H, W]`` clamped to [-1, 1]."""
+        x0 = x0.to(self.device, self.dtype)
+        if self.vae is None:
+            return x0.clamp(-1, 1)
+        cfg = self.vae.config
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return self.vae.decode(x0 / cfg.scaling_factor + shift).sample.clamp(-1, 1)
+
+    # ------------------------------------------------------------------ conditioning
+    def _prompts(self, prompts: list[str] | str | None) -> list[str]:
+        if prompts is None:
+            return [""]
+        if isinstance(prompts, str):
+            return [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise UserError("prompts must be a non-empty list of strings (use [''] for the empty prompt)")
+        return prompts
+
+    def _tokenize(self, tok, prompts: list[str]) -> torch.Tensor:
+        return tok(
+            prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+
+    @torch.no_grad()
+    def conditioning(self, prompts: list[str] | str | None = None, class_labels=None) -> dict[str, Any]:
+        """Keyword arguments for ``denoiser(x_t, t, **cond)``, batch ``B = len(prompts)``.
+
+        * ``sd`` / ``pixel``: ``{"encoder_hidden_states": [B, 77, D]}`` (last hidden state).
+        * ``sdxl``: ``{"encoder_hidden_states": [B, 77, D1 + D2]}`` (both encoders' penultimate
+          hidden states, concatenated), ``"added_cond_kwargs": {"text_embeds": [B, P]`` (pooled
+          projection of encoder 2), ``"time_ids": [B, 6]}`` (original size, crop (0, 0), target
+          size, all ``image_size``).
+        * ``dit``: ``{"class_labels": [B] long}``. ``class_labels`` (ints) win; else non-empty
+          prompts are looked up as class names (``pipeline.labels``); else the null class
+          ``num_classes`` (unconditional), one per prompt.
+
+        ``prompts=None`` means ``[""]`` (the empty prompt, batch 1). An empty prompt is
+        encoded like any other prompt (not replaced by zeros as SDXL's *negative* prompt is).
+        """
+        prompts = self._prompts(prompts)
+        if self.family == "dit":
+            return {"class_labels": self._class_labels(prompts, class_labels)}
+        if class_labels is not None:
+            raise UserError(f"class_labels are only used by DiT models; {self.model_id} is a {self.family} model")
+        if self.family in ("sd", "pixel"):
+            ids = self._tokenize(self.tokenizers[0], prompts)
+            hidden = self.text_encoders[0](ids).last_hidden_state
+            return {"encoder_hidden_states": hidden.to(self.dtype)}
+        # sdxl
+        states, pooled = [], None
+        for tok, enc in zip(self.tokenizers, self.text_encoders):
+            out = enc(self._tokenize(tok, prompts), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled = getattr(out, "text_embeds", None)  # the last encoder (with projection) wins
+        s = self.image_size
+        time_ids = torch.tensor([[s, s, 0, 0, s, s]], device=self.device, dtype=self.dtype).repeat(len(prompts), 1)
+        return {
+            "encoder_hidden_states": torch.cat(states, dim=-1).to(self.dtype),
+            "added_cond_kwargs": {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids},
+        }
+
+    def _class_labels(self, prompts: list[str], class_labels) -> torch.Tensor:
+        n_cls = self.num_classes
+        if class_labels is not None:
+            labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+            bad = labels[(labels < 0) | (labels > n_cls)]
+            if len(bad):
+                raise UserError(f"class label(s) {bad.tolist()} out of range 0..{n_cls - 1} (or {n_cls} = null class)")
+        else:
+            # Empty prompt -> null class; otherwise an exact class name (case-insensitive).
+            names = {name.strip().lower(): i for i, name in self.id2label.items()}
+            for i, value in self.id2label.items():  # "tench, Tinca tinca" style synonyms
+                for syn in value.split(","):
+                    names.setdefault(syn.strip().lower(), i)
+            ids = []
+            for p in prompts:
+                key = p.strip().lower()
+                if not key:
+                    ids.append(n_cls)
+                elif key in names:
+                    ids.append(names[key])
+                else:
+                    some = ", ".join(sorted(names)[:10])
+                    raise UserError(
+                        f"DiT model {self.model_id}: prompt {p!r} is not a class name; use class_labels "
+                        f"(ints 0..{n_cls - 1}) or one of its {len(names)} names (e.g. {some}, ...)"
+                    )
+            labels = torch.tensor(ids, dtype=torch.long)
+        if (labels == n_cls).any():
+            table = self.denoiser.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+            if table.num_embeddings <= n_cls:
+                raise UserError(f"DiT model {self.model_id} has no null class (trained without label dropout)")
+        return labels.to(self.device)
+
+    # ------------------------------------------------------------------ denoiser
+    def _expand(self, cond: dict[str, Any], batch: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in cond.items():
+            if isinstance(v, dict):
+                out[k] = self._expand(v, batch)
+            elif torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == 1 and batch != 1:
+                out[k] = v.expand(batch, *v.shape[1:])
+            else:
+                out[k] = v
+        return out
+
+    def predict_noise(self, x_t: torch.Tensor, t, cond: dict[str, Any]) -> torch.Tensor:
+        """Noise prediction eps ``[B, C, h, w]`` for ``x_t [B, C, h, w]`` at training timestep(s) ``t``.
+
+        ``t`` is an int, a 0-d tensor or a ``[B]`` tensor (0..T-1). ``cond`` comes from
+        :meth:`conditioning`; a batch-1 conditioning is broadcast to ``B``. Gradients flow
+        (no ``no_grad`` here) so callers can differentiate w.r.t. ``x_t``. For DiT with a
+        learned variance (``out_channels == 2 * in_channels``) the variance half is dropped.
+        """
+        b = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        cond = self._expand(cond, b)
+        out = self.denoiser(x_t, t, **cond).sample
+        c = x_t.shape[1]
+        if out.shape[1] == 2 * c:
+            out = out[:, :c]
+        return out
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """Forward process ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise`` (t: int or [B])."""
+        t = torch.as_tensor(t, device=x0.device).long()
+        if t.ndim == 0:
+            t = t.expand(x0.shape[0])
+        a = self.alphas_cumprod.to(x0.device, torch.float32)[t].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary to record next to artifacts."""
+        return {
+            "model_id": self.model_id,
+            "revision": self.revision,
+            "family": self.family,
+            "image_size": self.image_size,
+            "latent_size": self.latent_size,
+            "latent_channels": self.latent_channels,
+            "num_train_timesteps": self.num_train_timesteps,
+            "scheduler": {"class": type(self.scheduler).__name__, **dict(self.scheduler.config)},
+        }
+
+
+# ---------------------------------------------------------------------- helpers
+def weights_hash(path: str | os.PathLike, n_hex: int = 12) -> str:
+    """Short content hash of a model directory's weight files.
+
+    sha256 over, for every ``*.safetensors`` / ``*.bin`` / ``*.ckpt`` / ``*.pt`` file under
+    ``path`` (sorted by relative path): its relative path, its size and its first MiB. Cheap
+    on multi-GB checkpoints, and any retraining changes it. Returns the first ``n_hex``
+    hex digits.
+    """
+    root = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".ckpt", ".pt"))
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        h.update(rel.encode())
+        h.update(str(p.stat().st_size).encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:n_hex]
+
+
+def _resolve(path_or_id: str, revision: str | None, local_files_only: bool) -> tuple[Path, str]:
+    """Local directory of the model and its revision string."""
+    p = Path(os.path.expanduser(str(path_or_id)))
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"model path {p} is a file; expected a diffusers model directory containing model_index.json")
+        if not (p / "model_index.json").is_file():
+            raise UserError(
+                f"model directory {p} has no model_index.json; expected a diffusers pipeline directory "
+                f"(model_index.json plus one sub-folder per component, as written by save_pretrained)"
+            )
+        return p, revision or weights_hash(p)
+    if not _HUB_ID.match(str(path_or_id)):
+        raise UserError(f"model directory {path_or_id} not found (expected a diffusers model directory or a hub id 'owner/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        local = Path(snapshot_download(str(path_or_id), revision=revision, local_files_only=local_files_only))
+    except LocalEntryNotFoundError as err:
+        raise UserError(
+            f"model {path_or_id!r} is neither a local directory nor in the local Hugging Face cache "
+            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}); "
+            f"nothing is downloaded: download it yourself (huggingface-cli download {path_or_id}) or give a local path"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - hub errors (bad revision, gated repo) become one clear line
+        raise UserError(f"cannot resolve model {path_or_id!r} (revision {revision}): {err}") from err
+    if not (local / "model_index.json").is_file():
+        raise UserError(f"cached model {path_or_id!r} at {local} has no model_index.json; expected a diffusers pipeline")
+    # The snapshot folder is named after the commit hash.
+    return local, revision if revision and revision != "main" else local.name
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence diffusers'/transformers' per-component loading progress bars (log noise)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    d_on, t_on = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if d_on:
+            dlog.enable_progress_bar()
+        if t_on:
+            tlog.enable_progress_bar()
+
+
+def _pipeline_class(family: str):
+    if family == "pixel":
+        from diffatlas.models.pipeline import ShapesWorldPipeline
+
+        return ShapesWorldPipeline
+    import diffusers
+
+    return {"sd": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline,
+            "dit": diffusers.DiTPipeline}[family]
+
+
+def load_model(
+    path_or_id: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+    local_files_only: bool = True,
+) -> ModelHandle:
+    """Load a diffusers pipeline from a local directory or the local HF cache.
+
+    Args:
+        path_or_id: a directory with ``model_index.json``, or a hub id (``owner/name``)
+            already in the Hugging Face cache.
+        device, dtype: where and in what precision every component lives.
+        revision: hub revision (branch, tag or commit) for hub ids; recorded as is.
+        local_files_only: keep True (the default): nothing is downloaded.
+
+    Raises:
+        UserError: missing directory, no ``model_index.json``, an unknown pipeline class,
+            a hub id not in the cache, or a component that fails to load.
+    """
+    import json
+
+    model_id = str(path_or_id)
+    local, rev = _resolve(model_id, revision, local_files_only)
+    index_path = local / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{index_path} is not valid JSON: {err}") from err
+    cls_name = index.get("_class_name")
+    if cls_name not in CLASS_TO_FAMILY:
+        allowed = ", ".join(f"{k} ({v})" for k, v in CLASS_TO_FAMILY.items())
+        raise UserError(f"{index_path}: _class_name {cls_name!r} is not a supported pipeline; allowed: {allowed}")
+    family = CLASS_TO_FAMILY[cls_name]
+    cls = _pipeline_class(family)
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "low_cpu_mem_usage": False}
+    if family == "sd":
+        # The safety checker is a 1 GB CLIP vision model that analyses never use.
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    elif family == "sdxl":
+        kwargs.update(add_watermarker=False)
+    elif family == "dit" and index.get("id2label"):
+        # JSON keys are strings; DiTPipeline's signature wants ints.
+        kwargs.update(id2label={int(k): v for k, v in index["id2label"].items()})
+    try:
+        with _quiet_loading():
+            pipe = cls.from_pretrained(str(local), **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"cannot load {cls_name} from {local}: {err}") from err
+    device = torch.device(device)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=None)  # tqdm turns itself off when not on a terminal
+
+    for name, comp in pipe.components.items():
+        if isinstance(comp, torch.nn.Module):
+            comp.eval().requires_grad_(False)
+
+    denoiser = pipe.transformer if family == "dit" else pipe.unet
+    vae = getattr(pipe, "vae", None)
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e is not None]
+    sample = denoiser.config.sample_size
+    latent_size = int(sample if isinstance(sample, int) else sample[0])
+    latent_channels = int(denoiser.config.in_channels)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    sched = pipe.scheduler
+    alphas = getattr(sched, "alphas_cumprod", None)
+    if alphas is None:
+        raise UserError(f"scheduler {type(sched).__name__} of {model_id} has no alphas_cumprod; use a DDPM-family scheduler")
+    id2label: dict[int, str] = {}
+    if family == "dit":
+        id2label = {int(k): v for k, v in (index.get("id2label") or {}).items()}
+    handle = ModelHandle(
+        family=family,
+        pipeline=pipe,
+        denoiser=denoiser,
+        scheduler=sched,
+        vae=vae,
+        tokenizers=tokenizers,
+        text_encoders=encoders,
+        num_train_timesteps=int(sched.config.num_train_timesteps),
+        alphas_cumprod=alphas.detach().to("cpu", torch.float32).clone(),
+        image_size=latent_size * scale,
+        latent_size=latent_size,
+        latent_channels=latent_channels,
+        model_id=model_id,
+        revision=rev,
+        device=device,
+        dtype=dtype,
+        local_path=local,
+        id2label=id2label,
+    )
+    log.info("loaded %s model %s (revision %s): %dpx, latent %dx%dx%d", family, model_id, rev,
+             handle.image_size, latent_channels, latent_size, latent_size)
+    return handle

@@ -1,0 +1,12 @@
+"""TopK sparse autoencoders per layer × timestep, and what their latents mean.
+
+- :mod:`diffatlas.sae.config`: :class:`SAEConfig` (the ``sae`` config section) and :class:`SAEArch`.
+- :mod:`diffatlas.sae.model`: :class:`TopKSAE` and :func:`geometric_median`.
+- :mod:`diffatlas.sae.train`: data from the activation store, split, normalisation, training, :func:`run`.
+- :mod:`diffatlas.sae.analysis`: validation metrics and label statistics of latents (post-TopK codes).
+- :mod:`diffatlas.sae.figures`: label statistics vs layer / timestep / model, and image galleries.
+"""
+
+from diffatlas.sae.config import SAEArch, SAEConfig
+
+__all__ = ["SAEArch", "SAEConfig"]

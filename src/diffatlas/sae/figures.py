@@ -1,0 +1,184 @@
+"""Figures of the SAE stage: label statistics across the grid, curves, and image galleries.
+
+Every function returns a matplotlib Figure (save with :func:`diffatlas.plotting.save_figure`):
+
+* :func:`plot_label_stats` — σ_label, purity (fine solid, coarse dashed, chance dotted) and
+  FVE against layer (one line per timestep) or against timestep (one line per layer);
+* :func:`plot_across_models` — the same statistics per model against timestep (mean over the
+  model's layers, band = min..max over layers);
+* :func:`plot_label_curves` — mean statistic over the top-N ranked latents as N grows
+  (Revelio's curves) for every (layer, timestep) of a model;
+* :func:`plot_gallery` — the top-activating images of the top latents of one (layer, timestep).
+
+On ShapesWorld, fine labels ("red circle") and coarse labels ("circle") side by side show the
+granularity effect: purity for the coarse label is higher where latents encode shape only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from diffatlas.errors import UserError
+from diffatlas.plotting import plt
+
+GRANS = (("fine", "-"), ("coarse", "--"))
+
+
+def _require(table: pd.DataFrame, columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise UserError(f"{what} lacks columns {missing}; re-run sae-summary")
+
+
+def plot_label_stats(summary: pd.DataFrame, by: str = "layer", title: str | None = None) -> "plt.Figure":
+    """Label statistics of the top latents vs ``by`` ('layer' or 'timestep') for one model × dataset."""
+    if by not in ("layer", "timestep"):
+        raise UserError(f"plot by {by!r} is not allowed; allowed: layer, timestep")
+    other = "timestep" if by == "layer" else "layer"
+    _require(summary, [by, other, "sigma_label_fine", "purity_fine", "fve"], "the SAE summary")
+    xs = list(dict.fromkeys(summary[by])) if by == "layer" else sorted(summary[by].unique())
+    groups = list(dict.fromkeys(summary[other])) if other == "layer" else sorted(summary[other].unique())
+    pos = {x: i for i, x in enumerate(xs)}
+    colours = plt.get_cmap("viridis")(np.linspace(0.05, 0.85, max(1, len(groups))))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("sigma_label", "σ_label of top-10 class ids ↓"), ("purity", "purity of top-10 labels ↑"))
+    for ax, (stat, ylabel) in zip(axes[:2], panels):
+        for colour, group in zip(colours, groups):
+            rows = summary[summary[other] == group].copy()
+            rows["_x"] = rows[by].map(pos)
+            rows = rows.sort_values("_x")
+            for gran, style in GRANS:
+                ax.plot(rows["_x"], rows[f"{stat}_{gran}"], style, marker="o", color=colour,
+                        label=f"{other} {group} ({gran})")
+        for gran, style in GRANS:
+            chance = summary[f"chance_{stat}_{gran}"].mean() if f"chance_{stat}_{gran}" in summary else np.nan
+            if np.isfinite(chance):
+                ax.axhline(chance, color="grey", linestyle=":", linewidth=1)
+                ax.annotate(f"chance ({gran})", (len(xs) - 1, chance), fontsize=7, color="grey", ha="right", va="bottom")
+        ax.set_ylabel(ylabel)
+    for colour, group in zip(colours, groups):
+        rows = summary[summary[other] == group].copy()
+        rows["_x"] = rows[by].map(pos)
+        rows = rows.sort_values("_x")
+        axes[2].plot(rows["_x"], rows["fve"], marker="o", color=colour, label=f"{other} {group}")
+    axes[2].set_ylabel("fraction of variance explained (val) ↑")
+    for ax in axes:
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        ax.set_xlabel(by)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    n_top = summary["n_top_latents"].min() if "n_top_latents" in summary else "?"
+    where = f"{summary['model'].iloc[0]} / {summary['dataset'].iloc[0]}" if "model" in summary else ""
+    fig.suptitle(title or f"SAE latents vs {by} — {where} (top {n_top} latents; solid fine, dashed coarse labels)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_across_models(summary: pd.DataFrame, title: str | None = None) -> "plt.Figure":
+    """Per model: statistic vs timestep, mean over its layers with a min..max band."""
+    _require(summary, ["model", "timestep", "layer", "purity_fine", "purity_coarse", "sigma_label_fine"], "the SAE summaries")
+    models = list(dict.fromkeys(summary["model"]))
+    colours = plt.get_cmap("tab10")(np.arange(len(models)) % 10)
+    stats = (("purity_fine", "purity (fine) ↑"), ("purity_coarse", "purity (coarse) ↑"), ("sigma_label_fine", "σ_label (fine) ↓"))
+    fig, axes = plt.subplots(1, len(stats), figsize=(4.3 * len(stats), 3.8))
+    for ax, (col, ylabel) in zip(axes, stats):
+        for colour, model in zip(colours, models):
+            g = summary[summary["model"] == model].groupby("timestep")[col]
+            t = np.asarray(g.mean().index)
+            ax.plot(t, g.mean().to_numpy(), marker="o", color=colour, label=f"{model} ({summary[summary['model'] == model]['layer'].nunique()} layers)")
+            ax.fill_between(t, g.min().to_numpy(), g.max().to_numpy(), color=colour, alpha=0.15)
+        chance = f"chance_{col}"
+        if chance in summary and np.isfinite(summary[chance].mean()):
+            ax.axhline(summary[chance].mean(), color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("timestep (training scale)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    dataset = summary["dataset"].iloc[0] if "dataset" in summary else ""
+    fig.suptitle(title or f"SAE latents across models — {dataset} (line: mean over layers; band: min..max)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_label_curves(curves: dict[str, pd.DataFrame], title: str | None = None) -> "plt.Figure":
+    """Mean statistic over the top-N latents vs N; ``curves`` maps a run label to :func:`analysis.curves` output."""
+    if not curves:
+        raise UserError("no SAE runs to plot curves for")
+    stats = (("sigma_label_fine", "σ_label (fine) ↓"), ("purity_fine", "purity (fine) ↑"), ("purity_coarse", "purity (coarse) ↑"))
+    fig, axes = plt.subplots(1, len(stats), figsize=(4.3 * len(stats), 3.8))
+    colours = plt.get_cmap("viridis")(np.linspace(0.05, 0.9, len(curves)))
+    for colour, (name, cur) in zip(colours, curves.items()):
+        for ax, (col, ylabel) in zip(axes, stats):
+            ax.plot(cur["n_top"], cur[col], color=colour, label=name)
+            ax.set_ylabel(ylabel)
+    for ax in axes:
+        ax.set_xlabel("number of top latents averaged (ranked by activation)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.suptitle(title or "label statistics of the top-N latents")
+    fig.tight_layout()
+    return fig
+
+
+def load_images(dataset_dir: str | os.PathLike, sample_ids: list[int]) -> dict[int, np.ndarray]:
+    """Images (uint8 [H, W, 3]) of the given dataset sample ids, read through a memory map."""
+    from diffatlas.data.dataset import load_dataset
+
+    ds = load_dataset(dataset_dir, mmap=True)
+    row_of = {int(s): i for i, s in enumerate(ds.meta["sample_id"].to_numpy())}
+    missing = [s for s in sample_ids if int(s) not in row_of]
+    if missing:
+        raise UserError(f"sample ids {missing[:5]} of the SAE are not in dataset {dataset_dir}: was the store extracted from it?")
+    return {int(s): np.asarray(ds.images[row_of[int(s)]]) for s in sample_ids}
+
+
+def plot_gallery(
+    latents: pd.DataFrame,
+    dataset_dir: str | os.PathLike,
+    n_latents: int = 8,
+    top_n: int | None = None,
+    title: str | None = None,
+) -> "plt.Figure":
+    """Rows: the ``n_latents`` top-ranked latents; columns: their top-activating images.
+
+    Each row is labelled with the latent id, its purity and majority (fine label); each image
+    with its fine label and activation.
+    """
+    ranked = latents[latents["rank"] >= 0].sort_values("rank").head(n_latents)
+    if ranked.empty:
+        raise UserError("no latent fires on enough samples to be ranked; nothing to show in a gallery")
+    top_n = top_n or max(len(ids) for ids in ranked["top_sample_ids"])
+    ids = sorted({int(s) for row in ranked["top_sample_ids"] for s in list(row)[:top_n]})
+    images = load_images(dataset_dir, ids)
+    fig, axes = plt.subplots(len(ranked), top_n, figsize=(1.15 * top_n + 1.2, 1.3 * len(ranked)), squeeze=False)
+    for r, (_, lat) in enumerate(ranked.iterrows()):
+        sids = list(lat["top_sample_ids"])[:top_n]
+        vals = list(lat["top_values"])[:top_n]
+        labs = list(lat["top_labels_fine"])[:top_n]
+        for c in range(top_n):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(sids):
+                ax.imshow(images[int(sids[c])], interpolation="nearest")
+                ax.set_title(f"{labs[c]}\n{vals[c]:.2f}", fontsize=6)
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(
+            f"#{int(lat['latent'])}\npur {lat['purity_fine']:.1f}/{lat['purity_coarse']:.1f}\n{lat['majority_fine']}",
+            fontsize=7, rotation=0, ha="right", va="center",
+        )
+    fig.suptitle(title or "top-activating images of the top latents (purity fine/coarse)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def run_label(metrics_or_path: str | os.PathLike) -> str:
+    """'layer t{timestep}' of a run directory (from its path: .../{layer}/t{timestep})."""
+    path = Path(metrics_or_path)
+    path = path.parent if path.suffix else path
+    return f"{path.parent.name} {path.name}"
