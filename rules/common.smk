@@ -7,7 +7,7 @@ from pathlib import Path
 # Import the package from this checkout, so the workflow and the library never disagree.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from diffatlas.config import validate_config
+from diffatlas.config import check_timesteps, validate_config
 from diffatlas.errors import UserError
 
 try:
@@ -63,6 +63,12 @@ def model_input(name):
         return [world_model_trained_dir()]
     local = Path(config["models"][name]["path"])
     return [str(local / "model_index.json")] if (local / "model_index.json").exists() else []
+
+
+try:
+    check_timesteps(config, {name: model_path(name) for name in config["models"]})
+except UserError as _err:
+    raise WorkflowError(str(_err)) from None
 
 
 def dataset_dir(name):

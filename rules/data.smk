@@ -7,15 +7,15 @@
 import json
 
 
-def _dataset_source(wc):
-    """Real datasets depend on their folder or manifest, so new files trigger a rebuild."""
-    section = config["datasets"][wc.dataset]
-    return [section["path"]] if section["kind"] != "shapesworld" and Path(section["path"]).exists() else []
-
-
 rule make_dataset:
     input:
-        _dataset_source,
+        # real datasets depend on their folder or manifest (a missing one is reported by
+        # make-dataset itself, naming the config key)
+        lambda wc: [
+            p
+            for p in [config["datasets"][wc.dataset].get("path")]
+            if p and Path(p).exists()
+        ],
     output:
         directory(dataset_dir("{dataset}")),
     params:

@@ -1,1 +1,195 @@
-# sae stage: rules to come (see the issue for this stage).
+# sae stage: one TopK sparse autoencoder per (model, dataset, layer, timestep), trained on the
+# activation store, then what its latents mean.
+#
+#   results/sae/{model}/{dataset}/{layer}/t{timestep}/
+#       sae.safetensors  cfg.json (architecture, input_scale, split, provenance)
+#       metrics.json     (validation metrics on post-TopK codes, label statistics)
+#       latents.parquet  (per latent: activity, top-10 samples, their labels, σ_label/purity/entropy)
+#   results/sae/{model}/{dataset}/summary.csv                  one row per layer x timestep
+#   results/figures/sae/{model}/{dataset}/label_stats_vs_layer.png
+#   results/figures/sae/{model}/{dataset}/label_stats_vs_timestep.png
+#   results/figures/sae/{model}/{dataset}/label_curves.png
+#   results/figures/sae/{model}/{dataset}/gallery/{layer}/t{timestep}.png
+#   results/figures/sae/{dataset}/label_stats_across_models.png
+#
+# The grid is extract.models x extract.datasets x sae.layers (default extract.layers) x
+# sae.timesteps (default extract.timesteps).
+
+import json
+import shlex
+
+from snakemake.exceptions import WorkflowError
+
+SAE_MODELS = config["extract"]["models"]
+SAE_DATASETS = config["extract"]["datasets"]
+SAE_LAYERS = config["sae"].get("layers") or config["extract"]["layers"]
+SAE_TIMESTEPS = config["sae"].get("timesteps") or config["extract"]["timesteps"]
+
+for _key, _values, _known in (
+    ("layers", SAE_LAYERS, config["extract"]["layers"]),
+    ("timesteps", SAE_TIMESTEPS, config["extract"]["timesteps"]),
+):
+    _unknown = [v for v in _values if v not in _known]
+    if _unknown:
+        raise WorkflowError(
+            f"config sae.{_key} = {_unknown} are not extracted; allowed: values of extract.{_key} {_known}"
+        )
+
+
+# Path templates of the stage (filled by Snakemake wildcards or str.format).
+SAE_STORE = str(Path(RESULTS, "activations", "{model}", "{dataset}.zarr"))
+SAE_DIR = str(Path(RESULTS, "sae", "{model}", "{dataset}", "{layer}", "t{timestep}"))
+SAE_SUMMARY = str(Path(RESULTS, "sae", "{model}", "{dataset}", "summary.csv"))
+SAE_FIGURES = str(Path(RESULTS, "figures", "sae"))
+SAE_GALLERY = str(Path(SAE_FIGURES, "{model}", "{dataset}", "gallery", "{layer}", "t{timestep}.png"))
+# Every (layer, timestep) of one model x dataset, as wildcards for SAE_DIR.
+SAE_GRID = [dict(layer=l, timestep=t) for l in SAE_LAYERS for t in SAE_TIMESTEPS]
+
+
+rule train_sae:
+    input:
+        store=SAE_STORE,
+    output:
+        weights=str(Path(SAE_DIR, "sae.safetensors")),
+        cfg=str(Path(SAE_DIR, "cfg.json")),
+        metrics=str(Path(SAE_DIR, "metrics.json")),
+        latents=str(Path(SAE_DIR, "latents.parquet")),
+    params:
+        out=lambda wc: SAE_DIR.format(**wc),
+        cfg=lambda wc: json.dumps(config["sae"], sort_keys=True),
+        device=config["device"],
+    log:
+        log_path("train_sae", "{model}", "{dataset}", "{layer}", "t{timestep}"),
+    benchmark:
+        bench_path("train_sae", "{model}", "{dataset}", "{layer}", "t{timestep}")
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: 2000 * attempt,
+        runtime=lambda wc, attempt: 20 * attempt,
+    shell:
+        "{DIFFATLAS} train-sae --store {input.store:q} --layer {wildcards.layer:q} --timestep {wildcards.timestep}"
+        " --out {params.out:q} --model {wildcards.model} --dataset {wildcards.dataset}"
+        " --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
+
+
+rule sae_summary:
+    input:
+        lambda wc: [str(Path(SAE_DIR.format(**wc, **g), "metrics.json")) for g in SAE_GRID],
+    output:
+        SAE_SUMMARY,
+    params:
+        runs=lambda wc: " ".join(shlex.quote(SAE_DIR.format(**wc, **g)) for g in SAE_GRID),
+    log:
+        log_path("sae_summary", "{model}", "{dataset}"),
+    benchmark:
+        bench_path("sae_summary", "{model}", "{dataset}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} sae-summary --out {output:q} {params.runs} > {log:q} 2>&1"
+
+
+rule sae_figure_vs_layer:
+    input:
+        SAE_SUMMARY,
+    output:
+        str(Path(SAE_FIGURES, "{model}", "{dataset}", "label_stats_vs_layer.png")),
+    log:
+        log_path("sae_figure_vs_layer", "{model}", "{dataset}"),
+    benchmark:
+        bench_path("sae_figure_vs_layer", "{model}", "{dataset}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} sae-figures vs-layer --summary {input:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule sae_figure_vs_timestep:
+    input:
+        SAE_SUMMARY,
+    output:
+        str(Path(SAE_FIGURES, "{model}", "{dataset}", "label_stats_vs_timestep.png")),
+    log:
+        log_path("sae_figure_vs_timestep", "{model}", "{dataset}"),
+    benchmark:
+        bench_path("sae_figure_vs_timestep", "{model}", "{dataset}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} sae-figures vs-timestep --summary {input:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule sae_figure_curves:
+    input:
+        lambda wc: [str(Path(SAE_DIR.format(**wc, **g), "latents.parquet")) for g in SAE_GRID],
+    output:
+        str(Path(SAE_FIGURES, "{model}", "{dataset}", "label_curves.png")),
+    params:
+        runs=lambda wc: " ".join(shlex.quote(SAE_DIR.format(**wc, **g)) for g in SAE_GRID),
+    log:
+        log_path("sae_figure_curves", "{model}", "{dataset}"),
+    benchmark:
+        bench_path("sae_figure_curves", "{model}", "{dataset}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} sae-figures curves --runs {params.runs} --out {output:q} > {log:q} 2>&1"
+
+
+rule sae_figure_across_models:
+    input:
+        lambda wc: [SAE_SUMMARY.format(model=m, dataset=wc.dataset) for m in SAE_MODELS],
+    output:
+        str(Path(SAE_FIGURES, "{dataset}", "label_stats_across_models.png")),
+    log:
+        log_path("sae_figure_across_models", "{dataset}"),
+    benchmark:
+        bench_path("sae_figure_across_models", "{dataset}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} sae-figures across-models --summary {input:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule sae_gallery:
+    input:
+        latents=str(Path(SAE_DIR, "latents.parquet")),
+        dataset=lambda wc: dataset_dir(wc.dataset),
+    output:
+        SAE_GALLERY,
+    params:
+        run=lambda wc: SAE_DIR.format(**wc),
+        latents=config["sae"]["gallery_latents"],
+    log:
+        log_path("sae_gallery", "{model}", "{dataset}", "{layer}", "t{timestep}"),
+    benchmark:
+        bench_path("sae_gallery", "{model}", "{dataset}", "{layer}", "t{timestep}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} sae-figures gallery --run {params.run:q} --dataset {input.dataset:q}"
+        " --latents {params.latents} --out {output:q} > {log:q} 2>&1"
+
+
+for _m in SAE_MODELS:
+    for _d in SAE_DATASETS:
+        ALL_TARGETS.append(SAE_SUMMARY.format(model=_m, dataset=_d))
+        for _name in ("label_stats_vs_layer", "label_stats_vs_timestep", "label_curves"):
+            ALL_TARGETS.append(str(Path(SAE_FIGURES, _m, _d, f"{_name}.png")))
+        if config["sae"]["gallery"]:
+            ALL_TARGETS.extend(SAE_GALLERY.format(model=_m, dataset=_d, **g) for g in SAE_GRID)
+for _d in SAE_DATASETS:
+    ALL_TARGETS.append(str(Path(SAE_FIGURES, _d, "label_stats_across_models.png")))

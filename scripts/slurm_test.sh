@@ -25,6 +25,7 @@
 #
 # Environment: DIFFATLAS_SLURM_RUN_TIMEOUT (seconds per snakemake run, default 300),
 # DIFFATLAS_SLURM_KEEP=1 (keep the temporary directory, with every log, for inspection),
+# DIFFATLAS_SLURM_HOLD=1 (bring the cluster up, print how to use it, wait for Ctrl-C),
 # PYTHON (default .venv/bin/python).
 set -euo pipefail
 
@@ -281,6 +282,11 @@ slurmd -N "$NODE"
 started slurmd "$C/run/slurmd.pid"
 wait_for 30 slurmd "$C/log/slurmd.log" bash -c "sinfo -h -n $NODE -o %t | grep -qx idle"
 log "cluster up: $(sinfo -h -o '%P %D %t %G' | tr '\n' ' ')"
+if [ "${DIFFATLAS_SLURM_HOLD:-0}" = 1 ]; then
+    log "holding the cluster; in another shell:  export SLURM_CONF=$SLURM_CONF PATH=$C/bin:\$PATH"
+    log "Ctrl-C (or kill $$) tears it down"
+    while true; do sleep 1; done
+fi
 
 # ---------------------------------------------------------------- 3. the workflow, twice
 for wd in wf-slurm wf-local wf-fail; do mkdir -p "$T/$wd"; done

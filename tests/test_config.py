@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffatlas.config import load_config, validate_config
+from diffatlas.config import check_timesteps, load_config, validate_config
 from diffatlas.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +62,8 @@ def test_unknown_layer_alias_lists_allowed(default_config):
     cfg["extract"]["layers"] = ["mid", "up_ft9"]
     msg = _error(cfg)
     assert "extract.layers[1]" in msg and "'up_ft9'" in msg and "up_ft0..up_ft3" in msg
+    cfg["extract"]["layers"] = ["mdi"]
+    assert "extract.layers[0] = 'mdi'" in _error(cfg)
 
 
 def test_module_path_glob_is_a_valid_layer(default_config):
@@ -70,11 +72,21 @@ def test_module_path_glob_is_a_valid_layer(default_config):
     assert validate_config(cfg)["extract"]["layers"][0] == "up_blocks.1.attentions.*"
 
 
-def test_timestep_out_of_range(default_config):
+def test_timestep_out_of_range(default_config, tmp_path):
     cfg = copy.deepcopy(default_config)
-    cfg["extract"]["timesteps"] = [10, 1000]
+    cfg["extract"]["timesteps"] = [10, -1]
     msg = _error(cfg)
-    assert "extract.timesteps[1]" in msg and "1000" in msg and "0..T-1" in msg
+    assert "extract.timesteps[1]" in msg and "-1" in msg and "0..T-1" in msg
+    # The upper end depends on the model: T is read from its scheduler config.
+    model = tmp_path / "m"
+    (model / "scheduler").mkdir(parents=True)
+    (model / "scheduler" / "scheduler_config.json").write_text('{"num_train_timesteps": 500}')
+    cfg["extract"]["timesteps"] = [10, 499, 500]
+    with pytest.raises(UserError) as info:
+        check_timesteps(validate_config(cfg), {"shapesworld": str(model)})
+    assert "extract.timesteps[2] = 500" in str(info.value) and "0..499" in str(info.value)
+    cfg["extract"]["timesteps"] = [10, 999]
+    check_timesteps(validate_config(cfg), {"shapesworld": str(tmp_path / "not-built-yet")})  # T defaults to 1000
 
 
 def test_bad_enum_lists_allowed(default_config):

@@ -84,6 +84,11 @@ def test_skip_drops_the_bad_file_and_keeps_labels_aligned(folder, tmp_path):
     assert ds.captions == [""] * 6
     assert ds.info["classes"] == ["cat", "dog", "zebra"]
     _assert_rows_match_files(ds, root, expected)
+    # decoding on several threads changes nothing
+    out2 = tmp_path / "out2"
+    make_dataset({"kind": "image_folder", "path": str(root), "image_size": S, "on_bad_image": "skip"}, out2, name="real", threads=3)
+    ds2 = load_dataset(out2)
+    assert ds2.images.tobytes() == ds.images.tobytes() and ds2.meta.equals(ds.meta)
 
 
 def test_rgba_composites_on_the_chosen_background():

@@ -146,3 +146,32 @@ def load_config(path: str | os.PathLike, schema_path: str | os.PathLike | None =
         return validate_config(data, schema_path)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
+
+
+def num_train_timesteps(model_dir: str | os.PathLike, default: int = 1000) -> int:
+    """T of a model in diffusers layout, read from its scheduler config without loading it.
+
+    Hub ids and models not built yet (the ShapesWorld model when it is trained by the
+    workflow) fall back to ``default``; the extraction step re-checks after loading.
+    """
+    cfg = Path(model_dir) / "scheduler" / "scheduler_config.json"
+    if cfg.exists():
+        import json
+
+        return int(json.loads(cfg.read_text()).get("num_train_timesteps", default))
+    return default
+
+
+def check_timesteps(config: dict[str, Any], model_paths: dict[str, str]) -> None:
+    """Every configured timestep must lie in 0..T-1 of every model it is used with."""
+    checks = [("extract", config.get("extract", {}).get("models", []))]
+    checks += [(s, config.get(s, {}).get("models", [])) for s in ("geometry",)]
+    for section, models in checks:
+        for name in models:
+            T = num_train_timesteps(model_paths[name])
+            for i, t in enumerate(config.get(section, {}).get("timesteps", []) or []):
+                if not 0 <= int(t) < T:
+                    raise UserError(
+                        f"config {section}.timesteps[{i}] = {t} is out of range for model {name!r}; "
+                        f"allowed: integers 0..{T - 1} (training scale, T = {T} from its scheduler config)"
+                    )

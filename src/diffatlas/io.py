@@ -36,6 +36,14 @@ def ensure_writable_parent(path: str | os.PathLike) -> Path:
     return path
 
 
+def _chmod_like_umask(path: Path, directory: bool) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) paths; give results the usual permissions
+    so collaborators on a shared cluster can read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``path`` only if the block succeeds.
@@ -50,6 +58,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _chmod_like_umask(tmp, directory=True)
     if path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     os.replace(tmp, path)
@@ -67,6 +76,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _chmod_like_umask(tmp, directory=False)
     os.replace(tmp, path)
 
 

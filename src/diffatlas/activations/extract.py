@@ -49,7 +49,7 @@ AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # -- small helpers ------------------------------------------------------------------------------
 def images_to_tensor(images: np.ndarray, size: int | None, device: torch.device) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, 3, S, S] in [-1, 1] on ``device`` (resized to ``size``)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).to(torch.float32)
+    x = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(device).permute(0, 3, 1, 2).to(torch.float32)
     x = x / 127.5 - 1.0
     if size is not None and tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -92,6 +92,24 @@ def prompts_for(cfg: ExtractConfig, labels: Sequence[str], captions: Sequence[st
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def read_rows(images: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of ``images``; a memory map is read with plain file I/O.
+
+    Pages touched through a memory map stay resident (and count in the job's RSS) until the
+    OS evicts them, so reading a whole dataset through one would make peak memory grow with
+    the dataset; a positioned read keeps it bounded by the batch.
+    """
+    # Only a whole-file map (not a view of one, whose ``offset`` is not updated) is read by offset.
+    whole = isinstance(images, np.memmap) and not isinstance(images.base, np.memmap)
+    if whole and images.flags.c_contiguous and images.filename:
+        row = int(np.prod(images.shape[1:]))
+        offset = images.offset + start * row * images.itemsize
+        with open(images.filename, "rb") as fh:
+            out = np.fromfile(fh, dtype=images.dtype, count=(stop - start) * row, offset=offset)
+        return out.reshape(stop - start, *images.shape[1:])
+    return np.asarray(images[start:stop])
 
 
 class _DiskRows:
@@ -404,7 +422,7 @@ class _Runner:
                     if reuse and k > 0:
                         x = store.get(start, stop - start, self.device)
                     else:
-                        x = self.x0(images[start:stop])
+                        x = self.x0(read_rows(images, start, stop))
                         if reuse and store is None:
                             store = _DiskRows(scratch / "state.f32", n, tuple(x.shape[1:]))
                     if inversion:

@@ -112,7 +112,7 @@ class StreamingWriter:
     image_size: int
     rows: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-    _images: np.memmap | None = None
+    _images: np.memmap | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._images = np.lib.format.open_memmap(

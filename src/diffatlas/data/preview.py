@@ -26,7 +26,7 @@ def preview_figure(ds: Dataset, n: int = 16, columns: int | None = None):
     n = min(n, len(ds))
     cols = columns or min(n, 8 if n > 16 else 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k >= n:
@@ -34,7 +34,7 @@ def preview_figure(ds: Dataset, n: int = 16, columns: int | None = None):
         ax.imshow(np.asarray(ds.images[k]), interpolation="nearest")
         row = ds.meta.iloc[k]
         title = row["caption"] or f"{row['label']}" + (f" ({row['coarse_label']})" if row["coarse_label"] != row["label"] else "")
-        ax.set_title("\n".join(textwrap.wrap(str(title), 22)), fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(str(title), 26)), fontsize=8)
     name = ds.info.get("name", ds.path.name)
     fig.suptitle(f"{name}: first {n} of {len(ds)} images ({ds.image_size}x{ds.image_size})", fontsize=10)
     fig.tight_layout()

@@ -2,12 +2,17 @@
 
 Architecture (after Revelio's Diff-C, written from its description): the input map is
 standardised per channel with statistics of the training split, then ``n_convs`` blocks of
-``Conv -> BatchNorm -> ReLU`` shrink it. Each convolution has stride 2 along every axis that
-is still longer than 1, so an 8x8 UNet map, a 64x64 SD map, a 16x16 DiT token grid and a
-1x1 map all work with the same code: once an axis reaches 1 it stops shrinking, and the
-kernel along it becomes 1 (a 3-wide kernel on a 1-long axis would only see padding). Channel
-widths double block by block up to ``feature_dim``; global average pooling gives a
+``Conv3x3 -> BatchNorm -> ReLU -> MaxPool2x2`` each halve the map. Pooling applies only
+along axes still longer than 1, so an 8x8 UNet map, a 64x64 SD map, a 16x16 DiT token grid
+and a 1x1 map all work with the same code: once an axis reaches 1 it stops shrinking, and
+the kernel along it becomes 1 (a 3-wide kernel on a 1-long axis would only see padding).
+Channel widths double block by block up to ``feature_dim``; global average pooling gives a
 ``feature_dim`` vector and one fully connected layer gives the class logits.
+
+Why convolution + max-pool rather than stride-2 convolutions: on ShapesWorld-like 16x16
+maps with 400 training samples, a stride-2 3x3 stack reached 0.44-0.60 test accuracy on the
+shape (it samples every other position, so small objects alias), the same widths with
+stride 1 + max-pool 0.91-0.98, at about twice the compute of the first block.
 
 Shapes: input [B, C, H, W] float32 -> logits [B, n_classes].
 """
@@ -52,13 +57,18 @@ def conv_widths(n_convs: int, feature_dim: int) -> list[int]:
 
 
 def _block(c_in: int, c_out: int, h: int, w: int) -> tuple[nn.Sequential, int, int]:
-    """One shrinking block and the map size it produces."""
+    """One shrinking block and the map size it produces (each axis longer than 1 halves, rounding up)."""
     kh, kw = (3 if h > 1 else 1), (3 if w > 1 else 1)
-    sh, sw = (2 if h > 1 else 1), (2 if w > 1 else 1)
-    conv = nn.Conv2d(c_in, c_out, kernel_size=(kh, kw), stride=(sh, sw), padding=(kh // 2, kw // 2), bias=False)
-    out_h = (h + 2 * (kh // 2) - kh) // sh + 1
-    out_w = (w + 2 * (kw // 2) - kw) // sw + 1
-    return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)), out_h, out_w
+    ph, pw = (2 if h > 1 else 1), (2 if w > 1 else 1)
+    layers: list[nn.Module] = [
+        nn.Conv2d(c_in, c_out, kernel_size=(kh, kw), padding=(kh // 2, kw // 2), bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
+    if ph > 1 or pw > 1:
+        # ceil_mode keeps the last row/column of odd-sized maps (e.g. 7x7 -> 4x4).
+        layers.append(nn.MaxPool2d(kernel_size=(ph, pw), stride=(ph, pw), ceil_mode=True))
+    return nn.Sequential(*layers), -(-h // ph), -(-w // pw)
 
 
 class DiffC(nn.Module):

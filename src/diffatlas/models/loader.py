@@ -287,7 +287,9 @@ def weights_hash(path: str | os.PathLike, n_hex: int = 12) -> str:
     return h.hexdigest()[:n_hex]
 
 
-def _resolve(path_or_id: str, revision: str | None, local_files_only: bool) -> tuple[Path, str]:
+def _resolve(
+    path_or_id: str, revision: str | None, local_files_only: bool, cache_dir: str | os.PathLike | None = None
+) -> tuple[Path, str]:
     """Local directory of the model and its revision string."""
     p = Path(os.path.expanduser(str(path_or_id)))
     if p.exists():
@@ -301,15 +303,18 @@ def _resolve(path_or_id: str, revision: str | None, local_files_only: bool) -> t
         return p, revision or weights_hash(p)
     if not _HUB_ID.match(str(path_or_id)):
         raise UserError(f"model directory {path_or_id} not found (expected a diffusers model directory or a hub id 'owner/name')")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    cache = cache_dir or constants.HF_HUB_CACHE
     try:
-        local = Path(snapshot_download(str(path_or_id), revision=revision, local_files_only=local_files_only))
+        local = Path(
+            snapshot_download(str(path_or_id), revision=revision, local_files_only=local_files_only, cache_dir=cache)
+        )
     except LocalEntryNotFoundError as err:
         raise UserError(
             f"model {path_or_id!r} is neither a local directory nor in the local Hugging Face cache "
-            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}); "
+            f"({cache}); "
             f"nothing is downloaded: download it yourself (huggingface-cli download {path_or_id}) or give a local path"
         ) from err
     except Exception as err:  # noqa: BLE001 - hub errors (bad revision, gated repo) become one clear line
@@ -355,6 +360,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
     local_files_only: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> ModelHandle:
     """Load a diffusers pipeline from a local directory or the local HF cache.
 
@@ -364,6 +370,7 @@ def load_model(
         device, dtype: where and in what precision every component lives.
         revision: hub revision (branch, tag or commit) for hub ids; recorded as is.
         local_files_only: keep True (the default): nothing is downloaded.
+        cache_dir: Hugging Face hub cache to look in (default: ``HF_HUB_CACHE``).
 
     Raises:
         UserError: missing directory, no ``model_index.json``, an unknown pipeline class,
@@ -372,7 +379,7 @@ def load_model(
     import json
 
     model_id = str(path_or_id)
-    local, rev = _resolve(model_id, revision, local_files_only)
+    local, rev = _resolve(model_id, revision, local_files_only, cache_dir)
     index_path = local / "model_index.json"
     try:
         index = json.loads(index_path.read_text())

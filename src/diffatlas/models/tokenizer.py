@@ -16,10 +16,13 @@ How the vocabulary is made (this is what makes unknown words degrade gracefully)
   ``"circle</w>"``. Merges are appended only when BPE (simulated with the real merge ranks)
   does not already produce one token, so adding a word never changes how earlier words
   tokenize; every word is checked to be one token after the build.
-* **Unknown words** therefore fall back to sub-word pieces instead of failing: ``"squares"``
-  becomes ``["square", "s</w>"]`` (the prefix ``square`` exists as an intermediate of
-  ``square</w>``), ``"zebra"`` becomes a few pieces. A character outside the base alphabet
-  (e.g. ``"é"``) maps to the dedicated unknown token ``<|unk|>``; nothing ever raises.
+* **Unknown words** therefore fall back to several sub-word pieces (prefixes of vocabulary
+  words and single characters) that spell the word, instead of one ``<|unk|>``: with the
+  ShapesWorld words ``"squares"`` becomes ``["squa", "re", "s</w>"]`` and ``"zebra"``
+  ``["z", "e", "b", "r", "a</w>"]``; the exact split depends on the vocabulary, and only
+  the last piece carries ``</w>``. This is what word-to-token alignment code must handle on
+  real SD prompts too. A character outside the base alphabet (e.g. ``"é"``) maps to the
+  dedicated unknown token ``<|unk|>`` (id 0); nothing ever raises.
 * Special tokens: ``<|unk|>`` has id 0; ``<|startoftext|>`` and ``<|endoftext|>`` are the last
   two ids, as in CLIP, so ``CLIPTextModel``'s pooling (argmax of ids, or ``eos_token_id``)
   picks the end-of-text position either way. ``<|endoftext|>`` is also the padding token

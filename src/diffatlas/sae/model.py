@@ -141,7 +141,7 @@ class TopKSAE(nn.Module):
         largest pre-activations among the dead latents ``dead`` [n] (bool), ê = W_dec z_aux
         (no bias); aux = Σ(ê − e)² / Σe², the share of the residual the dead latents fail to
         explain. 0 when no latent is dead.
-        Returns (loss, parts) where parts holds the output and the float values.
+        Returns (loss, parts): parts holds the forward output, detached mse and aux, and n_dead.
         """
         out = self(x)
         mse = (out.x_hat - x).pow(2).mean()
@@ -154,7 +154,8 @@ class TopKSAE(nn.Module):
             e_hat = self.decode(vals, idx, bias=False)
             aux = (e_hat - e).pow(2).sum() / e.pow(2).sum().clamp_min(torch.finfo(e.dtype).tiny)
         loss = mse + aux_coef * aux
-        return loss, {"out": out, "mse": float(mse.detach()), "aux": float(aux.detach()), "n_dead": n_dead}
+        # Detached tensors, not floats: converting would synchronise a GPU at every step.
+        return loss, {"out": out, "mse": mse.detach(), "aux": aux.detach(), "n_dead": n_dead}
 
     # -- constraints on the decoder ---------------------------------------------------------
     @torch.no_grad()

@@ -177,6 +177,17 @@ def total_steps(cfg: SAEConfig, n_train: int) -> int:
     return cfg.epochs * (n_train // cfg.batch_size) if cfg.epochs is not None else cfg.steps
 
 
+def init_sae(x_train: torch.Tensor, arch: SAEArch, cfg: SAEConfig, gen: torch.Generator | None = None) -> TopKSAE:
+    """A fresh SAE: random unit-norm atoms, encoder = decoder transpose, b_enc = 0, and
+    b_pre = geometric median of ``cfg.init_sample`` training vectors drawn with ``gen``."""
+    gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed)
+    sae = TopKSAE(arch, seed=cfg.seed)
+    rows = torch.randperm(x_train.shape[0], generator=gen)[: cfg.init_sample]
+    with torch.no_grad():
+        sae.b_pre.copy_(geometric_median(x_train[rows].float()).to(sae.b_pre))
+    return sae
+
+
 def train_sae(
     x_train: torch.Tensor,
     arch: SAEArch,
@@ -192,12 +203,8 @@ def train_sae(
     m = x_train.shape[0]
     if m < cfg.batch_size:
         raise UserError(f"config sae.batch_size = {cfg.batch_size} is larger than the {m} training vectors")
-    torch.manual_seed(cfg.seed)
-    sae = TopKSAE(arch, seed=cfg.seed).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    init_rows = torch.randperm(m, generator=gen)[: cfg.init_sample]
-    with torch.no_grad():
-        sae.b_pre.copy_(geometric_median(x_train[init_rows].float()).to(sae.b_pre))
+    sae = init_sae(x_train, arch, cfg, gen).to(device)
 
     opt = Adam(list(sae.parameters()))
     n_steps = total_steps(cfg, m)
@@ -226,7 +233,7 @@ def train_sae(
             since_fired += 1
             since_fired[fired] = 0
         if step % log_every == 0 or step == n_steps - 1:
-            rec = {"step": step, "lr": lr, "mse": parts["mse"], "aux": parts["aux"], "n_dead": parts["n_dead"]}
+            rec = {"step": step, "lr": lr, "mse": float(parts["mse"]), "aux": float(parts["aux"]), "n_dead": parts["n_dead"]}
             history.append(rec)
             log.info("step %d/%d mse %.4f aux %.4f dead %d", step, n_steps, rec["mse"], rec["aux"], rec["n_dead"])
     log.info("trained %d steps on %d vectors in %.1fs", n_steps, m, time.perf_counter() - start)

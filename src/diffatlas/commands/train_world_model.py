@@ -1,0 +1,71 @@
+"""``diffatlas train-world-model --out DIR``: train the ShapesWorld text-to-image model.
+
+Settings come from ``--config-json '<json of world_model.train>'`` or ``--config FILE``
+(a workflow config; its ``world_model.train`` section), then ``--steps`` overrides.
+The resumable checkpoint lives in ``--checkpoint-dir`` (default ``DIR/../checkpoints``, kept
+outside the rule's output so Snakemake's cleanup of a failed job does not erase it): a
+re-run with the same config resumes from it. SIGTERM/Ctrl-C write a checkpoint first.
+
+Example (the shipped model)::
+
+    diffatlas train-world-model --config config.yaml --out resources/models/shapesworld \\
+        --checkpoint-dir results/world_model/checkpoints --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+from pathlib import Path
+
+
+def _interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str]) -> int:
+    from diffatlas.errors import UserError
+    from diffatlas.io import pick_device, set_threads
+
+    ap = argparse.ArgumentParser(prog="diffatlas train-world-model", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="output model directory (diffusers layout; replaced at the end)")
+    ap.add_argument("--checkpoint-dir", default=None, help="resumable checkpoint directory (default: OUT/../checkpoints)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--config-json", default=None, help="JSON of the world_model.train section")
+    src.add_argument("--config", default=None, help="workflow config YAML; its world_model.train section is used")
+    ap.add_argument("--steps", type=int, default=None, help="override train.steps")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or all)")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="stop after this many seconds with a checkpoint and no final model (train in slices)")
+    ap.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    args = ap.parse_args(argv)
+
+    from diffatlas.world.config import WorldModelConfig
+    from diffatlas.world.train import train_world_model
+
+    if args.config_json is not None:
+        try:
+            section = json.loads(args.config_json)
+        except json.JSONDecodeError as err:
+            raise UserError(f"--config-json is not valid JSON: {err}") from err
+    elif args.config is not None:
+        from diffatlas.config import load_config
+
+        section = load_config(args.config).get("world_model", {}).get("train", {})
+    else:
+        section = {}
+    if args.steps is not None:
+        section = {**section, "steps": args.steps}
+    cfg = WorldModelConfig.from_dict(section)
+    set_threads(args.threads)
+    device = pick_device(args.device)
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out).resolve().parent / "checkpoints"
+    signal.signal(signal.SIGTERM, _interrupt)
+    summary = train_world_model(cfg, args.out, checkpoint_dir=ckpt, device=device, resume=not args.no_resume,
+                                max_seconds=args.max_seconds)
+    state = "finished" if summary["finished"] else "paused (checkpoint kept)"
+    print(f"{args.out}\t{state}\tstep={summary['step']}/{summary['steps']}\tloss={summary['final_loss']}"
+          f"\timages/s={summary['images_per_second']}")
+    return 0

@@ -1,0 +1,227 @@
+"""Dataclasses of the ``world_model`` config section: training and the fidelity check.
+
+``config.yaml``::
+
+    world_model:
+      source: shipped          # shipped | trained
+      train: {steps: 4000, batch_size: 32, ...}       # -> WorldModelConfig
+      fidelity: {n_single: 60, n_two: 40, ...}        # -> FidelityConfig
+
+The JSON Schema checks the section before any job runs; ``__post_init__`` re-checks every
+value so the library and the CLI are just as safe without Snakemake.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffatlas.errors import UserError
+
+BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
+
+#: Fields that do not change the training trajectory up to a given step: a checkpoint made
+#: with other values of these resumes (e.g. raise ``steps`` to train longer).
+RESUME_FREE_FIELDS = ("steps", "checkpoint_every", "log_every", "channels_last")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        upper = f" and <= {hi}" if hi is not None else ""
+        raise UserError(f"world_model: {name} = {value!r} is not allowed; allowed: an integer >= {lo}{upper}")
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:
+        v = float(value)
+        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise UserError(f"world_model: {name} = {value!r} is not allowed; allowed: a number in {lb}{lo}, {hi}{rb}")
+
+
+@dataclass
+class WorldModelConfig:
+    """How the ShapesWorld model is built and trained (``world_model.train``).
+
+    The defaults are those of the shipped checkpoint (resources/models/shapesworld/README.md).
+    """
+
+    steps: int = 6000
+    """Optimiser steps. Raising it and re-running resumes from the last checkpoint."""
+    batch_size: int = 32
+    """Images per step (fresh random scenes every step)."""
+    lr: float = 1e-3
+    """AdamW peak learning rate (constant after warm-up; EMA does the averaging)."""
+    warmup: int = 200
+    """Linear learning-rate warm-up, in steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    ema: float = 0.999
+    """EMA decay of the saved weights; early steps use min(ema, (1 + step) / (10 + step))."""
+    caption_dropout: float = 0.1
+    """Probability that a caption is replaced by the empty prompt (classifier-free guidance)."""
+    snr_gamma: float = 5.0
+    """Min-SNR-gamma loss weighting min(SNR, gamma) / SNR of the epsilon loss (0 = plain MSE)."""
+    seed: int = 0
+    """Seed of the initial weights and of the per-step scene / noise streams."""
+    image_size: int = 32
+    """Side of the generated images (pixels)."""
+    two_object_fraction: float = 0.5
+    """Share of training scenes with two objects."""
+    size_word_prob: float = 0.5
+    """Probability that a training caption names an object's size."""
+    colour_word_prob: float = 0.9
+    """Probability that a training caption names an object's colour."""
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    """UNet channels per resolution level (32, 16, 8 px at 32x32); attention below the first level."""
+    layers_per_block: int = 1
+    """ResNet layers per UNet block."""
+    num_attention_heads: int = 4
+    """Heads of every UNet attention layer."""
+    norm_num_groups: int = 16
+    """GroupNorm groups of the UNet."""
+    text_hidden_size: int = 64
+    """CLIP text encoder width (= the UNet's cross_attention_dim)."""
+    text_layers: int = 2
+    """CLIP text encoder layers."""
+    text_heads: int = 4
+    """CLIP text encoder heads."""
+    train_text_encoder: bool = True
+    """Train the text encoder jointly (True) or keep its random initialisation frozen."""
+    beta_schedule: str = "squaredcos_cap_v2"
+    """Noise schedule of the DDIM scheduler (T = 1000 training timesteps)."""
+    channels_last: bool = True
+    """Channels-last memory format on CPU (faster oneDNN convolutions; same maths)."""
+    checkpoint_every: int = 250
+    """Write the resumable checkpoint every this many steps (and at the end)."""
+    log_every: int = 25
+    """Log steps, loss and images/s every this many steps."""
+
+    def __post_init__(self) -> None:
+        _check_int("train.steps", self.steps, 1)
+        _check_int("train.batch_size", self.batch_size, 1)
+        _check_float("train.lr", self.lr, 0.0, 1.0, lo_open=True)
+        _check_int("train.warmup", self.warmup, 0)
+        _check_float("train.weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_float("train.grad_clip", self.grad_clip, 0.0, 1e6)
+        _check_float("train.ema", self.ema, 0.0, 1.0, hi_open=True)
+        _check_float("train.caption_dropout", self.caption_dropout, 0.0, 1.0, hi_open=True)
+        _check_float("train.snr_gamma", self.snr_gamma, 0.0, 1e6)
+        _check_int("train.seed", self.seed, 0)
+        _check_int("train.image_size", self.image_size, 16, 256)
+        _check_float("train.two_object_fraction", self.two_object_fraction, 0.0, 1.0)
+        _check_float("train.size_word_prob", self.size_word_prob, 0.0, 1.0)
+        _check_float("train.colour_word_prob", self.colour_word_prob, 0.0, 1.0)
+        if not isinstance(self.block_out_channels, (list, tuple)) or len(self.block_out_channels) < 2:
+            raise UserError(
+                f"world_model: train.block_out_channels = {self.block_out_channels!r} is not allowed; "
+                "allowed: a list of at least 2 positive integers"
+            )
+        self.block_out_channels = [int(c) for c in self.block_out_channels]
+        for c in self.block_out_channels:
+            _check_int("train.block_out_channels[]", c, 1)
+            if c % self.norm_num_groups or c % self.num_attention_heads:
+                raise UserError(
+                    f"world_model: train.block_out_channels = {self.block_out_channels} is not allowed; allowed: "
+                    f"multiples of norm_num_groups ({self.norm_num_groups}) and num_attention_heads ({self.num_attention_heads})"
+                )
+        if self.image_size % (2 ** (len(self.block_out_channels) - 1)):
+            raise UserError(
+                f"world_model: train.image_size = {self.image_size} is not allowed; allowed: a multiple of "
+                f"2**(len(block_out_channels) - 1) = {2 ** (len(self.block_out_channels) - 1)}"
+            )
+        _check_int("train.layers_per_block", self.layers_per_block, 1, 4)
+        _check_int("train.num_attention_heads", self.num_attention_heads, 1)
+        _check_int("train.norm_num_groups", self.norm_num_groups, 1)
+        _check_int("train.text_hidden_size", self.text_hidden_size, 8)
+        _check_int("train.text_layers", self.text_layers, 1, 12)
+        _check_int("train.text_heads", self.text_heads, 1)
+        if self.text_hidden_size % self.text_heads:
+            raise UserError(
+                f"world_model: train.text_hidden_size = {self.text_hidden_size} is not allowed; "
+                f"allowed: a multiple of text_heads ({self.text_heads})"
+            )
+        if not isinstance(self.train_text_encoder, bool):
+            raise UserError(f"world_model: train.train_text_encoder = {self.train_text_encoder!r} is not allowed; allowed: true, false")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise UserError(
+                f"world_model: train.beta_schedule = {self.beta_schedule!r} is not allowed; allowed: {', '.join(BETA_SCHEDULES)}"
+            )
+        _check_int("train.checkpoint_every", self.checkpoint_every, 1)
+        _check_int("train.log_every", self.log_every, 1)
+
+    @classmethod
+    def from_dict(cls, section: dict[str, Any] | None) -> "WorldModelConfig":
+        return _from_dict(cls, section or {}, "world_model.train")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def trajectory_hash(self) -> str:
+        """Hash of every field that changes the training trajectory (resume compatibility)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE_FIELDS}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class FidelityConfig:
+    """How the caption fidelity of a model is measured (``world_model.fidelity``).
+
+    Single-object captions ``"a {colour} {shape}"`` cycle through the 12 fine classes;
+    two-object captions ``"a {colour} {shape} and a {colour} {shape}"`` are drawn at random
+    (two different fine classes) from ``seed``.
+    """
+
+    n_single: int = 48
+    """Samples for single-object captions (the 12 fine classes, cycled)."""
+    n_two: int = 48
+    """Samples for two-object captions."""
+    num_inference_steps: int = 20
+    """DDIM steps per sample."""
+    guidance_scale: float = 3.0
+    """Classifier-free guidance weight (<= 1 switches CFG off)."""
+    seed: int = 0
+    """Seed of the captions and of the initial noise."""
+    batch_size: int = 96
+    """Images per pipeline call."""
+    grid_rows: int = 4
+    """Rows of the sample grid figure (each row: single-object then two-object samples)."""
+    grid_cols: int = 12
+    """Columns of the sample grid figure."""
+
+    def __post_init__(self) -> None:
+        _check_int("fidelity.n_single", self.n_single, 1)
+        _check_int("fidelity.n_two", self.n_two, 0)
+        _check_int("fidelity.num_inference_steps", self.num_inference_steps, 1, 1000)
+        _check_float("fidelity.guidance_scale", self.guidance_scale, 0.0, 100.0)
+        _check_int("fidelity.seed", self.seed, 0)
+        _check_int("fidelity.batch_size", self.batch_size, 1)
+        _check_int("fidelity.grid_rows", self.grid_rows, 1, 32)
+        _check_int("fidelity.grid_cols", self.grid_cols, 1, 32)
+
+    @classmethod
+    def from_dict(cls, section: dict[str, Any] | None) -> "FidelityConfig":
+        return _from_dict(cls, section or {}, "world_model.fidelity")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _from_dict(cls, section: dict[str, Any], where: str):
+    if not isinstance(section, dict):
+        raise UserError(f"{where} must be a mapping, got {section!r}")
+    allowed = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise UserError(f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; allowed keys: {', '.join(allowed)}")
+    try:
+        return cls(**section)
+    except UserError as err:
+        raise UserError(str(err).replace("world_model: ", f"{where.rsplit('.', 1)[0]}.", 1)) from None
