@@ -39,8 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from diffatlas.daam.trace import TracedRun
-from diffatlas.daam.words import DEFAULT_TAU, WordMaps, split_words, threshold_mask
+from diffatlas.daam.words import DEFAULT_TAU, TracedRun, WordMaps, split_words, threshold_mask
 from diffatlas.errors import UserError
 
 log = logging.getLogger(__name__)

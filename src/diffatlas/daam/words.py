@@ -26,9 +26,13 @@ tokens were all cut off is a :class:`UserError` that says so.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -235,3 +239,161 @@ class WordMaps:
     def mask(self, word: str | int, tau: float = DEFAULT_TAU, normalize: bool = False) -> np.ndarray:
         """DAAM mask of a word: min-max scaled map ``> tau``.  -> bool [H, W]."""
         return threshold_mask(self.word_map(word, normalize), tau)
+
+
+# ----------------------------------------------------------------------------- traced runs
+
+
+@dataclass
+class TracedRun:
+    """Images and word maps of one traced run (generation or real images), ready to save.
+
+    images: uint8 ``[items, H, W, 3]``; maps: one :class:`WordMaps` per item; items: one
+    dict per item (prompt, prompt_index, image_index, seed, sample_id, ...); info: run-level
+    settings (model, scheduler, guidance, steps, layers, timesteps, ...). ``time_resolved``
+    optionally holds per-step raw maps to write next to the aggregated ones.
+    """
+
+    images: np.ndarray
+    maps: list[WordMaps]
+    items: list[dict[str, Any]]
+    info: dict[str, Any]
+    time_resolved: list[tuple[int, Any]] = field(default_factory=list)  # (item offset, RawTrace)
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path/`` atomically: maps.zarr, items.parquet, words.parquet, info.json.
+
+        maps.zarr holds ``images`` [item, y, x, rgb] uint8 and ``token_maps``
+        [item, token, y, x] float16 (positions past an item's end token are zero), plus
+        ``steps__{h}x{w}`` [step, item, token, y, x] when time-resolved maps were asked for.
+        """
+        import pandas as pd
+        import zarr
+
+        from diffatlas.io import atomic_dir, write_json
+
+        n = len(self.maps)
+        h, w = self.maps[0].shape if n else self.images.shape[1:3]
+        n_pos = max((m.tokens.n_positions for m in self.maps), default=0)
+        with atomic_dir(path) as tmp:
+            g = zarr.open_group(str(tmp / "maps.zarr"), mode="w", zarr_format=3)
+            img = g.create_array(
+                "images", shape=self.images.shape, dtype="uint8", chunks=(max(1, min(64, n)), *self.images.shape[1:]),
+                dimension_names=["item", "y_image", "x_image", "rgb"],
+            )
+            img[:] = self.images
+            tm = g.create_array(
+                "token_maps", shape=(n, n_pos, h, w), dtype="float16", chunks=(1, n_pos, h, w), fill_value=0,
+                dimension_names=["item", "token", "y", "x"],
+            )
+            for i, m in enumerate(self.maps):
+                block = np.zeros((n_pos, h, w), np.float16)
+                block[: m.tokens.n_positions] = m.token_maps.astype(np.float16)
+                tm[i] = block
+            for offset, raw in self.time_resolved:
+                write_time_resolved(g, raw, offset, n, n_pos)
+            g.attrs.update({k: v for k, v in self.info.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))})
+            with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec": we read by path anyway
+                warnings.simplefilter("ignore")
+                zarr.consolidate_metadata(g.store)
+            rows, words = [], []
+            for i, (m, item) in enumerate(zip(self.maps, self.items)):
+                t = m.tokens
+                rows.append(
+                    {
+                        "item": i,
+                        **item,
+                        "prompt": t.prompt,
+                        "n_positions": t.n_positions,
+                        "window": t.window,
+                        "n_content_tokens": t.n_content_tokens,
+                        "truncated_words": json.dumps(t.truncated_words),
+                        "tokens": json.dumps(t.tokens),
+                    }
+                )
+                for wd in t.words:
+                    words.append(
+                        {
+                            "item": i,
+                            "word_index": wd.index,
+                            "word": wd.text,
+                            "start": wd.start,
+                            "end": wd.end,
+                            "positions": json.dumps(list(wd.positions)),
+                            "truncated": wd.truncated,
+                        }
+                    )
+            pd.DataFrame(rows).to_parquet(tmp / "items.parquet", index=False)
+            pd.DataFrame(words, columns=["item", "word_index", "word", "start", "end", "positions", "truncated"]).to_parquet(
+                tmp / "words.parquet", index=False
+            )
+            write_json(tmp / "info.json", self.info)
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> "TracedRun":
+        """Read a run written by :meth:`save` (time-resolved arrays stay on disk)."""
+        import pandas as pd
+        import zarr
+
+        from diffatlas.io import read_json
+
+        path = Path(path)
+        if not (path / "maps.zarr").exists() or not (path / "items.parquet").exists():
+            raise UserError(f"{path} is not a DAAM run (needs maps.zarr and items.parquet); run the daam rule first")
+        g = zarr.open_group(str(path / "maps.zarr"), mode="r")
+        images = np.asarray(g["images"][:])
+        token_maps = g["token_maps"]
+        items = pd.read_parquet(path / "items.parquet")
+        words = pd.read_parquet(path / "words.parquet")
+        by_item = {i: df for i, df in words.groupby("item")}
+        maps, item_dicts = [], []
+        reserved = {"item", "prompt", "n_positions", "window", "n_content_tokens", "truncated_words", "tokens"}
+        for row in items.to_dict("records"):
+            i = int(row["item"])
+            wdf = by_item.get(i)
+            wl = [] if wdf is None else [
+                Word(str(r["word"]), int(r["word_index"]), int(r["start"]), int(r["end"]), tuple(json.loads(r["positions"])), bool(r["truncated"]))
+                for r in wdf.sort_values("word_index").to_dict("records")
+            ]
+            tokens = PromptTokens(
+                prompt=str(row["prompt"]),
+                words=wl,
+                tokens=json.loads(row["tokens"]),
+                end_position=int(row["n_positions"]) - 1,
+                window=int(row["window"]),
+                n_content_tokens=int(row["n_content_tokens"]),
+                truncated_words=json.loads(row["truncated_words"]),
+            )
+            maps.append(WordMaps(np.asarray(token_maps[i], dtype=np.float32), tokens))
+            item_dicts.append({k: v for k, v in row.items() if k not in reserved})
+        return TracedRun(images=images, maps=maps, items=item_dicts, info=read_json(path / "info.json"))
+
+
+def write_time_resolved(group: Any, raw: Any, item_offset: int, n_items_total: int, n_positions: int) -> None:
+    """Write ``raw``'s per-step maps into a zarr group (arrays created on first use).
+
+    Arrays ``steps__{h}x{w}``: float16 ``[step, item, token, y__{h}x{w}, x__{h}x{w}]`` at
+    each map's native resolution, ``items`` rows ``item_offset:item_offset+n``.
+    """
+    if not raw.per_step:
+        return
+    n_steps = len(raw.timesteps)
+    for (step, h, w), m in raw.per_step.items():
+        name = f"steps__{h}x{w}"
+        if name not in group:
+            group.create_array(
+                name,
+                shape=(n_steps, n_items_total, n_positions, h, w),
+                chunks=(1, max(1, m.shape[0]), n_positions, h, w),
+                dtype="float16",
+                fill_value=0,
+                dimension_names=["step", "item", "token", f"y__{h}x{w}", f"x__{h}x{w}"],
+            )
+        arr = group[name]
+        k = min(n_positions, m.shape[1])
+        block = np.zeros((m.shape[0], n_positions, h, w), dtype=np.float16)
+        block[:, :k] = np.asarray(m[:, :k].float().numpy() if hasattr(m, "numpy") else m[:, :k], dtype=np.float16)
+        arr[step, item_offset : item_offset + m.shape[0]] = block
