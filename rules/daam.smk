@@ -1,1 +1,201 @@
-# daam stage: rules to come (see the issue for this stage).
+# daam stage: DAAM word maps from cross-attention, scored against known masks.
+#
+#   results/daam/{model}/prompts/{prompt_set}/   generation with tracing (daam-generate):
+#       run/ (maps.zarr: images, token maps [, steps__HxW]; items/words.parquet; info.json),
+#       summary.csv, threshold_curve.csv, relations.csv, detections.csv
+#       (+ cohyponym.csv, adjective_swaps.csv for entanglement sets)
+#   results/daam/{model}/real/{dataset}/          real images noised/inverted and denoised with
+#       their captions (daam-real): run/, summary.csv (vs true masks), threshold_curve.csv, relations.csv
+#   results/figures/daam/{model}/overlays_prompts_{prompt_set}.png, overlays_real_{dataset}.png,
+#       miou.png (table + threshold curve), relations.png (mIoH vs mIoD),
+#       entanglement_{prompt_set}.png (entanglement sets only)
+
+import json
+
+DAAM = config["daam"]
+
+for _i, _name in enumerate(DAAM["datasets"]):
+    if _name not in config["datasets"]:
+        raise WorkflowError(
+            f"config daam.datasets[{_i}] = {_name!r} is not a configured dataset; "
+            f"allowed: {', '.join(sorted(config['datasets']))}"
+        )
+
+
+# Path helpers (lambdas: the linter wants functions in common.smk, which this stage does not own).
+daam_dir = lambda model, *parts: str(Path(RESULTS, "daam", model, *parts))
+daam_figure = lambda model, name: str(Path(RESULTS, "figures", "daam", model, f"{name}.png"))
+daam_sets = lambda kinds: [n for n, s in DAAM["prompt_sets"].items() if s["kind"] in kinds]
+# Runs whose words are scored against objects: every real dataset and every caption/list set.
+daam_scored_dirs = lambda wc: [daam_dir(wc.model, "real", d) for d in DAAM["datasets"]] + [
+    daam_dir(wc.model, "prompts", p) for p in daam_sets(("shapesworld_captions", "list"))
+]
+daam_revision = lambda wc: (
+    f"--revision {config['models'][wc.model]['revision']}" if config["models"][wc.model].get("revision") else ""
+)
+
+
+rule daam_generate:
+    input:
+        model=lambda wc: model_input(wc.model),
+    output:
+        directory(daam_dir("{model}", "prompts", "{prompt_set}")),
+    params:
+        model_path=lambda wc: model_path(wc.model),
+        revision=daam_revision,
+        cfg=lambda wc: json.dumps(DAAM, sort_keys=True),  # a function: the JSON holds {braces}
+        device=config["device"],
+    log:
+        log_path("daam_generate", "{model}", "{prompt_set}"),
+    benchmark:
+        bench_path("daam_generate", "{model}", "{prompt_set}")
+    wildcard_constraints:
+        prompt_set="|".join(DAAM["prompt_sets"]) or "no-prompt-sets",
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 20 * attempt,
+    shell:
+        "{DIFFATLAS} daam-generate --model {params.model_path:q} --model-name {wildcards.model}"
+        " --prompt-set {wildcards.prompt_set} --out {output:q} --config-json {params.cfg:q}"
+        " --device {params.device} --threads {threads} {params.revision} > {log} 2>&1"
+
+
+rule daam_real:
+    input:
+        model=lambda wc: model_input(wc.model),
+        dataset=lambda wc: dataset_dir(wc.dataset),
+    output:
+        directory(daam_dir("{model}", "real", "{dataset}")),
+    params:
+        model_path=lambda wc: model_path(wc.model),
+        revision=daam_revision,
+        cfg=lambda wc: json.dumps(DAAM, sort_keys=True),  # a function: the JSON holds {braces}
+        device=config["device"],
+    log:
+        log_path("daam_real", "{model}", "{dataset}"),
+    benchmark:
+        bench_path("daam_real", "{model}", "{dataset}")
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 20 * attempt,
+    shell:
+        "{DIFFATLAS} daam-real --model {params.model_path:q} --model-name {wildcards.model}"
+        " --dataset {input.dataset:q} --dataset-name {wildcards.dataset} --out {output:q}"
+        " --config-json {params.cfg:q} --device {params.device} --threads {threads} {params.revision}"
+        " > {log} 2>&1"
+
+
+rule daam_overlays_prompts:
+    input:
+        daam_dir("{model}", "prompts", "{prompt_set}"),
+    output:
+        daam_figure("{model}", "overlays_prompts_{prompt_set}"),
+    params:
+        n_items=DAAM["overlay_items"],
+    log:
+        log_path("daam_overlays_prompts", "{model}", "{prompt_set}"),
+    benchmark:
+        bench_path("daam_overlays_prompts", "{model}", "{prompt_set}")
+    wildcard_constraints:
+        prompt_set="|".join(DAAM["prompt_sets"]) or "no-prompt-sets",
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} daam-figure overlays --inputs {input:q} --out {output:q} --items {params.n_items}"
+        " --title 'DAAM word maps: {wildcards.model}, prompt set {wildcards.prompt_set}' > {log} 2>&1"
+
+
+rule daam_overlays_real:
+    input:
+        daam_dir("{model}", "real", "{dataset}"),
+    output:
+        daam_figure("{model}", "overlays_real_{dataset}"),
+    params:
+        n_items=DAAM["overlay_items"],
+    log:
+        log_path("daam_overlays_real", "{model}", "{dataset}"),
+    benchmark:
+        bench_path("daam_overlays_real", "{model}", "{dataset}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} daam-figure overlays --inputs {input:q} --out {output:q} --items {params.n_items}"
+        " --title 'DAAM word maps: {wildcards.model}, real images of {wildcards.dataset}' > {log} 2>&1"
+
+
+rule daam_miou_figure:
+    input:
+        daam_scored_dirs,
+    output:
+        daam_figure("{model}", "miou"),
+    log:
+        log_path("daam_miou_figure", "{model}"),
+    benchmark:
+        bench_path("daam_miou_figure", "{model}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} daam-figure miou --inputs {input:q} --out {output:q}"
+        " --title 'DAAM noun masks vs objects: {wildcards.model}' > {log} 2>&1"
+
+
+rule daam_relations_figure:
+    input:
+        daam_scored_dirs,
+    output:
+        daam_figure("{model}", "relations"),
+    log:
+        log_path("daam_relations_figure", "{model}"),
+    benchmark:
+        bench_path("daam_relations_figure", "{model}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} daam-figure relations --inputs {input:q} --out {output:q}"
+        " --title 'head vs dependent maps: {wildcards.model}' > {log} 2>&1"
+
+
+rule daam_entanglement_figure:
+    input:
+        daam_dir("{model}", "prompts", "{prompt_set}"),
+    output:
+        daam_figure("{model}", "entanglement_{prompt_set}"),
+    log:
+        log_path("daam_entanglement_figure", "{model}", "{prompt_set}"),
+    benchmark:
+        bench_path("daam_entanglement_figure", "{model}", "{prompt_set}")
+    wildcard_constraints:
+        prompt_set="|".join(daam_sets(("entanglement",))) or "no-entanglement-sets",
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} daam-figure entanglement --inputs {input:q} --out {output:q}"
+        " --title 'entanglement: {wildcards.model}, {wildcards.prompt_set}' > {log} 2>&1"
+
+
+for _m in DAAM["models"]:
+    for _p in DAAM["prompt_sets"]:
+        ALL_TARGETS.append(daam_dir(_m, "prompts", _p))
+        ALL_TARGETS.append(daam_figure(_m, f"overlays_prompts_{_p}"))
+    for _d in DAAM["datasets"]:
+        ALL_TARGETS.append(daam_dir(_m, "real", _d))
+        ALL_TARGETS.append(daam_figure(_m, f"overlays_real_{_d}"))
+    if DAAM["datasets"] or daam_sets(("shapesworld_captions", "list")):
+        ALL_TARGETS.append(daam_figure(_m, "miou"))
+        ALL_TARGETS.append(daam_figure(_m, "relations"))
+    for _p in daam_sets(("entanglement",)):
+        ALL_TARGETS.append(daam_figure(_m, f"entanglement_{_p}"))

@@ -70,8 +70,9 @@ stop_pid() {          # stop_pid PID NAME: TERM, wait up to 15 s, then KILL
 
 ours() {              # ours PID: does the process name our private directory?
     [ -n "$T" ] || return 1
-    { tr '\0' '\n' <"/proc/$1/cmdline"; tr '\0' '\n' <"/proc/$1/environ"; } 2>/dev/null |
-        grep -qF "$T"
+    local text
+    text=$(tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null; tr '\0' '\n' <"/proc/$1/environ" 2>/dev/null)
+    [[ $text == *"$T"* ]]
 }
 
 teardown() {
@@ -293,18 +294,13 @@ for wd in wf-slurm wf-local wf-fail; do mkdir -p "$T/$wd"; done
 # Both runs see the repository's config.yaml overlaid by the tiny config, as a user would
 # (`snakemake --configfile tests/slurm/tiny_config.yaml` from the repository root), and
 # their own copy of the tiny model, so they share no file.
+diffatlas make-tiny-model pixel "$T/tiny_model" >/dev/null
 for wd in wf-slurm wf-local; do
     cp "$ROOT/config.yaml" "$T/$wd/config.yaml"
+    cp -r "$T/tiny_model" "$T/$wd/tiny_model"
 done
-if "$PY" -c 'import diffatlas.models.tiny' 2>/dev/null; then
-    "$PY" -c "
-import sys
-from diffatlas.models.tiny import make_tiny_model
-make_tiny_model('pixel', sys.argv[1], seed=0)" "$T/tiny_model"
-    for wd in wf-slurm wf-local; do cp -r "$T/tiny_model" "$T/$wd/tiny_model"; done
-fi
 
-run_snakemake() {     # run_snakemake LOGFILE ARGS...: bounded; returns snakemake's status
+run_snakemake() {     # run_snakemake LOGFILE ARGS...: bounded by RUN_TIMEOUT
     local logfile=$1
     shift
     timeout -k 15 "$RUN_TIMEOUT" snakemake "$@" >"$logfile" 2>&1
@@ -324,42 +320,45 @@ check_run() {         # check_run NAME STATUS LOGFILE: die unless the run succee
 # Fast status checks for a tiny cluster; everything else comes from the profile.
 FAST=(--slurm-init-seconds-before-status-checks 2 --seconds-between-status-checks 2
       --latency-wait 5)
+RESULT_TARGETS=("${TARGETS[@]/#/results/}")
 log "targets: ${TARGETS[*]}"
 
-log "SLURM run (profiles/slurm) and failing-rule run, side by side"
-run_snakemake "$T/slurm_run.log" -s "$SNAKEFILE" -d "$T/wf-slurm" \
-    --profile "$ROOT/profiles/slurm" --configfile "$TINY_CONFIG" "${FAST[@]}" --verbose \
-    "${TARGETS[@]/#/results/}" &
-SLURM_RUN=$!
+# The three runs are independent (own directories, and SLURM jobs mostly wait on status
+# checks), so they run side by side.
+log "SLURM run (profiles/slurm), failing-rule run and local run (profiles/default)"
+run_snakemake "$T/slurm_run.log" "${RESULT_TARGETS[@]}" -s "$SNAKEFILE" -d "$T/wf-slurm" \
+    --profile "$ROOT/profiles/slurm" "${FAST[@]}" --verbose --configfile "$TINY_CONFIG" &
+SLURM_PID=$!
 run_snakemake "$T/fail_run.log" -s "$ROOT/tests/slurm/failing.smk" -d "$T/wf-fail" \
-    --profile "$ROOT/profiles/slurm" "${FAST[@]}" --verbose &
-FAIL_RUN=$!
+    --profile "$ROOT/profiles/slurm" "${FAST[@]}" &
+FAIL_PID=$!
+run_snakemake "$T/local_run.log" "${RESULT_TARGETS[@]}" -s "$SNAKEFILE" -d "$T/wf-local" \
+    --profile "$ROOT/profiles/default" --configfile "$TINY_CONFIG" &
+LOCAL_PID=$!
 set +e
-wait $SLURM_RUN; SLURM_RC=$?
-wait $FAIL_RUN; FAIL_RC=$?
+wait $SLURM_PID; SLURM_RC=$?
+wait $FAIL_PID; FAIL_RC=$?
+wait $LOCAL_PID; LOCAL_RC=$?
 set -e
 check_run "the SLURM run" "$SLURM_RC" "$T/slurm_run.log"
+check_run "the local run" "$LOCAL_RC" "$T/local_run.log"
 if [ "$FAIL_RC" = 124 ] || [ "$FAIL_RC" = 137 ]; then
     check_run "the failing-rule run" "$FAIL_RC" "$T/fail_run.log"
 fi
-
-log "local run (profiles/default)"
-set +e
-run_snakemake "$T/local_run.log" -s "$SNAKEFILE" -d "$T/wf-local" \
-    --profile "$ROOT/profiles/default" --configfile "$TINY_CONFIG" \
-    "${TARGETS[@]/#/results/}"
-LOCAL_RC=$?
-set -e
-check_run "the local run" "$LOCAL_RC" "$T/local_run.log"
+if grep -q "workflow specific profile" "$T/slurm_run.log"; then
+    log "WARNING: $(grep -m1 'workflow specific profile' "$T/slurm_run.log")"
+    log "WARNING: its keys override profiles/slurm's (see profiles/slurm/README.md)"
+fi
 
 # ---------------------------------------------------------------- 4. checks
+log "check: submissions (rules' resources vs sbatch options vs SLURM's accounting)"
 "$PY" "$ROOT/tests/slurm/checks.py" submissions "$T/slurm_run.log" ||
     die "submissions do not match the rules' resources"
+log "check: SLURM outputs vs local outputs"
 "$PY" "$ROOT/tests/slurm/checks.py" compare "$T/wf-slurm/results" "$T/wf-local/results" ||
     die "SLURM outputs differ from the local run's"
-
-# ---------------------------------------------------------------- 5. a failing rule
+log "check: a failing rule fails the run and its log is shown"
 "$PY" "$ROOT/tests/slurm/checks.py" failure "$T/fail_run.log" "$FAIL_RC" ||
     die "the failing rule was not reported as it should be"
 
-log "PASS: SLURM profile works on a real cluster"
+log "PASS: the workflow runs through profiles/slurm on a real SLURM cluster"

@@ -18,4 +18,5 @@ rule fail_on_purpose:
         mem_mb=200,
         runtime=lambda wc, attempt: 2 * attempt,
     shell:
-        "echo 'DIFFATLAS-SLURM-TEST: fail_on_purpose attempt {resources.runtime} writes this line to its log' > {log}; exit 3"
+        # The log gets one line naming the runtime of this attempt; the job then fails.
+        "echo DIFFATLAS-SLURM-TEST runtime={resources.runtime} > {log}; exit 3"

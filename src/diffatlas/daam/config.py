@@ -233,6 +233,21 @@ class DAAMConfig:
         return PromptSet(name=name, **spec)
 
     @staticmethod
+    def from_json(text: str | None) -> "DAAMConfig":
+        """From the ``daam`` section as a JSON string ("" = all defaults)."""
+        import json
+
+        if not text:
+            return DAAMConfig()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"--config-json is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise UserError("--config-json must be a JSON object (the daam section)")
+        return DAAMConfig.from_dict(data)
+
+    @staticmethod
     def from_dict(section: dict[str, Any] | None) -> "DAAMConfig":
         section = dict(section or {})
         known = set(DAAMConfig.__dataclass_fields__)

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from diffatlas.errors import UserError
 
@@ -54,7 +56,9 @@ def fit_probe(
     x_train = features[train].astype(np.float64)
     scaler = StandardScaler().fit(x_train)
     clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
-    with warnings.catch_warnings(record=True) as caught:
+    # BLAS threads beyond the job's share oversubscribe a busy machine (measured 6-8x slower
+    # on 2 shared cores); use as many as torch was given (diffatlas.io.set_threads).
+    with threadpool_limits(limits=torch.get_num_threads()), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         clf.fit(scaler.transform(x_train), y[train])
     notes = []

@@ -1,11 +1,12 @@
 """Synthetic activation stores with a known class signal, for tests and bench/.
 
 ``image_features`` turns images into feature maps the way a very simple "diffusion layer"
-would: average-pool to the map size, mix the RGB channels and a brightness channel into
-``channels`` channels with a fixed random matrix and a ReLU, then add noise that grows
-with the timestep (sqrt(1 - ᾱ_t)). On ShapesWorld images the shape of the object (coarse
-label) lives in the spatial layout and its colour in the channel mix, so Diff-C has
-something real to find, and at high noise less of it.
+would: cut the image into patches of (H / size) x (W / size) pixels (as a DiT patch
+embedding does), mix each patch's pixels into ``channels`` channels with a fixed random
+matrix and a ReLU, then add noise that grows with the timestep (sqrt(1 - ᾱ_t)). On
+ShapesWorld images the shape of the object (coarse label) lives in the spatial layout and
+inside the patches, its colour in the channel mix, so Diff-C has something real to find,
+and at high noise less of it.
 
 ``write_store`` writes such arrays through the real writer (``open_writer``), so every
 reader path is the production one.
@@ -42,13 +43,13 @@ def image_features(
     n, h, w, _ = images.shape
     if h % size or w % size:
         raise ValueError(f"image side {h}x{w} is not a multiple of the map size {size}")
+    ph, pw = h // size, w // size
     x = images.astype(np.float32) / 127.5 - 1.0
-    x = x.reshape(n, size, h // size, size, w // size, 3).mean(axis=(2, 4))  # [N, s, s, 3]
-    x = np.concatenate([x, x.mean(axis=-1, keepdims=True)], axis=-1).transpose(0, 3, 1, 2)  # [N, 4, s, s]
+    x = x.reshape(n, size, ph, size, pw, 3).transpose(0, 2, 4, 5, 1, 3).reshape(n, ph * pw * 3, size, size)
     rng = np.random.default_rng(seed)
-    mix = rng.normal(size=(channels, 4)).astype(np.float32)
+    mix = (rng.normal(size=(channels, x.shape[1])) / np.sqrt(x.shape[1])).astype(np.float32)
     bias = rng.normal(scale=0.5, size=(channels, 1, 1)).astype(np.float32)
-    clean = np.maximum(np.einsum("ck,nkyx->ncyx", mix, x) + bias, 0.0)
+    clean = np.maximum(np.einsum("ck,nkyx->ncyx", mix, x) + bias, 0.0)  # [N, channels, s, s]
     out = np.empty((len(alpha_bar), n, channels, size, size), np.float32)
     for i, ab in enumerate(alpha_bar):
         noise = rng.normal(size=clean.shape).astype(np.float32)

@@ -136,17 +136,41 @@ def load_images(dataset_dir: str | os.PathLike, sample_ids: list[int]) -> dict[i
     return {int(s): np.asarray(ds.images[row_of[int(s)]]) for s in sample_ids}
 
 
+def gallery_mosaic(rows: list[list[np.ndarray]], cols: int, pad_y: int = 2, pad_x: int = 2) -> np.ndarray:
+    """Tile images (uint8 [h, w, 3], all the same size) into one array, row by row.
+
+    Cell (r, c) occupies ``[r·(h+pad_y) : r·(h+pad_y)+h, c·(w+pad_x) : c·(w+pad_x)+w]``;
+    missing cells and gaps are white. One image instead of rows × cols axes keeps large
+    galleries fast.
+    """
+    first = next(img for row in rows for img in row)
+    h, w = first.shape[:2]
+    out = np.full((len(rows) * (h + pad_y), cols * (w + pad_x) - pad_x, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row[:cols]):
+            out[r * (h + pad_y) : r * (h + pad_y) + h, c * (w + pad_x) : c * (w + pad_x) + w] = img
+    return out
+
+
+def gallery_gaps(side: int) -> tuple[int, int]:
+    """(row gap, column gap) in pixels for displayed images of ``side`` pixels; the row gap holds captions."""
+    pad_x = max(1, side // 16)
+    return max(pad_x, side // 3), pad_x
+
+
 def plot_gallery(
     latents: pd.DataFrame,
     dataset_dir: str | os.PathLike,
     n_latents: int = 8,
     top_n: int | None = None,
     title: str | None = None,
+    max_side: int = 96,
 ) -> "plt.Figure":
     """Rows: the ``n_latents`` top-ranked latents; columns: their top-activating images.
 
-    Each row is labelled with the latent id, its purity and majority (fine label); each image
-    with its fine label and activation.
+    Each row is labelled with the latent id, its purity (fine / coarse) and majority fine
+    label; under each image, its fine label and activation. Images larger than ``max_side``
+    are subsampled by an integer stride (display only).
     """
     ranked = latents[latents["rank"] >= 0].sort_values("rank").head(n_latents)
     if ranked.empty:
@@ -154,26 +178,29 @@ def plot_gallery(
     top_n = top_n or max(len(ids) for ids in ranked["top_sample_ids"])
     ids = sorted({int(s) for row in ranked["top_sample_ids"] for s in list(row)[:top_n]})
     images = load_images(dataset_dir, ids)
-    fig, axes = plt.subplots(len(ranked), top_n, figsize=(1.15 * top_n + 1.2, 1.3 * len(ranked)), squeeze=False)
+    side = max(next(iter(images.values())).shape[:2])
+    stride = max(1, -(-side // max_side))
+    rows = [[images[int(s)][::stride, ::stride] for s in list(lat["top_sample_ids"])[:top_n]] for _, lat in ranked.iterrows()]
+    h, w = rows[0][0].shape[:2]
+    pad_y, pad_x = gallery_gaps(max(h, w))
+    mosaic = gallery_mosaic(rows, top_n, pad_y, pad_x)
+    fig, ax = plt.subplots(figsize=(1.1 * top_n + 2.0, 1.25 * len(rows) + 0.6))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([(h + pad_y) * r + h / 2 for r in range(len(rows))])
+    ax.set_yticklabels(
+        [f"#{int(lat['latent'])}  pur {lat['purity_fine']:.1f}/{lat['purity_coarse']:.1f}\n{lat['majority_fine']}"
+         for _, lat in ranked.iterrows()],
+        fontsize=7,
+    )
     for r, (_, lat) in enumerate(ranked.iterrows()):
-        sids = list(lat["top_sample_ids"])[:top_n]
-        vals = list(lat["top_values"])[:top_n]
-        labs = list(lat["top_labels_fine"])[:top_n]
-        for c in range(top_n):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(sids):
-                ax.imshow(images[int(sids[c])], interpolation="nearest")
-                ax.set_title(f"{labs[c]}\n{vals[c]:.2f}", fontsize=6)
-            else:
-                ax.axis("off")
-        axes[r, 0].set_ylabel(
-            f"#{int(lat['latent'])}\npur {lat['purity_fine']:.1f}/{lat['purity_coarse']:.1f}\n{lat['majority_fine']}",
-            fontsize=7, rotation=0, ha="right", va="center",
-        )
-    fig.suptitle(title or "top-activating images of the top latents (purity fine/coarse)", fontsize=9)
-    fig.tight_layout()
+        for c, (lab, val) in enumerate(zip(list(lat["top_labels_fine"])[:top_n], list(lat["top_values"])[:top_n])):
+            ax.text((w + pad_x) * c + w / 2, (h + pad_y) * r + h + pad_y * 0.1, f"{lab} {val:.2f}", fontsize=4.5,
+                    ha="center", va="top", color="black", clip_on=False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(title or "top-activating images of the top latents (purity fine/coarse)", fontsize=9)
+    fig.subplots_adjust(left=0.16, right=0.99, top=0.93, bottom=0.02)
     return fig
 
 

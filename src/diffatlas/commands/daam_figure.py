@@ -1,0 +1,55 @@
+"""``diffatlas daam-figure``: one DAAM figure from the tables/runs of daam-generate / daam-real.
+
+    diffatlas daam-figure overlays --inputs results/daam/M/real/shapesworld --out results/figures/daam/M/overlays_real_shapesworld.png
+    diffatlas daam-figure miou --inputs results/daam/M/real/shapesworld results/daam/M/prompts/captions --out .../miou.png
+    diffatlas daam-figure relations --inputs DIR [DIR ...] --out .../relations.png
+    diffatlas daam-figure entanglement --inputs results/daam/M/prompts/entanglement --out .../entanglement.png
+
+overlays: each word's map over the first ``--items`` images of one run; miou: the mIoU table
+(DAAM vs whole-image and centre-prior baselines, per source) and the threshold curve;
+relations: mIoH vs mIoD per syntactic relation; entanglement: cohyponym and adjective-swap
+results of an entanglement prompt set.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+KINDS = ("overlays", "miou", "relations", "entanglement")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="diffatlas daam-figure", description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=KINDS, help="which figure")
+    parser.add_argument("--inputs", nargs="+", required=True, help="output directories of daam-generate / daam-real")
+    parser.add_argument("--out", required=True, help="PNG path under results/figures/daam/")
+    parser.add_argument("--items", type=int, default=6, help="overlays: images shown (default 6)")
+    parser.add_argument("--title", default="", help="figure title")
+    args = parser.parse_args(argv)
+
+    from pathlib import Path
+
+    import pandas as pd
+
+    from diffatlas.daam import figures
+    from diffatlas.daam.words import TracedRun
+    from diffatlas.errors import UserError
+
+    for d in args.inputs:
+        if not Path(d, "eval.json").exists():
+            raise UserError(f"{d} is not a finished daam-generate / daam-real output (no eval.json)")
+    if args.kind == "overlays":
+        if len(args.inputs) != 1:
+            raise UserError("daam-figure overlays takes exactly one --inputs directory")
+        figures.overlay_grid(TracedRun.load(Path(args.inputs[0], "run")), args.out, args.items, args.title)
+    elif args.kind == "miou":
+        figures.miou_figure(figures.read_tables(args.inputs, "summary.csv"), figures.read_tables(args.inputs, "threshold_curve.csv"), args.out, args.title)
+    elif args.kind == "relations":
+        figures.relation_figure(figures.read_tables(args.inputs, "relations.csv"), args.out, args.title)
+    else:
+        coh, swaps = figures.read_tables(args.inputs, "cohyponym.csv"), figures.read_tables(args.inputs, "adjective_swaps.csv")
+        if coh.empty and swaps.empty:
+            raise UserError(f"{', '.join(args.inputs)}: no entanglement tables (use a prompt set of kind entanglement)")
+        figures.entanglement_figure(coh if len(coh) else pd.DataFrame(), swaps if len(swaps) else pd.DataFrame(), args.out, args.title)
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,193 @@
+"""Configuration of the latent-geometry stage (the ``geometry`` section of config.yaml).
+
+:class:`GeometryConfig` holds every knob of the pullback-geometry analyses (Park et al.,
+NeurIPS 2023): which feature map ``f: x_t -> h`` is pulled back, how its top singular
+vectors are found, how samples are drawn, and how edits are made. It is validated in
+``__post_init__`` so the library is safe to call without Snakemake; values that depend on
+the model (timesteps within ``0..T-1``, ``n_directions`` within the input dimension, the
+layer) are checked once the model is loaded, with the same kind of message.
+
+The defaults are the CPU demo (a few samples, few directions, few DDIM steps); users scale
+up by config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffatlas.errors import UserError
+
+POOLINGS = ("sum", "mean", "none")
+BATCHING = ("vmap", "loop")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _bad(key: str, value: Any, allowed: str) -> UserError:
+    return UserError(f"config geometry.{key} = {value!r} is not allowed; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class GeometryConfig:
+    """Settings of the pullback-geometry stage (defaults: the CPU demo)."""
+
+    models: list[str] = field(default_factory=lambda: ["shapesworld"])
+    """Models to analyse (workflow grid; names of config ``models``)."""
+    timesteps: list[int] = field(default_factory=lambda: [999, 500, 100])
+    """Training-scale timesteps (0..T-1) at which the geometry is computed (workflow grid)."""
+    layer: str = "mid"
+    """Feature map h: a layer alias (``mid`` = U-Net bottleneck, Park et al.'s h-space) or one module path."""
+    pooling: str = "sum"
+    """How h is reduced over space: sum (Park et al.), mean, or none (the full map, flattened)."""
+    n_directions: int = 6
+    """Top singular directions kept per sample (n)."""
+    oversample: int = 4
+    """Extra vectors in the iteration block (block = n + oversample): faster, safer convergence."""
+    tol: float = 1e-3
+    """Stop when every kept direction's relative residual ||J^T u_i - σ_i v_i|| / σ_i is below this."""
+    max_iters: int = 40
+    """Iteration cap of the block subspace iteration (a run that hits it is marked not converged)."""
+    batching: str = "vmap"
+    """vmap: one batched JVP and one batched VJP per round (fast); loop: one per direction (reference)."""
+    chunk_size: int | None = None
+    """Directions per vmapped chunk (null = all at once); lower it when memory is tight."""
+    n_samples: int = 4
+    """Samples (x_T ~ N(0, I), DDIM to t) whose local basis is computed per timestep."""
+    seed: int = 0
+    """Seed of the samples' x_T and of the iteration's start block."""
+    prompt: str = ""
+    """Conditioning prompt of every denoiser call ("" = the empty prompt)."""
+    guidance_scale: float = 1.0
+    """CFG weight of the DDIM sampling (1 = no guidance; the Jacobian always uses the prompt alone)."""
+    ddim_steps: int = 10
+    """DDIM steps over the whole range T-1 -> 0; a segment t -> s takes its proportional share (>= 1)."""
+    edit_strengths: list[float] = field(default_factory=lambda: [-8.0, -4.0, 4.0, 8.0])
+    """Edit strengths γ of x' = x + γ v (v unit norm in x_t space); 0 (no edit) is always added."""
+    edit_directions: int = 4
+    """Top directions edited per sample (<= n_directions)."""
+    edit_samples: int | None = None
+    """Samples edited per timestep (null = all n_samples)."""
+    kappa: float = 0.99
+    """Strength of the x0 normalisation of edits: 0 = none, 1 = the predicted x0 takes the unedited per-channel mean/std."""
+    iterative_substeps: int = 2
+    """Geodesic-shooting steps between consecutive positive strengths (0 = no iterative edits)."""
+    iterative_directions: int = 2
+    """Top directions edited iteratively (parallel transport), for the first sample."""
+    global_timestep: int = 999
+    """Timestep of the global directions (Park et al.: t = T-1)."""
+    global_samples: int = 3
+    """Samples a global direction is applied to in the global-direction figure."""
+    global_direction: int = 0
+    """Which global direction (rank) the figure shows."""
+    path_pairs: int = 6
+    """Sample pairs of the lerp-vs-slerp path-length table."""
+    path_segments: int = 30
+    """Segments of each interpolation path (Park et al.: 30)."""
+    meaning_models: list[str] = field(default_factory=lambda: ["shapesworld"])
+    """Models whose edits are judged with the ShapesWorld detector (which factor each direction changes)."""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("n_directions", "max_iters", "n_samples", "ddim_steps", "edit_directions", "path_pairs",
+                     "path_segments", "global_samples"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise _bad(name, value, "an integer >= 1")
+        for name in ("oversample", "seed", "iterative_substeps", "iterative_directions", "global_direction", "global_timestep"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise _bad(name, value, "an integer >= 0")
+        if self.chunk_size is not None and (not _is_int(self.chunk_size) or self.chunk_size < 1):
+            raise _bad("chunk_size", self.chunk_size, "null or an integer >= 1")
+        if self.edit_samples is not None and (not _is_int(self.edit_samples) or self.edit_samples < 1):
+            raise _bad("edit_samples", self.edit_samples, "null or an integer >= 1")
+        if not isinstance(self.models, (list, tuple)) or not all(isinstance(m, str) for m in self.models):
+            raise _bad("models", self.models, "a list of model names")
+        if not isinstance(self.meaning_models, (list, tuple)) or not all(isinstance(m, str) for m in self.meaning_models):
+            raise _bad("meaning_models", self.meaning_models, "a list of model names")
+        if not isinstance(self.timesteps, (list, tuple)) or not self.timesteps:
+            raise _bad("timesteps", self.timesteps, "a non-empty list of integers >= 0")
+        for t in self.timesteps:
+            if not _is_int(t) or t < 0:
+                raise _bad("timesteps", self.timesteps, "a non-empty list of integers >= 0 (training scale 0..T-1)")
+        if not isinstance(self.layer, str) or not self.layer:
+            raise _bad("layer", self.layer, "a layer alias (mid, up_ft0, ...) or a module path")
+        if self.pooling not in POOLINGS:
+            raise _bad("pooling", self.pooling, ", ".join(POOLINGS))
+        if self.batching not in BATCHING:
+            raise _bad("batching", self.batching, ", ".join(BATCHING))
+        if not _is_num(self.tol) or not self.tol > 0:
+            raise _bad("tol", self.tol, "a number > 0")
+        if not _is_num(self.guidance_scale) or self.guidance_scale < 0:
+            raise _bad("guidance_scale", self.guidance_scale, "a number >= 0 (<= 1 means no guidance)")
+        if not _is_num(self.kappa) or not 0 <= self.kappa <= 1:
+            raise _bad("kappa", self.kappa, "a number in [0, 1]")
+        if not isinstance(self.prompt, str):
+            raise _bad("prompt", self.prompt, "a string")
+        if not isinstance(self.edit_strengths, (list, tuple)) or not self.edit_strengths:
+            raise _bad("edit_strengths", self.edit_strengths, "a non-empty list of numbers")
+        if not all(_is_num(g) for g in self.edit_strengths):
+            raise _bad("edit_strengths", self.edit_strengths, "a non-empty list of numbers")
+        if self.edit_directions > self.n_directions:
+            raise _bad("edit_directions", self.edit_directions, f"an integer <= n_directions ({self.n_directions})")
+        if self.iterative_directions > self.n_directions:
+            raise _bad("iterative_directions", self.iterative_directions, f"an integer <= n_directions ({self.n_directions})")
+        if self.global_direction >= self.n_directions:
+            raise _bad("global_direction", self.global_direction, f"an integer < n_directions ({self.n_directions})")
+        if self.extra:
+            raise UserError(
+                f"unknown config key(s) in geometry: {', '.join(sorted(self.extra))}; "
+                f"allowed keys: {', '.join(self.field_names())}"
+            )
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def strengths(self) -> list[float]:
+        """Sorted edit strengths with 0 (the unedited reference) included once."""
+        return sorted({0.0, *(float(g) for g in self.edit_strengths)})
+
+    @property
+    def n_edit_samples(self) -> int:
+        return min(self.n_samples, self.edit_samples or self.n_samples)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "GeometryConfig":
+        """Build from the ``geometry`` config section; unknown keys are errors naming the key."""
+        data = dict(data or {})
+        known = {k: data.pop(k) for k in list(data) if k in cls.field_names()}
+        for key in ("models", "timesteps", "edit_strengths", "meaning_models"):
+            if isinstance(known.get(key), tuple):
+                known[key] = list(known[key])
+        return cls(**known, extra=data)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "GeometryConfig":
+        if not text:
+            return cls()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"--config-json is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise UserError(f"--config-json must be a JSON object (the geometry section), got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.field_names()}
+
+    def replace(self, **changes: Any) -> "GeometryConfig":
+        return dataclasses.replace(self, **changes)

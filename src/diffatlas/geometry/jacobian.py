@@ -1,0 +1,397 @@
+"""The pullback map ``f: x_t -> h`` and its top singular vectors, without forming ``J``.
+
+Park et al. (NeurIPS 2023) pull the Euclidean metric of a U-Net's bottleneck features back
+to the latent ``x_t``: the right singular vectors ``v_i`` of ``J = ∂f/∂x_t`` are the local
+latent basis (semantic directions in X), the left ones ``u_i = J v_i / σ_i`` the matching
+tangent basis in H.
+
+The feature map
+---------------
+:class:`PullbackMap` is ``f(x) = pool(layer output of denoiser(x, t, cond))``. The layer is
+resolved with the extraction engineer's :func:`~diffatlas.activations.layers.resolve_layers`
+(aliases ``mid``, ``up_ft1``, ``block3`` or a module path). Its output is captured by a
+forward hook, which then raises a private exception: the forward stops at the layer, so the
+up path (most of a U-Net's cost above ``mid``) is never run, neither in the primal pass nor
+in its JVP/VJP. The exception is caught inside ``f`` itself, so it never crosses a
+``torch.func`` transform boundary. A one-off full pass checks that the module runs exactly
+once per forward (a module that runs twice has no single output to stop at).
+
+Pooling over space: ``sum`` (Park et al.), ``mean``, or ``none`` (the flattened map).
+
+The singular vectors
+--------------------
+:func:`top_singular` runs block subspace iteration on ``JᵀJ`` with Rayleigh–Ritz:
+
+1. ``Q = qr(Y)`` (re-orthonormalised every round), ``k = n + oversample`` columns;
+2. ``W = J Q`` - one *batched* forward-mode pass (``torch.func.jvp`` vmapped over the ``k``
+   tangents: the primal forward runs once, the tangents ride along as a batch);
+3. ``W = U_w S V_wᵀ`` (a tiny ``d × k`` SVD); Ritz vectors ``V = Q V_w``, values ``S``, and
+   ``U = U_w`` which is exactly ``J v_i / σ_i``;
+4. ``Z = Jᵀ U`` - one *batched* reverse-mode pass (the ``torch.func.vjp`` closure of a
+   single forward, kept for the whole run, vmapped over the ``k`` cotangents);
+5. residual ``r_i = ||Jᵀu_i − σ_i v_i|| / σ_i``; stop when ``max_{i<n} r_i <= tol``,
+   else ``Y = Z`` (``span Z = span JᵀJ Q``) and repeat.
+
+The residual bounds the error of each singular triple (a singular-vector angle is at most
+``r σ_i / gap``, a singular value error is second order), so ``tol`` is meaningful whatever
+the model. Per round: one JVP pass and one VJP pass over ``k`` directions, each batched.
+``batching="loop"`` does the same maths with one JVP and one VJP call per direction (the
+reference the benchmark compares against).
+
+Forward-mode AD is not implemented for PyTorch's CPU scaled-dot-product-attention kernel,
+so :func:`forward_ad_safe_attention` switches every attention module to diffusers' classic
+``AttnProcessor`` for the computation and restores the original processors afterwards, even
+on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffatlas.activations.hooks import _first_tensor
+from diffatlas.activations.layers import ResolvedLayer, resolve_layers
+from diffatlas.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class _StopAtLayer(Exception):
+    """Raised by the capture hook to skip everything after the pulled-back layer."""
+
+
+@contextlib.contextmanager
+def forward_ad_safe_attention(denoiser: nn.Module) -> Iterator[None]:
+    """Use diffusers' classic ``AttnProcessor`` in every attention module for the block.
+
+    The classic processor computes softmax(QKᵀ)V with plain matmuls, which support JVP on
+    every device; the default ``AttnProcessor2_0`` calls SDPA, whose CPU kernel has no
+    forward-mode derivative. The original processors (possibly custom ones, e.g. a DAAM
+    tracer's) are put back on exit, error or not.
+    """
+    get = getattr(denoiser, "attn_processors", None)
+    saved = dict(get) if get else {}
+    if not saved:
+        yield
+        return
+    from diffusers.models.attention_processor import AttnProcessor
+
+    try:
+        denoiser.set_attn_processor(AttnProcessor())
+        yield
+    finally:
+        denoiser.set_attn_processor(saved)
+
+
+def _pool(x: torch.Tensor, pooling: str, name: str) -> torch.Tensor:
+    """Pool a layer output ``[B, C, h, w]`` or tokens ``[B, N, C]`` to ``[B, d]``."""
+    if x.ndim == 4:
+        dims = (2, 3)
+    elif x.ndim == 3:
+        dims = (1,)
+    elif x.ndim == 2:
+        return x
+    else:
+        raise UserError(f"layer {name!r} outputs a tensor of shape {tuple(x.shape)}; expected [B,C,h,w] or [B,N,C]")
+    if pooling == "sum":
+        return x.sum(dim=dims)
+    if pooling == "mean":
+        return x.mean(dim=dims)
+    return x.flatten(1)
+
+
+class PullbackMap:
+    """``f: x_t [B, C, H, W] -> h [B, d]``: a layer's output, pooled over space.
+
+    Args:
+        denoiser: the model whose module is hooked (``handle.denoiser``).
+        predict: ``predict(x) -> anything`` runs one denoiser forward at the fixed timestep
+            and conditioning (e.g. ``lambda x: handle.predict_noise(x, t, cond)``); it must
+            broadcast a batch-1 conditioning to ``x``'s batch.
+        layer: alias or module path (exactly one module).
+        pooling: ``sum`` | ``mean`` | ``none``.
+    """
+
+    def __init__(self, denoiser: nn.Module, predict: Callable[[torch.Tensor], Any], layer: str = "mid",
+                 pooling: str = "sum") -> None:
+        if pooling not in ("sum", "mean", "none"):
+            raise UserError(f"pooling {pooling!r} is not one of: sum, mean, none")
+        resolved = resolve_layers(denoiser, [layer])
+        if len(resolved) != 1:
+            raise UserError(
+                f"layer {layer!r} matches {len(resolved)} modules ({', '.join(r.module_path for r in resolved[:5])}, ...); "
+                "the pullback needs exactly one module: give an alias or one module path"
+            )
+        self.layer: ResolvedLayer = resolved[0]
+        self.module = dict(denoiser.named_modules())[self.layer.module_path]
+        self.denoiser = denoiser
+        self.predict = predict
+        self.pooling = pooling
+        self._checked = False
+
+    @classmethod
+    def from_handle(cls, handle, timestep: int, layer: str = "mid", pooling: str = "sum",
+                    cond: dict[str, Any] | None = None, prompt: str = "") -> "PullbackMap":
+        """The map of a loaded :class:`~diffatlas.models.loader.ModelHandle` at ``timestep``."""
+        check_timestep(timestep, handle.num_train_timesteps)
+        cond = cond if cond is not None else handle.conditioning([prompt])
+        return cls(handle.denoiser, lambda x: handle.predict_noise(x, int(timestep), cond), layer, pooling)
+
+    def check(self, x: torch.Tensor) -> None:
+        """One full pass (no grad, batch 1): the module must run exactly once per forward.
+
+        Called once, before any ``torch.func`` transform sees the map.
+        """
+        if self._checked:
+            return
+        calls = []
+        handle = self.module.register_forward_hook(lambda m, i, o: calls.append(1))
+        try:
+            with torch.no_grad():
+                self.predict(x[:1].detach())
+        finally:
+            handle.remove()
+        if len(calls) != 1:
+            raise UserError(
+                f"layer {self.layer.name!r} ({self.layer.module_path}) runs {len(calls)} times per forward pass; "
+                "select a module that runs exactly once (e.g. its parent block)"
+            )
+        self._checked = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._checked:
+            self.check(x)
+        captured: list[torch.Tensor] = []
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            out = _first_tensor(output)
+            if out is None:
+                raise UserError(f"layer {self.layer.name!r} does not output a tensor; select a module that does")
+            captured.append(out)
+            raise _StopAtLayer  # the rest of the network cannot change h: skip it
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            try:
+                self.predict(x)
+            except _StopAtLayer:
+                pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise UserError(f"layer {self.layer.name!r} did not run in the forward pass of {type(self.denoiser).__name__}")
+        return _pool(captured[0], self.pooling, self.layer.name)
+
+
+def check_timestep(timestep: Any, num_train_timesteps: int) -> int:
+    """``timestep`` as an int in ``0..T-1``, or a UserError naming it."""
+    try:
+        t = int(timestep)
+    except (TypeError, ValueError):
+        raise UserError(f"timestep {timestep!r} is not an integer; allowed: 0..{num_train_timesteps - 1}") from None
+    if t != timestep or not 0 <= t < num_train_timesteps:
+        raise UserError(f"timestep {timestep!r} is out of range; allowed: integers 0..{num_train_timesteps - 1} (training scale)")
+    return t
+
+
+@dataclass
+class PullbackBasis:
+    """Top-n singular triples of ``J = ∂f/∂x_t`` at one point.
+
+    v: [N, n, *x_shape] right singular vectors (unit norm; the local latent basis in X).
+    s: [N, n] singular values, descending.
+    u: [N, n, d] left singular vectors (unit norm; ``u_i = J v_i / σ_i``, the tangent basis in H).
+    residuals: [N, n] ``||Jᵀu_i − σ_i v_i|| / σ_i`` at the last round.
+    iterations: rounds run; converged: every sample's residuals <= tol.
+    """
+
+    v: torch.Tensor
+    s: torch.Tensor
+    u: torch.Tensor
+    residuals: torch.Tensor
+    iterations: int
+    converged: bool
+
+    @property
+    def n(self) -> int:
+        return int(self.s.shape[-1])
+
+    def sample(self, i: int) -> "PullbackBasis":
+        """The basis of sample ``i`` alone (leading axis kept, length 1)."""
+        sl = slice(i, i + 1)
+        return PullbackBasis(self.v[sl], self.s[sl], self.u[sl], self.residuals[sl], self.iterations, self.converged)
+
+
+class _Products:
+    """``J_s m_s`` and ``J_sᵀ c_s`` for every sample ``s`` of ``X`` [N, *shape] and ``k`` rows each.
+
+    ``f`` treats samples independently (eval-mode U-Nets and DiTs do), so one pass over the
+    batch ``X`` gives every sample's product at once. One forward pass builds the VJP
+    closure (reused for every round); JVPs re-run the (truncated) forward with the tangents,
+    the primal computed once and the ``k`` tangents batched by ``vmap``.
+    """
+
+    def __init__(self, fmap: PullbackMap, x: torch.Tensor, batching: str, chunk_size: int | None) -> None:
+        self.fmap, self.x, self.batching, self.chunk_size = fmap, x, batching, chunk_size
+        self.h, self._vjp = torch.func.vjp(fmap, x)
+        self.d = int(self.h.shape[1])
+        self.D = int(x[0].numel())
+
+    def jvp(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` [N, k, D] -> ``J_s r_{s,j}`` as [N, k, d]."""
+        x, f = self.x, self.fmap
+
+        def one(r: torch.Tensor) -> torch.Tensor:  # r [N, D]: one direction per sample
+            return torch.func.jvp(f, (x,), (r.reshape(x.shape),))[1]
+
+        if self.batching == "loop":
+            return torch.stack([one(rows[:, j]) for j in range(rows.shape[1])], dim=1)
+        return torch.func.vmap(one, in_dims=1, out_dims=1, chunk_size=self.chunk_size)(rows)
+
+    def vjp(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` [N, k, d] -> ``J_sᵀ c_{s,j}`` as [N, k, D]."""
+        n = rows.shape[0]
+        if self.batching == "loop":
+            # The naive reference: a fresh forward and backward per direction.
+            return torch.stack(
+                [torch.func.vjp(self.fmap, self.x)[1](rows[:, j])[0].reshape(n, -1) for j in range(rows.shape[1])], dim=1
+            )
+
+        def one(c: torch.Tensor) -> torch.Tensor:  # c [N, d]
+            return self._vjp(c)[0].reshape(n, -1)
+
+        return torch.func.vmap(one, in_dims=1, out_dims=1, chunk_size=self.chunk_size)(rows)
+
+
+def _fix_signs(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic signs: each u_i's largest-magnitude entry is positive (v_i follows).
+
+    u: [..., n, d], v: [..., n, D].
+    """
+    idx = u.abs().argmax(dim=-1, keepdim=True)
+    sign = torch.sign(u.gather(-1, idx))
+    sign[sign == 0] = 1
+    return u * sign, v * sign
+
+
+def top_singular(
+    fmap: PullbackMap,
+    x: torch.Tensor,
+    n: int,
+    *,
+    oversample: int = 4,
+    tol: float = 1e-3,
+    max_iters: int = 40,
+    batching: str = "vmap",
+    chunk_size: int | None = None,
+    init: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> PullbackBasis:
+    """Top-``n`` singular triples of ``∂f/∂x`` at each sample of ``x`` [N, C, H, W].
+
+    Every sample gets its own basis; the samples ride through each pass as one batch.
+
+    Args:
+        n: directions kept; must not exceed the input dimension D = C·H·W nor the feature
+            dimension d (J has rank <= min(d, D)).
+        oversample: extra block columns (block k = min(n + oversample, d, D)).
+        tol: relative residual that counts as converged (see the module docstring).
+        max_iters: round cap; a run that hits it returns ``converged=False`` (logged).
+        batching: ``vmap`` (batched) or ``loop`` (one call per direction; for reference).
+        chunk_size: vmap chunk (directions per batched pass); None = all.
+        init: optional start block [N, m, D] or [N, m, C, H, W] (e.g. the previous V when shooting).
+        generator: RNG of the random start block (CPU generator).
+
+    Returns:
+        :class:`PullbackBasis` with a leading sample axis: v [N, n, C, H, W], s [N, n],
+        u [N, n, d], residuals [N, n].
+
+    Raises:
+        UserError: ``n`` larger than the input dimension (or the feature dimension).
+    """
+    if batching not in ("vmap", "loop"):
+        raise UserError(f"batching {batching!r} is not one of: vmap, loop")
+    if x.ndim == 3:
+        x = x[None]
+    x = x.detach()
+    N, D = int(x.shape[0]), int(x[0].numel())
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n > D:
+        raise UserError(
+            f"n_directions = {n!r} is not allowed: it must be an integer in 1..{D}, the input dimension "
+            f"(x_t has shape {tuple(x.shape[1:])})"
+        )
+    fmap.check(x)
+    with forward_ad_safe_attention(fmap.denoiser):
+        prod = _Products(fmap, x, batching, chunk_size)
+        d = prod.d
+        if n > d:
+            raise UserError(
+                f"n_directions = {n} is not allowed: the Jacobian of layer {fmap.layer.name!r} "
+                f"(pooling {fmap.pooling}) has only {d} rows, so at most {d} singular directions exist"
+            )
+        k = min(n + max(0, int(oversample)), d, D)
+        dev, dt = x.device, x.dtype
+        if init is not None:
+            y = init.reshape(N, init.shape[1], -1).to(dev, dt)[:, :k]
+            if y.shape[1] < k:  # top up a short warm start with random columns
+                extra = torch.randn(N, k - y.shape[1], D, generator=generator).to(dev, dt)
+                y = torch.cat([y, extra], dim=1)
+        else:
+            y = torch.randn(N, k, D, generator=generator).to(dev, dt)
+        it, converged = 0, False
+        for it in range(1, max_iters + 1):
+            q = torch.linalg.qr(y.transpose(1, 2)).Q.transpose(1, 2)  # [N, k, D], orthonormal rows
+            w = prod.jvp(q)  # [N, k, d]: row j = J q_j
+            uw, s, vwt = torch.linalg.svd(w.transpose(1, 2), full_matrices=False)  # J Qᵀ = U_w S V_wᵀ
+            v = vwt @ q  # [N, k, D] Ritz vectors: v_i = Q V_w[:, i]
+            u = uw.transpose(1, 2)  # [N, k, d]: u_i = J v_i / σ_i
+            z = prod.vjp(u)  # [N, k, D]: row i = Jᵀ u_i
+            floor = s[:, :1].clamp_min(torch.finfo(s.dtype).tiny) * 1e-12
+            res = (z - s[..., None] * v).norm(dim=-1) / torch.maximum(s, floor)
+            worst = float(res[:, :n].max())
+            log.debug("subspace iteration %d: max residual %.2e", it, worst)
+            if bool(torch.isfinite(res[:, :n]).all()) and worst <= tol:
+                converged = True
+                break
+            y = z
+    if not converged:
+        log.warning("subspace iteration stopped after %d rounds without reaching tol %.1e (max residual %.2e)",
+                    it, tol, worst)
+    u_n, v_n = _fix_signs(u[:, :n].detach(), v[:, :n].detach())
+    return PullbackBasis(
+        v=v_n.reshape(N, n, *x.shape[1:]),
+        s=s[:, :n].detach(),
+        u=u_n,
+        residuals=res[:, :n].detach(),
+        iterations=it,
+        converged=converged,
+    )
+
+
+def full_jacobian(fmap: PullbackMap, x: torch.Tensor) -> torch.Tensor:
+    """The dense ``J`` [d, D] at one point ``x`` [1, C, H, W] by reverse mode (``torch.func.jacrev``).
+
+    An oracle for tests: it costs d backward passes, so only for small models.
+    """
+    if x.ndim == 3:
+        x = x[None]
+    if x.shape[0] != 1:
+        raise UserError(f"full_jacobian takes one point x [1, C, H, W]; got a batch of {x.shape[0]}")
+    fmap.check(x)
+    with forward_ad_safe_attention(fmap.denoiser):
+        jac = torch.func.jacrev(lambda z: fmap(z)[0])(x.detach())
+    return jac.reshape(jac.shape[0], -1)
+
+
+def effective_rank(s: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular values: a flatness measure of a spectrum."""
+    p = s.clamp_min(0) / s.clamp_min(0).sum().clamp_min(1e-30)
+    p = p[p > 0]
+    return float(math.exp(float(-(p * p.log()).sum())))
