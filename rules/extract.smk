@@ -5,11 +5,6 @@
 
 import json
 
-
-def extract_store(model, dataset):
-    return str(Path(RESULTS, "activations", model, f"{dataset}.zarr"))
-
-
 rule extract:
     input:
         dataset=lambda wc: dataset_dir(wc.dataset),
@@ -23,7 +18,12 @@ rule extract:
             if config["models"][wc.model].get("revision")
             else ""
         ),
-        cfg=json.dumps(config["extract"], sort_keys=True),
+        # The section without the job grid (models, datasets), so adding a model does not
+        # re-run the others. A function, so "{label}" in prompt_template is no wildcard.
+        cfg=lambda wc: json.dumps(
+            {k: v for k, v in config["extract"].items() if k not in ("models", "datasets")},
+            sort_keys=True,
+        ),
         device=config["device"],
     log:
         log_path("extract", "{model}", "{dataset}"),
@@ -42,5 +42,7 @@ rule extract:
 
 
 ALL_TARGETS.extend(
-    extract_store(m, d) for m in config["extract"]["models"] for d in config["extract"]["datasets"]
+    str(Path(RESULTS, "activations", m, f"{d}.zarr"))
+    for m in config["extract"]["models"]
+    for d in config["extract"]["datasets"]
 )

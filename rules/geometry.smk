@@ -1,1 +1,271 @@
-# geometry stage: rules to come (see the issue for this stage).
+# geometry stage: pullback geometry of the U-Net's h-space (Park et al., NeurIPS 2023), per
+# (model, timestep), then measures across timesteps.
+#
+#   results/geometry/{model}/t{timestep}/
+#       basis.safetensors   v [N, n, C, h, w], u [N, n, d], s [N, n], residuals, x_t, x_T
+#       edits.safetensors   one-step / x0-normalised / iterative edits, denoised (uint8)
+#       meta.json           model, layer, module path, timestep, ᾱ_t, seed, pooling, prompt, config
+#   results/geometry/{model}/global/{global.safetensors, meta.json}     global directions (t = T-1)
+#   results/geometry/{model}/path_lengths.{csv,json}                    lerp vs slerp in H
+#   results/geometry/{model}/psd.csv, tangent_distances.csv             across timesteps
+#   results/geometry/{model}/meaning.csv, meaning_summary.csv           ShapesWorld factors per direction
+#   results/figures/geometry/{model}/spectra.png
+#   results/figures/geometry/{model}/edits_t{timestep}.png
+#   results/figures/geometry/{model}/global_direction.png
+#   results/figures/geometry/{model}/psd.png
+#   results/figures/geometry/{model}/meaning.png
+#
+# The grid is geometry.models x (geometry.timesteps + global_timestep).
+
+import json
+import shlex
+
+from snakemake.exceptions import WorkflowError
+
+GEO_MODELS = config["geometry"]["models"]
+GEO_TIMESTEPS = sorted(set(config["geometry"]["timesteps"]) | {config["geometry"]["global_timestep"]}, reverse=True)
+GEO_MEANING = [m for m in config["geometry"]["meaning_models"] if m in GEO_MODELS]
+
+_geo_unknown = [m for m in GEO_MODELS if m not in config["models"]]
+if _geo_unknown:
+    raise WorkflowError(f"config geometry.models = {_geo_unknown} are not defined; allowed: names under models {list(config['models'])}")
+
+GEO_ROOT = str(Path(RESULTS, "geometry", "{model}"))
+GEO_DIR = str(Path(GEO_ROOT, "t{timestep}"))
+GEO_GLOBAL = str(Path(GEO_ROOT, "global"))
+GEO_FIGURES = str(Path(RESULTS, "figures", "geometry", "{model}"))
+GEO_CONFIG = json.dumps(config["geometry"], sort_keys=True)
+
+
+def _geo_runs(wc):
+    return [GEO_DIR.format(model=wc.model, timestep=t) for t in GEO_TIMESTEPS]
+
+
+rule geometry_basis:
+    input:
+        lambda wc: model_input(wc.model),
+    output:
+        basis=str(Path(GEO_DIR, "basis.safetensors")),
+        edits=str(Path(GEO_DIR, "edits.safetensors")),
+        meta=str(Path(GEO_DIR, "meta.json")),
+    params:
+        model=lambda wc: model_path(wc.model),
+        out=lambda wc: GEO_DIR.format(**wc),
+        cfg=GEO_CONFIG,
+        device=config["device"],
+    log:
+        log_path("geometry_basis", "{model}", "t{timestep}"),
+    benchmark:
+        bench_path("geometry_basis", "{model}", "t{timestep}")
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: 3000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
+    shell:
+        "{DIFFATLAS} geometry --model {params.model:q} --model-name {wildcards.model} --timestep {wildcards.timestep}"
+        " --out {params.out:q} --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
+
+
+rule geometry_global:
+    input:
+        lambda wc: model_input(wc.model),
+        basis=str(Path(GEO_DIR, "basis.safetensors")).replace("{timestep}", str(config["geometry"]["global_timestep"])),
+    output:
+        tensors=str(Path(GEO_GLOBAL, "global.safetensors")),
+        meta=str(Path(GEO_GLOBAL, "meta.json")),
+    params:
+        model=lambda wc: model_path(wc.model),
+        basis=lambda wc, input: str(Path(input.basis).parent),
+        out=lambda wc: GEO_GLOBAL.format(**wc),
+        cfg=GEO_CONFIG,
+        device=config["device"],
+    log:
+        log_path("geometry_global", "{model}"),
+    benchmark:
+        bench_path("geometry_global", "{model}")
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: 3000 * attempt,
+        runtime=lambda wc, attempt: 20 * attempt,
+    shell:
+        "{DIFFATLAS} geometry-global --model {params.model:q} --model-name {wildcards.model} --basis {params.basis:q}"
+        " --out {params.out:q} --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
+
+
+rule geometry_paths:
+    input:
+        lambda wc: model_input(wc.model),
+    output:
+        table=str(Path(GEO_ROOT, "path_lengths.csv")),
+        summary=str(Path(GEO_ROOT, "path_lengths.json")),
+    params:
+        model=lambda wc: model_path(wc.model),
+        cfg=GEO_CONFIG,
+        device=config["device"],
+    log:
+        log_path("geometry_paths", "{model}"),
+    benchmark:
+        bench_path("geometry_paths", "{model}")
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: 3000 * attempt,
+        runtime=lambda wc, attempt: 20 * attempt,
+    shell:
+        "{DIFFATLAS} geometry-paths --model {params.model:q} --model-name {wildcards.model} --out {output.table:q}"
+        " --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
+
+
+rule geometry_measures:
+    input:
+        lambda wc: [str(Path(d, "basis.safetensors")) for d in _geo_runs(wc)],
+    output:
+        psd=str(Path(GEO_ROOT, "psd.csv")),
+        distances=str(Path(GEO_ROOT, "tangent_distances.csv")),
+    params:
+        runs=lambda wc: " ".join(shlex.quote(d) for d in _geo_runs(wc)),
+    log:
+        log_path("geometry_measures", "{model}"),
+    benchmark:
+        bench_path("geometry_measures", "{model}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} geometry-measures --runs {params.runs} --psd {output.psd:q} --distances {output.distances:q} > {log:q} 2>&1"
+
+
+rule geometry_meaning:
+    input:
+        lambda wc: [str(Path(d, "edits.safetensors")) for d in _geo_runs(wc)],
+    output:
+        table=str(Path(GEO_ROOT, "meaning.csv")),
+        summary=str(Path(GEO_ROOT, "meaning_summary.csv")),
+    params:
+        runs=lambda wc: " ".join(shlex.quote(d) for d in _geo_runs(wc)),
+    log:
+        log_path("geometry_meaning", "{model}"),
+    benchmark:
+        bench_path("geometry_meaning", "{model}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} geometry-meaning --runs {params.runs} --out {output.table:q} --summary {output.summary:q} > {log:q} 2>&1"
+
+
+rule geometry_figure_spectra:
+    input:
+        lambda wc: [str(Path(d, "basis.safetensors")) for d in _geo_runs(wc)],
+    output:
+        str(Path(GEO_FIGURES, "spectra.png")),
+    params:
+        runs=lambda wc: " ".join(shlex.quote(d) for d in _geo_runs(wc)),
+    log:
+        log_path("geometry_figure_spectra", "{model}"),
+    benchmark:
+        bench_path("geometry_figure_spectra", "{model}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} geometry-figures spectra --runs {params.runs} --out {output:q} > {log:q} 2>&1"
+
+
+rule geometry_figure_edits:
+    input:
+        edits=str(Path(GEO_DIR, "edits.safetensors")),
+        meta=str(Path(GEO_DIR, "meta.json")),
+    output:
+        str(Path(GEO_FIGURES, "edits_t{timestep}.png")),
+    params:
+        run=lambda wc: GEO_DIR.format(**wc),
+    log:
+        log_path("geometry_figure_edits", "{model}", "t{timestep}"),
+    benchmark:
+        bench_path("geometry_figure_edits", "{model}", "t{timestep}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} geometry-figures edits --run {params.run:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule geometry_figure_global:
+    input:
+        str(Path(GEO_GLOBAL, "global.safetensors")),
+    output:
+        str(Path(GEO_FIGURES, "global_direction.png")),
+    params:
+        run=lambda wc: GEO_GLOBAL.format(**wc),
+        direction=config["geometry"]["global_direction"],
+    log:
+        log_path("geometry_figure_global", "{model}"),
+    benchmark:
+        bench_path("geometry_figure_global", "{model}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} geometry-figures global --global-dir {params.run:q} --direction {params.direction}"
+        " --out {output:q} > {log:q} 2>&1"
+
+
+rule geometry_figure_psd:
+    input:
+        psd=str(Path(GEO_ROOT, "psd.csv")),
+        distances=str(Path(GEO_ROOT, "tangent_distances.csv")),
+    output:
+        str(Path(GEO_FIGURES, "psd.png")),
+    log:
+        log_path("geometry_figure_psd", "{model}"),
+    benchmark:
+        bench_path("geometry_figure_psd", "{model}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} geometry-figures psd --psd {input.psd:q} --distances {input.distances:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule geometry_figure_meaning:
+    input:
+        str(Path(GEO_ROOT, "meaning_summary.csv")),
+    output:
+        str(Path(GEO_FIGURES, "meaning.png")),
+    log:
+        log_path("geometry_figure_meaning", "{model}"),
+    benchmark:
+        bench_path("geometry_figure_meaning", "{model}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} geometry-figures meaning --summary {input:q} --out {output:q} > {log:q} 2>&1"
+
+
+for _m in GEO_MODELS:
+    _root = GEO_ROOT.format(model=_m)
+    _figs = GEO_FIGURES.format(model=_m)
+    ALL_TARGETS.extend(
+        [
+            str(Path(_root, "global", "meta.json")),
+            str(Path(_root, "path_lengths.csv")),
+            str(Path(_root, "psd.csv")),
+            str(Path(_figs, "spectra.png")),
+            str(Path(_figs, "global_direction.png")),
+            str(Path(_figs, "psd.png")),
+        ]
+    )
+    ALL_TARGETS.extend(str(Path(_figs, f"edits_t{_t}.png")) for _t in GEO_TIMESTEPS)
+    if _m in GEO_MEANING:
+        ALL_TARGETS.extend([str(Path(_root, "meaning_summary.csv")), str(Path(_figs, "meaning.png"))])

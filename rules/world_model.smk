@@ -1,1 +1,87 @@
-# world_model stage: rules to come (see the issue for this stage).
+# world_model stage: the ShapesWorld text-to-image model.
+#
+# - train_world_model (only when world_model.source == "trained"): trains the model into
+#   results/world_model/model (diffusers layout). Its resumable checkpoint lives in
+#   results/world_model/checkpoints, outside the declared output, so an interrupted or
+#   failed job resumes instead of starting over (Snakemake removes a failed job's outputs).
+# - world_fidelity: caption fidelity of whichever model models.shapesworld resolves to
+#   (the shipped checkpoint by default): results/world_model/fidelity.json + the samples.
+# - world_samples_figure: results/figures/world_model/samples.png from those samples.
+
+import json
+
+WORLD_DIR = str(Path(RESULTS, "world_model"))
+WORLD_FIDELITY_JSON = str(Path(WORLD_DIR, "fidelity.json"))
+WORLD_FIDELITY_SAMPLES = str(Path(WORLD_DIR, "fidelity_samples.npy"))
+WORLD_SAMPLES_FIGURE = str(Path(RESULTS, "figures", "world_model", "samples.png"))
+
+
+rule train_world_model:
+    output:
+        directory(world_model_trained_dir()),
+    params:
+        cfg=json.dumps(config["world_model"]["train"], sort_keys=True),
+        checkpoints=str(Path(WORLD_DIR, "checkpoints")),
+        device=config["device"],
+    log:
+        log_path("train_world_model"),
+    benchmark:
+        bench_path("train_world_model")
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: 3000 * attempt,
+        runtime=lambda wc, attempt: 180 * attempt,
+    shell:
+        "{DIFFATLAS} train-world-model --config-json {params.cfg:q} --out {output:q}"
+        " --checkpoint-dir {params.checkpoints:q} --device {params.device} --threads {threads}"
+        " > {log:q} 2>&1"
+
+
+rule world_fidelity:
+    input:
+        model_input("shapesworld"),
+    output:
+        json=WORLD_FIDELITY_JSON,
+        samples=WORLD_FIDELITY_SAMPLES,
+    params:
+        model=model_path("shapesworld"),
+        cfg=json.dumps(config["world_model"]["fidelity"], sort_keys=True),
+        device=config["device"],
+    log:
+        log_path("world_fidelity"),
+    benchmark:
+        bench_path("world_fidelity")
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: 2000 * attempt,
+        runtime=lambda wc, attempt: 15 * attempt,
+    shell:
+        "{DIFFATLAS} world-fidelity --model {params.model:q} --config-json {params.cfg:q}"
+        " --out-json {output.json:q} --out-samples {output.samples:q}"
+        " --device {params.device} --threads {threads} > {log:q} 2>&1"
+
+
+rule world_samples_figure:
+    input:
+        json=WORLD_FIDELITY_JSON,
+        samples=WORLD_FIDELITY_SAMPLES,
+    output:
+        WORLD_SAMPLES_FIGURE,
+    params:
+        cfg=json.dumps(config["world_model"]["fidelity"], sort_keys=True),
+    log:
+        log_path("world_samples_figure"),
+    benchmark:
+        bench_path("world_samples_figure")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} world-fidelity --figure {output:q} --fidelity-json {input.json:q}"
+        " --samples {input.samples:q} --config-json {params.cfg:q} > {log:q} 2>&1"
+
+
+ALL_TARGETS.extend([WORLD_FIDELITY_JSON, WORLD_SAMPLES_FIGURE])

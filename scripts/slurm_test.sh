@@ -71,7 +71,7 @@ stop_pid() {          # stop_pid PID NAME: TERM, wait up to 15 s, then KILL
 ours() {              # ours PID: does the process name our private directory?
     [ -n "$T" ] || return 1
     local text
-    text=$(tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null; tr '\0' '\n' <"/proc/$1/environ" 2>/dev/null)
+    text=$({ tr '\0' '\n' <"/proc/$1/cmdline"; tr '\0' '\n' <"/proc/$1/environ"; } 2>/dev/null)
     [[ $text == *"$T"* ]]
 }
 

@@ -196,3 +196,27 @@ def test_token_grid():
     assert token_grid(20, 9, 7) == (5, 4)  # ceil division (stride-2 convs on odd sizes)
     with pytest.raises(ValueError):
         token_grid(7, 16, 16)
+
+
+def test_resolve_aliases_globs_and_duplicates(models):
+    unet = models["pixel"].denoiser  # 3 down blocks, mid, 3 up blocks
+    assert layer_aliases(unet) == {
+        "down_ft0": "down_blocks.0", "down_ft1": "down_blocks.1", "down_ft2": "down_blocks.2", "mid": "mid_block",
+        "up_ft0": "up_blocks.0", "up_ft1": "up_blocks.1", "up_ft2": "up_blocks.2",
+    }
+    got = resolve_layers(unet, ["up_ft1", "up_blocks.1.attentions.*.transformer_blocks.0.attn?", "mid_block", "mid"])
+    assert [(x.name, x.module_path, x.selection) for x in got] == [
+        ("up_ft1", "up_blocks.1", "up_ft1"),
+        ("up_blocks.1.attentions.0.transformer_blocks.0.attn1", "up_blocks.1.attentions.0.transformer_blocks.0.attn1",
+         "up_blocks.1.attentions.*.transformer_blocks.0.attn?"),
+        ("up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+         "up_blocks.1.attentions.*.transformer_blocks.0.attn?"),
+        ("mid_block", "mid_block", "mid_block"),  # "mid" is the same module: kept once
+    ]
+    dit = models["dit"].denoiser
+    assert layer_aliases(dit) == {"block0": "transformer_blocks.0", "block1": "transformer_blocks.1"}
+    with pytest.raises(UserError, match=r"'block2'.*available aliases: block0, block1"):
+        resolve_layers(dit, ["block2"])
+    with pytest.raises(UserError, match="empty"):
+        resolve_layers(dit, [])
+

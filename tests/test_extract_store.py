@@ -208,6 +208,9 @@ def test_bad_timestep_empty_dataset_unwritable(pixel, images, tmp_path):
     with pytest.raises(UserError, match="empty"):
         extract_activations(pixel, images=images[:0], sample_ids=[], labels=[], coarse_labels=[], captions=[],
                             cfg=ExtractConfig(), out=tmp_path / "x.zarr")
+    with pytest.raises(UserError, match=r"unique.*\[3\]"):
+        extract_activations(pixel, images=images[:2], sample_ids=[3, 3], labels=["a", "b"], coarse_labels=None,
+                            captions=None, cfg=ExtractConfig(), out=tmp_path / "x.zarr")
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(UserError, match=r"file/sub/x\.zarr"):

@@ -224,15 +224,23 @@ def extract_activations(
         raise UserError(f"the dataset for {out} is empty (0 samples): nothing to extract")
     if not (len(sample_ids) == len(labels) == n) or (coarse_labels is not None and len(coarse_labels) != n):
         raise UserError(f"{n} images but {len(sample_ids)} sample ids and {len(labels)} labels: they must align")
+    ids = np.asarray(sample_ids, dtype=np.int64)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise UserError(f"sample ids must be unique (they key the store); repeated: {uniq[counts > 1][:10].tolist()}")
     try:
         ensure_writable_parent(out)
     except UserError as err:
         raise UserError(f"cannot write the activation store {out}: {err}") from None
     check_timesteps(cfg.timesteps, int(handle.num_train_timesteps))
+    size = int(handle.image_size)
+    if tuple(images.shape[1:3]) != (size, size):
+        log.warning("images are %dx%d but the model takes %dx%d: each batch is resized (bilinear, antialiased)",
+                    images.shape[1], images.shape[2], size, size)
     layers = resolve_layers(handle.denoiser, cfg.layers)
     spatial_names = {lay.name for lay in layers if lay.selection in set(cfg.layers_with_maps)}
     prompts = prompts_for(cfg, labels, captions if captions is not None else [""] * n, str(getattr(handle, "family", "")))
-    runner = _Runner(handle, cfg, layers, spatial_names, prompts, np.asarray(sample_ids, dtype=np.int64), device, stop_early)
+    runner = _Runner(handle, cfg, layers, spatial_names, prompts, ids, device, stop_early)
 
     alpha_bar = [float(handle.alphas_cumprod[int(t)]) for t in cfg.timesteps]
     attrs = _attrs(handle, cfg, layers, extra_attrs or {})
@@ -313,7 +321,7 @@ def _attrs(handle: Any, cfg: ExtractConfig, layers: list[ResolvedLayer], extra: 
             "noise_seeding": "torch.Generator(cpu) per (seed, sample_id, timestep, draw), seed = blake2b-64",
             "dtype": cfg.dtype,
             "batch_size": int(cfg.batch_size),
-            "extract_config": cfg.to_dict(),
+            "extract_config": {k: v for k, v in cfg.to_dict().items() if k not in ("models", "datasets")},
             **extra,
         }
     )

@@ -202,7 +202,10 @@ class ActivationCapture:
             x = x.transpose(1, 2).unflatten(2, (h, w))
         if x.ndim == 2:
             if keep_spatial:
-                raise UserError(f"layer {name!r} outputs vectors [B, C]; it has no spatial map to store")
+                raise UserError(
+                    f"layer {name!r} outputs vectors [B, C] and has no spatial map to store; "
+                    "name the layers that keep maps in extract.spatial_layers (or set extract.spatial: false)"
+                )
             return Captured(pooled=x.to(torch.float32), spatial=None)
         if x.ndim != 4:
             raise UserError(f"layer {name!r} outputs a tensor of shape {tuple(x.shape)}; expected [B,C,h,w] or [B,N,C]")

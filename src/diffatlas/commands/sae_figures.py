@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
 
     from diffatlas.plotting import save_figure
     from diffatlas.sae import figures
-    from diffatlas.sae.analysis import curves
+    from diffatlas.sae.stats import curves
 
     if args.figure in ("vs-layer", "vs-timestep"):
         fig = figures.plot_label_stats(_read_table(args.summary), by=args.figure.split("-")[1])

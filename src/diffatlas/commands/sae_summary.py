@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", required=True, help="summary table: .csv or .parquet")
     args = ap.parse_args(argv)
 
-    from diffatlas.sae.analysis import summary_table
+    from diffatlas.sae.stats import summary_table
 
     out = Path(args.out)
     if out.suffix not in (".csv", ".parquet"):

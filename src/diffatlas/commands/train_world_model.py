@@ -63,8 +63,12 @@ def main(argv: list[str]) -> int:
     device = pick_device(args.device)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out).resolve().parent / "checkpoints"
     signal.signal(signal.SIGTERM, _interrupt)
-    summary = train_world_model(cfg, args.out, checkpoint_dir=ckpt, device=device, resume=not args.no_resume,
-                                max_seconds=args.max_seconds)
+    try:
+        summary = train_world_model(cfg, args.out, checkpoint_dir=ckpt, device=device, resume=not args.no_resume,
+                                    max_seconds=args.max_seconds)
+    except KeyboardInterrupt:
+        print(f"{args.out}\tinterrupted (checkpoint in {ckpt}; run again to resume)")
+        return 130
     state = "finished" if summary["finished"] else "paused (checkpoint kept)"
     print(f"{args.out}\t{state}\tstep={summary['step']}/{summary['steps']}\tloss={summary['final_loss']}"
           f"\timages/s={summary['images_per_second']}")

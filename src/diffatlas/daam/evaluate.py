@@ -185,28 +185,26 @@ def evaluate_real(
     return pd.DataFrame(rows)
 
 
-def match_detections(objects: list[dict[str, Any]], detected: list[dict[str, Any]]) -> list[int | None]:
-    """For each named object, the index of a detected object with its colour and shape.
+def match_detections(objects: list[dict[str, Any]], detected: list[dict[str, Any]]) -> list[tuple[int, str] | None]:
+    """For each named object, ``(index of a detected object, "exact" | "colour")`` or None.
 
-    Exact (colour and shape) matches are taken first, then colour-only; each detection is
-    used once, largest first. An object that finds nothing gets None (it was not generated).
+    Detections with the object's colour and shape are taken first ("exact"), then, for
+    objects whose colour is named, one of that colour whatever its shape ("colour": what the
+    model drew for the phrase, with a shape the detector reads differently). Each detection
+    is used once, largest first. None: nothing of that colour (the object was not generated).
     """
     used: set[int] = set()
-    out: list[int | None] = [None] * len(objects)
-    for strict in (True, False):
+    out: list[tuple[int, str] | None] = [None] * len(objects)
+    for kind in ("exact", "colour"):
         for i, obj in enumerate(objects):
-            if out[i] is not None:
+            if out[i] is not None or (kind == "colour" and "colour" not in obj):
                 continue
             for j, det in enumerate(detected):
-                if j in used:
+                if j in used or ("colour" in obj and det["colour"] != obj["colour"]):
                     continue
-                if "colour" in obj and det["colour"] != obj["colour"]:
+                if kind == "exact" and det.get("shape") != obj["shape"]:
                     continue
-                if strict and det.get("shape") != obj["shape"]:
-                    continue
-                if not strict and "colour" not in obj:
-                    continue  # without a colour, only a shape match identifies the object
-                out[i] = j
+                out[i] = (j, kind)
                 used.add(j)
                 break
     return out
@@ -216,8 +214,9 @@ def evaluate_generated(run: TracedRun, taus: Sequence[float] = DEFAULT_TAUS) -> 
     """IoU rows of generated images against the objects the detector finds in them.
 
     Returns ``(rows, detections)``: detections has one row per named object with ``found``
-    (whether a matching object was detected), so the mIoU is read together with how often
-    the model drew the object at all. Prompts outside the ShapesWorld grammar are skipped.
+    and ``match`` (exact / colour / none, see :func:`match_detections`), so the mIoU is read
+    together with how often the model drew the object at all. Prompts outside the
+    ShapesWorld grammar are skipped.
     """
     from diffatlas.data.shapesworld import detect_objects
 
@@ -230,15 +229,18 @@ def evaluate_generated(run: TracedRun, taus: Sequence[float] = DEFAULT_TAUS) -> 
         words, _, objects = parsed
         detected = detect_objects(image)
         match = match_detections(objects, detected)
-        for o, (obj, j) in enumerate(zip(objects, match)):
-            found_rows.append({"item": k, "object": o, "shape": obj["shape"], "colour": obj.get("colour", ""), "found": j is not None})
+        for o, (obj, m) in enumerate(zip(objects, match)):
+            found_rows.append(
+                {"item": k, "object": o, "shape": obj["shape"], "colour": obj.get("colour", ""), "found": m is not None,
+                 "match": m[1] if m else "none"}
+            )
         targets = [
-            (wi, w["word"], w["role"], int(w["object"]), detected[match[int(w["object"])]]["mask"])
+            (wi, w["word"], w["role"], int(w["object"]), detected[match[int(w["object"])][0]]["mask"])
             for wi, w in enumerate(words)
             if int(w["object"]) >= 0 and w["role"] not in ("det", "cc") and match[int(w["object"])] is not None
         ]
         rows.extend(score_words(maps, targets, taus, {"source": "generated", "item": k, "sample_id": -1}))
-    return pd.DataFrame(rows), pd.DataFrame(found_rows, columns=["item", "object", "shape", "colour", "found"])
+    return pd.DataFrame(rows), pd.DataFrame(found_rows, columns=["item", "object", "shape", "colour", "found", "match"])
 
 
 def summarize(rows: pd.DataFrame, tau: float = DEFAULT_TAU, roles: Sequence[str] = NOUN_ROLES) -> pd.DataFrame:
@@ -344,25 +346,28 @@ def summarize_relations(rows: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- entanglement
 
 
-def judge(images: np.ndarray) -> tuple[list[list[dict[str, Any]]], str]:
-    """Objects the world's judge finds in each image, and the judge's name.
+def judge(images: np.ndarray) -> tuple[list[dict[str, Any]], str]:
+    """The world's verdict on each image (:func:`diffatlas.world.judge.judge_images`): dicts
+    with ``objects`` (shape, colour, size, ...), and the judge's name."""
+    from diffatlas.world.judge import judge_images
 
-    Uses :func:`diffatlas.world.judge.judge_images`; when that module is not available it
-    falls back to the detector it is built on (:func:`detect_objects`) and says so.
-    """
-    try:
-        from diffatlas.world.judge import judge_images
-    except ImportError:
-        from diffatlas.data.shapesworld import detect_objects
-
-        log.warning("diffatlas.world.judge is not available; judging with diffatlas.data.shapesworld.detect_objects")
-        return [detect_objects(im) for im in images], "detect_objects"
-    found = judge_images(images)
-    return [list(f) for f in found], "world.judge.judge_images"
+    return list(judge_images(images)), "diffatlas.world.judge.judge_images"
 
 
-def _present(obj: dict[str, Any], found: list[dict[str, Any]]) -> bool:
-    return any(f.get("shape") == obj["shape"] and ("colour" not in obj or f.get("colour") == obj["colour"]) for f in found)
+def _present(objects: list[dict[str, Any]], found: list[dict[str, Any]]) -> list[bool]:
+    """Whether each named object was generated: a found object of its shape (and colour, if
+    named), each found object used once."""
+    used: set[int] = set()
+    out = []
+    for obj in objects:
+        hit = next(
+            (i for i, f in enumerate(found) if i not in used and f.get("shape") == obj["shape"] and obj.get("colour", f.get("colour")) == f.get("colour")),
+            None,
+        )
+        if hit is not None:
+            used.add(hit)
+        out.append(hit is not None)
+    return out
 
 
 def cohyponym_prompts(pairs: Sequence[Sequence[str]], template: str = "a {0} and a {1}") -> list[str]:
@@ -372,7 +377,9 @@ def cohyponym_prompts(pairs: Sequence[Sequence[str]], template: str = "a {0} and
 def evaluate_cohyponyms(run: TracedRun, groups: dict[str, list[int]], tau: float = DEFAULT_TAU) -> pd.DataFrame:
     """One row per item of each group: both objects present (judge), each present, and the
     IoU of the two nouns' masks. ``groups`` maps a group name to its items' prompt indices."""
-    found, judge_name = judge(run.images)
+    from diffatlas.world.judge import matches_caption
+
+    verdicts, judge_name = judge(run.images)
     group_of = {p: g for g, ps in groups.items() for p in ps}
     rows = []
     for k, (maps, item) in enumerate(zip(run.maps, run.items)):
@@ -382,7 +389,7 @@ def evaluate_cohyponyms(run: TracedRun, groups: dict[str, list[int]], tau: float
             continue
         words, _, objects = parsed
         nouns = [i for i, w in enumerate(words) if w["role"] == "shape"]
-        present = [_present(o, found[k]) for o in objects]
+        present = _present(objects, verdicts[k]["objects"])
         rows.append(
             {
                 "group": g,
@@ -391,6 +398,8 @@ def evaluate_cohyponyms(run: TracedRun, groups: dict[str, list[int]], tau: float
                 "first_present": present[0],
                 "second_present": present[1],
                 "both_present": all(present),
+                "caption_match": bool(matches_caption(verdicts[k], objects)["all"]),
+                "n_found": int(verdicts[k]["n_objects"]),
                 "noun_mask_iou": iou(maps.mask(nouns[0], tau), maps.mask(nouns[1], tau)),
                 "judge": judge_name,
             }
@@ -461,6 +470,7 @@ def _score_run(run: TracedRun, cfg: Any, meta: pd.DataFrame | None, masks: np.nd
         rows, found = evaluate_generated(run, taus)
         tables["detections.csv"] = found
         notes["objects_found"] = float(found["found"].mean()) if len(found) else None
+        notes["objects_found_exact"] = float((found["match"] == "exact").mean()) if len(found) else None
     tables["iou_rows.parquet"] = rows
     tables["summary.csv"] = summarize(rows, cfg.tau)
     tables["summary_all_words.csv"] = summarize(rows, cfg.tau, roles=("shape", "colour", "size"))

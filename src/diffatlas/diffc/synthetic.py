@@ -1,9 +1,11 @@
 """Synthetic activation stores with a known class signal, for tests and bench/.
 
 ``image_features`` turns images into feature maps the way a very simple "diffusion layer"
-would: cut the image into patches of (H / size) x (W / size) pixels (as a DiT patch
-embedding does), mix each patch's pixels into ``channels`` channels with a fixed random
-matrix and a ReLU, then add noise that grows with the timestep (sqrt(1 - ᾱ_t)). On
+would: reduce the image to the map size, either by averaging blocks of pixels
+(``mode="pool"``, smooth under shifts, like a UNet's downsampled maps) or by cutting it
+into patches whose pixels become channels (``mode="patch"``, like a DiT patch embedding),
+mix these into ``channels`` channels with a fixed random matrix and a ReLU, then add noise
+that grows with the timestep (sqrt(1 - ᾱ_t)). On
 ShapesWorld images the shape of the object (coarse label) lives in the spatial layout and
 inside the patches, its colour in the channel mix, so Diff-C has something real to find,
 and at high noise less of it.
@@ -35,6 +37,7 @@ def image_features(
     alpha_bar: Sequence[float],
     seed: int = 0,
     noise_scale: float = 1.0,
+    mode: str = "pool",
 ) -> np.ndarray:
     """Feature maps [T, N, channels, size, size] (float32) of images uint8 [N, H, W, 3].
 
@@ -45,7 +48,13 @@ def image_features(
         raise ValueError(f"image side {h}x{w} is not a multiple of the map size {size}")
     ph, pw = h // size, w // size
     x = images.astype(np.float32) / 127.5 - 1.0
-    x = x.reshape(n, size, ph, size, pw, 3).transpose(0, 2, 4, 5, 1, 3).reshape(n, ph * pw * 3, size, size)
+    if mode == "pool":  # [N, 4, s, s]: RGB and brightness, averaged over blocks
+        x = x.reshape(n, size, ph, size, pw, 3).mean(axis=(2, 4))
+        x = np.concatenate([x, x.mean(axis=-1, keepdims=True)], axis=-1).transpose(0, 3, 1, 2)
+    elif mode == "patch":  # [N, ph*pw*3, s, s]: every pixel of the patch
+        x = x.reshape(n, size, ph, size, pw, 3).transpose(0, 2, 4, 5, 1, 3).reshape(n, ph * pw * 3, size, size)
+    else:
+        raise ValueError(f"mode {mode!r} is not one of: pool, patch")
     rng = np.random.default_rng(seed)
     mix = (rng.normal(size=(channels, x.shape[1])) / np.sqrt(x.shape[1])).astype(np.float32)
     bias = rng.normal(scale=0.5, size=(channels, 1, 1)).astype(np.float32)

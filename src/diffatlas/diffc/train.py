@@ -113,6 +113,28 @@ def channel_stats(maps: torch.Tensor, rows: np.ndarray, batch: int = 256) -> tup
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model: DiffC, maps: torch.Tensor, rows: np.ndarray, batch_size: int) -> None:
+    """Set every BatchNorm's running statistics to exact averages over ``rows`` under the current weights.
+
+    With few steps per epoch and a high learning rate, the default running averages mix
+    statistics of several stale weight versions, and eval-mode accuracy swings from epoch to
+    epoch; one extra forward pass over the training rows removes that.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    idx = torch.as_tensor(rows, device=maps.device)
+    for start in range(0, len(idx), batch_size):
+        model(maps[idx[start : start + batch_size]].float())
+    for m, mom in zip(norms, saved):
+        m.momentum = mom
+    model.eval()
+
+
+@torch.no_grad()
 def predict(model: DiffC, maps: torch.Tensor, rows: np.ndarray, batch_size: int) -> np.ndarray:
     """Class indices [len(rows)] predicted by ``model`` (eval mode) for ``rows`` of ``maps``."""
     model.eval()
@@ -143,6 +165,10 @@ def train_diffc(
     model = DiffC(DiffCArch(c, h, w, n_classes, cfg.n_convs, cfg.feature_dim, cfg.dropout)).to(device)
     model.set_input_stats(*channel_stats(maps, split.train))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = sum(1 for s in range(0, len(split.train), cfg.batch_size) if len(split.train) - s >= 2)
+    sched = None
+    if cfg.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss()
     y_dev = torch.as_tensor(y, dtype=torch.long, device=device)
     train_rows = torch.as_tensor(split.train, dtype=torch.long)
@@ -162,11 +188,14 @@ def train_diffc(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             total += float(loss.detach())
             batches += 1
             seen += len(rows)
         history["loss"].append(total / max(batches, 1))
         if len(split.val):
+            recalibrate_batchnorm(model, maps, split.train, cfg.batch_size)
             acc = float((predict(model, maps, split.val, cfg.batch_size) == y[split.val]).mean())
             history["val_accuracy"].append(acc)
             if acc > best_acc:
@@ -181,6 +210,8 @@ def train_diffc(
         log.debug("epoch %d loss %.4f", epoch + 1, history["loss"][-1])
     if best_state is not None:
         model.load_state_dict(best_state)
+    else:
+        recalibrate_batchnorm(model, maps, split.train, cfg.batch_size)
     info = {
         "epochs_run": len(history["loss"]),
         "best_epoch": best_epoch if cfg.early_stopping else len(history["loss"]),

@@ -389,9 +389,3 @@ def full_jacobian(fmap: PullbackMap, x: torch.Tensor) -> torch.Tensor:
         jac = torch.func.jacrev(lambda z: fmap(z)[0])(x.detach())
     return jac.reshape(jac.shape[0], -1)
 
-
-def effective_rank(s: torch.Tensor) -> float:
-    """exp(entropy) of the normalised singular values: a flatness measure of a spectrum."""
-    p = s.clamp_min(0) / s.clamp_min(0).sum().clamp_min(1e-30)
-    p = p[p > 0]
-    return float(math.exp(float(-(p * p.log()).sum())))

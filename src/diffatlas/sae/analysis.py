@@ -44,62 +44,22 @@ import pandas as pd
 import torch
 
 from diffatlas.sae.config import SAEConfig
+from diffatlas.sae.stats import (  # noqa: F401  (re-exported: the label statistics live there)
+    STATS,
+    chance_stats,
+    curves,
+    label_entropy,
+    majority,
+    purity,
+    rank_latents,
+    sigma_label,
+)
 from diffatlas.sae.model import TopKSAE
 
 log = logging.getLogger(__name__)
 
 #: Vectors encoded per chunk while streaming (bounds the [chunk, n] code tensor).
 CHUNK_VECTORS = 2048
-
-
-# -- label statistics of a latent's top samples (pure functions, rows = latents) --------------
-def sigma_label(codes: np.ndarray) -> np.ndarray:
-    """Revelio's σ_label per row: unbiased std (ddof=1) of integer class ids. [m, t] -> [m]."""
-    codes = np.asarray(codes, dtype=np.float64)
-    if codes.shape[1] < 2:
-        return np.full(codes.shape[0], np.nan)
-    return codes.std(axis=1, ddof=1)
-
-
-def _counts(codes: np.ndarray) -> np.ndarray:
-    codes = np.asarray(codes, dtype=np.int64)
-    n_cls = int(codes.max()) + 1 if codes.size else 1
-    out = np.zeros((codes.shape[0], n_cls), dtype=np.int64)
-    np.add.at(out, (np.repeat(np.arange(codes.shape[0]), codes.shape[1]), codes.ravel()), 1)
-    return out
-
-
-def purity(codes: np.ndarray) -> np.ndarray:
-    """Share of the majority label per row (order-free). [m, t] -> [m]."""
-    codes = np.asarray(codes)
-    return _counts(codes).max(axis=1) / codes.shape[1]
-
-
-def majority(codes: np.ndarray) -> np.ndarray:
-    """Majority class id per row (lowest id on ties). [m, t] -> [m]."""
-    return _counts(codes).argmax(axis=1)
-
-
-def label_entropy(codes: np.ndarray) -> np.ndarray:
-    """Shannon entropy (bits) of the labels per row (order-free). [m, t] -> [m]."""
-    codes = np.asarray(codes)
-    p = _counts(codes) / codes.shape[1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, -p * np.log2(np.where(p > 0, p, 1.0)), 0.0)
-    return terms.sum(axis=1)
-
-
-STATS = {"sigma_label": sigma_label, "purity": purity, "entropy": label_entropy}
-
-
-def chance_stats(codes: np.ndarray, top_n: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Expected statistics of ``top_n`` samples drawn at random without replacement from ``codes`` [N]."""
-    codes = np.asarray(codes)
-    if len(codes) < top_n:
-        return {name: float("nan") for name in STATS}
-    rng = np.random.default_rng(seed)
-    picks = np.stack([codes[rng.choice(len(codes), top_n, replace=False)] for _ in range(draws)])
-    return {name: float(np.mean(fn(picks))) for name, fn in STATS.items()}
 
 
 # -- streaming top-n per latent ----------------------------------------------------------------
@@ -205,18 +165,6 @@ def mine_top(sae: TopKSAE, data, rows: np.ndarray, top_n: int, device: torch.dev
     return tracker
 
 
-def rank_latents(score: np.ndarray, n_active: np.ndarray, min_active: int, top_n: int) -> np.ndarray:
-    """Eligible latents (firing on > min_active and >= top_n samples), by score descending.
-
-    Ties are broken by latent index, so the order is deterministic. Returns latent indices.
-    """
-    score = np.asarray(score, dtype=np.float64)
-    n_active = np.asarray(n_active)
-    eligible = np.nonzero((n_active > min_active) & (n_active >= top_n))[0]
-    order = np.lexsort((eligible, -score[eligible]))
-    return eligible[order]
-
-
 def label_table(tracker: TopTracker, data, cfg: SAEConfig, val_freq: np.ndarray | None = None) -> pd.DataFrame:
     """One row per latent: activity statistics, top samples, their labels and label statistics."""
     n = tracker.values.shape[0]
@@ -256,21 +204,6 @@ def label_table(tracker: TopTracker, data, cfg: SAEConfig, val_freq: np.ndarray 
             maj[full] = [classes[c] if c < len(classes) else str(c) for c in majority(top_codes[full])]
         table[f"majority_{gran}"] = maj
     return pd.DataFrame(table)
-
-
-def curves(latents: pd.DataFrame) -> pd.DataFrame:
-    """Mean label statistics over the first N ranked latents, for N = 1..#eligible.
-
-    Columns: n_top, and ``{stat}_{gran}`` for stat in sigma_label, purity, entropy and gran in
-    fine, coarse. This is the paper's curve (σ averaged over top-N latents) on our ranking.
-    """
-    ranked = latents[latents["rank"] >= 0].sort_values("rank")
-    out = {"n_top": np.arange(1, len(ranked) + 1)}
-    for gran in ("fine", "coarse"):
-        for name in STATS:
-            col = ranked[f"{name}_{gran}"].to_numpy(dtype=np.float64)
-            out[f"{name}_{gran}"] = np.cumsum(col) / out["n_top"]
-    return pd.DataFrame(out)
 
 
 def _mine_rows(data, cfg: SAEConfig) -> np.ndarray:
@@ -326,46 +259,3 @@ def analyse(sae: TopKSAE, data, cfg: SAEConfig, device: torch.device | str = "cp
         labels["purity_fine"], labels["purity_coarse"], labels["chance_purity_fine"], labels["chance_purity_coarse"],
     )
     return metrics, latents
-
-
-# -- the grid summary ---------------------------------------------------------------------------
-SUMMARY_KEYS = ("model", "dataset", "layer", "timestep", "alpha_bar", "samples", "d_in", "n_latents", "k", "seed")
-
-
-def summary_row(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Flatten one run's metrics.json into a summary-table row."""
-    row = {key: metrics.get(key) for key in SUMMARY_KEYS}
-    val = metrics.get("validation", {})
-    row["k"] = val.get("k", row["k"])
-    for key in ("nmse", "fve", "l0", "dead_fraction", "dense_fraction", "n_vectors"):
-        row[key] = val.get(key)
-    labels = metrics.get("labels", {})
-    for key in ("rank_by", "top_n", "n_eligible", "n_top_latents", "n_classes_fine", "n_classes_coarse"):
-        row[key] = labels.get(key)
-    for gran in ("fine", "coarse"):
-        for name in STATS:
-            for prefix in ("", "chance_"):
-                row[f"{prefix}{name}_{gran}"] = labels.get(f"{prefix}{name}_{gran}")
-    row["train_seconds"] = metrics.get("train_seconds")
-    return row
-
-
-def summary_table(run_dirs: list[str]) -> pd.DataFrame:
-    """One row per SAE run directory (each holding metrics.json), sorted by layer order then timestep."""
-    from pathlib import Path
-
-    from diffatlas.errors import UserError
-    from diffatlas.io import read_json
-
-    if not run_dirs:
-        raise UserError("no SAE runs given to summarise")
-    rows = []
-    for directory in run_dirs:
-        path = Path(directory)
-        path = path if path.name == "metrics.json" else path / "metrics.json"
-        rows.append(summary_row(read_json(path)))
-    table = pd.DataFrame(rows)
-    # Keep layers in the order given (the config's order), timesteps ascending.
-    layer_order = {layer: i for i, layer in enumerate(dict.fromkeys(table["layer"]))}
-    table["_l"] = table["layer"].map(layer_order)
-    return table.sort_values(["model", "dataset", "_l", "timestep"]).drop(columns="_l").reset_index(drop=True)

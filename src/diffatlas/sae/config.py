@@ -70,7 +70,7 @@ class SAEConfig:
     """Layers to train on (workflow grid); null = extract.layers."""
     timesteps: list[int] | None = None
     """Training-scale timesteps (workflow grid); null = extract.timesteps."""
-    steps: int = 800
+    steps: int = 500
     """Optimiser steps (ignored when ``epochs`` is set)."""
     epochs: int | None = None
     """If set, train for this many passes over the training split instead of ``steps``."""

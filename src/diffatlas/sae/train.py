@@ -188,6 +188,38 @@ def init_sae(x_train: torch.Tensor, arch: SAEArch, cfg: SAEConfig, gen: torch.Ge
     return sae
 
 
+class Trainer:
+    """One optimisation step of the recipe, reused by :func:`train_sae` and the benchmark.
+
+    A step: loss (MSE + AuxK on latents silent for more than ``dead_steps`` steps) →
+    backward → remove the gradient component parallel to each atom → Adam → renormalise atoms
+    → update the steps-since-fired counters.
+    """
+
+    def __init__(self, sae: TopKSAE, cfg: SAEConfig) -> None:
+        self.sae = sae
+        self.cfg = cfg
+        self.opt = Adam(list(sae.parameters()))
+        self.since_fired = torch.zeros(sae.arch.n_latents, dtype=torch.long, device=sae.W_dec.device)
+
+    def step(self, xb: torch.Tensor, lr: float) -> dict[str, Any]:
+        sae = self.sae
+        dead = self.since_fired > self.cfg.dead_steps
+        loss, parts = sae.loss(xb, dead, self.cfg.aux_coef)
+        self.opt.zero_grad()
+        loss.backward()
+        sae.project_decoder_grad_()
+        self.opt.step(lr)
+        sae.normalize_decoder_()
+        out = parts["out"]
+        with torch.no_grad():
+            fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
+            fired[out.idx[out.vals > 0]] = True
+            self.since_fired += 1
+            self.since_fired[fired] = 0
+        return parts
+
+
 def train_sae(
     x_train: torch.Tensor,
     arch: SAEArch,
@@ -197,7 +229,9 @@ def train_sae(
 ) -> tuple[TopKSAE, list[dict[str, float]]]:
     """Train a TopK SAE on normalised vectors x_train [M, d] (kept on CPU, batches moved).
 
-    Returns the model (on ``device``) and a short history (step, lr, mse, aux, n_dead).
+    Batches are drawn without replacement from a seeded permutation, reshuffled every epoch
+    (the last incomplete batch of an epoch is dropped). Returns the model (on ``device``) and
+    a short history (step, lr, mse, aux, n_dead).
     """
     device = torch.device(device)
     m = x_train.shape[0]
@@ -205,11 +239,9 @@ def train_sae(
         raise UserError(f"config sae.batch_size = {cfg.batch_size} is larger than the {m} training vectors")
     gen = torch.Generator().manual_seed(cfg.seed)
     sae = init_sae(x_train, arch, cfg, gen).to(device)
-
-    opt = Adam(list(sae.parameters()))
+    trainer = Trainer(sae, cfg)
     n_steps = total_steps(cfg, m)
     per_epoch = m // cfg.batch_size
-    since_fired = torch.zeros(arch.n_latents, dtype=torch.long, device=device)
     history: list[dict[str, float]] = []
     perm = torch.randperm(m, generator=gen)
     start = time.perf_counter()
@@ -218,20 +250,8 @@ def train_sae(
         if j == 0 and step > 0:
             perm = torch.randperm(m, generator=gen)
         xb = x_train[perm[j * cfg.batch_size : (j + 1) * cfg.batch_size]].to(device, torch.float32, non_blocking=True)
-        dead = since_fired > cfg.dead_steps
-        loss, parts = sae.loss(xb, dead, cfg.aux_coef)
-        opt.zero_grad()
-        loss.backward()
-        sae.project_decoder_grad_()
         lr = warmup_lr(step, cfg.lr, cfg.warmup)
-        opt.step(lr)
-        sae.normalize_decoder_()
-        out = parts["out"]
-        with torch.no_grad():
-            fired = torch.zeros(arch.n_latents, dtype=torch.bool, device=device)
-            fired[out.idx[out.vals > 0]] = True
-            since_fired += 1
-            since_fired[fired] = 0
+        parts = trainer.step(xb, lr)
         if step % log_every == 0 or step == n_steps - 1:
             rec = {"step": step, "lr": lr, "mse": float(parts["mse"]), "aux": float(parts["aux"]), "n_dead": parts["n_dead"]}
             history.append(rec)

@@ -53,7 +53,7 @@ class WorldModelConfig:
 
     steps: int = 6000
     """Optimiser steps. Raising it and re-running resumes from the last checkpoint."""
-    batch_size: int = 32
+    batch_size: int = 16
     """Images per step (fresh random scenes every step)."""
     lr: float = 1e-3
     """AdamW peak learning rate (constant after warm-up; EMA does the averaging)."""

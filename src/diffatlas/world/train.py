@@ -41,7 +41,7 @@ import torch
 
 from diffatlas.errors import UserError
 from diffatlas.io import atomic_dir, read_json
-from diffatlas.world.config import WorldModelConfig
+from diffatlas.world.config import RESUME_FREE_FIELDS, WorldModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,8 @@ def load_checkpoint(
 ) -> TrainState | None:
     """Restore a checkpoint made with a config of the same trajectory; None if there is none.
 
-    A checkpoint of another trajectory (different seed, lr, architecture, ...) or one past
-    ``cfg.steps`` is ignored with a warning: training starts afresh and overwrites it.
+    A checkpoint of another trajectory (different seed, lr, architecture, ...) is ignored with
+    a warning: training starts afresh and overwrites it. One past ``cfg.steps`` is an error.
     """
     from safetensors.torch import load_file
 
@@ -242,12 +242,15 @@ def load_checkpoint(
     meta = read_json(path / "state.json")
     if meta.get("trajectory_hash") != cfg.trajectory_hash():
         theirs = meta.get("config", {})
-        diff = sorted(k for k, v in cfg.to_dict().items() if theirs.get(k) != v)
+        diff = sorted(k for k, v in cfg.to_dict().items() if theirs.get(k) != v and k not in RESUME_FREE_FIELDS)
         log.warning("checkpoint %s was made with another config (differs in %s); starting afresh", path, ", ".join(diff))
         return None
     if int(meta["step"]) > cfg.steps:
-        log.warning("checkpoint %s is at step %d, past steps=%d; starting afresh", path, meta["step"], cfg.steps)
-        return None
+        # Never silently throw away a longer run: the user asks for fewer steps than it has.
+        raise UserError(
+            f"checkpoint {path} is at step {meta['step']}, past world_model.train.steps = {cfg.steps}; "
+            f"raise steps to at least {meta['step']}, or delete {path} to train afresh"
+        )
     tensors = load_file(str(path / "model.safetensors"))
     for name, m in models.items():
         _load_prefixed(m, tensors, name)
@@ -266,6 +269,26 @@ def load_checkpoint(
     )
 
 
+def pipeline_from_checkpoint(path: str | os.PathLike, ema_weights: bool = True):
+    """The ShapesWorldPipeline of a training checkpoint (``checkpoint_dir/last``), read only.
+
+    Lets a user look at (or run the fidelity check on) a run in progress. -> (pipeline, step).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_json(path / "state.json")
+    cfg = WorldModelConfig.from_dict(meta["config"])
+    pipe = build_pipeline(cfg)
+    tensors = load_file(str(path / "model.safetensors"))
+    prefix = "ema." if ema_weights else ""
+    _load_prefixed(pipe.unet, tensors, f"{prefix}unet")
+    _load_prefixed(pipe.text_encoder, tensors, f"{prefix}text_encoder")
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    return pipe, int(meta["step"])
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -274,6 +297,25 @@ def lr_at(cfg: WorldModelConfig, step: int) -> float:
     if cfg.warmup and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     return cfg.lr
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-timestep weight of the epsilon loss: ``min(SNR_t, gamma) / SNR_t`` ([T]; ones if gamma = 0).
+
+    ``SNR_t = ᾱ_t / (1 - ᾱ_t)``. For epsilon prediction the weight is 1 wherever SNR <= gamma
+    (the noisy half of the schedule, where layout, shape and colour are decided) and falls
+    as 1/SNR at the nearly clean end.
+    """
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    if gamma <= 0:
+        return torch.ones_like(snr)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Forward process ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise``.  x0, noise [B, C, H, W]; t [B] long."""
+    a = alphas_cumprod[t].view(-1, *([1] * (x0.ndim - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
 @torch.no_grad()
@@ -334,13 +376,8 @@ def train_world_model(
     state = (load_checkpoint(ckpt, cfg, models, ema, optimizer) if (ckpt is not None and resume) else None) or TrainState()
 
     alphas_cumprod = pipe.scheduler.alphas_cumprod.to(torch.float32)
-    snr = alphas_cumprod / (1.0 - alphas_cumprod)
-    if cfg.snr_gamma > 0:
-        loss_weight = torch.clamp(snr, max=cfg.snr_gamma) / snr
-    else:
-        loss_weight = torch.ones_like(snr)
-    sqrt_a, sqrt_1ma = alphas_cumprod.sqrt().to(device), (1 - alphas_cumprod).sqrt().to(device)
-    loss_weight = loss_weight.to(device)
+    loss_weight = min_snr_weights(alphas_cumprod, cfg.snr_gamma).to(device)
+    alphas_cumprod = alphas_cumprod.to(device)
     T = alphas_cumprod.shape[0]
     tok_cache: dict[str, torch.Tensor] = {}
 
@@ -363,7 +400,7 @@ def train_world_model(
             t = torch.randint(0, T, (x0.shape[0],), generator=g)
             noise = torch.randn(x0.shape, generator=g)
             x0, t, noise = x0.to(device), t.to(device), noise.to(device)
-            x_t = sqrt_a[t].view(-1, 1, 1, 1) * x0 + sqrt_1ma[t].view(-1, 1, 1, 1) * noise
+            x_t = add_noise(x0, noise, t, alphas_cumprod)
             if cfg.channels_last and device.type == "cpu":
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
             ids = _tokenize(pipe.tokenizer, captions, tok_cache).to(device)

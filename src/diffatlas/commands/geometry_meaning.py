@@ -1,0 +1,34 @@
+"""``diffatlas geometry-meaning``: which ShapesWorld factor each semantic direction changes.
+
+Judges every edited image of every ``--runs`` directory against the unedited result of the
+same sample with the world's judge (position, size, colour, shape, object count) and writes
+the per-edit table (``--out``) and the per-direction summary (``--summary``). No model is
+loaded.
+
+Example::
+
+    diffatlas geometry-meaning --runs results/geometry/shapesworld/t999 results/geometry/shapesworld/t500 \\
+        --out results/geometry/shapesworld/meaning.csv --summary results/geometry/shapesworld/meaning_summary.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="diffatlas geometry-meaning", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="+", required=True, help="geometry output directories (one per timestep)")
+    ap.add_argument("--out", required=True, help="output CSV, one row per edit")
+    ap.add_argument("--summary", required=True, help="output CSV, one row per (timestep, mode, direction)")
+    args = ap.parse_args(argv)
+
+    from diffatlas.geometry.meaning import run_meaning
+
+    summary = run_meaning(args.runs, args.out, args.summary)
+    for row in summary.itertuples():
+        print(f"t={row.timestep} {row.mode:<10} v{row.direction + 1}: {row.dominant:<8} "
+              f"(position {row.position_changed:.2f} size {row.size_changed:.2f} colour {row.colour_changed:.2f} "
+              f"shape {row.shape_changed:.2f} count {row.count_changed:.2f})")
+    return 0

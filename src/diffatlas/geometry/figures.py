@@ -1,0 +1,171 @@
+"""Figures of the geometry stage; each is its own workflow target.
+
+* :func:`spectra_figure` - singular values per timestep (mean ± std over samples), absolute
+  and normalised by σ_1: the spectrum flattens as t -> 0 (Park et al., Fig. 4).
+* :func:`edits_figure` - edit grid of one timestep: per sample and direction a row of
+  strengths, one-step (no normalisation), x0-normalised, and iterative (parallel transport).
+* :func:`global_figure` - one global direction applied to several samples.
+* :func:`psd_figure` - radially averaged power spectrum of the directions per timestep, and
+  the distances between tangent spaces.
+* :func:`meaning_figure` - share of edits that change each ShapesWorld factor, per direction.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from diffatlas.plotting import plt, save_figure
+
+
+def _colours(n: int):
+    return [plt.cm.viridis(x) for x in np.linspace(0.0, 0.9, max(n, 1))]
+
+
+def spectra_figure(run_dirs: list[str], out: str | os.PathLike, title: str | None = None) -> Path:
+    from diffatlas.geometry.run import load_basis
+
+    runs = sorted((load_basis(d) for d in run_dirs), key=lambda r: -int(r[1]["timestep"]))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for (tensors, meta), colour in zip(runs, _colours(len(runs))):
+        s = tensors["s"].double().numpy()  # [N, n]
+        idx = np.arange(1, s.shape[1] + 1)
+        ratio = float(np.mean(s[:, -1] / s[:, 0]))
+        label = f"t={meta['timestep']} (ᾱ={meta['alpha_bar']:.3f}, σ_{s.shape[1]}/σ_1 = {ratio:.2f})"
+        for ax, vals in ((axes[0], s), (axes[1], s / s[:, :1])):
+            mean, std = vals.mean(0), vals.std(0)
+            ax.plot(idx, mean, "o-", color=colour, label=label, ms=3)
+            ax.fill_between(idx, mean - std, mean + std, color=colour, alpha=0.2)
+    axes[0].set_ylabel("singular value σ_i")
+    axes[1].set_ylabel("σ_i / σ_1")
+    for ax in axes:
+        ax.set_xlabel("direction i")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    meta = runs[0][1]
+    fig.suptitle(title or f"{meta['model']}: pullback spectra of {meta['layer']} ({meta['pooling']}-pooled), "
+                          f"{runs[0][0]['s'].shape[0]} samples", fontsize=9)
+    return save_figure(fig, out)
+
+
+def _grid(rows: list[tuple[str, np.ndarray]], strengths: list[float], title: str, out) -> Path:
+    """rows: (label, images [S, H, W, 3]) drawn as a labelled grid, one column per strength."""
+    n_rows, n_cols = len(rows), len(strengths)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(0.9 * n_cols + 1.6, 0.9 * n_rows + 0.6), squeeze=False)
+    for r, (label, imgs) in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.imshow(imgs[c], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"γ={strengths[c]:g}", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
+    fig.suptitle(title, fontsize=8)
+    return save_figure(fig, out)
+
+
+def edits_figure(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    from diffatlas.geometry.run import load_basis, load_edits
+
+    _, meta = load_basis(run_dir)
+    edits = load_edits(run_dir)
+    strengths = [float(g) for g in edits["strengths"]]
+    lin, nor = edits["linear"].numpy(), edits["normalised"].numpy()
+    rows = []
+    for e in range(lin.shape[0]):
+        for d in range(lin.shape[1]):
+            rows.append((f"s{e} v{d + 1}", lin[e, d]))
+            rows.append((f"s{e} v{d + 1} x0-norm", nor[e, d]))
+            if e == 0 and "iterative" in edits and d < edits["iterative"].shape[0]:
+                it_strengths = [float(g) for g in edits["iterative_strengths"]]
+                if it_strengths == strengths:
+                    rows.append((f"s{e} v{d + 1} iterative", edits["iterative"].numpy()[d]))
+    title = (f"{meta['model']} t={meta['timestep']} (ᾱ={meta['alpha_bar']:.3f}): x' = x_t + γ v_i, then DDIM; "
+             f"x0-norm κ={meta['config']['kappa']}")
+    return _grid(rows, strengths, title, out)
+
+
+def global_figure(global_dir: str | os.PathLike, out: str | os.PathLike, direction: int = 0) -> Path:
+    from safetensors.torch import load_file
+
+    from diffatlas.io import read_json
+
+    tensors = load_file(str(Path(global_dir, "global.safetensors")))
+    meta = read_json(Path(global_dir, "meta.json"))
+    images = tensors["images"].numpy()  # [G, m, S, H, W, 3]
+    direction = min(direction, images.shape[1] - 1)
+    strengths = [float(g) for g in tensors["strengths"]]
+    kept = tensors["kept"][:, direction].tolist()
+    rows = [(f"sample {s} (kept {kept[s]:.2f})", images[s, direction]) for s in range(images.shape[0])]
+    title = (f"{meta['model']}: global direction {direction + 1} at t={meta['timestep']} applied to "
+             f"{images.shape[0]} samples (mean |cos| local-global {meta['mean_cos'][direction]:.2f})")
+    return _grid(rows, strengths, title, out)
+
+
+def psd_figure(psd_csv: str | os.PathLike, out: str | os.PathLike, distances_csv: str | os.PathLike | None = None) -> Path:
+    import pandas as pd
+
+    psd = pd.read_csv(psd_csv)
+    has_dist = distances_csv is not None and Path(distances_csv).is_file()
+    fig, axes = plt.subplots(1, 2 if has_dist else 1, figsize=(9 if has_dist else 4.8, 3.6), squeeze=False)
+    ax = axes[0, 0]
+    steps = sorted(psd["timestep"].unique(), reverse=True)
+    for t, colour in zip(steps, _colours(len(steps))):
+        sub = psd[psd["timestep"] == t].groupby("frequency")["power"].mean()
+        p = sub / sub.sum()
+        centroid = float((p.index.to_numpy() * p.to_numpy()).sum())
+        ax.semilogy(p.index, p.to_numpy(), "o-", ms=2, color=colour, label=f"t={t} (centroid {centroid:.1f})")
+    ax.set_xlabel("spatial frequency (cycles / image)")
+    ax.set_ylabel("normalised power")
+    ax.set_title("PSD of the top directions v_i", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if has_dist:
+        dist = pd.read_csv(distances_csv)
+        ax2 = axes[0, 1]
+        across = dist[dist["kind"] == "across_samples"].groupby("timestep_a")["distance"].agg(["mean", "std"])
+        ax2.errorbar(across.index, across["mean"], yerr=across["std"].fillna(0), fmt="o-", label="between samples, same t")
+        steps_d = dist[dist["kind"] == "across_timesteps"]
+        if len(steps_d):
+            g = steps_d.groupby(["timestep_a", "timestep_b"])["distance"].mean().reset_index()
+            ax2.plot(0.5 * (g["timestep_a"] + g["timestep_b"]), g["distance"], "s--", label="same sample, adjacent t")
+        ax2.set_xlabel("timestep t")
+        ax2.set_ylabel("geodesic distance (principal angles)")
+        ax2.set_title("distances between tangent spaces", fontsize=8)
+        ax2.invert_xaxis()
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=7)
+    model = psd["model"].iloc[0] if len(psd) else ""
+    fig.suptitle(f"{model}: frequency content of the local latent basis", fontsize=9)
+    return save_figure(fig, out)
+
+
+def meaning_figure(summary_csv: str | os.PathLike, out: str | os.PathLike) -> Path:
+    import pandas as pd
+
+    from diffatlas.geometry.meaning import FACTORS
+
+    df = pd.read_csv(summary_csv)
+    modes = [m for m in ("linear", "normalised", "iterative") if m in set(df["mode"])]
+    steps = sorted(df["timestep"].unique(), reverse=True)
+    cols = [f"{f}_changed" for f in FACTORS]
+    fig, axes = plt.subplots(len(modes), len(steps), figsize=(2.6 * len(steps) + 1, 1.9 * len(modes) + 0.8), squeeze=False)
+    im = None
+    for i, mode in enumerate(modes):
+        for j, t in enumerate(steps):
+            ax = axes[i, j]
+            sub = df[(df["mode"] == mode) & (df["timestep"] == t)].sort_values("direction")
+            mat = sub[cols].to_numpy(dtype=float) if len(sub) else np.zeros((1, len(cols)))
+            im = ax.imshow(np.nan_to_num(mat, nan=0.0), vmin=0, vmax=1, cmap="magma", aspect="auto")
+            ax.set_xticks(range(len(FACTORS)), FACTORS, fontsize=6, rotation=45)
+            ax.set_yticks(range(len(sub)), [f"v{d + 1}" for d in sub["direction"]], fontsize=6)
+            ax.set_title(f"{mode}, t={t}", fontsize=7)
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="share of edits that change the factor")
+    model = df["model"].iloc[0] if len(df) else ""
+    fig.suptitle(f"{model}: what each direction changes (judged on ShapesWorld)", fontsize=9)
+    return save_figure(fig, out)

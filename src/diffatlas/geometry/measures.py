@@ -1,0 +1,109 @@
+"""Geometry measures: distances between tangent spaces, path lengths, spatial spectra.
+
+* **Geodesic distance between tangent spaces** (points of a Grassmannian): with principal
+  angles ``θ_k = arccos σ_k(A Bᵀ)`` between the orthonormalised row spaces of ``A`` and
+  ``B``, ``d(A, B) = sqrt(Σ θ_k²)`` (0 for the same space, symmetric, at most
+  ``sqrt(n) π/2``).
+* **Semantic path length**: a path ``x(s)`` between two latents, cut into ``segments``
+  pieces, measured in H: ``Σ_k ||f(x_{k+1}) − f(x_k)||``. Linear interpolation of two
+  Gaussian latents cuts through the low-norm interior of the Gaussian shell (the midpoint
+  has norm ~ ``1/√2`` of the ends); spherical interpolation (:func:`slerp`) stays on it.
+* **Power spectral density** of directions: the radially averaged ``|FFT2|²`` of a
+  direction's spatial map (summed over channels), per integer spatial frequency. Park et al.
+  find low-frequency directions early in generation (large t) and high-frequency ones late.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+# ----------------------------------------------------------------------------- tangent spaces
+def _orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
+    a = a.reshape(a.shape[0], -1).to(torch.float64)
+    return torch.linalg.qr(a.T).Q.T
+
+
+def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Principal angles [min(p, q)] (radians, ascending) between row spaces of a [p, ...], b [q, ...]."""
+    qa, qb = _orthonormal_rows(a), _orthonormal_rows(b)
+    cos = torch.linalg.svdvals(qa @ qb.T).clamp(-1.0, 1.0)
+    return torch.arccos(cos).sort().values
+
+
+def grassmann_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Geodesic distance ``sqrt(Σ θ_k²)`` between the row spaces of ``a`` and ``b``."""
+    return float(principal_angles(a, b).norm())
+
+
+# ----------------------------------------------------------------------------- interpolation
+def lerp(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation; a, b: [...]; s: [S] -> [S, ...]."""
+    s = s.to(a.dtype).view(-1, *([1] * a.ndim))
+    return (1 - s) * a[None] + s * b[None]
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation: directions along the great circle, norms interpolated linearly.
+
+    a, b: [...]; s: [S] in [0, 1] -> [S, ...]. ``||slerp(s)|| = (1-s)||a|| + s||b||`` exactly,
+    so the path keeps the norm of its (Gaussian) endpoints.
+    """
+    s = s.to(torch.float64)
+    na, nb = a.norm().double(), b.norm().double()
+    ua, ub = a.double() / na, b.double() / nb
+    omega = torch.arccos((ua * ub).sum().clamp(-1.0, 1.0))
+    shape = (-1, *([1] * a.ndim))
+    if float(omega) < 1e-6:  # (anti-)parallel ends: directions barely move
+        direction = lerp(ua, ub, s)
+        direction = direction / direction.reshape(len(s), -1).norm(dim=1).view(shape)
+    else:
+        so = torch.sin(omega)
+        w1 = (torch.sin((1 - s) * omega) / so).view(shape)
+        w2 = (torch.sin(s * omega) / so).view(shape)
+        direction = w1 * ua[None] + w2 * ub[None]
+    radius = ((1 - s) * na + s * nb).view(shape)
+    return (direction * radius).to(a.dtype)
+
+
+def path_length(h: torch.Tensor) -> float:
+    """Length ``Σ ||h_{k+1} − h_k||`` of a path sampled as h [S, ...]."""
+    flat = h.reshape(h.shape[0], -1).to(torch.float64)
+    return float((flat[1:] - flat[:-1]).norm(dim=1).sum())
+
+
+# ----------------------------------------------------------------------------- spectra
+def radial_psd(v: torch.Tensor) -> torch.Tensor:
+    """Radially averaged power spectrum of spatial maps.
+
+    v: [..., C, H, W]. The power ``|FFT2|²`` (orthonormal FFT, so Σ power = ||v||²) is summed
+    over channels and averaged over rings of integer radius ``r = round(sqrt(fy² + fx²))`` in
+    frequency units (cycles per image), up to the Nyquist radius ``min(H, W) // 2`` (the
+    corners beyond it hold only partial rings). Returns [..., R] with R = min(H, W) // 2 + 1.
+    """
+    H, W = v.shape[-2:]
+    f = torch.fft.fft2(v.to(torch.float64), norm="ortho")
+    power = (f.real**2 + f.imag**2).sum(dim=-3)  # [..., H, W]
+    fy = torch.fft.fftfreq(H, d=1.0 / H).abs()
+    fx = torch.fft.fftfreq(W, d=1.0 / W).abs()
+    r = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2).round().long()  # [H, W]
+    n_bins = min(H, W) // 2 + 1
+    keep = (r < n_bins).reshape(-1)
+    flat = power.reshape(*power.shape[:-2], H * W)[..., keep]
+    idx = r.reshape(-1)[keep]
+    sums = torch.zeros(*flat.shape[:-1], n_bins, dtype=flat.dtype).index_add_(-1, idx, flat)
+    counts = torch.bincount(idx, minlength=n_bins).to(flat.dtype)
+    return sums / counts
+
+
+def mean_frequency(psd: torch.Tensor) -> torch.Tensor:
+    """Spectral centroid of ring-averaged spectra [..., R]: ``Σ_r r P(r) / Σ_r P(r)``."""
+    r = torch.arange(psd.shape[-1], dtype=psd.dtype)
+    return (psd * r).sum(-1) / psd.sum(-1).clamp_min(1e-300)
+
+
+def max_grassmann_distance(n: int) -> float:
+    """Largest possible distance between n-dimensional subspaces: sqrt(n) π/2."""
+    return math.sqrt(n) * math.pi / 2

@@ -1,0 +1,364 @@
+"""The geometry stage's jobs: what each CLI command computes and writes.
+
+Path grammar (``results/geometry/{model}/``)::
+
+    t{timestep}/basis.safetensors   v [N, n, C, h, w], u [N, n, d], s [N, n], residuals [N, n],
+                                    x_t [N, C, h, w], x_T [N, C, h, w]      (float32)
+    t{timestep}/edits.safetensors   strengths [S]; linear, normalised [E, m, S, H, W, 3] (uint8);
+                                    iterative [m_i, S_i, H, W, 3] (uint8), iterative_strengths [S_i],
+                                    transport_cos [m_i, S_i]
+    t{timestep}/meta.json           model, layer, module path, timestep, ᾱ_t, seed, pooling, prompt,
+                                    config, convergence, timings
+    global/global.safetensors       directions [n, C, h, w], aligned [N, n, C, h, w], cos [N, n],
+                                    perm, signs [N, n], kept [G, n], strengths [S],
+                                    images [G, m, S, H, W, 3] (uint8)
+    global/meta.json
+    path_lengths.csv                one row per (pair, method): H length, X length, norm range
+    path_lengths.json               summary (mean, std, slerp/lerp ratio)
+    psd.csv                         timestep, rank, frequency, power (mean over samples)
+    tangent_distances.csv           geodesic distances between tangent spaces
+    meaning.csv, meaning_summary.csv    (ShapesWorld models; see :mod:`diffatlas.geometry.meaning`)
+
+Sample ``i`` of every timestep starts from the same ``x_T`` (seeded per sample id) and is
+brought to ``t`` by DDIM, so sample ``i`` at two timesteps lies on one trajectory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffatlas.errors import UserError
+from diffatlas.geometry.config import GeometryConfig
+from diffatlas.geometry.editing import geodesic_shoot, linear_edits, x0_normalise
+from diffatlas.geometry.jacobian import PullbackMap, check_timestep, top_singular
+from diffatlas.geometry.sampling import CLEAN, Denoiser, alpha_at, decode_uint8, initial_noise
+from diffatlas.io import atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+PATH_SAMPLE_OFFSET = 100_000
+"""Sample ids of the path-length endpoints start here (disjoint from the analysed samples)."""
+
+
+def _pullback(handle, cfg: GeometryConfig, timestep: int) -> PullbackMap:
+    return PullbackMap.from_handle(handle, timestep, layer=cfg.layer, pooling=cfg.pooling, prompt=cfg.prompt)
+
+
+def _basis_kwargs(cfg: GeometryConfig) -> dict[str, Any]:
+    return dict(oversample=cfg.oversample, tol=cfg.tol, max_iters=cfg.max_iters, batching=cfg.batching,
+                chunk_size=cfg.chunk_size)
+
+
+def _provenance(handle, cfg: GeometryConfig, model_name: str, fmap: PullbackMap | None, timestep: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "model": model_name,
+        "model_info": handle.describe(),
+        "layer": cfg.layer,
+        "module_path": fmap.layer.module_path if fmap is not None else None,
+        "pooling": cfg.pooling,
+        "prompt": cfg.prompt,
+        "guidance_scale": cfg.guidance_scale,
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+    }
+    if timestep is not None:
+        out["timestep"] = int(timestep)
+        out["alpha_bar"] = alpha_at(handle, int(timestep))
+    return out
+
+
+@torch.no_grad()
+def sample_points(handle, den: Denoiser, cfg: GeometryConfig, timestep: int, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_T, x_t) [n, C, h, w]: seeded Gaussian starts, DDIM from T-1 down to ``timestep``."""
+    n = cfg.n_samples if n is None else n
+    x_T = initial_noise(handle, n, cfg.seed)
+    T = handle.num_train_timesteps
+    x_t = den.ddim(x_T, T - 1, timestep, cfg.ddim_steps) if timestep < T - 1 else x_T.clone()
+    return x_T, x_t
+
+
+def _denoise_images(handle, den: Denoiser, x: torch.Tensor, timestep: int, cfg: GeometryConfig) -> np.ndarray:
+    """x [..., C, h, w] at ``timestep`` -> uint8 images [..., H, W, 3] after DDIM to the clean sample."""
+    lead = x.shape[:-3]
+    flat = x.reshape(-1, *x.shape[-3:])
+    x0 = den.ddim(flat, timestep, CLEAN, cfg.ddim_steps)
+    imgs = decode_uint8(handle, x0)
+    return imgs.reshape(*lead, *imgs.shape[1:])
+
+
+def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.PathLike, model_name: str) -> dict[str, Any]:
+    """Local bases of ``cfg.n_samples`` samples at ``timestep``, their edits; written to ``out_dir``."""
+    timestep = check_timestep(timestep, handle.num_train_timesteps)
+    timings: dict[str, float] = {}
+    fmap = _pullback(handle, cfg, timestep)
+    den = Denoiser(handle, cfg.prompt, cfg.guidance_scale)
+    tic = time.perf_counter()
+    x_T, x_t = sample_points(handle, den, cfg, timestep)
+    timings["sample_s"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + timestep)
+    basis = top_singular(fmap, x_t, cfg.n_directions, generator=gen, **_basis_kwargs(cfg))
+    timings["basis_s"] = time.perf_counter() - tic
+    log.info("t=%d: %d samples, %d directions in %d rounds (%.1fs); sigma_1 %.3g, max residual %.2e",
+             timestep, x_t.shape[0], cfg.n_directions, basis.iterations, timings["basis_s"],
+             float(basis.s[:, 0].mean()), float(basis.residuals.max()))
+
+    # -- one-step edits, with and without x0 normalisation
+    tic = time.perf_counter()
+    strengths = cfg.strengths
+    E, m = cfg.n_edit_samples, cfg.edit_directions
+    edited = torch.stack([linear_edits(x_t[i], basis.v[i, :m], strengths) for i in range(E)])  # [E, m, S, C, h, w]
+    normalised = torch.stack([
+        x0_normalise(den, x_t[i:i + 1], edited[i].reshape(-1, *x_t.shape[1:]), timestep, cfg.kappa).reshape(edited[i].shape)
+        for i in range(E)
+    ])
+    both = _denoise_images(handle, den, torch.stack([edited, normalised]), timestep, cfg)
+    timings["edits_s"] = time.perf_counter() - tic
+
+    tensors: dict[str, torch.Tensor] = {
+        "strengths": torch.tensor(strengths, dtype=torch.float32),
+        "linear": torch.from_numpy(np.ascontiguousarray(both[0])),
+        "normalised": torch.from_numpy(np.ascontiguousarray(both[1])),
+    }
+
+    # -- iterative edits (geodesic shooting with parallel transport) for sample 0
+    mi = cfg.iterative_directions if cfg.iterative_substeps > 0 else 0
+    pos = [g for g in strengths if g > 0]
+    neg = [-g for g in strengths if g < 0][::-1]
+    it_info: dict[str, Any] = {}
+    if mi and (pos or neg):
+        tic = time.perf_counter()
+        b0 = basis.sample(0)
+        rows, row_cos = [], []
+        for sign, gs in ((1.0, pos), (-1.0, sorted(neg))):
+            if not gs:
+                continue
+            P = mi
+            start = x_t[:1].expand(P, *x_t.shape[1:])
+            u0 = sign * b0.u[0, :mi]
+            v0 = sign * b0.v[0, :mi]
+            shot = geodesic_shoot(fmap, start, u0, v0, gs, cfg.iterative_substeps, n=cfg.n_directions,
+                                  basis_kwargs=_basis_kwargs(cfg), init=b0.v.expand(P, *b0.v.shape[1:]), generator=gen)
+            rows.append((sign, gs, shot))
+        # assemble signed strengths in increasing order: negatives, 0, positives
+        sig = [0.0]
+        pts = [x_t[:1].expand(mi, *x_t.shape[1:])[:, None]]
+        coss = [torch.ones(mi, 1)]
+        for sign, gs, shot in rows:
+            if sign > 0:
+                sig = sig + gs
+                pts.append(shot.points)
+                coss.append(shot.transport_cos)
+            else:
+                sig = [-g for g in gs][::-1] + sig
+                pts.insert(0, shot.points.flip(1))
+                coss.insert(0, shot.transport_cos.flip(1))
+        pts_t = torch.cat(pts, dim=1)  # [mi, S_i, C, h, w]
+        tensors["iterative"] = torch.from_numpy(np.ascontiguousarray(_denoise_images(handle, den, pts_t, timestep, cfg)))
+        tensors["iterative_strengths"] = torch.tensor(sig, dtype=torch.float32)
+        tensors["transport_cos"] = torch.cat(coss, dim=1).float()
+        timings["iterative_s"] = time.perf_counter() - tic
+        it_info = {"directions": mi, "substeps": cfg.iterative_substeps, "strengths": sig,
+                   "min_transport_cos": float(tensors["transport_cos"].min())}
+
+    meta = _provenance(handle, cfg, model_name, fmap, timestep)
+    meta.update(
+        n_samples=int(x_t.shape[0]),
+        sample_ids=list(range(int(x_t.shape[0]))),
+        n_directions=cfg.n_directions,
+        input_dim=int(x_t[0].numel()),
+        feature_dim=int(basis.u.shape[-1]),
+        iterations=basis.iterations,
+        converged=basis.converged,
+        max_residual=float(basis.residuals.max()),
+        singular_values_mean=basis.s.mean(0).tolist(),
+        edit={"samples": E, "directions": m, "strengths": strengths, "kappa": cfg.kappa},
+        iterative=it_info,
+        timings=timings,
+    )
+    with atomic_dir(out_dir) as tmp:
+        save_file(
+            {
+                "v": basis.v.float().contiguous().cpu(),
+                "u": basis.u.float().contiguous().cpu(),
+                "s": basis.s.float().contiguous().cpu(),
+                "residuals": basis.residuals.float().contiguous().cpu(),
+                "x_t": x_t.float().contiguous().cpu(),
+                "x_T": x_T.float().contiguous().cpu(),
+            },
+            str(Path(tmp, "basis.safetensors")),
+            metadata={"model": model_name, "layer": cfg.layer, "timestep": str(timestep), "pooling": cfg.pooling},
+        )
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp, "edits.safetensors")))
+        write_json(Path(tmp, "meta.json"), meta)
+    return meta
+
+
+def load_basis(run_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors of basis.safetensors, meta.json) of one timestep directory."""
+    run_dir = Path(run_dir)
+    path = run_dir / "basis.safetensors"
+    if not path.is_file():
+        raise UserError(f"{path} not found: run `diffatlas geometry` for this model and timestep first")
+    return load_file(str(path)), read_json(run_dir / "meta.json")
+
+
+def load_edits(run_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(run_dir) / "edits.safetensors"
+    if not path.is_file():
+        raise UserError(f"{path} not found: run `diffatlas geometry` for this model and timestep first")
+    return load_file(str(path))
+
+
+def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_dir: str | os.PathLike,
+               model_name: str) -> dict[str, Any]:
+    """Global directions from the local bases at ``cfg.global_timestep`` (read from ``basis_dir``)."""
+    from diffatlas.geometry.global_directions import global_directions, project_to_tangent
+
+    tensors, meta_t = load_basis(basis_dir)
+    timestep = int(meta_t["timestep"])
+    if timestep != cfg.global_timestep:
+        raise UserError(f"{basis_dir} holds timestep {timestep}, not geometry.global_timestep = {cfg.global_timestep}")
+    v, x_t = tensors["v"], tensors["x_t"]
+    N, n = v.shape[:2]
+    g = global_directions(v)
+    G = min(cfg.global_samples, N)
+    m = min(cfg.edit_directions, n)
+    flat_g = g.directions[:m].reshape(m, -1)
+    projected, kept = [], []
+    for s in range(G):
+        p, k = project_to_tangent(flat_g, v[s])
+        projected.append(p.reshape(m, *v.shape[2:]))
+        kept.append(k)
+    projected_t = torch.stack(projected).to(handle.device, handle.dtype)  # [G, m, C, h, w]
+    strengths = cfg.strengths
+    x = x_t[:G].to(handle.device, handle.dtype)
+    edited = torch.stack([linear_edits(x[s], projected_t[s], strengths) for s in range(G)])  # [G, m, S, C, h, w]
+    den = Denoiser(handle, cfg.prompt, cfg.guidance_scale)
+    tic = time.perf_counter()
+    images = _denoise_images(handle, den, edited, timestep, cfg)
+    meta = _provenance(handle, cfg, model_name, None, timestep)
+    meta.update(
+        module_path=meta_t.get("module_path"),
+        n_samples=int(N),
+        n_directions=int(n),
+        matching_rounds=g.rounds,
+        mean_cos=g.cos.mean(0).tolist(),
+        mean_kept=torch.stack(kept).mean(0).tolist(),
+        strengths=strengths,
+        edited_samples=G,
+        edited_directions=m,
+        timings={"edits_s": time.perf_counter() - tic},
+        source=str(basis_dir),
+    )
+    with atomic_dir(out_dir) as tmp:
+        save_file(
+            {
+                "directions": g.directions.float().contiguous(),
+                "aligned": g.aligned.float().contiguous(),
+                "cos": g.cos.float().contiguous(),
+                "perm": g.perm.contiguous(),
+                "signs": g.signs.contiguous(),
+                "kept": torch.stack(kept).float().contiguous(),
+                "strengths": torch.tensor(strengths, dtype=torch.float32),
+                "images": torch.from_numpy(np.ascontiguousarray(images)),
+            },
+            str(Path(tmp, "global.safetensors")),
+        )
+        write_json(Path(tmp, "meta.json"), meta)
+    log.info("global directions at t=%d from %d samples: mean |cos| to global %s", timestep, N,
+             [round(c, 3) for c in meta["mean_cos"]])
+    return meta
+
+
+@torch.no_grad()
+def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_name: str) -> dict[str, Any]:
+    """Semantic path lengths of lerp vs slerp between pairs of Gaussian latents at t = global_timestep."""
+    import pandas as pd
+
+    from diffatlas.geometry.measures import lerp, path_length, slerp
+    from diffatlas.io import atomic_file
+
+    timestep = check_timestep(cfg.global_timestep, handle.num_train_timesteps)
+    fmap = _pullback(handle, cfg, timestep)
+    ends = initial_noise(handle, 2 * cfg.path_pairs, cfg.seed, first_id=PATH_SAMPLE_OFFSET)
+    s = torch.linspace(0, 1, cfg.path_segments + 1)
+    rows = []
+    for p in range(cfg.path_pairs):
+        a, b = ends[2 * p], ends[2 * p + 1]
+        for method, fn in (("lerp", lerp), ("slerp", slerp)):
+            pts = fn(a, b, s)  # [S+1, C, h, w]
+            h = torch.cat([fmap(c) for c in pts.split(64)])
+            norms = pts.reshape(len(s), -1).norm(dim=1)
+            ref = 0.5 * (float(norms[0]) + float(norms[-1]))
+            rows.append({
+                "model": model_name, "timestep": timestep, "pair": p, "method": method,
+                "segments": cfg.path_segments, "h_length": path_length(h), "x_length": path_length(pts),
+                "min_norm_ratio": float(norms.min()) / ref, "max_norm_ratio": float(norms.max()) / ref,
+            })
+    df = pd.DataFrame(rows)
+    with atomic_file(out_csv) as tmp:
+        df.to_csv(tmp, index=False)
+    wide = df.pivot(index="pair", columns="method", values="h_length")
+    summary = {
+        "model": model_name, "timestep": timestep, "alpha_bar": alpha_at(handle, timestep), "layer": cfg.layer,
+        "module_path": fmap.layer.module_path, "pooling": cfg.pooling, "prompt": cfg.prompt, "seed": cfg.seed,
+        "pairs": cfg.path_pairs, "segments": cfg.path_segments,
+        "h_length_mean": df.groupby("method")["h_length"].mean().to_dict(),
+        "h_length_std": df.groupby("method")["h_length"].std(ddof=0).to_dict(),
+        "min_norm_ratio_mean": df.groupby("method")["min_norm_ratio"].mean().to_dict(),
+        "slerp_over_lerp_mean": float((wide["slerp"] / wide["lerp"]).mean()),
+        "slerp_shorter_fraction": float((wide["slerp"] < wide["lerp"]).mean()),
+    }
+    write_json(Path(out_csv).with_suffix(".json"), summary)
+    return summary
+
+
+def run_measures(run_dirs: list[str], psd_csv: str | os.PathLike, dist_csv: str | os.PathLike) -> dict[str, Any]:
+    """PSD of directions per timestep and geodesic distances between tangent spaces (no model needed)."""
+    import itertools
+
+    import pandas as pd
+
+    from diffatlas.geometry.measures import grassmann_distance, mean_frequency, radial_psd
+    from diffatlas.io import atomic_file
+
+    runs = []
+    for d in run_dirs:
+        tensors, meta = load_basis(d)
+        runs.append((int(meta["timestep"]), tensors, meta))
+    runs.sort(key=lambda r: -r[0])
+    psd_rows, dist_rows = [], []
+    for t, tensors, meta in runs:
+        v = tensors["v"]  # [N, n, C, h, w]
+        psd = radial_psd(v)  # [N, n, R]
+        mean = psd.mean(0)
+        for rank in range(mean.shape[0]):
+            for f, pw in enumerate(mean[rank].tolist()):
+                psd_rows.append({"model": meta["model"], "timestep": t, "alpha_bar": meta["alpha_bar"], "rank": rank,
+                                 "frequency": f, "power": pw})
+        N = v.shape[0]
+        for a, b in itertools.combinations(range(N), 2):
+            dist_rows.append({"model": meta["model"], "kind": "across_samples", "timestep_a": t, "timestep_b": t,
+                              "sample_a": a, "sample_b": b, "distance": grassmann_distance(v[a], v[b])})
+        log.info("t=%d: mean frequency of directions %.2f", t, float(mean_frequency(mean).mean()))
+    for (t1, r1, m1), (t2, r2, _) in zip(runs[:-1], runs[1:]):
+        for s in range(min(r1["v"].shape[0], r2["v"].shape[0])):
+            dist_rows.append({"model": m1["model"], "kind": "across_timesteps", "timestep_a": t1, "timestep_b": t2,
+                              "sample_a": s, "sample_b": s, "distance": grassmann_distance(r1["v"][s], r2["v"][s])})
+    with atomic_file(psd_csv) as tmp:
+        pd.DataFrame(psd_rows).to_csv(tmp, index=False)
+    dist = pd.DataFrame(dist_rows, columns=["model", "kind", "timestep_a", "timestep_b", "sample_a", "sample_b", "distance"])
+    with atomic_file(dist_csv) as tmp:
+        dist.to_csv(tmp, index=False)
+    return {"timesteps": [r[0] for r in runs],
+            "mean_distance": dist.groupby(["kind", "timestep_a", "timestep_b"])["distance"].mean().reset_index().to_dict("records")}

@@ -1,0 +1,156 @@
+"""Deterministic DDIM between any two training timesteps, with the model's own schedule.
+
+The geometry stage needs DDIM segments that start or stop at arbitrary training timesteps
+(``T-1 -> t`` to reach the point whose basis is computed, ``t -> clean`` after an edit), while
+a diffusers scheduler only steps on its fixed inference grid. So the update is written out
+here, from the scheduler's own ``alphas_cumprod``, ``prediction_type`` (epsilon, v or sample),
+``clip_sample`` / ``clip_sample_range`` and final ᾱ (``set_alpha_to_one``), exactly as
+``DDIMScheduler.step`` with ``eta = 0`` computes it::
+
+    x0̂ = predicted clean sample (clipped if the scheduler clips)
+    ε̂  = predicted noise (the model's, not recomputed from the clipped x0̂, as diffusers)
+    x_s = sqrt(ᾱ_s) x0̂ + sqrt(1 - ᾱ_s) ε̂
+
+A segment ``t -> s`` takes ``max(1, round(steps · (t - s) / T))`` equal steps, so one
+``ddim_steps`` setting means the same step size everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffatlas.activations.noise import sample_noise
+
+CLEAN = -1
+"""End of a denoising segment: the clean sample (the scheduler's final ᾱ)."""
+
+
+def final_alpha(scheduler) -> float:
+    """ᾱ after the last step: 1 with ``set_alpha_to_one`` (diffusers' DDIM default), else ᾱ_0."""
+    if getattr(scheduler.config, "set_alpha_to_one", True):
+        return 1.0
+    return float(scheduler.alphas_cumprod[0])
+
+
+def alpha_at(handle, t: int) -> float:
+    """ᾱ_t on the training scale; ``t = CLEAN`` gives the final ᾱ."""
+    if t == CLEAN:
+        return final_alpha(handle.scheduler)
+    return float(handle.alphas_cumprod[int(t)])
+
+
+def segment(t_from: int, t_to: int, steps: int, num_train_timesteps: int) -> list[int]:
+    """Timesteps visited from ``t_from`` down to ``t_to`` (``CLEAN`` allowed), both included."""
+    if t_to >= t_from:
+        return [t_from]
+    span = t_from - t_to
+    n = max(1, int(round(steps * span / num_train_timesteps)))
+    pts = np.linspace(t_from, t_to, n + 1).round().astype(int).tolist()
+    out = [pts[0]]
+    for p in pts[1:]:
+        if p != out[-1]:
+            out.append(p)
+    return out
+
+
+def split_prediction(handle, out: torch.Tensor, x: torch.Tensor, a: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model output at ᾱ = ``a`` -> (ε̂, x0̂), by the scheduler's ``prediction_type``."""
+    kind = getattr(handle.scheduler.config, "prediction_type", "epsilon")
+    sa, sb = a**0.5, (1.0 - a) ** 0.5
+    if kind == "epsilon":
+        eps = out
+        x0 = (x - sb * eps) / sa
+    elif kind == "v_prediction":
+        x0 = sa * x - sb * out
+        eps = sa * out + sb * x
+    elif kind == "sample":
+        x0 = out
+        eps = (x - sa * x0) / max(sb, 1e-12)
+    else:  # pragma: no cover - diffusers has no other kinds
+        raise ValueError(f"unknown prediction_type {kind!r}")
+    return eps, x0
+
+
+def clip_x0(handle, x0: torch.Tensor) -> torch.Tensor:
+    cfg = handle.scheduler.config
+    if getattr(cfg, "clip_sample", False):
+        r = float(getattr(cfg, "clip_sample_range", 1.0))
+        return x0.clamp(-r, r)
+    return x0
+
+
+class Denoiser:
+    """Noise / x0 predictions of a model at one prompt, with optional CFG, in batches.
+
+    ``cond`` / ``uncond`` come from ``handle.conditioning``; ``guidance_scale <= 1`` runs the
+    conditional pass only.
+    """
+
+    def __init__(self, handle, prompt: str = "", guidance_scale: float = 1.0, batch_size: int = 64) -> None:
+        self.handle = handle
+        self.cond = handle.conditioning([prompt])
+        self.guidance = float(guidance_scale)
+        self.uncond = handle.conditioning([""]) if self.guidance > 1.0 else None
+        self.batch_size = max(1, int(batch_size))
+
+    @torch.no_grad()
+    def output(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """Raw model output for ``x`` [B, C, h, w] at training timestep ``t`` (CFG combined)."""
+        outs = []
+        for chunk in x.split(self.batch_size):
+            out = self.handle.predict_noise(chunk, int(t), self.cond)
+            if self.uncond is not None:
+                out_u = self.handle.predict_noise(chunk, int(t), self.uncond)
+                out = out_u + self.guidance * (out - out_u)
+            outs.append(out)
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def eps_x0(self, x: torch.Tensor, t: int, clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε̂, x0̂) at ``t``; x0̂ clipped like the scheduler clips it unless ``clip=False``."""
+        a = alpha_at(self.handle, t)
+        eps, x0 = split_prediction(self.handle, self.output(x, t), x, a)
+        return eps, (clip_x0(self.handle, x0) if clip else x0)
+
+    @torch.no_grad()
+    def ddim(self, x: torch.Tensor, t_from: int, t_to: int, steps: int) -> torch.Tensor:
+        """DDIM (η = 0) from ``x`` at ``t_from`` down to ``t_to`` (``CLEAN`` = the clean sample)."""
+        path = segment(int(t_from), int(t_to), steps, self.handle.num_train_timesteps)
+        for t, s in zip(path[:-1], path[1:]):
+            eps, x0 = self.eps_x0(x, t)
+            if s == CLEAN:
+                a_s = final_alpha(self.handle.scheduler)
+            else:
+                a_s = alpha_at(self.handle, s)
+            x = a_s**0.5 * x0 + (1.0 - a_s) ** 0.5 * eps
+        return x
+
+
+def initial_noise(handle, n: int, seed: int, first_id: int = 0) -> torch.Tensor:
+    """x_T [n, C, h, w] ~ N(0, I), sample ``i`` from its own seeded generator (batch-independent)."""
+    shape = (handle.latent_channels, handle.latent_size, handle.latent_size)
+    ids = list(range(first_id, first_id + n))
+    return sample_noise(ids, handle.num_train_timesteps, shape, seed).to(handle.device, handle.dtype)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def decode_uint8(handle, x0: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Clean denoiser-space samples -> uint8 images [B, H, W, 3] (VAE decode for latent models)."""
+    return np.concatenate([to_uint8(handle.decode(c)) for c in x0.split(batch_size)]) if len(x0) else np.zeros(
+        (0, handle.image_size, handle.image_size, 3), np.uint8
+    )
+
+
+def describe_schedule(handle, timesteps: Sequence[int]) -> dict[str, Any]:
+    """ᾱ_t of each timestep, for artifacts."""
+    return {str(int(t)): alpha_at(handle, int(t)) for t in timesteps}

@@ -1,0 +1,193 @@
+"""Diff-C and linear probes: learning on ShapesWorld features, oracles for every metric,
+reproducibility, and the bad inputs of the issue (no spatial maps, one class, a class with
+no test samples). Stores are built with the real writer (diffatlas.diffc.synthetic)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+from diffatlas.data.shapesworld import generate_shapesworld
+from diffatlas.diffc.config import DiffCConfig
+from diffatlas.diffc.model import load_diffc
+from diffatlas.diffc.probe import load_probe, probe_predict
+from diffatlas.diffc.synthetic import image_features, linear_alpha_bar, write_store
+from diffatlas.diffc.train import load_spatial_maps, predict, run_diffc_job
+from diffatlas.activations.store import ActivationStore
+from diffatlas.errors import UserError
+
+torch.set_num_threads(1)
+
+TIMESTEPS = [50, 800]
+# Small and quick, but the real code path: 4 conv blocks, AdamW, BatchNorm, the probe.
+FAST = dict(epochs=4, feature_dim=32, lr=3e-3, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def world():
+    """ShapesWorld images (one object each, so the coarse label is the only shape shown)."""
+    return generate_shapesworld({"n_samples": 360, "image_size": 32, "seed": 0, "two_object_fraction": 0.0})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, world):
+    """Layers of three sizes at two timesteps, and one layer without spatial maps."""
+    ab = linear_alpha_bar(TIMESTEPS)
+    maps = {
+        "up_ft1": image_features(world.images, 16, 16, ab, seed=1),
+        "mid": image_features(world.images, 4, 24, ab, seed=2),
+        "pooled_only": image_features(world.images, 8, 8, ab, seed=3),
+    }
+    path = tmp_path_factory.mktemp("store") / "sw.zarr"
+    return write_store(path, maps, world.meta["label"], world.meta["coarse_label"], TIMESTEPS, spatial={"pooled_only": False})
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, store):
+    out = tmp_path_factory.mktemp("job") / "mid" / "t50"
+    result = run_diffc_job(store, "mid", 50, out, DiffCConfig(**FAST), device="cpu", model_name="m", dataset_name="d")
+    return out, result
+
+
+def test_diffc_beats_chance_on_shapesworld_coarse_labels(tmp_path, store):
+    cfg = DiffCConfig(epochs=15, feature_dim=64, lr=3e-3, batch_size=32, granularities=["coarse"])
+    result = run_diffc_job(store, "up_ft1", 50, tmp_path / "out", cfg, device="cpu")
+    coarse = result.metrics["results"]["coarse"]
+    chance = coarse["diffc"]["chance_uniform"]
+    assert chance == pytest.approx(1 / 3)
+    # Shape is the coarse label; with 16x16 maps Diff-C must find it far above chance.
+    assert coarse["diffc"]["accuracy"] >= chance + 0.35, coarse["diffc"]["accuracy"]
+    assert coarse["diffc"]["accuracy"] > coarse["majority_baseline"] + 0.3
+
+
+def test_accuracies_agree_with_brute_force_from_saved_predictions(job):
+    out, result = job
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result.metrics))  # the file is what the job returned
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == 2 * 360
+    for gran in ("coarse", "fine"):
+        entry = metrics["results"][gran]
+        test = preds[(preds["granularity"] == gran) & (preds["split"] == "test")]
+        assert len(test) == metrics["split"]["n_test"]
+        classes = entry["classes"]
+        for method in ("diffc", "probe"):
+            m = entry[method]
+            correct = sum(t == p for t, p in zip(test["true"], test[method]))
+            assert m["accuracy"] == correct / len(test)
+            # Confusion matrix: brute-force count, sums to the test size.
+            cm = np.asarray(m["confusion_matrix"]["matrix"])
+            assert m["confusion_matrix"]["classes"] == classes
+            assert cm.sum() == len(test) == m["n_test"]
+            brute = np.zeros_like(cm)
+            for t, p in zip(test["true"], test[method]):
+                brute[classes.index(t), classes.index(p)] += 1
+            np.testing.assert_array_equal(cm, brute)
+            # Per-class accuracy and macro-F1 against scikit-learn on the same predictions.
+            for c in classes:
+                rows = test[test["true"] == c]
+                assert m["per_class_accuracy"][c] == pytest.approx((rows[method] == c).mean())
+            present = sorted(set(test["true"]))
+            assert m["macro_f1"] == pytest.approx(f1_score(test["true"], test[method], labels=present, average="macro"))
+            for split in ("train", "val"):
+                part = preds[(preds["granularity"] == gran) & (preds["split"] == split)]
+                assert m[f"{split}_accuracy"] == pytest.approx((part["true"] == part[method]).mean())
+
+
+def test_saved_weights_reproduce_saved_predictions(job, store):
+    out, _ = job
+    preds = pd.read_csv(out / "predictions.csv")
+    s = ActivationStore(store)
+    maps = load_spatial_maps(s, "mid", 50, torch.device("cpu"))
+    pooled = s.pooled("mid", 50)
+    for gran in ("coarse", "fine"):
+        saved = preds[preds["granularity"] == gran]
+        np.testing.assert_array_equal(saved["sample_id"], s.sample_ids)
+        model, classes = load_diffc(str(out / "diffc.safetensors"), gran)
+        got = np.asarray(classes)[predict(model, maps, np.arange(len(s)), 64)]
+        np.testing.assert_array_equal(got, saved["diffc"].to_numpy())
+        probe, pclasses = load_probe(out / "probe.safetensors", gran)
+        assert pclasses == classes
+        np.testing.assert_array_equal(np.asarray(classes)[probe_predict(probe, pooled)], saved["probe"].to_numpy())
+
+
+def test_metrics_record_where_they_come_from(job, store):
+    _, result = job
+    m = result.metrics
+    s = ActivationStore(store)
+    assert (m["model"], m["dataset"], m["layer"], m["timestep"], m["seed"]) == ("m", "d", "mid", 50, 0)
+    assert m["alpha_bar"] == pytest.approx(float(linear_alpha_bar([50])[0]))
+    assert m["module_path"] == "synthetic.mid"
+    assert m["prompt"] == "" and m["pooling"] == "mean"
+    assert m["input"] == {"n_samples": 360, "channels": 24, "height": 4, "width": 4}
+    assert m["split"]["n_train"] + m["split"]["n_val"] + m["split"]["n_test"] == len(s)
+    assert m["split"]["n_test"] == round(0.2 * 360) and m["split"]["n_val"] == round(0.15 * 360)
+    assert m["results"]["fine"]["classes"] == sorted(set(s.labels("fine")))
+    assert len(m["results"]["fine"]["classes"]) == 12 and len(m["results"]["coarse"]["classes"]) == 3
+    assert m["warnings"] == []
+
+
+def test_reproducible_with_the_same_seed(tmp_path, store, job):
+    out, _ = job
+    again = tmp_path / "again"
+    run_diffc_job(store, "mid", 50, again, DiffCConfig(**FAST), device="cpu", model_name="m", dataset_name="d")
+    for name in ("metrics.json", "diffc.safetensors", "probe.safetensors", "predictions.csv"):
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    other = run_diffc_job(store, "mid", 50, tmp_path / "seed1", DiffCConfig(**{**FAST, "seed": 1}), device="cpu")
+    first = pd.read_csv(out / "predictions.csv")
+    second = pd.read_csv(tmp_path / "seed1" / "predictions.csv")
+    assert (first["split"] != second["split"]).any()  # the seed drives the split
+    assert other.metrics["split"]["n_test"] == 72
+
+
+def test_layer_without_spatial_maps_is_a_user_error(tmp_path, store):
+    with pytest.raises(UserError, match=r"'pooled_only'.*without spatial maps.*layers with maps: up_ft1, mid"):
+        run_diffc_job(store, "pooled_only", 50, tmp_path / "out", DiffCConfig(**FAST), device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_layer_and_timestep_are_user_errors(tmp_path, store):
+    with pytest.raises(UserError, match="'nope' is not in .*stored layers: up_ft1, mid, pooled_only"):
+        run_diffc_job(store, "nope", 50, tmp_path / "o", DiffCConfig(**FAST), device="cpu")
+    with pytest.raises(UserError, match="timestep 51 is not in .*stored timesteps: 50, 800"):
+        run_diffc_job(store, "mid", 51, tmp_path / "o", DiffCConfig(**FAST), device="cpu")
+
+
+def _tiny_store(path, labels, coarse=None, n_channels=4):
+    rng = np.random.default_rng(0)
+    n = len(labels)
+    maps = {"L": rng.normal(size=(1, n, n_channels, 4, 4)).astype(np.float32)}
+    return write_store(path, maps, labels, coarse, [10])
+
+
+def test_single_class_is_a_user_error(tmp_path):
+    store = _tiny_store(tmp_path / "one.zarr", ["cat"] * 40, ["animal"] * 40)
+    with pytest.raises(UserError, match=r"coarse labels: a classifier needs at least 2 classes, found only 'animal'"):
+        run_diffc_job(store, "L", 10, tmp_path / "out", DiffCConfig(**FAST), device="cpu")
+    # Fine labels alone: the same error, naming the fine labels.
+    with pytest.raises(UserError, match=r"fine labels: a classifier needs at least 2 classes, found only 'cat'"):
+        run_diffc_job(store, "L", 10, tmp_path / "out", DiffCConfig(**FAST, granularities=["fine"]), device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_class_without_test_samples_is_an_explicit_warning(tmp_path):
+    # 'rare' has one sample: it must stay in training, so it has no test sample.
+    labels = ["a"] * 30 + ["b"] * 30 + ["rare"]
+    store = _tiny_store(tmp_path / "rare.zarr", labels, None)
+    result = run_diffc_job(store, "L", 10, tmp_path / "out", DiffCConfig(**FAST, granularities=["fine"]), device="cpu")
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    fine = saved["results"]["fine"]
+    for method in ("diffc", "probe"):
+        assert fine[method]["per_class_accuracy"]["rare"] is None
+        assert fine[method]["macro_f1_classes"] == 2
+        assert any("'rare' has no test samples" in w for w in fine[method]["warnings"])
+        assert np.asarray(fine[method]["confusion_matrix"]["matrix"])[2].sum() == 0
+    assert sum("'rare' has no test samples" in w for w in saved["warnings"]) == 2
+    assert saved["warnings"] == result.metrics["warnings"]
+    preds = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert preds.loc[preds["true"] == "rare", "split"].tolist() == ["train"]

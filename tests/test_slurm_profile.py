@@ -1,0 +1,168 @@
+"""Fast checks of profiles/slurm that need no SLURM cluster.
+
+The real test, on a real single-node cluster, is scripts/slurm_test.sh. These catch the
+cheap mistakes early: a profile key Snakemake does not know, a profile setting silently
+overridden by another profile, a partition/account/slurm_extra put in a rule, a GPU rule
+that would not get ``--gpus=1`` from the plugin, and planning (``snakemake -n``) through
+the SLURM profile.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = ROOT / "profiles" / "slurm"
+
+snakemake_cli = pytest.importorskip("snakemake.cli")
+slurm_plugin = pytest.importorskip(
+    "snakemake_executor_plugin_slurm", reason="pip install -e '.[slurm]' installs the SLURM plugin"
+)
+from snakemake_executor_plugin_slurm.submit_string import get_submit_command  # noqa: E402
+from snakemake_executor_plugin_slurm.utils import set_gres_string  # noqa: E402
+from snakemake_executor_plugin_slurm.validation import get_forbidden_slurm_options  # noqa: E402
+
+
+def _effective_args(cwd: Path, *extra: str):
+    """Parse ``snakemake --profile profiles/slurm`` exactly as the snakemake CLI does, run
+    from ``cwd`` (including any workflow profile Snakemake adds on its own)."""
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        _parser, args = snakemake_cli.parse_args(
+            ["--profile", str(PROFILE), "--snakefile", str(ROOT / "Snakefile"), *extra]
+        )
+    finally:
+        os.chdir(old)
+    return args
+
+
+def _values(resources) -> dict:
+    """Snakemake's parsed Resources -> {name: plain value} (functions stay functions)."""
+    out = {}
+    for name, res in dict(resources or {}).items():
+        evaluable = res.is_evaluable() if callable(getattr(res, "is_evaluable", None)) else False
+        out[name] = "<function>" if evaluable else res.value
+    return out
+
+
+def test_profile_is_read_by_snakemakes_own_parser(tmp_path):
+    # an unknown key would make the CLI parser fail here, as it would for a user
+    args = _effective_args(tmp_path, "--workflow-profile", "none")
+    assert args.executor == "slurm"
+    defaults = _values(args.default_resources)
+    # every job gets --mem and -t even from a rule that declares neither
+    assert int(defaults["mem_mb"]) > 0 and int(defaults["runtime"]) > 0
+    assert args.retries >= 1
+    assert args.latency_wait >= 30
+    assert args.rerun_incomplete and args.show_failed_logs
+    # partitions and accounts are placeholders (comments) in the shipped profile
+    assert "slurm_partition" not in defaults and "slurm_account" not in defaults
+
+
+def test_profile_settings_are_not_overridden_by_a_workflow_profile():
+    # Snakemake adds profiles/default/ next to the Snakefile as a *workflow profile* to every
+    # run, and its keys override those of --profile. Run from the repository root, as the
+    # README says, the SLURM profile's settings must be the ones in force.
+    args = _effective_args(ROOT)
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    assert args.executor == "slurm"
+    assert args.keep_going == profile["keep-going"]
+    assert args.retries == profile["retries"]
+    defaults = _values(args.default_resources)
+    assert {k: defaults.get(k) for k in profile["default-resources"]} == profile["default-resources"]
+    # a global `gpu` limit would let only that many GPU jobs run at once on the whole cluster
+    assert "gpu" not in _values(args.resources), (
+        f"a workflow profile caps the cluster at resources {args.resources}; "
+        "rename profiles/default (e.g. to profiles/local) so that it is not picked up implicitly"
+    )
+
+
+def test_no_sbatch_option_that_the_plugin_manages_in_slurm_extra():
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    extras = [profile.get("default-resources", {}).get("slurm_extra", "")]
+    extras += [r.get("slurm_extra", "") for r in (profile.get("set-resources") or {}).values()]
+    forbidden = get_forbidden_slurm_options()
+    for extra in filter(None, extras):
+        for pattern, what in forbidden.items():
+            assert not re.search(pattern, extra), f"slurm_extra {extra!r} sets the {what}"
+
+
+def test_rules_leave_partitions_accounts_and_sbatch_options_to_profiles():
+    offenders = []
+    for smk in sorted([ROOT / "Snakefile", *(ROOT / "rules").glob("*.smk")]):
+        for n, line in enumerate(smk.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if re.search(r"\b(slurm_partition|slurm_account|slurm_extra|gres|constraint|qos)\s*=", code):
+                offenders.append(f"{smk.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, "site settings belong to profiles/slurm:\n" + "\n".join(offenders)
+
+
+def _stub_job(resources: dict, threads: int):
+    res = SimpleNamespace(**resources)
+    res.get = lambda key, default=None: resources.get(key, default)
+    return SimpleNamespace(resources=res, threads=threads, is_group=lambda: False)
+
+
+@pytest.mark.parametrize(
+    "resources, expected",
+    [({"gpu": 1, "mem_mb": 4000, "runtime": 30}, " --gpus=1"), ({"mem_mb": 2000, "runtime": 10}, "")],
+)
+def test_plugin_turns_gpu_resource_into_gpus_option(resources, expected):
+    # the mapping the cluster test observes end to end, checked on the installed plugin
+    job = _stub_job(resources, threads=2)
+    assert set_gres_string(job) == expected
+    params = {"run_uuid": "u", "slurm_logfile": "x/%j.log", "comment_str": "rule_r",
+              "account": "", "partition": "", "workdir": "/w"}
+    call = get_submit_command(job, params)
+    assert "--gres" not in call
+    assert f"--mem {resources['mem_mb']}" in call and f"-t {resources['runtime']}" in call
+    assert "--cpus-per-task=2" in call  # rule threads -> CPUs of the job
+
+
+_JOB = re.compile(r"^(?:local)?rule (\w+):\n((?:[ \t]+.*\n)+)", re.M)
+
+
+@pytest.mark.workflow
+def test_dry_run_through_the_slurm_profile(tmp_path):
+    """`snakemake -n --profile profiles/slurm` plans the tiny test config without SLURM."""
+    if shutil.which("snakemake") is None:
+        pytest.skip("snakemake console script not on PATH")
+    from diffatlas.models.tiny import make_tiny_model
+
+    make_tiny_model("pixel", tmp_path / "tiny_model", seed=0)
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    targets = [
+        "results/" + t.strip()
+        for t in (ROOT / "tests" / "slurm" / "targets.txt").read_text().splitlines()
+        if t.strip() and not t.startswith("#")
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(
+        ["snakemake", "-n", *targets, "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
+         "--profile", str(PROFILE), "--workflow-profile", "none",
+         "--configfile", str(ROOT / "tests" / "slurm" / "tiny_config.yaml")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    jobs = {}
+    for rule, body in _JOB.findall(out):
+        res = re.search(r"^\s+resources: (.*)$", body, re.M)
+        jobs[rule] = dict(kv.split("=", 1) for kv in res.group(1).split(", ")) if res else {}
+    assert set(jobs) >= {"make_dataset", "extract"}, out[-3000:]
+    # extract runs the model: GPU; make_dataset renders images: CPU
+    assert jobs["extract"].get("gpu") == "1"
+    assert "gpu" not in jobs["make_dataset"]
+    for rule, res in jobs.items():
+        assert "slurm_partition" not in res and "slurm_account" not in res, rule
+        assert int(res["mem_mb"]) > 0 and int(res["runtime"]) > 0, rule
