@@ -4,7 +4,9 @@ For each input width d (default 640 and 1280, SD's mid/up channel counts) with
 n = expansion × d latents, prints in one run on one device:
 
 * ``train``: samples/s of the full training step (:class:`diffatlas.sae.train.Trainer`:
-  forward, MSE + AuxK, backward, gradient projection, Adam, atom renormalisation);
+  forward, MSE, backward, gradient projection, Adam, atom renormalisation) with no dead
+  latent, and ``+auxK``: the same when every latent is dead, so AuxK (k_aux = d/2) runs at
+  its worst;
 * ``encoder``: the share of the step spent in the encoder (dense matmul + TopK), forward
   alone and forward + backward;
 * ``matmul``: samples/s of one bare [B, d] × [d, n] matmul — the encoder's forward product,
@@ -54,7 +56,7 @@ def timed(fn, reps: int, device: torch.device, warmup: int = 2) -> float:
 
 
 def bench_width(d: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    cfg = SAEConfig(k=args.k, expansion=args.expansion, batch_size=args.batch, dead_steps=1)
+    cfg = SAEConfig(k=args.k, expansion=args.expansion, batch_size=args.batch, dead_steps=10**9)
     arch = cfg.arch(d)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, d, generator=gen).to(device)
@@ -64,8 +66,11 @@ def bench_width(d: int, args: argparse.Namespace, device: torch.device) -> dict[
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # dead_steps=1 makes latents dead quickly, so the AuxK path is part of the timed step
-    t_step = timed(lambda: trainer.step(x, 1e-4), args.steps, device, warmup=3)
+    t_step = timed(lambda: trainer.step(x, 1e-4), args.steps, device, warmup=2)
+    # every latent dead: the AuxK branch at its most expensive
+    dead_trainer = Trainer(sae, SAEConfig(k=args.k, expansion=args.expansion, batch_size=args.batch, dead_steps=1))
+    dead_trainer.since_fired.fill_(10)
+    t_dead = timed(lambda: (dead_trainer.since_fired.fill_(10), dead_trainer.step(x, 1e-4)), args.steps, device, warmup=1)
 
     def enc_fwd():
         with torch.no_grad():
@@ -87,6 +92,7 @@ def bench_width(d: int, args: argparse.Namespace, device: torch.device) -> dict[
         "d": d,
         "n": arch.n_latents,
         "train_sps": args.batch / t_step,
+        "train_aux_sps": args.batch / t_dead,
         "enc_share_fwd": t_enc / t_step,
         "enc_share_fwd_bwd": t_enc_fb / t_step,
         "matmul_sps": args.batch / t_mm,
@@ -101,8 +107,8 @@ def main() -> None:
     ap.add_argument("--dims", type=int, nargs="+", default=[640, 1280])
     ap.add_argument("--expansion", type=int, default=4)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=10, help="timed repetitions (median reported)")
+    ap.add_argument("--batch", type=int, default=4096, help="Revelio trained with 8192")
+    ap.add_argument("--steps", type=int, default=5, help="timed repetitions (median reported)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -111,12 +117,12 @@ def main() -> None:
     device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"TopK SAE training benchmark on {name}: batch {args.batch}, k {args.k}, expansion {args.expansion}")
-    header = f"{'d':>5} {'n':>6} {'train smp/s':>12} {'enc fwd %':>10} {'enc f+b %':>10} {'1 matmul smp/s':>15} {'2 matmul smp/s':>15} {'train/limit':>12} {'peak MB':>9}"
+    header = f"{'d':>5} {'n':>6} {'train smp/s':>12} {'+auxK smp/s':>12} {'enc fwd %':>10} {'enc f+b %':>10} {'1 matmul smp/s':>15} {'2 matmul smp/s':>15} {'train/limit':>12} {'peak MB':>9}"
     print(header)
     for d in args.dims:
         r = bench_width(d, args, device)
         print(
-            f"{r['d']:>5} {r['n']:>6} {r['train_sps']:>12.0f} {100 * r['enc_share_fwd']:>9.1f}% {100 * r['enc_share_fwd_bwd']:>9.1f}% "
+            f"{r['d']:>5} {r['n']:>6} {r['train_sps']:>12.0f} {r['train_aux_sps']:>12.0f} {100 * r['enc_share_fwd']:>9.1f}% {100 * r['enc_share_fwd_bwd']:>9.1f}% "
             f"{r['matmul_sps']:>15.0f} {r['matmul2_sps']:>15.0f} {r['frac_of_limit']:>12.2f} {r['peak_mb']:>9.0f}"
         )
     print("limit = two bare matmuls of the encoder's shape ([B,d]x[d,n] forward and its weight gradient);")

@@ -1,1 +1,169 @@
-# diffc stage: rules to come (see the issue for this stage).
+# diffc stage: Diff-C classifiers and linear probes per (model, dataset, layer, timestep),
+# trained on the activation store, then a summary across the grid and its figures.
+#
+#   results/diffc/{model}/{dataset}/{layer}/t{timestep}/
+#       metrics.json        per granularity (coarse, fine) and method (diffc, probe): accuracy,
+#                           macro-F1, per-class accuracy, confusion matrix, warnings; model, layer,
+#                           timestep, alpha_bar, seed, prompt, pooling, split sizes
+#       diffc.safetensors   Diff-C weights, one classifier per granularity (arch in metadata)
+#       probe.safetensors   logistic-regression probe weights per granularity (no pickle)
+#       predictions.csv     sample_id, split, granularity, true, diffc, probe
+#   results/diffc/summary.csv                                   one row per job x granularity x method
+#   results/figures/diffc/{model}/{dataset}/accuracy_vs_layer.png
+#   results/figures/diffc/{model}/{dataset}/accuracy_vs_timestep.png
+#   results/figures/diffc/{dataset}/models_accuracy_vs_timestep.png   (when several models)
+#
+# The grid is extract.models x extract.datasets x diffc.layers (default extract.layers) x
+# diffc.timesteps (default extract.timesteps). One job trains both label granularities: they
+# share the expensive part (reading the maps) and the split, so coarse and fine are scored on
+# the same test samples, and the job count stays at one per (layer, timestep).
+
+import json
+
+from snakemake.exceptions import WorkflowError
+
+DIFFC = config["diffc"]
+DIFFC_MODELS = config["extract"]["models"]
+DIFFC_DATASETS = config["extract"]["datasets"]
+DIFFC_LAYERS = DIFFC.get("layers") or config["extract"]["layers"]
+DIFFC_TIMESTEPS = DIFFC.get("timesteps") or config["extract"]["timesteps"]
+
+for _key, _values, _known in (
+    ("layers", DIFFC_LAYERS, config["extract"]["layers"]),
+    ("timesteps", DIFFC_TIMESTEPS, config["extract"]["timesteps"]),
+):
+    _missing = [v for v in _values if v not in _known]
+    if _missing:
+        raise WorkflowError(
+            f"config diffc.{_key} = {_missing} are not extracted; allowed: values of extract.{_key} {_known}"
+        )
+if not config["extract"].get("spatial", True):
+    raise WorkflowError(
+        "config extract.spatial = false, but Diff-C trains on spatial maps; set extract.spatial: true"
+    )
+
+# Path templates of the stage (filled by Snakemake wildcards or str.format).
+DIFFC_STORE = str(Path(RESULTS, "activations", "{model}", "{dataset}.zarr"))
+DIFFC_DIR = str(Path(RESULTS, "diffc", "{model}", "{dataset}", "{layer}", "t{timestep}"))
+DIFFC_SUMMARY = str(Path(RESULTS, "diffc", "summary.csv"))
+DIFFC_FIGURES = str(Path(RESULTS, "figures", "diffc"))
+DIFFC_METRICS = [
+    str(Path(DIFFC_DIR, "metrics.json")).format(model=m, dataset=d, layer=l, timestep=t)
+    for m in DIFFC_MODELS
+    for d in DIFFC_DATASETS
+    for l in DIFFC_LAYERS
+    for t in DIFFC_TIMESTEPS
+]
+# The training settings without the grid keys, so growing the grid re-runs no finished job.
+DIFFC_TRAIN_CFG = json.dumps({k: v for k, v in DIFFC.items() if k not in ("layers", "timesteps", "threads")}, sort_keys=True)
+
+
+rule train_diffc:
+    input:
+        store=DIFFC_STORE,
+    output:
+        metrics=str(Path(DIFFC_DIR, "metrics.json")),
+        diffc=str(Path(DIFFC_DIR, "diffc.safetensors")),
+        probe=str(Path(DIFFC_DIR, "probe.safetensors")),
+        predictions=str(Path(DIFFC_DIR, "predictions.csv")),
+    params:
+        out=lambda wc: DIFFC_DIR.format(**wc),
+        cfg=lambda wc: DIFFC_TRAIN_CFG,  # a function: the JSON holds {braces}
+        device=config["device"],
+    log:
+        log_path("train_diffc", "{model}", "{dataset}", "{layer}", "t{timestep}"),
+    benchmark:
+        bench_path("train_diffc", "{model}", "{dataset}", "{layer}", "t{timestep}")
+    threads: DIFFC["threads"]
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: 2000 * attempt,
+        runtime=lambda wc, attempt: 15 * attempt,
+    shell:
+        "{DIFFATLAS} train-diffc --store {input.store:q} --layer {wildcards.layer:q} --timestep {wildcards.timestep}"
+        " --out {params.out:q} --model {wildcards.model} --dataset {wildcards.dataset}"
+        " --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log} 2>&1"
+
+
+rule diffc_summary:
+    input:
+        DIFFC_METRICS,
+    output:
+        DIFFC_SUMMARY,
+    log:
+        log_path("diffc_summary", "summary"),
+    benchmark:
+        bench_path("diffc_summary", "summary")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} diffc-summary --out {output:q} {input:q} > {log} 2>&1"
+
+
+rule diffc_figure_layer:
+    input:
+        DIFFC_SUMMARY,
+    output:
+        str(Path(DIFFC_FIGURES, "{model}", "{dataset}", "accuracy_vs_layer.png")),
+    log:
+        log_path("diffc_figure_layer", "{model}", "{dataset}"),
+    benchmark:
+        bench_path("diffc_figure_layer", "{model}", "{dataset}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} diffc-figure --summary {input:q} --kind layer --model {wildcards.model}"
+        " --dataset {wildcards.dataset} --out {output:q} > {log} 2>&1"
+
+
+rule diffc_figure_timestep:
+    input:
+        DIFFC_SUMMARY,
+    output:
+        str(Path(DIFFC_FIGURES, "{model}", "{dataset}", "accuracy_vs_timestep.png")),
+    log:
+        log_path("diffc_figure_timestep", "{model}", "{dataset}"),
+    benchmark:
+        bench_path("diffc_figure_timestep", "{model}", "{dataset}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} diffc-figure --summary {input:q} --kind timestep --model {wildcards.model}"
+        " --dataset {wildcards.dataset} --out {output:q} > {log} 2>&1"
+
+
+rule diffc_figure_models:
+    input:
+        DIFFC_SUMMARY,
+    output:
+        str(Path(DIFFC_FIGURES, "{dataset}", "models_accuracy_vs_timestep.png")),
+    params:
+        models=" ".join(DIFFC_MODELS),
+    log:
+        log_path("diffc_figure_models", "{dataset}"),
+    benchmark:
+        bench_path("diffc_figure_models", "{dataset}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "{DIFFATLAS} diffc-figure --summary {input:q} --kind models --dataset {wildcards.dataset}"
+        " --models {params.models} --out {output:q} > {log} 2>&1"
+
+
+ALL_TARGETS.append(DIFFC_SUMMARY)
+ALL_TARGETS.extend(
+    str(Path(DIFFC_FIGURES, m, d, f"accuracy_vs_{kind}.png"))
+    for m in DIFFC_MODELS
+    for d in DIFFC_DATASETS
+    for kind in ("layer", "timestep")
+)
+if len(DIFFC_MODELS) > 1:
+    ALL_TARGETS.extend(str(Path(DIFFC_FIGURES, d, "models_accuracy_vs_timestep.png")) for d in DIFFC_DATASETS)

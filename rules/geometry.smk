@@ -35,10 +35,8 @@ GEO_DIR = str(Path(GEO_ROOT, "t{timestep}"))
 GEO_GLOBAL = str(Path(GEO_ROOT, "global"))
 GEO_FIGURES = str(Path(RESULTS, "figures", "geometry", "{model}"))
 GEO_CONFIG = json.dumps(config["geometry"], sort_keys=True)
-
-
-def _geo_runs(wc):
-    return [GEO_DIR.format(model=wc.model, timestep=t) for t in GEO_TIMESTEPS]
+# Every timestep directory of one model, as patterns with the {model} wildcard.
+GEO_RUNS = [GEO_DIR.replace("{timestep}", str(_t)) for _t in GEO_TIMESTEPS]
 
 
 rule geometry_basis:
@@ -120,12 +118,12 @@ rule geometry_paths:
 
 rule geometry_measures:
     input:
-        lambda wc: [str(Path(d, "basis.safetensors")) for d in _geo_runs(wc)],
+        [str(Path(_d, "basis.safetensors")) for _d in GEO_RUNS],
     output:
         psd=str(Path(GEO_ROOT, "psd.csv")),
         distances=str(Path(GEO_ROOT, "tangent_distances.csv")),
     params:
-        runs=lambda wc: " ".join(shlex.quote(d) for d in _geo_runs(wc)),
+        runs=lambda wc: " ".join(shlex.quote(d.format(model=wc.model)) for d in GEO_RUNS),
     log:
         log_path("geometry_measures", "{model}"),
     benchmark:
@@ -140,12 +138,12 @@ rule geometry_measures:
 
 rule geometry_meaning:
     input:
-        lambda wc: [str(Path(d, "edits.safetensors")) for d in _geo_runs(wc)],
+        [str(Path(_d, "edits.safetensors")) for _d in GEO_RUNS],
     output:
         table=str(Path(GEO_ROOT, "meaning.csv")),
         summary=str(Path(GEO_ROOT, "meaning_summary.csv")),
     params:
-        runs=lambda wc: " ".join(shlex.quote(d) for d in _geo_runs(wc)),
+        runs=lambda wc: " ".join(shlex.quote(d.format(model=wc.model)) for d in GEO_RUNS),
     log:
         log_path("geometry_meaning", "{model}"),
     benchmark:
@@ -160,11 +158,11 @@ rule geometry_meaning:
 
 rule geometry_figure_spectra:
     input:
-        lambda wc: [str(Path(d, "basis.safetensors")) for d in _geo_runs(wc)],
+        [str(Path(_d, "basis.safetensors")) for _d in GEO_RUNS],
     output:
         str(Path(GEO_FIGURES, "spectra.png")),
     params:
-        runs=lambda wc: " ".join(shlex.quote(d) for d in _geo_runs(wc)),
+        runs=lambda wc: " ".join(shlex.quote(d.format(model=wc.model)) for d in GEO_RUNS),
     log:
         log_path("geometry_figure_spectra", "{model}"),
     benchmark:

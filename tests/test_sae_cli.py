@@ -172,7 +172,7 @@ def test_summary_and_figures(store, run_dir, tmp_path):
     assert table.loc[0, "fve"] == pytest.approx(m["validation"]["fve"])
     assert table.loc[0, "purity_fine"] == pytest.approx(m["labels"]["purity_fine"])
 
-    for sub, extra in (("vs-layer", ["--summary", str(summary)]), ("vs-timestep", ["--summary", str(summary)]),
+    for sub, extra in (("vs-layer", ["--summary", str(summary)]),
                        ("across-models", ["--summary", str(summary), str(summary)]),
                        ("curves", ["--runs", str(run_dir), str(other)])):
         png = tmp_path / f"{sub}.png"

@@ -34,7 +34,7 @@ def test_train_few_steps_gives_loadable_model(tmp_path):
     from diffatlas.models.loader import load_model
     from diffatlas.world.train import TRAINING_INFO, train_world_model
 
-    cfg = WorldModelConfig(**TINY)
+    cfg = WorldModelConfig(**{**TINY, "checkpoint_every": 2})
     summary = train_world_model(cfg, tmp_path / "model", checkpoint_dir=tmp_path / "ckpt")
     assert summary["finished"] and summary["step"] == 3 and summary["images_seen"] == 12
     assert len(summary["loss_history"]) == 3 and all(np.isfinite(l) for _, l in summary["loss_history"])

@@ -1,6 +1,6 @@
 """Checks of scripts/slurm_test.sh, run after the workflow went through a real SLURM cluster.
 
-    python tests/slurm/checks.py submissions SNAKEMAKE_LOG
+    python tests/slurm/checks.py submissions SNAKEMAKE_LOG [PARTITIONS_YAML]
     python tests/slurm/checks.py compare SLURM_RESULTS LOCAL_RESULTS
     python tests/slurm/checks.py failure SNAKEMAKE_LOG EXIT_STATUS
 
@@ -8,7 +8,9 @@
 for every job, the rule's resources as Snakemake printed them, the literal ``sbatch`` call
 the plugin made and the SLURM job id; then asks SLURM's accounting (``sacct``) what each
 job requested. A job whose rule has ``gpu=1`` must have been submitted with ``--gpus=1``
-and hold ``gres/gpu=1``; every other job neither, and no job may carry ``--gres``.
+and hold ``gres/gpu=1``; every other job neither, and no job may carry ``--gres``. Given the
+partition file the run used, GPU jobs must have run in a partition with ``max_gpu > 0`` and
+CPU jobs in one without.
 
 ``compare`` checks that two results trees hold the same files with the same contents:
 arrays (npy, zarr, safetensors) and tables (Parquet, CSV) by value, floats within a small
@@ -82,20 +84,27 @@ def sacct(ids: list[str], fields: str) -> dict[str, list[str]]:
     return {r[0]: r for r in rows}
 
 
-def check_submissions(log_path: str) -> bool:
+def check_submissions(log_path: str, partitions_yaml: str | None = None) -> bool:
     jobs = parse_submissions(Path(log_path).read_text(errors="replace"))
     ok = True
     if not jobs:
         print("no SLURM submissions found in the log")
         return False
-    acct = sacct([j["slurm_id"] for j in jobs], "JobIDRaw,ReqTRES,State,Comment")
-    print(f"{'rule':28} {'slurm id':>8}  {'gpu=':>4}  {'sbatch GPU option':18} {'SLURM ReqTRES':45} state")
+    gpu_partitions = None
+    if partitions_yaml:
+        import yaml
+
+        parts = yaml.safe_load(Path(partitions_yaml).read_text())["partitions"]
+        gpu_partitions = {name for name, lim in parts.items() if (lim or {}).get("max_gpu", 0) > 0}
+    acct = sacct([j["slurm_id"] for j in jobs], "JobIDRaw,ReqTRES,State,Partition")
+    print(f"{'rule':22} {'slurm id':>8} {'gpu=':>4}  {'sbatch GPU option':17} {'partition':9} "
+          f"{'SLURM ReqTRES':44} state")
     for j in jobs:
         args = j["sbatch"]
         row = acct.get(j["slurm_id"], [j["slurm_id"], "?", "?", "?"])
         gpu_flags = [a for a in (args or []) if a.startswith(("--gpus", "--gres", "-G"))]
-        print(f"{j['rule'] or '?':28} {j['slurm_id']:>8}  {j['gpu_resource']:>4}  "
-              f"{' '.join(gpu_flags) or '-':18} {row[1]:45} {row[2]}")
+        print(f"{j['rule'] or '?':22} {j['slurm_id']:>8} {j['gpu_resource']:>4}  "
+              f"{' '.join(gpu_flags) or '-':17} {row[3]:9} {row[1]:44} {row[2]}")
         problems = []
         if j["rule"] is None:
             problems.append("its rule's resources were not found in the log")
@@ -118,6 +127,8 @@ def check_submissions(log_path: str) -> bool:
             problems.append(f"SLURM recorded a GPU for a CPU rule (ReqTRES {tres!r})")
         if row[2] != "COMPLETED":
             problems.append(f"SLURM state {row[2]!r}, not COMPLETED")
+        if gpu_partitions is not None and (row[3] in gpu_partitions) != want_gpu:
+            problems.append(f"ran in partition {row[3]!r}; GPU partitions: {sorted(gpu_partitions)}")
         for p in problems:
             print(f"  -> {j['rule']} (SLURM job {j['slurm_id']}): {p}")
         ok &= not problems
@@ -340,7 +351,7 @@ def check_failure(log_path: str, status: str) -> bool:
 
 def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "submissions":
-        return 0 if check_submissions(argv[1]) else 1
+        return 0 if check_submissions(argv[1], argv[2] if len(argv) > 2 else None) else 1
     if len(argv) >= 3 and argv[0] == "compare":
         return 0 if check_compare(argv[1], argv[2]) else 1
     if len(argv) >= 3 and argv[0] == "failure":

@@ -29,8 +29,6 @@ class DiffCConfig:
     """Channels of the last convolution = length of the pooled feature fed to the head."""
     lr: float = 1e-4
     """AdamW learning rate."""
-    lr_schedule: str = "constant"
-    """``constant`` (the paper) or ``cosine`` (decay to 0 over all steps: a stable last epoch at high lr)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     epochs: int = 30
@@ -71,8 +69,6 @@ class DiffCConfig:
         for key in ("lr", "probe_c"):
             if not isinstance(getattr(self, key), (int, float)) or not getattr(self, key) > 0:
                 raise bad(key, "a number > 0")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise bad("lr_schedule", "constant, cosine")
         if not 0 <= self.weight_decay:
             raise bad("weight_decay", "a number >= 0")
         if not 0 <= self.dropout < 1:

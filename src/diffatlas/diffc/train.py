@@ -165,10 +165,6 @@ def train_diffc(
     model = DiffC(DiffCArch(c, h, w, n_classes, cfg.n_convs, cfg.feature_dim, cfg.dropout)).to(device)
     model.set_input_stats(*channel_stats(maps, split.train))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = sum(1 for s in range(0, len(split.train), cfg.batch_size) if len(split.train) - s >= 2)
-    sched = None
-    if cfg.lr_schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss()
     y_dev = torch.as_tensor(y, dtype=torch.long, device=device)
     train_rows = torch.as_tensor(split.train, dtype=torch.long)
@@ -188,8 +184,6 @@ def train_diffc(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if sched is not None:
-                sched.step()
             total += float(loss.detach())
             batches += 1
             seen += len(rows)

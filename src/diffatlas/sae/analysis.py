@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 
 from diffatlas.sae.config import SAEConfig
+from diffatlas.sae.model import TopKSAE
 from diffatlas.sae.stats import (  # noqa: F401  (re-exported: the label statistics live there)
     STATS,
     chance_stats,
@@ -54,7 +55,6 @@ from diffatlas.sae.stats import (  # noqa: F401  (re-exported: the label statist
     rank_latents,
     sigma_label,
 )
-from diffatlas.sae.model import TopKSAE
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,135 @@
+"""Editing: parallel transport, the map back to X, x0 normalisation, geodesic shooting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffatlas.geometry.editing import geodesic_shoot, h_to_x, linear_edits, parallel_transport, x0_normalise
+from diffatlas.geometry.jacobian import PullbackBasis, PullbackMap, top_singular
+
+torch.set_num_threads(1)
+
+
+def _orth(p, n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(p, d, n, generator=g)).Q.transpose(1, 2)  # [p, n, d]
+
+
+def test_parallel_transport_is_unit_and_tangent():
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(5, 12, generator=g)
+    u = u / u.norm(dim=1, keepdim=True)
+    basis = _orth(5, 3, 12, 1)
+    out = parallel_transport(u, basis)
+    assert torch.allclose(out.norm(dim=1), torch.ones(5), atol=1e-6)
+    tangent_part = torch.einsum("pn,pnd->pd", torch.einsum("pnd,pd->pn", basis, out), basis)
+    assert torch.allclose(tangent_part, out, atol=1e-6)  # lies in the new tangent space
+    # The transport is the closest unit vector in the space: it has the largest cosine with u.
+    other = parallel_transport(torch.randn(5, 12, generator=g), basis)
+    assert ((out * u).sum(1) >= (other * u).sum(1) - 1e-6).all()
+    # A vector already in the space is unchanged.
+    inside = basis[:, 0]
+    assert torch.allclose(parallel_transport(inside, basis), inside, atol=1e-6)
+
+
+def test_h_to_x_is_unit_and_maps_back():
+    # A linear map with a known SVD: J = U S Vᵀ; the X direction of u_i is v_i.
+    p, n, d, D = 2, 3, 6, 20
+    u_b, v_b = _orth(p, n, d, 2), _orth(p, n, D, 3)
+    s = torch.tensor([[3.0, 2.0, 1.0], [5.0, 4.0, 0.5]])
+    basis = PullbackBasis(v=v_b, s=s, u=u_b, residuals=torch.zeros(p, n), iterations=1, converged=True)
+    assert torch.allclose(h_to_x(u_b[:, 1], basis), v_b[:, 1], atol=1e-6)
+    mix = parallel_transport(u_b[:, 0] + u_b[:, 2], u_b)
+    v = h_to_x(mix, basis)
+    assert torch.allclose(v.norm(dim=1), torch.ones(p), atol=1e-6)
+    jv = torch.einsum("pnd,pn->pd", u_b, s * torch.einsum("pnD,pD->pn", v_b, v))  # J v
+    cos = (jv * mix).sum(1) / jv.norm(dim=1)
+    assert torch.allclose(cos, torch.ones(p), atol=1e-6)  # J v points along the transported u
+
+
+def test_linear_edits_shape_and_length():
+    x = torch.randn(3, 4, 4)
+    v = torch.nn.functional.normalize(torch.randn(2, 48), dim=1).reshape(2, 3, 4, 4)
+    out = linear_edits(x, v, [-2.0, 0.0, 5.0])
+    assert out.shape == (2, 3, 3, 4, 4)
+    assert torch.allclose(out[:, 1], x.expand(2, -1, -1, -1))
+    assert torch.allclose((out[:, 2] - x).reshape(2, -1).norm(dim=1), torch.full((2,), 5.0), atol=1e-5)
+
+
+class _FakeHandle:
+    """Just what x0_normalise needs: ᾱ and an epsilon-prediction scheduler config."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.alphas_cumprod = torch.linspace(0.999, 0.01, 1000)
+        self.scheduler = SimpleNamespace(config=SimpleNamespace(prediction_type="epsilon", clip_sample=True,
+                                                                clip_sample_range=1.0, set_alpha_to_one=True))
+        self.num_train_timesteps = 1000
+
+
+class _FakeDenoiser:
+    """A fixed nonlinear noise predictor eps(x) = tanh(W x)."""
+
+    def __init__(self):
+        self.handle = _FakeHandle()
+        self.w = torch.randn(48, 48, generator=torch.Generator().manual_seed(0)) / 7
+
+    def eps_x0(self, x, t, clip=True):
+        from diffatlas.geometry.sampling import alpha_at, split_prediction
+
+        eps = torch.tanh(x.reshape(len(x), -1) @ self.w.T).reshape(x.shape)
+        return split_prediction(self.handle, eps, x, alpha_at(self.handle, t))
+
+
+def test_x0_normalise_matches_reference_stats():
+    from diffatlas.geometry.editing import channel_stats
+    from diffatlas.geometry.sampling import alpha_at
+
+    den = _FakeDenoiser()
+    g = torch.Generator().manual_seed(1)
+    x_ref = torch.randn(1, 3, 4, 4, generator=g)
+    x_edit = x_ref + 3.0 * torch.randn(5, 3, 4, 4, generator=g)
+    t = 400
+    # kappa = 0: nothing changes.
+    assert torch.allclose(x0_normalise(den, x_ref, x_edit, t, kappa=0.0), x_edit, atol=1e-5)
+    # kappa = 1: with the predicted noise held fixed, x0 takes the reference's per-channel stats.
+    out = x0_normalise(den, x_ref, x_edit, t, kappa=1.0)
+    a = alpha_at(den.handle, t)
+    eps_e, _ = den.eps_x0(x_edit, t, clip=False)
+    x0_out = (out - (1 - a) ** 0.5 * eps_e) / a**0.5
+    mu_o, sd_o = channel_stats(x0_out)
+    mu_r, sd_r = channel_stats(den.eps_x0(x_ref, t, clip=False)[1])
+    assert torch.allclose(mu_o, mu_r.expand_as(mu_o), atol=1e-4)
+    assert torch.allclose(sd_o, sd_r.expand_as(sd_o), atol=1e-4)
+    # kappa = 0.99 lies 99% of the way.
+    part = x0_normalise(den, x_ref, x_edit, t, kappa=0.99)
+    assert torch.allclose(part, x_edit + 0.99 * (out - x_edit), atol=1e-4)
+
+
+def test_geodesic_shoot_on_a_micro_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+    ).eval().requires_grad_(False)
+    ctx = torch.randn(1, 5, 8)
+    fmap = PullbackMap(unet, lambda x: unet(x, 300, encoder_hidden_states=ctx.expand(len(x), -1, -1)).sample, "mid")
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    kw = dict(oversample=2, tol=1e-2, max_iters=60)
+    b = top_singular(fmap, x, 2, generator=torch.Generator().manual_seed(0), **kw)
+    start = x.expand(2, -1, -1, -1)
+    shot = geodesic_shoot(fmap, start, torch.stack([b.u[0, 0], -b.u[0, 1]]), torch.stack([b.v[0, 0], -b.v[0, 1]]),
+                          [0.5, 1.0], substeps=1, n=2, basis_kwargs=kw, init=b.v.expand(2, -1, -1, -1, -1),
+                          generator=torch.Generator().manual_seed(0))
+    assert shot.points.shape == (2, 2, 3, 8, 8)
+    # Each step has length (strength difference) / substeps: the first along v, the second
+    # along the transported direction (a unit vector), so the end is within 1.0 of the start.
+    steps = torch.stack([shot.points[:, 0] - start, shot.points[:, 1] - shot.points[:, 0]], 1).reshape(2, 2, -1)
+    assert steps.norm(dim=-1).flatten().tolist() == pytest.approx([0.5] * 4, abs=1e-4)
+    assert torch.allclose(shot.points[:, 0] - start, 0.5 * torch.stack([b.v[0, 0], -b.v[0, 1]]), atol=1e-5)
+    assert (shot.transport_cos <= 1 + 1e-5).all() and (shot.transport_cos > 0.5).all()
