@@ -14,7 +14,7 @@
 #      SLURM cluster is never read, written, reused or stopped. The node has a fake GPU
 #      (GresTypes=gpu, gres.conf AutoDetect=off, File= a symlink to /dev/null);
 #   3. runs the targets on tests/slurm/tiny_config.yaml through `snakemake --profile
-#      profiles/slurm`, and again locally (profiles/default) in another directory;
+#      profiles/slurm`, and again locally (profiles/local) in another directory;
 #   4. checks that GPU rules were submitted with --gpus=1, got gres/gpu=1 from SLURM and ran
 #      in the GPU partition (chosen by the plugin from profiles/slurm/partitions.example.yaml),
 #      CPU rules none of these, and that the outputs equal the local run's
@@ -42,6 +42,9 @@ export PATH
 TINY_CONFIG=${DIFFATLAS_SLURM_CONFIG:-$ROOT/tests/slurm/tiny_config.yaml}
 SNAKEFILE=${DIFFATLAS_SLURM_SNAKEFILE:-$ROOT/Snakefile}
 PARTITIONS=$ROOT/profiles/slurm/partitions.example.yaml
+# The laptop profile for the local run (profiles/local; profiles/default in older checkouts).
+LOCAL_PROFILE=$ROOT/profiles/local
+[ -d "$LOCAL_PROFILE" ] || LOCAL_PROFILE=$ROOT/profiles/default
 NODE=dnode            # the node's name inside the private cluster
 CLUSTER=diffatlas     # the private cluster's name in its own accounting database
 SECONDS=0
@@ -72,11 +75,31 @@ stop_pid() {          # stop_pid PID NAME: TERM, wait up to 15 s, then KILL
     kill -KILL "$pid" 2>/dev/null || true
 }
 
-ours() {              # ours PID: does the process name our private directory?
-    [ -n "$T" ] || return 1
+names() {             # names DIR PID: does the process name DIR (command line or environment)?
     local text
-    text=$({ tr '\0' '\n' <"/proc/$1/cmdline"; tr '\0' '\n' <"/proc/$1/environ"; } 2>/dev/null)
-    [[ $text == *"$T"* ]]
+    text=$({ tr '\0' '\n' <"/proc/$2/cmdline"; tr '\0' '\n' <"/proc/$2/environ"; } 2>/dev/null)
+    [[ $text == *"$1"* ]]
+}
+
+ours() { [ -n "$T" ] && names "$T" "$1"; }
+
+sweep() {             # sweep DIR: stop every process that names DIR; TERM, 5 s, then KILL
+    local dir=$1 pid i left=() alive
+    for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+        { [ "$pid" = $$ ] || [ "$pid" = "$BASHPID" ]; } && continue
+        names "$dir" "$pid" && left+=("$pid") && kill -TERM "$pid" 2>/dev/null
+    done
+    for i in $(seq 10); do
+        alive=()
+        for pid in "${left[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+        left=("${alive[@]}")
+        [ ${#left[@]} = 0 ] && return 0
+        sleep 0.5
+    done
+    for pid in "${left[@]}"; do
+        log "teardown: $(cat /proc/$pid/comm 2>/dev/null) (pid $pid) ignored SIGTERM; SIGKILL"
+        kill -KILL "$pid" 2>/dev/null
+    done
 }
 
 teardown() {
@@ -95,26 +118,8 @@ teardown() {
         if [ -n "$pid" ] && ours "$pid"; then stop_pid "$pid" "$name"; fi
     done
     # Stragglers (a job step, a run cut short, a daemon that died before writing its pid
-    # file): only processes whose command line or environment names this run's private
-    # directory. TERM all, give them 5 s, KILL the rest.
-    if [ -n "$T" ]; then
-        local left=()
-        for pid in $(ls /proc | grep -E '^[0-9]+$'); do
-            [ "$pid" = $$ ] || [ "$pid" = "$BASHPID" ] && continue
-            ours "$pid" && left+=("$pid") && kill -TERM "$pid" 2>/dev/null
-        done
-        for i in $(seq 10); do
-            local alive=()
-            for pid in "${left[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
-            left=("${alive[@]}")
-            [ ${#left[@]} = 0 ] && break
-            sleep 0.5
-        done
-        for pid in "${left[@]}"; do
-            log "teardown: $(cat /proc/$pid/comm 2>/dev/null) (pid $pid) ignored SIGTERM; SIGKILL"
-            kill -KILL "$pid" 2>/dev/null
-        done
-    fi
+    # file): only processes whose command line or environment names this run's directory.
+    [ -n "$T" ] && sweep "$T"
     [ -n "$OUR_POLICY_RC" ] && rm -f "$OUR_POLICY_RC"
     if [ -n "$T" ]; then
         if [ "$KEEP" = 1 ] || [ "$rc" != 0 ]; then
@@ -134,7 +139,7 @@ trap 'exit 143' TERM
 PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 missing=()
 for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == *"ok installed"* ]] || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
@@ -153,8 +158,21 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # ---------------------------------------------------------------- 2. the private cluster
+# A run killed outright (SIGKILL) cannot tear down, and its daemons would run on. Each run
+# writes its own pid into its directory; a directory whose run is gone (no live
+# slurm_test.sh with that pid) gets the processes that name it stopped here.
+for old in /tmp/diffatlas-slurm.*; do
+    [ -f "$old/owner.pid" ] || continue
+    owner=$(cat "$old/owner.pid")
+    if [[ $({ tr '\0' ' ' <"/proc/$owner/cmdline"; } 2>/dev/null) != *slurm_test.sh* ]]; then
+        log "stopping what is left of an earlier, killed run in $old"
+        sweep "$old"
+        rm -f "$old/owner.pid"
+    fi
+done
 T=$(mktemp -d /tmp/diffatlas-slurm.XXXXXX)
 chmod 755 "$T"        # munged insists that its socket's directories be world-searchable
+echo $$ >"$T/owner.pid"
 C=$T/cluster
 # The tiny model is built while the cluster comes up (it is the slowest step on a busy CPU).
 diffatlas make-tiny-model pixel "$T/tiny_model" >"$T/tiny_model.log" 2>&1 &
@@ -340,14 +358,13 @@ check_run() {         # check_run NAME STATUS LOGFILE: die unless the run succee
 }
 
 # Fast status checks for a tiny cluster; everything else comes from the profile.
-FAST=(--slurm-init-seconds-before-status-checks 2 --seconds-between-status-checks 2
-      --latency-wait 5)
+FAST=(--slurm-init-seconds-before-status-checks 2 --latency-wait 5)
 RESULT_TARGETS=("${TARGETS[@]/#/results/}")
 log "targets: ${TARGETS[*]}"
 
 # The three runs are independent (own directories, and SLURM jobs mostly wait on status
 # checks), so they run side by side.
-log "SLURM run (profiles/slurm), failing-rule run and local run (profiles/default)"
+log "SLURM run (profiles/slurm), failing-rule run and local run (${LOCAL_PROFILE#$ROOT/})"
 run_snakemake "$T/slurm_run.log" "${RESULT_TARGETS[@]}" -s "$SNAKEFILE" -d "$T/wf-slurm" \
     --profile "$ROOT/profiles/slurm" "${FAST[@]}" --verbose --configfile "$TINY_CONFIG" \
     --slurm-partition-config "$PARTITIONS" &
@@ -356,7 +373,7 @@ run_snakemake "$T/fail_run.log" -s "$ROOT/tests/slurm/failing.smk" -d "$T/wf-fai
     --profile "$ROOT/profiles/slurm" "${FAST[@]}" &
 FAIL_PID=$!
 run_snakemake "$T/local_run.log" "${RESULT_TARGETS[@]}" -s "$SNAKEFILE" -d "$T/wf-local" \
-    --profile "$ROOT/profiles/default" --configfile "$TINY_CONFIG" &
+    --profile "$LOCAL_PROFILE" --configfile "$TINY_CONFIG" &
 LOCAL_PID=$!
 set +e
 wait $SLURM_PID; SLURM_RC=$?
@@ -370,7 +387,7 @@ if [ "$FAIL_RC" = 124 ] || [ "$FAIL_RC" = 137 ]; then
 fi
 if grep -q "workflow specific profile" "$T/slurm_run.log"; then
     log "WARNING: $(grep -m1 'workflow specific profile' "$T/slurm_run.log")"
-    log "WARNING: its keys override profiles/slurm's (see profiles/slurm/README.md)"
+    log "WARNING: its keys override profiles/slurm's (see profiles/slurm/README.md, section 6)"
 fi
 
 # ---------------------------------------------------------------- 4. checks

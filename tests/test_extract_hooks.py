@@ -205,12 +205,12 @@ def test_resolve_aliases_globs_and_duplicates(models):
         "up_ft0": "up_blocks.0", "up_ft1": "up_blocks.1", "up_ft2": "up_blocks.2",
     }
     got = resolve_layers(unet, ["up_ft1", "up_blocks.1.attentions.*.transformer_blocks.0.attn?", "mid_block", "mid"])
+    glob = "up_blocks.1.attentions.*.transformer_blocks.0.attn?"
+    # Up blocks have layers_per_block + 1 = 2 attention modules, each with attn1 and attn2.
+    hits = [f"up_blocks.1.attentions.{i}.transformer_blocks.0.attn{j}" for i in (0, 1) for j in (1, 2)]
     assert [(x.name, x.module_path, x.selection) for x in got] == [
         ("up_ft1", "up_blocks.1", "up_ft1"),
-        ("up_blocks.1.attentions.0.transformer_blocks.0.attn1", "up_blocks.1.attentions.0.transformer_blocks.0.attn1",
-         "up_blocks.1.attentions.*.transformer_blocks.0.attn?"),
-        ("up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
-         "up_blocks.1.attentions.*.transformer_blocks.0.attn?"),
+        *[(h, h, glob) for h in hits],
         ("mid_block", "mid_block", "mid_block"),  # "mid" is the same module: kept once
     ]
     dit = models["dit"].denoiser

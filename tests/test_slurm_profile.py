@@ -166,3 +166,32 @@ def test_dry_run_through_the_slurm_profile(tmp_path):
     for rule, res in jobs.items():
         assert "slurm_partition" not in res and "slurm_account" not in res, rule
         assert int(res["mem_mb"]) > 0 and int(res["runtime"]) > 0, rule
+
+
+def _pip_lines(env_file: Path) -> list[str]:
+    deps = yaml.safe_load(env_file.read_text())["dependencies"]
+    return next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+
+
+@pytest.mark.parametrize("env_file", sorted((ROOT / "envs").glob("*.yaml")), ids=lambda p: p.name)
+def test_conda_envs_agree_with_the_package(env_file):
+    """Each env pins a torch the package accepts and installs this checkout with extras it has."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    torch_spec = next(Requirement(d) for d in project["dependencies"] if Requirement(d).name == "torch")
+    lines = _pip_lines(env_file)
+    pins = [Requirement(line) for line in lines if line.startswith("torch")]
+    assert len(pins) == 1 and str(pins[0].specifier).startswith("=="), lines
+    pinned = str(pins[0].specifier)[2:]
+    assert pinned.split("+")[0] == "2.13.0"
+    assert torch_spec.specifier.contains(pinned), f"{env_file.name} pins torch {pinned}, pyproject wants {torch_spec}"
+    # pip expands ${DIFFATLAS_ROOT}; what it expands to must be an installable checkout
+    editable = [line for line in lines if line.startswith("-e ")]
+    assert len(editable) == 1, lines
+    target = editable[0][3:].strip().replace("${DIFFATLAS_ROOT}", str(ROOT))
+    path, _, extras = target.partition("[")
+    assert (Path(path) / "pyproject.toml").exists()
+    for extra in filter(None, extras.rstrip("]").split(",")):
+        assert extra in project.get("optional-dependencies", {}), extra

@@ -15,8 +15,9 @@ CPU jobs in one without.
 ``compare`` checks that two results trees hold the same files with the same contents:
 arrays (npy, zarr, safetensors) and tables (Parquet, CSV) by value, floats within a small
 tolerance (SLURM may give a job more threads than the local run had, which reorders float
-sums); JSON recursively; figures by pixels. Logs and benchmarks differ by nature and are
-skipped, and so is Snakemake's ``.snakemake_timestamp``.
+sums); JSON recursively, with the runs' working directories read as one and provenance
+that differs by nature (time, host, duration) left out; figures by pixels. Logs and
+benchmarks differ by nature and are skipped, and so is Snakemake's ``.snakemake_timestamp``.
 
 ``failure`` checks the run of tests/slurm/failing.smk: it failed (not by timeout), the
 rule's log was printed in the main output, and the job was retried once with its runtime
@@ -146,6 +147,18 @@ def check_submissions(log_path: str, partitions_yaml: str | None = None) -> bool
 RTOL, ATOL = 1e-4, 1e-6
 SKIP_DIRS = {"logs", "benchmarks"}
 SKIP_FILES = {".snakemake_timestamp"}
+# Provenance that differs between any two runs by nature (when, where, how long).
+VOLATILE_KEYS = {"created", "created_at", "timestamp", "date", "hostname", "host",
+                 "elapsed_s", "duration_s", "wall_time_s", "runtime_s"}
+# The two runs' working directories; a path under either reads the same after this.
+WORKDIRS: list[str] = []
+
+
+def _norm(x):
+    if isinstance(x, str):
+        for w in WORKDIRS:
+            x = x.replace(w, "<workdir>")
+    return x
 
 
 def _close(a, b, path: str, diffs: list[str]) -> None:
@@ -153,7 +166,7 @@ def _close(a, b, path: str, diffs: list[str]) -> None:
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
             diffs.append(f"{path}: keys differ: {sorted(set(a) ^ set(b))}")
-        for k in a.keys() & b.keys():
+        for k in (a.keys() & b.keys()) - VOLATILE_KEYS:
             _close(a[k], b[k], f"{path}.{k}", diffs)
     elif isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
@@ -165,7 +178,7 @@ def _close(a, b, path: str, diffs: list[str]) -> None:
             math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL) or (math.isnan(a) and math.isnan(b))
         ):
             diffs.append(f"{path}: {a!r} != {b!r}")
-    elif a != b:
+    elif _norm(a) != _norm(b):
         diffs.append(f"{path}: {a!r} != {b!r}")
 
 
@@ -281,6 +294,7 @@ def _walk(root: Path) -> tuple[set[str], set[str]]:
 
 def check_compare(a_root: str, b_root: str) -> bool:
     a, b = Path(a_root), Path(b_root)
+    WORKDIRS[:] = [str(a.resolve().parent), str(b.resolve().parent)]
     fa, sa = _walk(a)
     fb, sb = _walk(b)
     ok = True

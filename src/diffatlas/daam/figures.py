@@ -18,7 +18,8 @@ from diffatlas.plotting import plt, save_figure
 
 log = logging.getLogger(__name__)
 
-_METHOD_STYLE = {"daam": "-", "whole_image": ":", "centre_prior": "--"}
+_METHOD_COLOUR = {"daam": "tab:red", "whole_image": "tab:grey", "centre_prior": "tab:blue"}
+_SOURCE_STYLE = {"real": "-", "generated": "--"}
 
 
 def overlay_grid(run: TracedRun, path: str | os.PathLike, n_items: int = 6, title: str = "") -> Path:
@@ -67,7 +68,8 @@ def miou_figure(summary: pd.DataFrame, curve: pd.DataFrame, path: str | os.PathL
         table.set_fontsize(8)
         table.scale(1, 1.4)
     for (source, method), df in curve.groupby(["source", "method"]):
-        ax_c.plot(df["tau"], df["miou"], _METHOD_STYLE.get(method, "-"), marker="o", ms=3, label=f"{source}: {method}")
+        ax_c.plot(df["tau"], df["miou"], _SOURCE_STYLE.get(source, ":"), color=_METHOD_COLOUR.get(method), marker="o", ms=3,
+                  label=f"{source}: {method}")
     ax_c.set_xlabel("threshold τ")
     ax_c.set_ylabel("mIoU (nouns)")
     ax_c.set_ylim(0, 1)

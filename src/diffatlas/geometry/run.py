@@ -263,8 +263,8 @@ def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_di
     with atomic_dir(out_dir) as tmp:
         save_file(
             {
-                "directions": g.directions.float().contiguous(),
-                "aligned": g.aligned.float().contiguous(),
+                "directions": g.directions.reshape(n, *v.shape[2:]).float().contiguous(),
+                "aligned": g.aligned.reshape(N, n, *v.shape[2:]).float().contiguous(),
                 "cos": g.cos.float().contiguous(),
                 "perm": g.perm.contiguous(),
                 "signs": g.signs.contiguous(),

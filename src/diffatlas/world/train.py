@@ -410,7 +410,7 @@ def train_world_model(
             per_sample = (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))
             loss = (loss_weight[t] * per_sample).mean()
             if not torch.isfinite(loss):
-                raise RuntimeError(f"loss is {loss.item()} at step {step}; lower world_model.train.lr (now {cfg.lr})")
+                raise UserError(f"training diverged: loss is {loss.item()} at step {step}; lower world_model.train.lr (now {cfg.lr})")
 
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(cfg, step)

@@ -1,0 +1,111 @@
+"""The geometry commands end to end on the tiny pixel model: artifacts, provenance, figures."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffatlas.cli import main as cli
+
+torch.set_num_threads(1)
+
+CFG = {
+    "n_samples": 2, "n_directions": 2, "oversample": 1, "tol": 0.05, "ddim_steps": 2,
+    "edit_strengths": [-3.0, 3.0], "edit_directions": 1, "edit_samples": 2,
+    "iterative_substeps": 1, "iterative_directions": 1, "global_samples": 2, "path_pairs": 2, "path_segments": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from diffatlas.models.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("geometry")
+    model = make_tiny_model("pixel", root / "model")
+    cfg = json.dumps(CFG)
+    out = {}
+    for t in (999, 400):
+        d = root / "geometry" / f"t{t}"
+        rc = cli(["geometry", "--model", str(model), "--model-name", "tiny", "--timestep", str(t), "--out", str(d),
+                  "--config-json", cfg, "--device", "cpu", "--threads", "1"])
+        assert rc == 0
+        out[t] = d
+    return root, model, out
+
+
+def test_basis_and_edit_artifacts(runs):
+    root, _, out = runs
+    b = load_file(str(out[400] / "basis.safetensors"))
+    assert b["v"].shape == (2, 2, 3, 32, 32) and b["u"].shape == (2, 2, 32) and b["s"].shape == (2, 2)
+    v = b["v"].reshape(2, 2, -1)
+    gram = v @ v.transpose(1, 2)
+    assert torch.allclose(gram, torch.eye(2).expand(2, 2, 2), atol=1e-4)  # orthonormal directions
+    assert (b["s"][:, 0] >= b["s"][:, 1]).all()
+    # Sample i is the same trajectory at both timesteps: same x_T.
+    b999 = load_file(str(out[999] / "basis.safetensors"))
+    assert torch.equal(b999["x_T"], b["x_T"]) and torch.equal(b999["x_t"], b999["x_T"])
+    meta = json.loads((out[400] / "meta.json").read_text())
+    for key in ("model", "layer", "module_path", "timestep", "alpha_bar", "seed", "pooling", "prompt", "config"):
+        assert key in meta
+    assert (meta["model"], meta["layer"], meta["module_path"], meta["timestep"]) == ("tiny", "mid", "mid_block", 400)
+    assert 0 < meta["alpha_bar"] < 1
+    e = load_file(str(out[400] / "edits.safetensors"))
+    assert e["strengths"].tolist() == [-3.0, 0.0, 3.0]
+    assert e["linear"].shape == (2, 1, 3, 32, 32, 3) and e["linear"].dtype == torch.uint8
+    assert e["normalised"].shape == e["linear"].shape
+    assert torch.equal(e["linear"][:, :, 1], e["normalised"][:, :, 1])  # γ = 0 is the same image
+    assert e["iterative"].shape == (1, 3, 32, 32, 3) and e["iterative_strengths"].tolist() == [-3.0, 0.0, 3.0]
+    # One-step and iterative edits at the first strength coincide (the first step is the one-step edit).
+    assert torch.equal(e["iterative"][0], e["linear"][0, 0])
+
+
+def test_bad_timestep_is_a_clear_error(runs, capsys):
+    root, model, _ = runs
+    rc = cli(["geometry", "--model", str(model), "--timestep", "1000", "--out", str(root / "bad"), "--device", "cpu"])
+    assert rc == 2
+    assert "1000" in capsys.readouterr().err
+    assert not (root / "bad").exists()
+
+
+def test_cross_timestep_outputs_and_figures(runs):
+    root, model, out = runs
+    g = root / "geometry"
+    cfg = json.dumps(CFG)
+    assert cli(["geometry-global", "--model", str(model), "--model-name", "tiny", "--basis", str(out[999]),
+                "--out", str(g / "global"), "--config-json", cfg, "--device", "cpu"]) == 0
+    gl = load_file(str(g / "global" / "global.safetensors"))
+    assert gl["directions"].shape == (2, 3, 32, 32) and gl["images"].shape == (2, 1, 3, 32, 32, 3)
+    assert (gl["kept"] > 0).all() and (gl["kept"] <= 1 + 1e-5).all()
+
+    assert cli(["geometry-paths", "--model", str(model), "--model-name", "tiny", "--out", str(g / "paths.csv"),
+                "--config-json", cfg, "--device", "cpu"]) == 0
+    paths = pd.read_csv(g / "paths.csv")
+    assert len(paths) == 4 and set(paths["method"]) == {"lerp", "slerp"}
+    assert (paths[paths.method == "slerp"]["min_norm_ratio"] > 0.95).all()
+    assert (paths[paths.method == "lerp"]["min_norm_ratio"] < 0.8).all()
+
+    runs_args = [str(out[999]), str(out[400])]
+    assert cli(["geometry-measures", "--runs", *runs_args, "--psd", str(g / "psd.csv"),
+                "--distances", str(g / "dist.csv")]) == 0
+    psd = pd.read_csv(g / "psd.csv")
+    assert set(psd["timestep"]) == {999, 400} and (psd["power"] >= 0).all()
+    dist = pd.read_csv(g / "dist.csv")
+    assert set(dist["kind"]) == {"across_samples", "across_timesteps"}
+
+    assert cli(["geometry-meaning", "--runs", *runs_args, "--out", str(g / "meaning.csv"),
+                "--summary", str(g / "meaning_summary.csv")]) == 0
+    summary = pd.read_csv(g / "meaning_summary.csv")
+    assert set(summary["mode"]) == {"linear", "normalised", "iterative"}
+
+    figs = root / "figures"
+    for args in (["spectra", "--runs", *runs_args], ["edits", "--run", str(out[400])],
+                 ["global", "--global-dir", str(g / "global")],
+                 ["psd", "--psd", str(g / "psd.csv"), "--distances", str(g / "dist.csv")],
+                 ["meaning", "--summary", str(g / "meaning_summary.csv")]):
+        path = figs / f"{args[0]}.png"
+        assert cli(["geometry-figures", *args, "--out", str(path)]) == 0
+        assert path.stat().st_size > 1000
