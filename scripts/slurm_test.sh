@@ -14,7 +14,7 @@
 #      SLURM cluster is never read, written, reused or stopped. The node has a fake GPU
 #      (GresTypes=gpu, gres.conf AutoDetect=off, File= a symlink to /dev/null);
 #   3. runs the targets on tests/slurm/tiny_config.yaml through `snakemake --profile
-#      profiles/slurm`, and again locally (profiles/local) in another directory;
+#      profiles/slurm`, and again locally (--cores 2) in another directory;
 #   4. checks that GPU rules were submitted with --gpus=1, got gres/gpu=1 from SLURM and ran
 #      in the GPU partition (chosen by the plugin from profiles/slurm/partitions.example.yaml),
 #      CPU rules none of these, and that the outputs equal the local run's
@@ -42,9 +42,6 @@ export PATH
 TINY_CONFIG=${DIFFATLAS_SLURM_CONFIG:-$ROOT/tests/slurm/tiny_config.yaml}
 SNAKEFILE=${DIFFATLAS_SLURM_SNAKEFILE:-$ROOT/Snakefile}
 PARTITIONS=$ROOT/profiles/slurm/partitions.example.yaml
-# The laptop profile for the local run (profiles/local; profiles/default in older checkouts).
-LOCAL_PROFILE=$ROOT/profiles/local
-[ -d "$LOCAL_PROFILE" ] || LOCAL_PROFILE=$ROOT/profiles/default
 NODE=dnode            # the node's name inside the private cluster
 CLUSTER=diffatlas     # the private cluster's name in its own accounting database
 SECONDS=0
@@ -364,7 +361,7 @@ log "targets: ${TARGETS[*]}"
 
 # The three runs are independent (own directories, and SLURM jobs mostly wait on status
 # checks), so they run side by side.
-log "SLURM run (profiles/slurm), failing-rule run and local run (${LOCAL_PROFILE#$ROOT/})"
+log "SLURM run (profiles/slurm), failing-rule run and local run (--cores 2)"
 run_snakemake "$T/slurm_run.log" "${RESULT_TARGETS[@]}" -s "$SNAKEFILE" -d "$T/wf-slurm" \
     --profile "$ROOT/profiles/slurm" "${FAST[@]}" --verbose --configfile "$TINY_CONFIG" \
     --slurm-partition-config "$PARTITIONS" &
@@ -373,7 +370,7 @@ run_snakemake "$T/fail_run.log" -s "$ROOT/tests/slurm/failing.smk" -d "$T/wf-fai
     --profile "$ROOT/profiles/slurm" "${FAST[@]}" &
 FAIL_PID=$!
 run_snakemake "$T/local_run.log" "${RESULT_TARGETS[@]}" -s "$SNAKEFILE" -d "$T/wf-local" \
-    --profile "$LOCAL_PROFILE" --configfile "$TINY_CONFIG" &
+    --cores 2 --configfile "$TINY_CONFIG" &
 LOCAL_PID=$!
 set +e
 wait $SLURM_PID; SLURM_RC=$?

@@ -87,6 +87,7 @@ def test_save_load_round_trip_with_time_resolved_maps(handle, tmp_path):
     assert steps, "time-resolved arrays missing"
     arr = g[steps[0]]
     assert arr.shape[:2] == (2, 2) and arr.metadata.dimension_names[:3] == ("step", "item", "token")
+    assert list(g["timestep"][:]) == [int(t) for t in run.info["timesteps"]] and len(run.info["timesteps"]) == 2
     # the stored steps of a resolution add up to that resolution's total
     _, raw = run.time_resolved[0]
     h, w = map(int, steps[0].split("__")[1].split("x"))

@@ -166,8 +166,8 @@ def test_analyse_against_brute_force_pooled_and_spatial():
             x_hat = sae(vec).x_hat.numpy().reshape(n, positions, d)
         xv = (x * 0.7)[is_val].reshape(-1, d)
         sse = ((x_hat[is_val].reshape(-1, d) - xv) ** 2).sum()
-        assert metrics["validation"]["nmse"] == pytest.approx(sse / ((xv - xv.mean(0)) ** 2).sum(), rel=1e-4)
-        assert metrics["validation"]["l0"] == pytest.approx((z[is_val] > 0).sum() / is_val.sum() / positions)
+        assert metrics["nmse"] == pytest.approx(sse / ((xv - xv.mean(0)) ** 2).sum(), rel=1e-4)
+        assert metrics["l0"] == pytest.approx((z[is_val] > 0).sum() / is_val.sum() / positions)
         per_sample = z.max(axis=1)
         for row in latents.itertuples():
             j = row.latent

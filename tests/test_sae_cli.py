@@ -104,7 +104,7 @@ def test_train_sae_writes_consistent_artifacts(store, run_dir):
     with torch.no_grad():
         out = sae(xv)
     nmse = float(((out.x_hat - xv) ** 2).sum() / ((xv - xv.mean(0)) ** 2).sum())
-    val = metrics["validation"]
+    val = metrics  # validation metrics sit at the top level
     assert val["nmse"] == pytest.approx(nmse, rel=1e-4)
     assert val["fve"] == pytest.approx(1 - nmse, rel=1e-4)
     assert val["l0"] == pytest.approx(float((out.vals > 0).sum(1).float().mean()))
@@ -127,7 +127,7 @@ def test_spatial_samples_and_second_layer(store, tmp_path):
     assert cli(["train-sae", "--store", str(store), "--layer", "mid", "--timestep", "500", "--out", str(out),
                 "--set", "samples=spatial"] + FAST) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["samples"] == "spatial" and metrics["validation"]["n_vectors"] == 24 * HW * HW
+    assert metrics["samples"] == "spatial" and metrics["n_vectors"] == 24 * HW * HW
     out2 = tmp_path / "up"
     assert cli(["train-sae", "--store", str(store), "--layer", "up_ft0", "--timestep", "500", "--out", str(out2)] + FAST) == 0
     assert json.loads((out2 / "cfg.json").read_text())["n_latents"] == 3 * 2 * D
@@ -169,7 +169,7 @@ def test_summary_and_figures(store, run_dir, tmp_path):
     table = pd.read_csv(summary)
     assert list(table["timestep"]) == [10, 500]
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert table.loc[0, "fve"] == pytest.approx(m["validation"]["fve"])
+    assert table.loc[0, "fve"] == pytest.approx(m["fve"])
     assert table.loc[0, "purity_fine"] == pytest.approx(m["labels"]["purity_fine"])
 
     for sub, extra in (("vs-layer", ["--summary", str(summary)]),
@@ -193,6 +193,13 @@ def test_gallery_shows_the_top_images(run_dir, tmp_path):
         for c, sid in enumerate(row.top_sample_ids):
             cell = mosaic[r * (8 + pad_y) : r * (8 + pad_y) + 8, c * (8 + pad_x) : c * (8 + pad_x) + 8]
             np.testing.assert_array_equal(cell, images[sid - 100])
+    # no ranked latent (tiny data): the gallery falls back to the most active latents
+    unranked = latents.assign(rank=-1)
+    fig = plot_gallery(unranked, tmp_path / "data", n_latents=2)
+    assert "no latent met min_active" in fig.axes[0].get_title()
+    most = unranked.sort_values(["n_active", "latent"], ascending=[False, True]).iloc[0]
+    cell = np.asarray(fig.axes[0].images[0].get_array())[:8, :8]
+    np.testing.assert_array_equal(cell, images[int(most["top_sample_ids"][0]) - 100])
     png = tmp_path / "gallery.png"
     assert cli(["sae-figures", "gallery", "--run", str(run_dir), "--dataset", str(tmp_path / "data"), "--out", str(png)]) == 0
     assert png.stat().st_size > 1000

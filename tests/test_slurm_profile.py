@@ -83,7 +83,7 @@ def test_profile_settings_are_not_overridden_by_a_workflow_profile():
     # a global `gpu` limit would let only that many GPU jobs run at once on the whole cluster
     assert "gpu" not in _values(args.resources), (
         f"a workflow profile caps the cluster at resources {args.resources}; "
-        "rename profiles/default (e.g. to profiles/local) so that it is not picked up implicitly"
+        "keep cluster-wide settings such as a gpu limit out of the workflow profile profiles/default"
     )
 
 

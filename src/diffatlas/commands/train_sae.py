@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     metrics = run(
         args.store, args.layer, args.timestep, cfg, args.out, device=device, model=args.model, dataset=args.dataset
     )
-    val, lab = metrics["validation"], metrics["labels"]
+    val, lab = metrics, metrics["labels"]
     print(
         f"{args.out}: fve {val['fve']:.3f} nmse {val['nmse']:.3f} l0 {val['l0']:.1f} dead {val['dead_fraction']:.3f} "
         f"dense {val['dense_fraction']:.3f} | top-{lab['n_top_latents']} latents: purity fine {lab['purity_fine']:.3f} "

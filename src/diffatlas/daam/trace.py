@@ -28,12 +28,9 @@ resolutions are added.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -379,7 +376,8 @@ def trace_generation(
                 generator=gens,
                 output_type="np",
             )
-            raw = tracer.collect(layout_from_pipeline(pipe, n_items))
+            layout = layout_from_pipeline(pipe, n_items)
+            raw = tracer.collect(layout)
             per_item_prompts = [p for p in chunk for _ in range(n_images)]
             images.append(_to_uint8(out.images))
             maps.extend(build_word_maps(raw, per_item_prompts, tok, (size, size), window))
@@ -395,13 +393,15 @@ def trace_generation(
         "model": handle.describe(),
         "steps": steps,
         "guidance": float(guidance),
-        "cfg": bool(layout_from_pipeline(pipe, n_items).guidance),
+        "cfg": bool(layout.guidance),
+        "cfg_layout_source": layout.source,
         "n_images_per_prompt": n_images,
         "seed": seed,
         "layers": list([layers] if isinstance(layers, str) else layers),
         "map_size": size,
         "aggregation": "sum over heads, layers, timesteps per resolution; bicubic upsampling; clamp >= 0; sum over resolutions",
         "trace": describe(last_raw),
+        "timesteps": [int(round(t)) for t in last_raw.timesteps],
         "alpha_bar": [float(handle.alphas_cumprod[int(round(t))]) for t in last_raw.timesteps],
         "time_resolved": bool(time_resolved),
     }

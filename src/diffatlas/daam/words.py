@@ -376,11 +376,15 @@ def write_time_resolved(group: Any, raw: Any, item_offset: int, n_items_total: i
     """Write ``raw``'s per-step maps into a zarr group (arrays created on first use).
 
     Arrays ``steps__{h}x{w}``: float16 ``[step, item, token, y__{h}x{w}, x__{h}x{w}]`` at
-    each map's native resolution, ``items`` rows ``item_offset:item_offset+n``.
+    each map's native resolution (summed over heads and the layers of that resolution), rows
+    ``item_offset:item_offset+n``; ``timestep`` [step] holds the training-scale timesteps.
     """
     if not raw.per_step:
         return
     n_steps = len(raw.timesteps)
+    if "timestep" not in group:  # the step coordinate: training-scale timesteps, in sampling order
+        ts = group.create_array("timestep", shape=(n_steps,), dtype="int64", dimension_names=["step"])
+        ts[:] = np.asarray([int(round(t)) for t in raw.timesteps], dtype=np.int64)
     for (step, h, w), m in raw.per_step.items():
         name = f"steps__{h}x{w}"
         if name not in group:

@@ -250,7 +250,9 @@ def analyse(sae: TopKSAE, data, cfg: SAEConfig, device: torch.device | str = "cp
         "d_in": sae.arch.d_in,
         "n_latents": sae.arch.n_latents,
         "k_aux": sae.arch.k_aux,
-        "validation": rec,
+        # Reconstruction metrics sit at the top level; all are on the validation split.
+        "metrics_on": "validation split; post-TopK codes",
+        **rec,
         "labels": labels,
     }
     log.info(

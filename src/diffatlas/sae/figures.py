@@ -173,14 +173,29 @@ def plot_gallery(
     are subsampled by an integer stride (display only).
     """
     ranked = latents[latents["rank"] >= 0].sort_values("rank").head(n_latents)
+    note = ""
     if ranked.empty:
-        raise UserError("no latent fires on enough samples to be ranked; nothing to show in a gallery")
+        # Tiny datasets: no latent fires on more than min_active samples. Show the most
+        # active latents instead (said in the title) rather than failing the figure.
+        active = latents[latents["n_active"] > 0]
+        ranked = active.sort_values(["n_active", "latent"], ascending=[False, True]).head(n_latents)
+        note = " — no latent met min_active; showing the most active"
+    if ranked.empty:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no latent fired on any sample", ha="center", va="center")
+        ax.set_title(title or "top-activating images", fontsize=9)
+        return fig
     top_n = top_n or max(len(ids) for ids in ranked["top_sample_ids"])
     ids = sorted({int(s) for row in ranked["top_sample_ids"] for s in list(row)[:top_n]})
     images = load_images(dataset_dir, ids)
     side = max(next(iter(images.values())).shape[:2])
     stride = max(1, -(-side // max_side))
-    rows = [[images[int(s)][::stride, ::stride] for s in list(lat["top_sample_ids"])[:top_n]] for _, lat in ranked.iterrows()]
+    blank = np.full_like(next(iter(images.values()))[::stride, ::stride], 255)
+    rows = [
+        [images[int(s)][::stride, ::stride] for s in list(lat["top_sample_ids"])[:top_n]] or [blank]
+        for _, lat in ranked.iterrows()
+    ]
     h, w = rows[0][0].shape[:2]
     pad_y, pad_x = gallery_gaps(max(h, w))
     mosaic = gallery_mosaic(rows, top_n, pad_y, pad_x)
@@ -199,7 +214,7 @@ def plot_gallery(
                     ha="center", va="top", color="black", clip_on=False)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_title(title or "top-activating images of the top latents (purity fine/coarse)", fontsize=9)
+    ax.set_title((title or "top-activating images of the top latents (purity fine/coarse)") + note, fontsize=9)
     fig.subplots_adjust(left=0.16, right=0.99, top=0.93, bottom=0.02)
     return fig
 

@@ -108,10 +108,8 @@ SUMMARY_KEYS = ("model", "dataset", "layer", "timestep", "alpha_bar", "samples",
 def summary_row(metrics: dict[str, Any]) -> dict[str, Any]:
     """Flatten one run's metrics.json into a summary-table row."""
     row = {key: metrics.get(key) for key in SUMMARY_KEYS}
-    val = metrics.get("validation", {})
-    row["k"] = val.get("k", row["k"])
     for key in ("nmse", "fve", "l0", "dead_fraction", "dense_fraction", "n_vectors"):
-        row[key] = val.get(key)
+        row[key] = metrics.get(key)
     labels = metrics.get("labels", {})
     for key in ("rank_by", "top_n", "n_eligible", "n_top_latents", "n_classes_fine", "n_classes_coarse"):
         row[key] = labels.get(key)
