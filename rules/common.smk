@@ -1,6 +1,7 @@
 # Helpers shared by every stage: config validation, the results/ path grammar, model paths,
 # wildcard constraints. Stage files append their final targets to ALL_TARGETS.
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,8 +21,9 @@ config.update(_validated)
 RESULTS = config["results"]
 ALL_TARGETS = []
 
-# The package's console script; rules call it so every step also runs by hand.
-DIFFATLAS = "diffatlas"
+# Rules call the package's console script `diffatlas`, so every step also runs by hand.
+# The conda envs (envs/*.yaml, for cluster users) install this checkout from DIFFATLAS_ROOT.
+os.environ.setdefault("DIFFATLAS_ROOT", str(Path(workflow.basedir).resolve()))
 
 
 wildcard_constraints:

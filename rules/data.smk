@@ -8,6 +8,8 @@ import json
 
 
 rule make_dataset:
+    conda:
+        "../envs/analysis.yaml"
     input:
         # real datasets depend on their folder or manifest (a missing one is reported by
         # make-dataset itself, naming the config key)
@@ -32,11 +34,13 @@ rule make_dataset:
         mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=lambda wc, attempt: 10 * attempt,
     shell:
-        "{DIFFATLAS} make-dataset --name {wildcards.dataset} --config-json {params.cfg:q}"
+        "diffatlas make-dataset --name {wildcards.dataset} --config-json {params.cfg:q}"
         " --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule dataset_preview:
+    conda:
+        "../envs/analysis.yaml"
     input:
         dataset_dir("{dataset}"),
     output:
@@ -50,7 +54,7 @@ rule dataset_preview:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} preview-dataset --data {input:q} --out {output:q} > {log:q} 2>&1"
+        "diffatlas preview-dataset --data {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 for _name in config["datasets"]:

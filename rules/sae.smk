@@ -47,6 +47,8 @@ SAE_GRID = [dict(layer=l, timestep=t) for l in SAE_LAYERS for t in SAE_TIMESTEPS
 
 
 rule train_sae:
+    conda:
+        "../envs/torch.yaml"
     input:
         store=SAE_STORE,
     output:
@@ -68,12 +70,14 @@ rule train_sae:
         mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=lambda wc, attempt: 20 * attempt,
     shell:
-        "{DIFFATLAS} train-sae --store {input.store:q} --layer {wildcards.layer:q} --timestep {wildcards.timestep}"
+        "diffatlas train-sae --store {input.store:q} --layer {wildcards.layer:q} --timestep {wildcards.timestep}"
         " --out {params.out:q} --model {wildcards.model} --dataset {wildcards.dataset}"
         " --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
 
 
 rule sae_summary:
+    conda:
+        "../envs/analysis.yaml"
     input:
         lambda wc: [str(Path(SAE_DIR.format(**wc, **g), "metrics.json")) for g in SAE_GRID],
     output:
@@ -89,10 +93,12 @@ rule sae_summary:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} sae-summary --out {output:q} {params.runs} > {log:q} 2>&1"
+        "diffatlas sae-summary --out {output:q} {params.runs} > {log:q} 2>&1"
 
 
 rule sae_figure_vs_layer:
+    conda:
+        "../envs/analysis.yaml"
     input:
         SAE_SUMMARY,
     output:
@@ -106,10 +112,12 @@ rule sae_figure_vs_layer:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} sae-figures vs-layer --summary {input:q} --out {output:q} > {log:q} 2>&1"
+        "diffatlas sae-figures vs-layer --summary {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule sae_figure_vs_timestep:
+    conda:
+        "../envs/analysis.yaml"
     input:
         SAE_SUMMARY,
     output:
@@ -123,10 +131,12 @@ rule sae_figure_vs_timestep:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} sae-figures vs-timestep --summary {input:q} --out {output:q} > {log:q} 2>&1"
+        "diffatlas sae-figures vs-timestep --summary {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule sae_figure_curves:
+    conda:
+        "../envs/analysis.yaml"
     input:
         lambda wc: [str(Path(SAE_DIR.format(**wc, **g), "latents.parquet")) for g in SAE_GRID],
     output:
@@ -142,10 +152,12 @@ rule sae_figure_curves:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} sae-figures curves --runs {params.runs} --out {output:q} > {log:q} 2>&1"
+        "diffatlas sae-figures curves --runs {params.runs} --out {output:q} > {log:q} 2>&1"
 
 
 rule sae_figure_across_models:
+    conda:
+        "../envs/analysis.yaml"
     input:
         lambda wc: [SAE_SUMMARY.format(model=m, dataset=wc.dataset) for m in SAE_MODELS],
     output:
@@ -159,10 +171,12 @@ rule sae_figure_across_models:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} sae-figures across-models --summary {input:q} --out {output:q} > {log:q} 2>&1"
+        "diffatlas sae-figures across-models --summary {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule sae_gallery:
+    conda:
+        "../envs/analysis.yaml"
     input:
         latents=str(Path(SAE_DIR, "latents.parquet")),
         dataset=lambda wc: dataset_dir(wc.dataset),
@@ -180,7 +194,7 @@ rule sae_gallery:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} sae-figures gallery --run {params.run:q} --dataset {input.dataset:q}"
+        "diffatlas sae-figures gallery --run {params.run:q} --dataset {input.dataset:q}"
         " --latents {params.latents} --out {output:q} > {log:q} 2>&1"
 
 
