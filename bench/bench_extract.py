@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,9 +184,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=128, help="images in the throughput runs (default 128)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1, help="repeats of each measurement, summed (default 1)")
-    p.add_argument("--rss-sizes", type=int, nargs=2, default=[64, 512], help="dataset sizes of the memory runs")
-    p.add_argument("--rss-image-size", type=int, default=256, help="side of the memory runs' images (default 256)")
+    p.add_argument("--repeats", type=int, default=2, help="end-to-end runs of each variant, in A B B A order, summed (default 2)")
+    p.add_argument("--rss-sizes", type=int, nargs=2, default=[128, 1024], help="dataset sizes of the memory runs")
+    p.add_argument("--rss-image-size", type=int, default=128, help="side of the memory runs' images (default 128)")
     # internal: the memory-measuring child process
     p.add_argument("--rss-child", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -197,6 +198,7 @@ def main() -> int:
 
     import logging
 
+    sys.stdout.reconfigure(line_buffering=True)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("DIFFATLAS_NO_PROGRESS", "1")
     torch.set_num_threads(args.threads)
@@ -220,11 +222,8 @@ def main() -> int:
         extraction(handle, images[: cfg.batch_size], ExtractConfig(timesteps=[50]), tmp / "warm.zarr")  # warm-up
         n_pass = args.n * len(cfg.timesteps)
         L = len(cfg.layers)
-        pp = {key: 0.0 for key in ("bare", "capture", "capture_full", "per_layer")}
-        for _ in range(args.repeats):
-            for key, sec in paired_passes(handle, images, cfg).items():
-                pp[key] += sec
-        print(f"\n1. per forward pass, variants interleaved pass by pass ({args.repeats} x {n_pass} image-passes)")
+        pp = paired_passes(handle, images, cfg)
+        print(f"\n1. per forward pass, variants interleaved pass by pass ({n_pass} image-passes each)")
         print(f"   bare forward (no hooks)                       {pp['bare']:8.2f} s")
         print(f"   capture all layers, as shipped                {pp['capture']:8.2f} s   throughput ratio "
               f"{pp['bare'] / pp['capture']:.2f}  (target >= 0.90)")
@@ -235,9 +234,13 @@ def main() -> int:
               f"{pp['per_layer'] / pp['capture_full']:.2f}x with full passes")
 
         bare = ext = 0.0
-        for _ in range(args.repeats):  # interleaved, so machine load hits both alike
-            bare += bare_forward(handle, images, cfg)
-            ext += extraction(handle, images, cfg, tmp / "a.zarr")
+        for r in range(args.repeats):  # A B B A ..., so a drift in machine load hits both alike
+            order = ("bare", "ext") if r % 2 == 0 else ("ext", "bare")
+            for which in order:
+                if which == "bare":
+                    bare += bare_forward(handle, images, cfg)
+                else:
+                    ext += extraction(handle, images, cfg, tmp / "a.zarr")
         print("\n2. end to end: extract_activations (noise, conditioning, hooks, zarr writes) vs bare forward passes")
         print(f"   bare forward {n_pass * args.repeats / bare:6.1f} image-passes/s ({bare:.2f} s); extraction "
               f"{n_pass * args.repeats / ext:6.1f} /s ({ext:.2f} s) -> ratio {bare / ext:.2f}  (target >= 0.90)")
@@ -246,10 +249,9 @@ def main() -> int:
         rss_cfg = json.dumps({**cfg.to_dict(), "timesteps": [50]})
         print(f"\n3. peak memory (fresh process per run; same layers and maps, t = 50; {args.rss_image_size}px images "
               f"resized to {handle.image_size}px)")
+        rss = []
         for size in args.rss_sizes:
             s = args.rss_image_size
-            import pandas as pd
-
             imgs = np.random.default_rng(1).integers(0, 256, (size, s, s, 3), dtype=np.uint8)
             meta = pd.DataFrame({"sample_id": np.arange(size), "label": ["x"] * size, "coarse_label": ["x"] * size,
                                  "caption": [""] * size})
@@ -264,8 +266,13 @@ def main() -> int:
                 return 1
             info = json.loads(res.stdout.strip().splitlines()[-1])
             mb = size * s * s * 3 / 2**20
+            rss.append((mb, info["peak_rss_mib"]))
             print(f"   {size:6d} images ({mb:7.1f} MiB of pixels): peak RSS {info['peak_rss_mib']:7.1f} MiB"
                   f"  ({info['seconds']:.1f} s)")
+        (mb0, r0), (mb1, r1) = rss
+        print(f"   peak RSS grew {r1 - r0:+.1f} MiB for {mb1 - mb0:+.1f} MiB more pixels "
+              f"(held in memory, the extra images alone would take {mb1 - mb0:.0f} MiB as uint8, "
+              f"{4 * (mb1 - mb0):.0f} MiB as float32)")
     return 0
 
 

@@ -61,7 +61,7 @@ rule geometry_basis:
         mem_mb=lambda wc, attempt: 3000 * attempt,
         runtime=lambda wc, attempt: 30 * attempt,
     shell:
-        "{DIFFATLAS} geometry --model {params.model:q} --model-name {wildcards.model} --timestep {wildcards.timestep}"
+        "diffatlas geometry --model {params.model:q} --model-name {wildcards.model} --timestep {wildcards.timestep}"
         " --out {params.out:q} --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
 
 
@@ -88,7 +88,7 @@ rule geometry_global:
         mem_mb=lambda wc, attempt: 3000 * attempt,
         runtime=lambda wc, attempt: 20 * attempt,
     shell:
-        "{DIFFATLAS} geometry-global --model {params.model:q} --model-name {wildcards.model} --basis {params.basis:q}"
+        "diffatlas geometry-global --model {params.model:q} --model-name {wildcards.model} --basis {params.basis:q}"
         " --out {params.out:q} --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
 
 
@@ -112,7 +112,7 @@ rule geometry_paths:
         mem_mb=lambda wc, attempt: 3000 * attempt,
         runtime=lambda wc, attempt: 20 * attempt,
     shell:
-        "{DIFFATLAS} geometry-paths --model {params.model:q} --model-name {wildcards.model} --out {output.table:q}"
+        "diffatlas geometry-paths --model {params.model:q} --model-name {wildcards.model} --out {output.table:q}"
         " --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
 
 
@@ -133,7 +133,7 @@ rule geometry_measures:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} geometry-measures --runs {params.runs} --psd {output.psd:q} --distances {output.distances:q} > {log:q} 2>&1"
+        "diffatlas geometry-measures --runs {params.runs} --psd {output.psd:q} --distances {output.distances:q} > {log:q} 2>&1"
 
 
 rule geometry_meaning:
@@ -153,7 +153,7 @@ rule geometry_meaning:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} geometry-meaning --runs {params.runs} --out {output.table:q} --summary {output.summary:q} > {log:q} 2>&1"
+        "diffatlas geometry-meaning --runs {params.runs} --out {output.table:q} --summary {output.summary:q} > {log:q} 2>&1"
 
 
 rule geometry_figure_spectra:
@@ -172,7 +172,7 @@ rule geometry_figure_spectra:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} geometry-figures spectra --runs {params.runs} --out {output:q} > {log:q} 2>&1"
+        "diffatlas geometry-figures spectra --runs {params.runs} --out {output:q} > {log:q} 2>&1"
 
 
 rule geometry_figure_edits:
@@ -192,7 +192,7 @@ rule geometry_figure_edits:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} geometry-figures edits --run {params.run:q} --out {output:q} > {log:q} 2>&1"
+        "diffatlas geometry-figures edits --run {params.run:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule geometry_figure_global:
@@ -212,7 +212,7 @@ rule geometry_figure_global:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} geometry-figures global --global-dir {params.run:q} --direction {params.direction}"
+        "diffatlas geometry-figures global --global-dir {params.run:q} --direction {params.direction}"
         " --out {output:q} > {log:q} 2>&1"
 
 
@@ -231,7 +231,7 @@ rule geometry_figure_psd:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} geometry-figures psd --psd {input.psd:q} --distances {input.distances:q} --out {output:q} > {log:q} 2>&1"
+        "diffatlas geometry-figures psd --psd {input.psd:q} --distances {input.distances:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule geometry_figure_meaning:
@@ -248,7 +248,7 @@ rule geometry_figure_meaning:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} geometry-figures meaning --summary {input:q} --out {output:q} > {log:q} 2>&1"
+        "diffatlas geometry-figures meaning --summary {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 for _m in GEO_MODELS:

@@ -137,6 +137,25 @@ def test_diffc_input_standardisation_and_roundtrip(tmp_path):
         load_diffc(str(tmp_path / "w.safetensors"), "coarse")
 
 
+def test_adamw_matches_torch_adamw():
+    from diffatlas.diffc.train import AdamW
+
+    torch.manual_seed(0)
+    ours, ref = DiffC(DiffCArch(4, 8, 8, 3, 3, 16)), DiffC(DiffCArch(4, 8, 8, 3, 3, 16))
+    ref.load_state_dict(ours.state_dict())
+    opt_ours = AdamW(ours.parameters(), lr=1e-2, weight_decay=0.05)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
+    x, y = torch.randn(16, 4, 8, 8), torch.randint(0, 3, (16,))
+    for _ in range(15):
+        for model, opt in ((ours, opt_ours), (ref, opt_ref)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ours.head.weight, DiffC(DiffCArch(4, 8, 8, 3, 3, 16)).head.weight)  # it moved
+
+
 # ------------------------------------------------------------------ config
 
 

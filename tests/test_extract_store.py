@@ -126,6 +126,16 @@ def test_ensemble_is_mean_over_draws_and_sum_pooling(pixel, images, tmp_path):
     assert not np.allclose(p0, p1)  # the draws really differ
 
 
+def test_bfloat16_autocast_close_to_float32(pixel, images, tmp_path):
+    """The autocast path (used with float16 on GPU) runs and agrees with float32 to bf16 precision."""
+    f32 = run(pixel, images, tmp_path / "f.zarr", layers=["up_ft1"], timesteps=[200], spatial=False)
+    b16 = run(pixel, images, tmp_path / "b.zarr", layers=["up_ft1"], timesteps=[200], spatial=False, dtype="bfloat16")
+    a, b = f32.pooled("up_ft1", 200), b16.pooled("up_ft1", 200)
+    assert b.dtype == np.float32 and b16.attrs["dtype"] == "bfloat16"
+    assert not np.array_equal(a, b)  # bf16 really was used
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
 def test_class_template_conditioning(pixel, images, tmp_path):
     store = run(pixel, images, tmp_path / "c.zarr", layers=["mid"], timesteps=[100], conditioning="class_template",
                 prompt_template="a small {label}", spatial=False)
@@ -152,6 +162,15 @@ def test_inversion_mode(pixel, images, tmp_path):
         got = cap.run(pixel.predict_noise, x300, torch.tensor([300]), cond)["mid"].pooled[0].numpy()
     np.testing.assert_allclose(store.pooled("mid", 300)[0], got, rtol=1e-4, atol=1e-5)
     assert store.attrs["noise"] == "inversion" and store.attrs["inversion_steps"] == 5
+
+    # Guidance: with the empty prompt the two branches agree, so any scale gives the same path;
+    # with a class prompt the guided inversion goes elsewhere.
+    kw = dict(layers=["mid"], timesteps=[300], noise="inversion", inversion_steps=5, spatial=False)
+    same = run(pixel, images, tmp_path / "g.zarr", guidance_scale=4.0, **kw)
+    np.testing.assert_allclose(same.pooled("mid", 300), store.pooled("mid", 300), rtol=1e-4, atol=1e-5)
+    cls1 = run(pixel, images, tmp_path / "c1.zarr", conditioning="class_template", **kw)
+    cls4 = run(pixel, images, tmp_path / "c4.zarr", conditioning="class_template", guidance_scale=4.0, **kw)
+    assert not np.allclose(cls1.pooled("mid", 300), cls4.pooled("mid", 300), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -73,21 +73,21 @@ def forward_ad_safe_attention(denoiser: nn.Module) -> Iterator[None]:
 
     The classic processor computes softmax(QKᵀ)V with plain matmuls, which support JVP on
     every device; the default ``AttnProcessor2_0`` calls SDPA, whose CPU kernel has no
-    forward-mode derivative. The original processors (possibly custom ones, e.g. a DAAM
-    tracer's) are put back on exit, error or not.
+    forward-mode derivative. Every diffusers ``Attention`` module under ``denoiser`` is
+    switched (U-Nets and DiTs alike, whether or not the model exposes
+    ``set_attn_processor``), and each module's original processor (possibly a custom one,
+    e.g. a DAAM tracer's) is put back on exit, error or not.
     """
-    get = getattr(denoiser, "attn_processors", None)
-    saved = dict(get) if get else {}
-    if not saved:
-        yield
-        return
-    from diffusers.models.attention_processor import AttnProcessor
+    from diffusers.models.attention_processor import Attention, AttnProcessor
 
+    saved = [(m, m.processor) for m in denoiser.modules() if isinstance(m, Attention)]
     try:
-        denoiser.set_attn_processor(AttnProcessor())
+        for module, _ in saved:
+            module.set_processor(AttnProcessor())
         yield
     finally:
-        denoiser.set_attn_processor(saved)
+        for module, processor in saved:
+            module.set_processor(processor)
 
 
 def _pool(x: torch.Tensor, pooling: str, name: str) -> torch.Tensor:

@@ -94,6 +94,39 @@ def _denoise_images(handle, den: Denoiser, x: torch.Tensor, timestep: int, cfg: 
     return imgs.reshape(*lead, *imgs.shape[1:])
 
 
+def _iterative_edits(fmap: PullbackMap, b0, x0: torch.Tensor, strengths: list[float], mi: int,
+                     cfg: GeometryConfig, gen: torch.Generator) -> tuple[torch.Tensor, list[float], torch.Tensor]:
+    """Geodesic shooting along ±v_1..v_mi of one point ``x0`` [1, C, h, w] through ``strengths``.
+
+    Both signs ride in one batch when the strengths are symmetric. Returns the points
+    [mi, S, C, h, w] (strength 0 included, increasing), the signed strengths and the
+    transport cosines [mi, S].
+    """
+    pos = [g for g in strengths if g > 0]
+    neg = sorted(-g for g in strengths if g < 0)
+    groups = [([1.0, -1.0], pos)] if pos and pos == neg else [([1.0], pos), ([-1.0], neg)]
+    by_sign: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    for signs, gs in groups:
+        if not gs:
+            continue
+        u0 = torch.cat([sg * b0.u[0, :mi] for sg in signs])
+        v0 = torch.cat([sg * b0.v[0, :mi] for sg in signs])
+        P = len(signs) * mi
+        shot = geodesic_shoot(fmap, x0.expand(P, *x0.shape[1:]), u0, v0, gs, cfg.iterative_substeps,
+                              n=cfg.n_directions, basis_kwargs=_basis_kwargs(cfg),
+                              init=b0.v.expand(P, *b0.v.shape[1:]), generator=gen)
+        for j, sg in enumerate(signs):
+            by_sign[sg] = (shot.points[j * mi:(j + 1) * mi], shot.transport_cos[j * mi:(j + 1) * mi])
+    sig, pts, coss = [0.0], [x0.expand(mi, *x0.shape[1:])[:, None]], [torch.ones(mi, 1)]
+    if 1.0 in by_sign:
+        sig, pts, coss = sig + pos, pts + [by_sign[1.0][0]], coss + [by_sign[1.0][1]]
+    if -1.0 in by_sign:
+        sig = [-g for g in neg][::-1] + sig
+        pts = [by_sign[-1.0][0].flip(1)] + pts
+        coss = [by_sign[-1.0][1].flip(1)] + coss
+    return torch.cat(pts, dim=1), sig, torch.cat(coss, dim=1)
+
+
 def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.PathLike, model_name: str) -> dict[str, Any]:
     """Local bases of ``cfg.n_samples`` samples at ``timestep``, their edits; written to ``out_dir``."""
     timestep = check_timestep(timestep, handle.num_train_timesteps)
@@ -132,43 +165,16 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
 
     # -- iterative edits (geodesic shooting with parallel transport) for sample 0
     mi = cfg.iterative_directions if cfg.iterative_substeps > 0 else 0
-    pos = [g for g in strengths if g > 0]
-    neg = [-g for g in strengths if g < 0][::-1]
     it_info: dict[str, Any] = {}
-    if mi and (pos or neg):
+    if mi and any(g != 0 for g in strengths):
         tic = time.perf_counter()
-        b0 = basis.sample(0)
-        rows, row_cos = [], []
-        for sign, gs in ((1.0, pos), (-1.0, sorted(neg))):
-            if not gs:
-                continue
-            P = mi
-            start = x_t[:1].expand(P, *x_t.shape[1:])
-            u0 = sign * b0.u[0, :mi]
-            v0 = sign * b0.v[0, :mi]
-            shot = geodesic_shoot(fmap, start, u0, v0, gs, cfg.iterative_substeps, n=cfg.n_directions,
-                                  basis_kwargs=_basis_kwargs(cfg), init=b0.v.expand(P, *b0.v.shape[1:]), generator=gen)
-            rows.append((sign, gs, shot))
-        # assemble signed strengths in increasing order: negatives, 0, positives
-        sig = [0.0]
-        pts = [x_t[:1].expand(mi, *x_t.shape[1:])[:, None]]
-        coss = [torch.ones(mi, 1)]
-        for sign, gs, shot in rows:
-            if sign > 0:
-                sig = sig + gs
-                pts.append(shot.points)
-                coss.append(shot.transport_cos)
-            else:
-                sig = [-g for g in gs][::-1] + sig
-                pts.insert(0, shot.points.flip(1))
-                coss.insert(0, shot.transport_cos.flip(1))
-        pts_t = torch.cat(pts, dim=1)  # [mi, S_i, C, h, w]
-        tensors["iterative"] = torch.from_numpy(np.ascontiguousarray(_denoise_images(handle, den, pts_t, timestep, cfg)))
+        pts, sig, coss = _iterative_edits(fmap, basis.sample(0), x_t[:1], strengths, mi, cfg, gen)
+        tensors["iterative"] = torch.from_numpy(np.ascontiguousarray(_denoise_images(handle, den, pts, timestep, cfg)))
         tensors["iterative_strengths"] = torch.tensor(sig, dtype=torch.float32)
-        tensors["transport_cos"] = torch.cat(coss, dim=1).float()
+        tensors["transport_cos"] = coss.float()
         timings["iterative_s"] = time.perf_counter() - tic
         it_info = {"directions": mi, "substeps": cfg.iterative_substeps, "strengths": sig,
-                   "min_transport_cos": float(tensors["transport_cos"].min())}
+                   "min_transport_cos": float(coss.min())}
 
     meta = _provenance(handle, cfg, model_name, fmap, timestep)
     meta.update(
