@@ -59,6 +59,8 @@ DIFFC_TRAIN_CFG = json.dumps({k: v for k, v in DIFFC.items() if k not in ("layer
 
 
 rule train_diffc:
+    conda:
+        "../envs/torch.yaml"
     input:
         store=DIFFC_STORE,
     output:
@@ -80,12 +82,14 @@ rule train_diffc:
         mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=lambda wc, attempt: 15 * attempt,
     shell:
-        "{DIFFATLAS} train-diffc --store {input.store:q} --layer {wildcards.layer:q} --timestep {wildcards.timestep}"
+        "diffatlas train-diffc --store {input.store:q} --layer {wildcards.layer:q} --timestep {wildcards.timestep}"
         " --out {params.out:q} --model {wildcards.model} --dataset {wildcards.dataset}"
-        " --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log} 2>&1"
+        " --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
 
 
 rule diffc_summary:
+    conda:
+        "../envs/analysis.yaml"
     input:
         DIFFC_METRICS,
     output:
@@ -99,10 +103,12 @@ rule diffc_summary:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} diffc-summary --out {output:q} {input:q} > {log} 2>&1"
+        "diffatlas diffc-summary --out {output:q} {input:q} > {log:q} 2>&1"
 
 
 rule diffc_figure_layer:
+    conda:
+        "../envs/analysis.yaml"
     input:
         DIFFC_SUMMARY,
     output:
@@ -116,11 +122,13 @@ rule diffc_figure_layer:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} diffc-figure --summary {input:q} --kind layer --model {wildcards.model}"
-        " --dataset {wildcards.dataset} --out {output:q} > {log} 2>&1"
+        "diffatlas diffc-figure --summary {input:q} --kind layer --model {wildcards.model}"
+        " --dataset {wildcards.dataset} --out {output:q} > {log:q} 2>&1"
 
 
 rule diffc_figure_timestep:
+    conda:
+        "../envs/analysis.yaml"
     input:
         DIFFC_SUMMARY,
     output:
@@ -134,11 +142,13 @@ rule diffc_figure_timestep:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} diffc-figure --summary {input:q} --kind timestep --model {wildcards.model}"
-        " --dataset {wildcards.dataset} --out {output:q} > {log} 2>&1"
+        "diffatlas diffc-figure --summary {input:q} --kind timestep --model {wildcards.model}"
+        " --dataset {wildcards.dataset} --out {output:q} > {log:q} 2>&1"
 
 
 rule diffc_figure_models:
+    conda:
+        "../envs/analysis.yaml"
     input:
         DIFFC_SUMMARY,
     output:
@@ -154,8 +164,8 @@ rule diffc_figure_models:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} diffc-figure --summary {input:q} --kind models --dataset {wildcards.dataset}"
-        " --models {params.models} --out {output:q} > {log} 2>&1"
+        "diffatlas diffc-figure --summary {input:q} --kind models --dataset {wildcards.dataset}"
+        " --models {params.models} --out {output:q} > {log:q} 2>&1"
 
 
 ALL_TARGETS.append(DIFFC_SUMMARY)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffatlas.activations.noise import CLEAN, add_noise, ddim_invert, inversion_grid, noise_seed, sample_noise
+from diffatlas.activations.noise import CLEAN, add_noise, ddim_invert, inversion_path, noise_seed, sample_noise
 
 
 def test_noise_independent_of_batch_and_order():
@@ -49,10 +49,12 @@ def test_add_noise_formula():
     np.testing.assert_allclose(add_noise(x0, eps, a).numpy(), want, rtol=1e-12)
 
 
-def test_inversion_grid():
-    assert inversion_grid([250], 4, 1000) == [250]
-    assert inversion_grid([50, 600], 5, 1000) == [50, 200, 400, 600]
-    assert inversion_grid([0, 999], 2, 1000) == [0, 500, 999]
+def test_inversion_path():
+    assert inversion_path(250, 4, 1000) == [250]
+    assert inversion_path(600, 5, 1000) == [200, 400, 600]
+    assert inversion_path(400, 5, 1000) == [200, 400]
+    assert inversion_path(0, 2, 1000) == [0]
+    assert inversion_path(999, 2, 1000) == [500, 999]
 
 
 def test_ddim_inversion_matches_closed_form_for_linear_eps():
@@ -61,32 +63,28 @@ def test_ddim_inversion_matches_closed_form_for_linear_eps():
     c = lambda t: 0.1 + t / 2000.0  # noqa: E731
     eps_fn = lambda x, t: c(t) * x  # noqa: E731
     x0 = torch.randn(3, 2, 5, 5, dtype=torch.float64)
-    targets = [120, 500]
-    grid = inversion_grid(targets, 10, 1000)
+    path = inversion_path(530, 10, 1000)
+    assert path == [100, 200, 300, 400, 500, 530]
 
-    factor, t_cur, a_cur, expect = 1.0, 0, 1.0, {}
-    for t_next in grid:
+    factor, t_cur, a_cur = 1.0, 0, 1.0
+    for t_next in path:
         a_next = ab[t_next]
-        step = np.sqrt(a_next) * (1 - np.sqrt(1 - a_cur) * c(t_cur)) / np.sqrt(a_cur) + np.sqrt(1 - a_next) * c(t_cur)
-        factor *= step
+        factor *= np.sqrt(a_next) * (1 - np.sqrt(1 - a_cur) * c(t_cur)) / np.sqrt(a_cur) + np.sqrt(1 - a_next) * c(t_cur)
         t_cur, a_cur = t_next, a_next
-        if t_next in targets:
-            expect[t_next] = factor
 
-    x120 = ddim_invert(eps_fn, x0, CLEAN, 120, ab, grid)
-    torch.testing.assert_close(x120, x0 * expect[120], rtol=1e-12, atol=1e-12)
-    # Continuing from 120 equals one call from the clean input.
-    x500 = ddim_invert(eps_fn, x120, 120, 500, ab, grid)
-    torch.testing.assert_close(x500, ddim_invert(eps_fn, x0, CLEAN, 500, ab, grid), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(x500, x0 * expect[500], rtol=1e-12, atol=1e-12)
+    x530 = ddim_invert(eps_fn, x0, path, ab)
+    torch.testing.assert_close(x530, x0 * factor, rtol=1e-12, atol=1e-12)
+    # In pieces (trunk to 300, then on), the same result.
+    x300 = ddim_invert(eps_fn, x0, path[:3], ab, start=CLEAN)
+    torch.testing.assert_close(ddim_invert(eps_fn, x300, path[3:], ab, start=300), x530, rtol=1e-12, atol=1e-12)
+    assert torch.equal(ddim_invert(eps_fn, x0, [], ab), x0)
     with pytest.raises(ValueError):
-        ddim_invert(eps_fn, x0, CLEAN, 123, ab, grid)
+        ddim_invert(eps_fn, x300, [200], ab, start=300)
 
 
 def test_ddim_inversion_with_zero_eps_is_rescaling():
     """eps = 0: x_t = sqrt(ᾱ_t) x0 exactly (the deterministic path of a noiseless model)."""
     ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
     x0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    grid = inversion_grid([700], 7, 1000)
-    xt = ddim_invert(lambda x, t: torch.zeros_like(x), x0, CLEAN, 700, ab, grid)
+    xt = ddim_invert(lambda x, t: torch.zeros_like(x), x0, inversion_path(700, 7, 1000), ab)
     torch.testing.assert_close(xt, x0 * np.sqrt(ab[700]), rtol=1e-12, atol=1e-12)

@@ -147,22 +147,23 @@ def test_class_template_conditioning(pixel, images, tmp_path):
 
 
 def test_inversion_mode(pixel, images, tmp_path):
-    store = run(pixel, images, tmp_path / "i.zarr", layers=["mid"], timesteps=[300, 100], noise="inversion",
+    store = run(pixel, images, tmp_path / "i.zarr", layers=["mid"], timesteps=[300, 100, 500], noise="inversion",
                 inversion_steps=5, spatial=False)
-    # Reference: invert each sample alone with the same grid, then capture.
-    from diffatlas.activations.noise import CLEAN, ddim_invert, inversion_grid
+    # Reference: invert the first sample alone along its own path, then capture.
+    from diffatlas.activations.noise import ddim_invert, inversion_path
 
-    grid = inversion_grid([300, 100], 5, 1000)
     layers = resolve_layers(pixel.denoiser, ["mid"])
     cond = pixel.conditioning([""])
     eps = lambda x, t: pixel.predict_noise(x, torch.tensor([t]), cond)  # noqa: E731
     with torch.no_grad(), ActivationCapture(pixel.denoiser, layers, stop_early=False) as cap:
         x0 = pixel.encode_images(images_to_tensor(images[:1], 32, torch.device("cpu")))
-        x300 = ddim_invert(eps, x0, CLEAN, 300, pixel.alphas_cumprod, grid)
-        got = cap.run(pixel.predict_noise, x300, torch.tensor([300]), cond)["mid"].pooled[0].numpy()
-    np.testing.assert_allclose(store.pooled("mid", 300)[0], got, rtol=1e-4, atol=1e-5)
+        for t in (100, 300, 500):  # paths [100], [200, 300], [200, 400, 500]
+            x_t = ddim_invert(eps, x0, inversion_path(t, 5, 1000), pixel.alphas_cumprod)
+            got = cap.run(pixel.predict_noise, x_t, torch.tensor([t]), cond)["mid"].pooled[0].numpy()
+            np.testing.assert_allclose(store.pooled("mid", t)[0], got, rtol=1e-4, atol=1e-5)
     assert store.attrs["noise"] == "inversion" and store.attrs["inversion_steps"] == 5
 
+    # Extracting t=300 alone gives what it gave next to t=100 (each target has its own path).
     # Guidance: with the empty prompt the two branches agree, so any scale gives the same path;
     # with a class prompt the guided inversion goes elsewhere.
     kw = dict(layers=["mid"], timesteps=[300], noise="inversion", inversion_steps=5, spatial=False)

@@ -70,7 +70,11 @@ def test_end_to_end_outputs(tiny_run):
     assert metrics["l0"] == pytest.approx(4.0)
     # Diff-C: the confusion matrix sums to the test size
     dm = json.loads((results / "diffc" / "shapesworld" / "shapesworld" / "mid" / "t600" / "metrics.json").read_text())
-    assert dm
+    for gran in ("coarse", "fine"):
+        for method in ("diffc", "probe"):
+            m = dm["results"][gran][method]
+            assert sum(map(sum, m["confusion_matrix"]["matrix"])) == dm["split"]["n_test"] > 0
+    assert dm["timestep"] == 600 and 0 < dm["alpha_bar"] < 1
     # every figure target exists and is a PNG
     figures = sorted((results / "figures").rglob("*.png"))
     stages = {p.relative_to(results / "figures").parts[0] for p in figures}

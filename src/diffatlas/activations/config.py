@@ -58,7 +58,8 @@ class ExtractConfig:
     noise_ensemble: int = 1
     """Forward noise only: activations are averaged over this many noise draws."""
     inversion_steps: int = 50
-    """DDIM inversion: equally spaced steps over 0..T-1 (targets are always visited)."""
+    """DDIM inversion: a grid of ``steps`` equally spaced timesteps over 0..T-1; the path to t
+    follows the grid points below t, then steps onto t (so t's result depends on t alone)."""
     conditioning: str = "empty"
     """empty prompt (Revelio's default), class_template (prompt_template with the label) or caption."""
     prompt_template: str = "a {label}"

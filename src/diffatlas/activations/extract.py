@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from diffatlas.activations.config import ExtractConfig
 from diffatlas.activations.hooks import ActivationCapture, Captured
 from diffatlas.activations.layers import ResolvedLayer, resolve_layers
-from diffatlas.activations.noise import CLEAN, add_noise, ddim_invert, inversion_grid, sample_noise
+from diffatlas.activations.noise import CLEAN, add_noise, ddim_invert, inversion_path, sample_noise
 from diffatlas.activations.store import LayerSpec, open_writer
 from diffatlas.errors import UserError
 from diffatlas.io import ensure_writable_parent, pick_device
@@ -405,9 +405,9 @@ class _Runner:
         order = sorted(range(len(cfg.timesteps)), key=lambda i: cfg.timesteps[i])  # ascending t
         n_batches = -(-n // bs)
         inversion = cfg.noise == "inversion"
-        grid = inversion_grid(cfg.timesteps, cfg.inversion_steps, len(self.ab)) if inversion else []
         # States reused at the next timestep: x0 of latent models (the VAE is costly), or the
-        # inversion trajectory. Pixel models recompute x0 from the images (cheaper than I/O).
+        # inversion trunk (the state at the last regular grid point reached). Pixel models
+        # recompute x0 from the images (cheaper than I/O).
         reuse = inversion or (getattr(self.handle, "vae", None) is not None and len(order) > 1)
         store: _DiskRows | None = None
         spatial_dtype = torch.float16 if cfg.noise_ensemble == 1 else torch.float32
@@ -420,7 +420,7 @@ class _Runner:
             spatial_dtype=spatial_dtype,
             stop_early=self.stop_early,
         )
-        prev_t = CLEAN
+        trunk_t = CLEAN  # timestep of the stored inversion trunk state
         with torch.no_grad(), capture:
             for k, t_index in enumerate(order):
                 t = int(cfg.timesteps[t_index])
@@ -435,15 +435,21 @@ class _Runner:
                             store = _DiskRows(scratch / "state.f32", n, tuple(x.shape[1:]))
                     if inversion:
                         null = self.null_cond(stop - start) if cfg.guidance_scale != 1.0 else None
-                        x = ddim_invert(lambda z, s: self.eps(z, s, cond, null), x, prev_t, t, self.ab, grid)
+                        eps = lambda z, s, c=cond, u=null: self.eps(z, s, c, u)  # noqa: E731
+                        path = inversion_path(t, cfg.inversion_steps, len(self.ab))
+                        trunk = [g for g in path[:-1] if g > trunk_t]
+                        x = ddim_invert(eps, x, trunk, self.ab, start=trunk_t)  # along the regular grid
                         store.put(start, x)
+                        x = ddim_invert(eps, x, [t], self.ab, start=trunk[-1] if trunk else trunk_t)  # onto t
                         results = self._capture(capture, x, t, cond)
                     else:
                         if reuse and k == 0:
                             store.put(start, x)
                         results = self._forward_noised(capture, x, t, cond, self.sample_ids[start:stop])
                     yield _Batch(t_index=t_index, start=start, results=results)
-                prev_t = t
+                if inversion:
+                    trunk_t = max([g for g in inversion_path(t, cfg.inversion_steps, len(self.ab))[:-1] if g > trunk_t],
+                                  default=trunk_t)
 
     def _capture(self, capture: ActivationCapture, x_t: torch.Tensor, t: int, cond: Any) -> dict[str, Captured]:
         with self._autocast():

@@ -6,8 +6,8 @@ of ``(seed, sample_id, timestep, draw)``, so a sample gets the same noise bit fo
 the batch size, the batch order or the device the model runs on.
 
 DDIM inversion runs the deterministic DDIM update backwards, from the clean input (ᾱ = 1)
-up to the target timestep, through a fixed grid of ``steps`` equally spaced training
-timesteps (plus every target, so one trajectory serves all targets)::
+up to the target timestep, through the equally spaced training timesteps of a ``steps``-step
+grid that lie below the target, then one step onto the target (:func:`inversion_path`)::
 
     ε   = eps(x, t_cur)
     x0̂  = (x - sqrt(1 - ᾱ_cur) ε) / sqrt(ᾱ_cur)
@@ -53,14 +53,17 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_t: float) -> torc
     return x0 * (a**0.5) + noise.to(x0.device, x0.dtype) * ((1.0 - a) ** 0.5)
 
 
-def inversion_grid(targets: Sequence[int], steps: int, num_train_timesteps: int) -> list[int]:
-    """Timesteps the inversion visits: ``steps`` equally spaced ones up to max(targets), plus the targets."""
+def inversion_path(target: int, steps: int, num_train_timesteps: int) -> list[int]:
+    """Timesteps DDIM inversion visits from the clean input to ``target``.
+
+    The regular grid ``stride, 2 stride, ...`` (``stride = T // steps``) below the target,
+    then the target itself. The path depends on the target alone, so a sample's activations
+    at t do not change when other timesteps are extracted with it.
+    """
     if steps < 1:
         raise ValueError("inversion steps must be >= 1")
     stride = max(1, num_train_timesteps // steps)
-    top = max(targets)
-    grid = set(range(stride, top + 1, stride)) | {int(t) for t in targets}
-    return sorted(grid)
+    return [g for g in range(stride, num_train_timesteps, stride) if g < target] + [int(target)]
 
 
 CLEAN = -1
@@ -70,30 +73,26 @@ CLEAN = -1
 def ddim_invert(
     eps_fn: Callable[[torch.Tensor, int], torch.Tensor],
     x: torch.Tensor,
-    start: int,
-    stop: int,
+    path: Sequence[int],
     alphas_cumprod: torch.Tensor | np.ndarray,
-    grid: Sequence[int],
+    start: int = CLEAN,
 ) -> torch.Tensor:
-    """Run DDIM inversion from ``x`` at timestep ``start`` (or :data:`CLEAN`) to ``stop``.
+    """DDIM-invert ``x`` (at timestep ``start``, or :data:`CLEAN`) through the timesteps ``path``.
 
-    Visits every grid point in ``(start, stop]``; ``stop`` must be on the grid (see
-    :func:`inversion_grid`). Splitting a path into segments gives the same result as one
-    call, so a job can invert to each target in turn. ``eps_fn(x [B,C,h,w], t) -> ε`` is the
-    model's noise prediction at training timestep ``t``. Scalars are float64; tensors keep
-    the dtype of ``x``.
+    ``path`` ascends and lies above ``start``; an empty path returns ``x``. Running a path in
+    pieces (each piece starting where the last ended) gives the same result as one call.
+    ``eps_fn(x [B,C,h,w], t) -> ε`` is the model's noise prediction at training timestep
+    ``t``. Scalars are float64; tensors keep the dtype of ``x``.
     """
     ab = np.asarray(alphas_cumprod.detach().cpu() if isinstance(alphas_cumprod, torch.Tensor) else alphas_cumprod, dtype=np.float64)
-    if stop not in grid:
-        raise ValueError(f"inversion target {stop} is not on the grid")
-    t_cur = start
-    a_cur = 1.0 if start == CLEAN else float(ab[start])
-    for t_next in grid:
-        if not start < t_next <= stop:
-            continue
+    t_cur = int(start)
+    a_cur = 1.0 if t_cur == CLEAN else float(ab[t_cur])
+    for t_next in path:
+        if t_next <= t_cur:
+            raise ValueError(f"inversion path must ascend above {t_cur}, got {t_next}")
         a_next = float(ab[t_next])
         eps = eps_fn(x, max(t_cur, 0)).to(x.dtype)
         x0_hat = (x - (1.0 - a_cur) ** 0.5 * eps) / a_cur**0.5
         x = a_next**0.5 * x0_hat + (1.0 - a_next) ** 0.5 * eps
-        t_cur, a_cur = t_next, a_next
+        t_cur, a_cur = int(t_next), a_next
     return x
