@@ -27,13 +27,13 @@ def test_noun_masks_beat_whole_image_baseline():
     from diffatlas.data.shapesworld import generate_shapesworld
     from diffatlas.models.loader import load_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     handle = load_model(MODEL)
     # a held-out draw of the world (seed differs from the default dataset's)
-    data = generate_shapesworld({"n_samples": 32, "seed": 1234, "two_object_fraction": 0.3, "image_size": handle.image_size})
-    run = trace_real_images(handle, data.images, list(data.meta["caption"]), t_start=400, steps=20, seed=0)
+    data = generate_shapesworld({"n_samples": 24, "seed": 1234, "two_object_fraction": 0.3, "image_size": handle.image_size})
+    run = trace_real_images(handle, data.images, list(data.meta["caption"]), t_start=400, steps=10, seed=0)  # 5 denoising steps: 400..0
     rows = evaluate_real(run, data.meta, data.masks, taus=[0.4])
     table = summarize(rows, 0.4).set_index("method")
     daam, whole = table.loc["daam", "miou"], table.loc["whole_image", "miou"]
-    assert table.loc["daam", "n"] >= 32
+    assert table.loc["daam", "n"] >= 24
     assert daam > whole + 0.05, f"noun mIoU {daam:.3f} does not beat the whole-image baseline {whole:.3f}"

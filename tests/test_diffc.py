@@ -205,3 +205,12 @@ def test_class_without_test_samples_is_an_explicit_warning(tmp_path):
     assert saved["warnings"] == result.metrics["warnings"]
     preds = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert preds.loc[preds["true"] == "rare", "split"].tolist() == ["train"]
+
+
+def test_float16_overflow_in_the_maps_is_a_user_error(tmp_path):
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(1, 40, 4, 4, 4)).astype(np.float32)
+    maps[0, 7, 2, 1, 1] = 1e6  # beyond float16: stored as inf
+    store = write_store(tmp_path / "inf.zarr", {"L": maps}, ["a", "b"] * 20, None, [10])
+    with pytest.raises(UserError, match=r"non-finite values in 1 sample\(s\)"):
+        run_diffc_job(store, "L", 10, tmp_path / "out", DiffCConfig(**FAST, granularities=["fine"]), device="cpu")

@@ -66,7 +66,13 @@ def test_float_input_and_touching_objects_are_split():
     assert v["objects"][0]["mask"].sum() == 196
     # The empty scene has no objects; bad shapes are refused.
     blank, _ = render_scene([])
-    assert judge_images(blank)[0] == {"n_objects": 0, "objects": []}
+    assert judge_images(blank)[0] == {"n_objects": 0, "n_background_blobs": 0, "objects": []}
+    # A coloured background is not an object; the object on it still is.
+    tinted, _ = render_scene([{"shape": "triangle", "colour": "yellow", "size": "large", "x": 0.5, "y": 0.5}])
+    tinted[(tinted == 16).all(-1)] = (40, 80, 200)  # blue-ish background
+    v = judge_images(tinted)[0]
+    assert v["n_background_blobs"] == 1 and v["n_objects"] == 1
+    assert (v["objects"][0]["colour"], v["objects"][0]["shape"]) == ("yellow", "triangle")
     with pytest.raises(UserError, match="RGB"):
         judge_images(np.zeros((2, 32, 32)))
 

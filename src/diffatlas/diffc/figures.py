@@ -48,7 +48,9 @@ def _panels(df: pd.DataFrame) -> tuple[plt.Figure, list[tuple[str, plt.Axes]]]:
 
 def _finish(ax: plt.Axes, sub: pd.DataFrame, gran: str, xlabel: str) -> None:
     chance = float(sub["chance_uniform"].iloc[0])
-    ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance ({chance:.2f})")
+    ax.axhline(chance, color="grey", ls=":", lw=1, label="chance (uniform)")
+    ax.annotate(f"chance {chance:.2f}", (1.0, chance), xycoords=("axes fraction", "data"), xytext=(-3, 3),
+                textcoords="offset points", ha="right", fontsize=7, color="grey")  # fmt: skip
     n_classes = int(sub["n_classes"].iloc[0])
     ax.set_title(f"{gran} labels ({n_classes} classes)")
     ax.set_xlabel(xlabel)

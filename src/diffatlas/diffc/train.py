@@ -300,6 +300,8 @@ def run_diffc_job(
     t0 = time.perf_counter()
     maps = load_spatial_maps(store, layer, timestep, dev)
     pooled = store.pooled(layer, timestep)
+    if not np.isfinite(pooled).all():
+        raise UserError(f"layer {layer!r} at timestep {timestep} in {store.path} has non-finite pooled features; check the extraction")
     timings.read_s = time.perf_counter() - t0
     n, c, h, w = maps.shape
     log.info(

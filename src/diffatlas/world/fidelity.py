@@ -115,6 +115,9 @@ def score(single: list[dict[str, Any]], two: list[dict[str, Any]], verdicts_sing
         "single_one_object_rate": _rate([m["count"] for m in ms]),
         "two_object_rate": _rate([m["count"] for m in mt]),
         "two_object_all_correct_rate": _rate([m["all"] for m in mt]),
+        # Palette-coloured regions too large to be objects (a tinted background): not
+        # objects for the judge, but a flaw of the samples worth watching.
+        "background_blob_rate": _rate([v.get("n_background_blobs", 0) > 0 for v in verdicts_single + verdicts_two]),
         "per_class_single": per_class,
     }
     values = {k: metrics[k]["rate"] for k in GATE}
@@ -223,6 +226,7 @@ def run_fidelity(model_path: str | os.PathLike, cfg: FidelityConfig, out_json: s
         **result["metrics"],
         "samples": [
             {"caption": e["caption"], "objects": e["objects"], "n_objects": v["n_objects"],
+             "n_background_blobs": v["n_background_blobs"],
              "found": [f"{o['size']} {o['colour']} {o['shape']}" for o in v["objects"]]}
             for e, v in zip(result["single"] + result["two"], result["verdicts"])
         ],

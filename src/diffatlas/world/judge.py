@@ -10,11 +10,15 @@ How it reads an image ``[H, W, 3]``:
 1. **Foreground.** Each pixel takes the nearest of the background colour and the four
    palette colours (RGB distance); pixels nearest to a palette colour are foreground.
 2. **Objects.** 8-connected components of the foreground with at least ``min_area`` pixels
-   (default 1.2% of the image: a small triangle covers ~5%). A component's colour is the
+   (default 1.2% of the image: a small triangle covers ~5%) and at most ``max_area``
+   (default 35%: the largest object, a large square, covers 19%; a bigger blob is a
+   coloured background and is counted in ``n_background_blobs``, not as an object). A component's colour is the
    palette colour most of its pixels are nearest to, so the blended rim of a generated
    object (a yellow edge fading into the dark background passes close to red and green)
    does not become an object of its own. A component in which a second colour holds at
-   least ``split_fraction`` of the pixels (two objects that touch) is split by colour.
+   least ``split_fraction`` of the pixels (two objects that touch), or one larger than
+   ``max_area`` with a second colour of at least ``2 * min_area`` pixels (an object on a
+   coloured background), is split by colour.
 3. **Shape.** The object's mask, cropped to its bounding box, is compared with the three
    shapes drawn in that box (circle: inscribed ellipse; square: the full box; triangle:
    apex at the top centre, base along the bottom, as the renderer draws them); the shape
@@ -25,6 +29,7 @@ How it reads an image ``[H, W, 3]``:
 Output of :func:`judge_images` — one dict per image::
 
     {"n_objects": 2,
+     "n_background_blobs": 0,         # palette-coloured regions too large to be objects
      "objects": [   # largest first
         {"shape": "circle", "colour": "red", "size": "large",
          "centroid": [x, y],          # fractions of the side, x right, y down (like the renderer)
@@ -47,6 +52,9 @@ from diffatlas.errors import UserError
 SPLIT_FRACTION = 0.25
 #: Default minimum object area as a share of the image.
 MIN_AREA_FRACTION = 0.012
+#: Default maximum object area as a share of the image: the largest ShapesWorld object (a
+#: large square) covers 19% of it; a bigger blob is a coloured background, not an object.
+MAX_AREA_FRACTION = 0.35
 
 
 def _palette():
@@ -97,7 +105,7 @@ def classify_shape(mask: np.ndarray) -> tuple[str, dict[str, float]]:
 
 
 def judge_image(image: np.ndarray, min_area: int | None = None, return_masks: bool = False,
-                split_fraction: float = SPLIT_FRACTION) -> dict[str, Any]:
+                split_fraction: float = SPLIT_FRACTION, max_area: int | None = None) -> dict[str, Any]:
     """Objects in one RGB image uint8 [H, W, 3].  See the module docstring for the output."""
     from scipy import ndimage
 
@@ -105,6 +113,8 @@ def judge_image(image: np.ndarray, min_area: int | None = None, return_masks: bo
     h, w = image.shape[:2]
     if min_area is None:
         min_area = max(3, int(round(MIN_AREA_FRACTION * h * w)))
+    if max_area is None:
+        max_area = int(round(MAX_AREA_FRACTION * h * w))
     dist = np.linalg.norm(image.astype(np.float32)[:, :, None, :] - refs[None, None], axis=-1)  # [H, W, 5]
     nearest = dist.argmin(-1)  # 0 = background, 1..4 = palette colour
     colour_of_pixel = dist[:, :, 1:].argmin(-1)  # nearest palette colour, ignoring the background
@@ -118,7 +128,11 @@ def judge_image(image: np.ndarray, min_area: int | None = None, return_masks: bo
         if area < min_area:
             continue
         votes = np.bincount(colour_of_pixel[comp], minlength=len(colours))
-        present = [c for c in np.argsort(-votes) if votes[c] >= max(min_area, split_fraction * area)]
+        # A component too large to be one object (an object on a coloured background)
+        # splits by every colour with a sizeable share; others only by a second colour
+        # holding split_fraction of it.
+        need = 2 * min_area if area > max_area else max(min_area, split_fraction * area)
+        present = [c for c in np.argsort(-votes) if votes[c] >= need]
         if len(present) <= 1:
             pieces.append((comp, int(votes.argmax())))
             continue
@@ -132,7 +146,10 @@ def judge_image(image: np.ndarray, min_area: int | None = None, return_masks: bo
                     pieces.append((part, int(c)))
     objects = []
     threshold = 0.5 * (size_fraction["small"] + size_fraction["large"]) * max(h, w)
+    n_background = sum(int(mask.sum()) > max_area for mask, _ in pieces)
     for mask, c in pieces:
+        if int(mask.sum()) > max_area:
+            continue
         ys, xs = np.nonzero(mask)
         bbox = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
         extent = max(bbox[2] - bbox[0], bbox[3] - bbox[1])
@@ -150,16 +167,18 @@ def judge_image(image: np.ndarray, min_area: int | None = None, return_masks: bo
             obj["mask"] = mask
         objects.append(obj)
     objects.sort(key=lambda o: (-o["area"], o["bbox"][1], o["bbox"][0]))
-    return {"n_objects": len(objects), "objects": objects}
+    return {"n_objects": len(objects), "n_background_blobs": n_background, "objects": objects}
 
 
-def judge_images(images: Any, min_area: int | None = None, return_masks: bool = False) -> list[dict[str, Any]]:
+def judge_images(images: Any, min_area: int | None = None, return_masks: bool = False,
+                 max_area: int | None = None) -> list[dict[str, Any]]:
     """Judge a batch: images uint8 [N, H, W, 3] (or floats in [0, 1]).  -> N dicts (module docstring).
 
-    ``min_area``: smallest object in pixels (default 1.2% of the image).
+    ``min_area`` / ``max_area``: smallest / largest object in pixels (default 1.2% / 35% of
+    the image).
     """
     arr = as_uint8_images(images)
-    return [judge_image(img, min_area=min_area, return_masks=return_masks) for img in arr]
+    return [judge_image(img, min_area=min_area, return_masks=return_masks, max_area=max_area) for img in arr]
 
 
 def matches_caption(verdict: dict[str, Any], objects: list[dict[str, Any]]) -> dict[str, bool]:
