@@ -30,12 +30,23 @@ daam_sets = lambda kinds: [n for n, s in DAAM["prompt_sets"].items() if s["kind"
 daam_scored_dirs = lambda wc: [daam_dir(wc.model, "real", d) for d in DAAM["datasets"]] + [
     daam_dir(wc.model, "prompts", p) for p in daam_sets(("shapesworld_captions", "list"))
 ]
+# The section each job needs, without the job grid (models, datasets, other prompt sets) and
+# figure settings, so adding a model or a prompt set does not re-run the others. Functions,
+# so that "{adjective} {noun}" in the JSON is no wildcard.
+_DAAM_JOB_FREE = ("models", "datasets", "prompt_sets", "overlay_items")
+daam_generate_cfg = lambda wc: json.dumps(
+    {**{k: v for k, v in DAAM.items() if k not in _DAAM_JOB_FREE}, "prompt_sets": {wc.prompt_set: DAAM["prompt_sets"][wc.prompt_set]}},
+    sort_keys=True,
+)
+daam_real_cfg = lambda wc: json.dumps({k: v for k, v in DAAM.items() if k not in _DAAM_JOB_FREE}, sort_keys=True)
 daam_revision = lambda wc: (
     f"--revision {config['models'][wc.model]['revision']}" if config["models"][wc.model].get("revision") else ""
 )
 
 
 rule daam_generate:
+    conda:
+        "../envs/torch.yaml"
     input:
         model=lambda wc: model_input(wc.model),
     output:
@@ -43,7 +54,7 @@ rule daam_generate:
     params:
         model_path=lambda wc: model_path(wc.model),
         revision=daam_revision,
-        cfg=lambda wc: json.dumps(DAAM, sort_keys=True),  # a function: the JSON holds {braces}
+        cfg=daam_generate_cfg,
         device=config["device"],
     log:
         log_path("daam_generate", "{model}", "{prompt_set}"),
@@ -57,12 +68,14 @@ rule daam_generate:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 20 * attempt,
     shell:
-        "{DIFFATLAS} daam-generate --model {params.model_path:q} --model-name {wildcards.model}"
+        "diffatlas daam-generate --model {params.model_path:q} --model-name {wildcards.model}"
         " --prompt-set {wildcards.prompt_set} --out {output:q} --config-json {params.cfg:q}"
-        " --device {params.device} --threads {threads} {params.revision} > {log} 2>&1"
+        " --device {params.device} --threads {threads} {params.revision} > {log:q} 2>&1"
 
 
 rule daam_real:
+    conda:
+        "../envs/torch.yaml"
     input:
         model=lambda wc: model_input(wc.model),
         dataset=lambda wc: dataset_dir(wc.dataset),
@@ -71,7 +84,7 @@ rule daam_real:
     params:
         model_path=lambda wc: model_path(wc.model),
         revision=daam_revision,
-        cfg=lambda wc: json.dumps(DAAM, sort_keys=True),  # a function: the JSON holds {braces}
+        cfg=daam_real_cfg,
         device=config["device"],
     log:
         log_path("daam_real", "{model}", "{dataset}"),
@@ -83,13 +96,15 @@ rule daam_real:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 20 * attempt,
     shell:
-        "{DIFFATLAS} daam-real --model {params.model_path:q} --model-name {wildcards.model}"
+        "diffatlas daam-real --model {params.model_path:q} --model-name {wildcards.model}"
         " --dataset {input.dataset:q} --dataset-name {wildcards.dataset} --out {output:q}"
         " --config-json {params.cfg:q} --device {params.device} --threads {threads} {params.revision}"
-        " > {log} 2>&1"
+        " > {log:q} 2>&1"
 
 
 rule daam_overlays_prompts:
+    conda:
+        "../envs/analysis.yaml"
     input:
         daam_dir("{model}", "prompts", "{prompt_set}"),
     output:
@@ -107,11 +122,13 @@ rule daam_overlays_prompts:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} daam-figure overlays --inputs {input:q} --out {output:q} --items {params.n_items}"
-        " --title 'DAAM word maps: {wildcards.model}, prompt set {wildcards.prompt_set}' > {log} 2>&1"
+        "diffatlas daam-figure overlays --inputs {input:q} --out {output:q} --items {params.n_items}"
+        " --title 'DAAM word maps: {wildcards.model}, prompt set {wildcards.prompt_set}' > {log:q} 2>&1"
 
 
 rule daam_overlays_real:
+    conda:
+        "../envs/analysis.yaml"
     input:
         daam_dir("{model}", "real", "{dataset}"),
     output:
@@ -127,11 +144,13 @@ rule daam_overlays_real:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} daam-figure overlays --inputs {input:q} --out {output:q} --items {params.n_items}"
-        " --title 'DAAM word maps: {wildcards.model}, real images of {wildcards.dataset}' > {log} 2>&1"
+        "diffatlas daam-figure overlays --inputs {input:q} --out {output:q} --items {params.n_items}"
+        " --title 'DAAM word maps: {wildcards.model}, real images of {wildcards.dataset}' > {log:q} 2>&1"
 
 
 rule daam_miou_figure:
+    conda:
+        "../envs/analysis.yaml"
     input:
         daam_scored_dirs,
     output:
@@ -145,11 +164,13 @@ rule daam_miou_figure:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} daam-figure miou --inputs {input:q} --out {output:q}"
-        " --title 'DAAM noun masks vs objects: {wildcards.model}' > {log} 2>&1"
+        "diffatlas daam-figure miou --inputs {input:q} --out {output:q}"
+        " --title 'DAAM noun masks vs objects: {wildcards.model}' > {log:q} 2>&1"
 
 
 rule daam_relations_figure:
+    conda:
+        "../envs/analysis.yaml"
     input:
         daam_scored_dirs,
     output:
@@ -163,11 +184,13 @@ rule daam_relations_figure:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} daam-figure relations --inputs {input:q} --out {output:q}"
-        " --title 'head vs dependent maps: {wildcards.model}' > {log} 2>&1"
+        "diffatlas daam-figure relations --inputs {input:q} --out {output:q}"
+        " --title 'head vs dependent maps: {wildcards.model}' > {log:q} 2>&1"
 
 
 rule daam_entanglement_figure:
+    conda:
+        "../envs/analysis.yaml"
     input:
         daam_dir("{model}", "prompts", "{prompt_set}"),
     output:
@@ -183,8 +206,8 @@ rule daam_entanglement_figure:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} daam-figure entanglement --inputs {input:q} --out {output:q}"
-        " --title 'entanglement: {wildcards.model}, {wildcards.prompt_set}' > {log} 2>&1"
+        "diffatlas daam-figure entanglement --inputs {input:q} --out {output:q}"
+        " --title 'entanglement: {wildcards.model}, {wildcards.prompt_set}' > {log:q} 2>&1"
 
 
 for _m in DAAM["models"]:

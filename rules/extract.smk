@@ -5,7 +5,10 @@
 
 import json
 
+
 rule extract:
+    conda:
+        "../envs/torch.yaml"
     input:
         dataset=lambda wc: dataset_dir(wc.dataset),
         model=lambda wc: model_input(wc.model),
@@ -29,16 +32,20 @@ rule extract:
         log_path("extract", "{model}", "{dataset}"),
     benchmark:
         bench_path("extract", "{model}", "{dataset}")
+    wildcard_constraints:
+        # only configured names, so a typo'd target is "no rule" rather than a KeyError
+        model="|".join(config["models"]),
+        dataset="|".join(config["datasets"]),
     threads: 2
     resources:
         gpu=1,
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 30 * attempt,
     shell:
-        "{DIFFATLAS} extract --model {params.model_path:q} --dataset {input.dataset:q} --out {output:q}"
+        "diffatlas extract --model {params.model_path:q} --dataset {input.dataset:q} --out {output:q}"
         " --config-json {params.cfg:q} --device {params.device} --threads {threads}"
         " --model-name {wildcards.model} --dataset-name {wildcards.dataset} {params.revision}"
-        " > {log} 2>&1"
+        " > {log:q} 2>&1"
 
 
 ALL_TARGETS.extend(

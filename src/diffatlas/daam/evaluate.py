@@ -91,19 +91,23 @@ def _world_parse(prompt: str) -> tuple[list[dict[str, Any]], list[list[Any]], li
     return caption.words, caption.relations, objects
 
 
+_SPACY: dict[str, Any] = {}
+
+
 def spacy_relations(prompt: str, model: str = "en_core_web_sm") -> list[list[Any]] | None:
     """Dependency relations ``[rel, head_word_index, dep_word_index]`` from spaCy, or None
     when spaCy (or its English model) is not installed. Word indices follow
     :func:`diffatlas.daam.words.split_words`."""
-    try:
-        import spacy  # noqa: F401
+    if model not in _SPACY:
+        try:
+            import spacy
 
-        nlp = _SPACY.get(model)
-        if nlp is None:
-            import spacy as _s
-
-            nlp = _SPACY[model] = _s.load(model)
-    except (ImportError, OSError):
+            _SPACY[model] = spacy.load(model)
+        except (ImportError, OSError):
+            log.info("spaCy or its model %s is not installed: free prompts get no syntactic parse", model)
+            _SPACY[model] = None
+    nlp = _SPACY[model]
+    if nlp is None:
         return None
     words = split_words(prompt)
     starts = {s: i for i, (_, s, _) in enumerate(words)}
@@ -113,9 +117,6 @@ def spacy_relations(prompt: str, model: str = "en_core_web_sm") -> list[list[Any
             continue
         out.append([tok.dep_, starts[tok.head.idx], starts[tok.idx]])
     return out
-
-
-_SPACY: dict[str, Any] = {}
 
 
 def _check_words(maps: WordMaps, words: list[dict[str, Any]]) -> bool:

@@ -295,7 +295,7 @@ class TracedRun:
                 tm[i] = block
             for offset, raw in self.time_resolved:
                 write_time_resolved(g, raw, offset, n, n_pos)
-            g.attrs.update({k: v for k, v in self.info.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))})
+            g.attrs.update(json.loads(json.dumps(self.info, default=str)))  # JSON-safe copy of the run settings
             with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec": we read by path anyway
                 warnings.simplefilter("ignore")
                 zarr.consolidate_metadata(g.store)
