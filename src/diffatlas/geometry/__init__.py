@@ -18,7 +18,19 @@ Modules, one concern each:
 * :mod:`~diffatlas.geometry.figures` - the stage's figures.
 """
 
-from diffatlas.geometry.config import GeometryConfig
-from diffatlas.geometry.jacobian import PullbackBasis, PullbackMap, forward_ad_safe_attention, top_singular
+from typing import Any
 
 __all__ = ["GeometryConfig", "PullbackBasis", "PullbackMap", "forward_ad_safe_attention", "top_singular"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy re-exports: the figure and table jobs import this package without paying for torch.
+    if name == "GeometryConfig":
+        from diffatlas.geometry.config import GeometryConfig
+
+        return GeometryConfig
+    if name in __all__:
+        from diffatlas.geometry import jacobian
+
+        return getattr(jacobian, name)
+    raise AttributeError(f"module 'diffatlas.geometry' has no attribute {name!r}")

@@ -25,12 +25,12 @@ def _colours(n: int):
 
 
 def spectra_figure(run_dirs: list[str], out: str | os.PathLike, title: str | None = None) -> Path:
-    from diffatlas.geometry.run import load_basis
+    from diffatlas.geometry.artifacts import load_basis
 
     runs = sorted((load_basis(d) for d in run_dirs), key=lambda r: -int(r[1]["timestep"]))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for (tensors, meta), colour in zip(runs, _colours(len(runs))):
-        s = tensors["s"].double().numpy()  # [N, n]
+        s = tensors["s"].astype(np.float64)  # [N, n]
         idx = np.arange(1, s.shape[1] + 1)
         ratio = float(np.mean(s[:, -1] / s[:, 0]))
         label = f"t={meta['timestep']} (ᾱ={meta['alpha_bar']:.3f}, σ_{s.shape[1]}/σ_1 = {ratio:.2f})"
@@ -69,12 +69,13 @@ def _grid(rows: list[tuple[str, np.ndarray]], strengths: list[float], title: str
 
 
 def edits_figure(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    from diffatlas.geometry.run import load_basis, load_edits
+    from diffatlas.geometry.artifacts import load_edits
+    from diffatlas.io import read_json
 
-    _, meta = load_basis(run_dir)
+    meta = read_json(Path(run_dir, "meta.json"))
     edits = load_edits(run_dir)
     strengths = [float(g) for g in edits["strengths"]]
-    lin, nor = edits["linear"].numpy(), edits["normalised"].numpy()
+    lin, nor = edits["linear"], edits["normalised"]
     rows = []
     for e in range(lin.shape[0]):
         for d in range(lin.shape[1]):
@@ -83,20 +84,17 @@ def edits_figure(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
             if e == 0 and "iterative" in edits and d < edits["iterative"].shape[0]:
                 it_strengths = [float(g) for g in edits["iterative_strengths"]]
                 if it_strengths == strengths:
-                    rows.append((f"s{e} v{d + 1} iterative", edits["iterative"].numpy()[d]))
+                    rows.append((f"s{e} v{d + 1} iterative", edits["iterative"][d]))
     title = (f"{meta['model']} t={meta['timestep']} (ᾱ={meta['alpha_bar']:.3f}): x' = x_t + γ v_i, then DDIM; "
              f"x0-norm κ={meta['config']['kappa']}")
     return _grid(rows, strengths, title, out)
 
 
 def global_figure(global_dir: str | os.PathLike, out: str | os.PathLike, direction: int = 0) -> Path:
-    from safetensors.torch import load_file
+    from diffatlas.geometry.artifacts import load_global
 
-    from diffatlas.io import read_json
-
-    tensors = load_file(str(Path(global_dir, "global.safetensors")))
-    meta = read_json(Path(global_dir, "meta.json"))
-    images = tensors["images"].numpy()  # [G, m, S, H, W, 3]
+    tensors, meta = load_global(global_dir)
+    images = tensors["images"]  # [G, m, S, H, W, 3]
     direction = min(direction, images.shape[1] - 1)
     strengths = [float(g) for g in tensors["strengths"]]
     kept = tensors["kept"][:, direction].tolist()

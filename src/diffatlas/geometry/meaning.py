@@ -136,17 +136,16 @@ def run_meaning(run_dirs: list[str], out_csv: str | os.PathLike, summary_csv: st
     """Judge the edits of every timestep directory; write the per-edit table and the summary."""
     import pandas as pd
 
-    from diffatlas.geometry.run import load_basis, load_edits
+    from diffatlas.geometry.artifacts import load_basis, load_edits
     from diffatlas.io import atomic_file
 
     frames = []
     for d in run_dirs:
         _, meta = load_basis(d)
         edits = load_edits(d)
-        modes = [("linear", edits["linear"].numpy(), edits["strengths"].numpy()),
-                 ("normalised", edits["normalised"].numpy(), edits["strengths"].numpy())]
+        modes = [("linear", edits["linear"], edits["strengths"]), ("normalised", edits["normalised"], edits["strengths"])]
         if "iterative" in edits:
-            modes.append(("iterative", edits["iterative"].numpy()[None], edits["iterative_strengths"].numpy()))
+            modes.append(("iterative", edits["iterative"][None], edits["iterative_strengths"]))
         for mode, images, strengths in modes:
             rows = judge_edits(images, strengths)
             df = pd.DataFrame(rows)

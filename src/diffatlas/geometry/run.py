@@ -33,14 +33,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from diffatlas.errors import UserError
+from diffatlas.geometry.artifacts import load_basis
 from diffatlas.geometry.config import GeometryConfig
 from diffatlas.geometry.editing import geodesic_shoot, linear_edits, x0_normalise
 from diffatlas.geometry.jacobian import PullbackMap, check_timestep, top_singular
 from diffatlas.geometry.sampling import CLEAN, Denoiser, alpha_at, decode_uint8, initial_noise
-from diffatlas.io import atomic_dir, read_json, write_json
+from diffatlas.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -209,28 +210,12 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
     return meta
 
 
-def load_basis(run_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors of basis.safetensors, meta.json) of one timestep directory."""
-    run_dir = Path(run_dir)
-    path = run_dir / "basis.safetensors"
-    if not path.is_file():
-        raise UserError(f"{path} not found: run `diffatlas geometry` for this model and timestep first")
-    return load_file(str(path)), read_json(run_dir / "meta.json")
-
-
-def load_edits(run_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(run_dir) / "edits.safetensors"
-    if not path.is_file():
-        raise UserError(f"{path} not found: run `diffatlas geometry` for this model and timestep first")
-    return load_file(str(path))
-
-
 def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_dir: str | os.PathLike,
                model_name: str) -> dict[str, Any]:
     """Global directions from the local bases at ``cfg.global_timestep`` (read from ``basis_dir``)."""
     from diffatlas.geometry.global_directions import global_directions, project_to_tangent
 
-    tensors, meta_t = load_basis(basis_dir)
+    tensors, meta_t = load_basis(basis_dir, torch=True)
     timestep = int(meta_t["timestep"])
     if timestep != cfg.global_timestep:
         raise UserError(f"{basis_dir} holds timestep {timestep}, not geometry.global_timestep = {cfg.global_timestep}")
@@ -340,7 +325,7 @@ def run_measures(run_dirs: list[str], psd_csv: str | os.PathLike, dist_csv: str 
 
     runs = []
     for d in run_dirs:
-        tensors, meta = load_basis(d)
+        tensors, meta = load_basis(d, torch=True)
         runs.append((int(meta["timestep"]), tensors, meta))
     runs.sort(key=lambda r: -r[0])
     psd_rows, dist_rows = [], []
