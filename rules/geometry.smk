@@ -55,7 +55,7 @@ rule geometry_basis:
         log_path("geometry_basis", "{model}", "t{timestep}"),
     benchmark:
         bench_path("geometry_basis", "{model}", "t{timestep}")
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
         mem_mb=lambda wc, attempt: 3000 * attempt,
@@ -82,7 +82,7 @@ rule geometry_global:
         log_path("geometry_global", "{model}"),
     benchmark:
         bench_path("geometry_global", "{model}")
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
         mem_mb=lambda wc, attempt: 3000 * attempt,
@@ -106,7 +106,7 @@ rule geometry_paths:
         log_path("geometry_paths", "{model}"),
     benchmark:
         bench_path("geometry_paths", "{model}")
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
         mem_mb=lambda wc, attempt: 3000 * attempt,

@@ -16,7 +16,8 @@ torch.set_num_threads(1)
 CFG = {
     "n_samples": 2, "n_directions": 2, "oversample": 1, "tol": 0.05, "ddim_steps": 2,
     "edit_strengths": [-3.0, 3.0], "edit_directions": 1, "edit_samples": 2,
-    "iterative_substeps": 1, "iterative_directions": 1, "global_samples": 2, "path_pairs": 2, "path_segments": 4,
+    "iterative_substeps": 1, "iterative_directions": 1, "iterative_timesteps": [400],
+    "global_samples": 2, "path_pairs": 2, "path_segments": 4,
 }
 
 
@@ -61,6 +62,7 @@ def test_basis_and_edit_artifacts(runs):
     assert e["iterative"].shape == (1, 3, 32, 32, 3) and e["iterative_strengths"].tolist() == [-3.0, 0.0, 3.0]
     # One-step and iterative edits at the first strength coincide (the first step is the one-step edit).
     assert torch.equal(e["iterative"][0], e["linear"][0, 0])
+    assert "iterative" not in load_file(str(out[999] / "edits.safetensors"))  # only at iterative_timesteps
 
 
 def test_bad_timestep_is_a_clear_error(runs, capsys):

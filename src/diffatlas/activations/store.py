@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,7 @@ class ActivationWriter:
         if self._layers[layer].spatial:
             if spatial is None:
                 raise ValueError(f"layer {layer} stores spatial maps but none were given")
-            self.group[SPATIAL.format(layer)][t_index, start:stop] = spatial.astype(np.float16)
+            self.group[SPATIAL.format(layer)][t_index, start:stop] = np.asarray(spatial, dtype=np.float16)
 
     def _flush_pooled(self) -> None:
         for name, buf in self._pooled_buffers.items():
@@ -169,7 +170,11 @@ class ActivationWriter:
     def close(self) -> None:
         if self._current_t is not None:
             self._flush_pooled()
-        zarr.consolidate_metadata(self.group.store)
+        # Consolidated metadata lets xarray open the store in one read; zarr warns that it is
+        # not in the v3 spec yet, which is expected here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            zarr.consolidate_metadata(self.group.store)
 
 
 @contextlib.contextmanager

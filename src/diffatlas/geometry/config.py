@@ -69,7 +69,7 @@ class GeometryConfig:
     """Conditioning prompt of every denoiser call ("" = the empty prompt)."""
     guidance_scale: float = 1.0
     """CFG weight of the DDIM sampling (1 = no guidance; the Jacobian always uses the prompt alone)."""
-    ddim_steps: int = 10
+    ddim_steps: int = 8
     """DDIM steps over the whole range T-1 -> 0; a segment t -> s takes its proportional share (>= 1)."""
     edit_strengths: list[float] = field(default_factory=lambda: [-8.0, -4.0, 4.0, 8.0])
     """Edit strengths γ of x' = x + γ v (v unit norm in x_t space); 0 (no edit) is always added."""
@@ -83,6 +83,8 @@ class GeometryConfig:
     """Geodesic-shooting steps between consecutive positive strengths (0 = no iterative edits)."""
     iterative_directions: int = 1
     """Top directions edited iteratively (parallel transport), for the first sample."""
+    iterative_timesteps: list[int] | None = field(default_factory=lambda: [999])
+    """Timesteps at which iterative edits are made (null = every timestep; each costs a few basis recomputations)."""
     global_timestep: int = 999
     """Timestep of the global directions (Park et al.: t = T-1)."""
     global_samples: int = 3
@@ -115,6 +117,11 @@ class GeometryConfig:
             raise _bad("models", self.models, "a list of model names")
         if not isinstance(self.meaning_models, (list, tuple)) or not all(isinstance(m, str) for m in self.meaning_models):
             raise _bad("meaning_models", self.meaning_models, "a list of model names")
+        if self.iterative_timesteps is not None and (
+            not isinstance(self.iterative_timesteps, (list, tuple))
+            or not all(_is_int(t) and t >= 0 for t in self.iterative_timesteps)
+        ):
+            raise _bad("iterative_timesteps", self.iterative_timesteps, "null or a list of integers >= 0")
         if not isinstance(self.timesteps, (list, tuple)) or not self.timesteps:
             raise _bad("timesteps", self.timesteps, "a non-empty list of integers >= 0")
         for t in self.timesteps:
@@ -156,6 +163,12 @@ class GeometryConfig:
         """Sorted edit strengths with 0 (the unedited reference) included once."""
         return sorted({0.0, *(float(g) for g in self.edit_strengths)})
 
+    def iterative_at(self, timestep: int) -> bool:
+        """Whether iterative edits are made at ``timestep``."""
+        return self.iterative_substeps > 0 and self.iterative_directions > 0 and (
+            self.iterative_timesteps is None or int(timestep) in self.iterative_timesteps
+        )
+
     @property
     def n_edit_samples(self) -> int:
         return min(self.n_samples, self.edit_samples or self.n_samples)
@@ -170,7 +183,7 @@ class GeometryConfig:
         """Build from the ``geometry`` config section; unknown keys are errors naming the key."""
         data = dict(data or {})
         known = {k: data.pop(k) for k in list(data) if k in cls.field_names()}
-        for key in ("models", "timesteps", "edit_strengths", "meaning_models"):
+        for key in ("models", "timesteps", "edit_strengths", "meaning_models", "iterative_timesteps"):
             if isinstance(known.get(key), tuple):
                 known[key] = list(known[key])
         return cls(**known, extra=data)

@@ -165,7 +165,7 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
     }
 
     # -- iterative edits (geodesic shooting with parallel transport) for sample 0
-    mi = cfg.iterative_directions if cfg.iterative_substeps > 0 else 0
+    mi = cfg.iterative_directions if cfg.iterative_at(timestep) else 0
     it_info: dict[str, Any] = {}
     if mi and any(g != 0 for g in strengths):
         tic = time.perf_counter()
