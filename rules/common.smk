@@ -23,6 +23,8 @@ ALL_TARGETS = []
 
 # Rules call the package's console script `diffatlas`, so every step also runs by hand.
 # The conda envs (envs/*.yaml, for cluster users) install this checkout from DIFFATLAS_ROOT.
+# Kept for rules written as {DIFFATLAS}; prefer the plain command (snakemake --lint).
+DIFFATLAS = "diffatlas"
 os.environ.setdefault("DIFFATLAS_ROOT", str(Path(workflow.basedir).resolve()))
 
 

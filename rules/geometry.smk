@@ -40,6 +40,8 @@ GEO_RUNS = [GEO_DIR.replace("{timestep}", str(_t)) for _t in GEO_TIMESTEPS]
 
 
 rule geometry_basis:
+    conda:
+        "../envs/torch.yaml"
     input:
         lambda wc: model_input(wc.model),
     output:
@@ -66,6 +68,8 @@ rule geometry_basis:
 
 
 rule geometry_global:
+    conda:
+        "../envs/torch.yaml"
     input:
         lambda wc: model_input(wc.model),
         basis=str(Path(GEO_DIR, "basis.safetensors")).replace("{timestep}", str(config["geometry"]["global_timestep"])),
@@ -93,6 +97,8 @@ rule geometry_global:
 
 
 rule geometry_paths:
+    conda:
+        "../envs/torch.yaml"
     input:
         lambda wc: model_input(wc.model),
     output:
@@ -117,6 +123,8 @@ rule geometry_paths:
 
 
 rule geometry_measures:
+    conda:
+        "../envs/analysis.yaml"
     input:
         [str(Path(_d, "basis.safetensors")) for _d in GEO_RUNS],
     output:
@@ -137,6 +145,8 @@ rule geometry_measures:
 
 
 rule geometry_meaning:
+    conda:
+        "../envs/analysis.yaml"
     input:
         [str(Path(_d, "edits.safetensors")) for _d in GEO_RUNS],
     output:
@@ -157,6 +167,8 @@ rule geometry_meaning:
 
 
 rule geometry_figure_spectra:
+    conda:
+        "../envs/analysis.yaml"
     input:
         [str(Path(_d, "basis.safetensors")) for _d in GEO_RUNS],
     output:
@@ -176,6 +188,8 @@ rule geometry_figure_spectra:
 
 
 rule geometry_figure_edits:
+    conda:
+        "../envs/analysis.yaml"
     input:
         edits=str(Path(GEO_DIR, "edits.safetensors")),
         meta=str(Path(GEO_DIR, "meta.json")),
@@ -196,6 +210,8 @@ rule geometry_figure_edits:
 
 
 rule geometry_figure_global:
+    conda:
+        "../envs/analysis.yaml"
     input:
         str(Path(GEO_GLOBAL, "global.safetensors")),
     output:
@@ -217,6 +233,8 @@ rule geometry_figure_global:
 
 
 rule geometry_figure_psd:
+    conda:
+        "../envs/analysis.yaml"
     input:
         psd=str(Path(GEO_ROOT, "psd.csv")),
         distances=str(Path(GEO_ROOT, "tangent_distances.csv")),
@@ -235,6 +253,8 @@ rule geometry_figure_psd:
 
 
 rule geometry_figure_meaning:
+    conda:
+        "../envs/analysis.yaml"
     input:
         str(Path(GEO_ROOT, "meaning_summary.csv")),
     output:

@@ -17,6 +17,8 @@ WORLD_SAMPLES_FIGURE = str(Path(RESULTS, "figures", "world_model", "samples.png"
 
 
 rule train_world_model:
+    conda:
+        "../envs/torch.yaml"
     output:
         directory(world_model_trained_dir()),
     params:
@@ -33,12 +35,14 @@ rule train_world_model:
         mem_mb=lambda wc, attempt: 3000 * attempt,
         runtime=lambda wc, attempt: 180 * attempt,
     shell:
-        "{DIFFATLAS} train-world-model --config-json {params.cfg:q} --out {output:q}"
+        "diffatlas train-world-model --config-json {params.cfg:q} --out {output:q}"
         " --checkpoint-dir {params.checkpoints:q} --device {params.device} --threads {threads}"
         " > {log:q} 2>&1"
 
 
 rule world_fidelity:
+    conda:
+        "../envs/torch.yaml"
     input:
         model_input("shapesworld"),
     output:
@@ -58,12 +62,14 @@ rule world_fidelity:
         mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=lambda wc, attempt: 15 * attempt,
     shell:
-        "{DIFFATLAS} world-fidelity --model {params.model:q} --config-json {params.cfg:q}"
+        "diffatlas world-fidelity --model {params.model:q} --config-json {params.cfg:q}"
         " --out-json {output.json:q} --out-samples {output.samples:q}"
         " --device {params.device} --threads {threads} > {log:q} 2>&1"
 
 
 rule world_samples_figure:
+    conda:
+        "../envs/analysis.yaml"
     input:
         json=WORLD_FIDELITY_JSON,
         samples=WORLD_FIDELITY_SAMPLES,
@@ -80,7 +86,7 @@ rule world_samples_figure:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "{DIFFATLAS} world-fidelity --figure {output:q} --fidelity-json {input.json:q}"
+        "diffatlas world-fidelity --figure {output:q} --fidelity-json {input.json:q}"
         " --samples {input.samples:q} --config-json {params.cfg:q} > {log:q} 2>&1"
 
 

@@ -34,7 +34,9 @@ The singular vectors
 
 The residual bounds the error of each singular triple (a singular-vector angle is at most
 ``r σ_i / gap``, a singular value error is second order), so ``tol`` is meaningful whatever
-the model. Per round: one JVP pass and one VJP pass over ``k`` directions, each batched.
+the model. Per round: one JVP pass and one VJP pass over ``k`` directions, each batched;
+several points (samples) ride through the same passes as one batch, since ``f`` treats
+samples independently.
 ``batching="loop"`` does the same maths with one JVP and one VJP call per direction (the
 reference the benchmark compares against).
 
@@ -48,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any

@@ -17,9 +17,6 @@ A segment ``t -> s`` takes ``max(1, round(steps · (t - s) / T))`` equal steps, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -150,7 +147,3 @@ def decode_uint8(handle, x0: torch.Tensor, batch_size: int = 64) -> np.ndarray:
         (0, handle.image_size, handle.image_size, 3), np.uint8
     )
 
-
-def describe_schedule(handle, timesteps: Sequence[int]) -> dict[str, Any]:
-    """ᾱ_t of each timestep, for artifacts."""
-    return {str(int(t)): alpha_at(handle, int(t)) for t in timesteps}

@@ -21,7 +21,7 @@ from typing import Any
 
 from diffatlas.errors import UserError
 
-BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
+BETA_SCHEDULES = ("linear", "squaredcos_cap_v2", "scaled_linear")
 
 #: Fields that do not change the training trajectory up to a given step: a checkpoint made
 #: with other values of these resumes (e.g. raise ``steps`` to train longer).
@@ -95,8 +95,8 @@ class WorldModelConfig:
     """CLIP text encoder heads."""
     train_text_encoder: bool = True
     """Train the text encoder jointly (True) or keep its random initialisation frozen."""
-    beta_schedule: str = "squaredcos_cap_v2"
-    """Noise schedule of the DDIM scheduler (T = 1000 training timesteps)."""
+    beta_schedule: str = "linear"
+    """Noise schedule of the DDIM scheduler (T = 1000); see ``train.make_scheduler`` for why linear."""
     channels_last: bool = True
     """Channels-last memory format on CPU (faster oneDNN convolutions; same maths)."""
     checkpoint_every: int = 250
