@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -32,10 +33,13 @@ def _snakemake(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run():
     from diffatlas.models.tiny import make_tiny_model
 
-    tmp = tmp_path_factory.mktemp("wf")
+    # Its own temporary directory: pytest's numbered base dirs are pruned by other pytest
+    # processes on the same machine, which must not pull the workflow's files away mid-run.
+    holder = tempfile.TemporaryDirectory(prefix="diffatlas-wf-")
+    tmp = Path(holder.name)
     model = make_tiny_model("pixel", tmp / "tiny_world_model", seed=0)
     cfg = yaml.safe_load((ROOT / "tests" / "workflow" / "tiny_config.yaml").read_text())
     cfg["results"] = str(tmp / "results")
@@ -43,7 +47,8 @@ def tiny_run(tmp_path_factory):
     cfg_path = tmp / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     _snakemake("--configfile", str(cfg_path))
-    return tmp / "results", cfg_path
+    yield tmp / "results", cfg_path
+    holder.cleanup()
 
 
 def test_dry_run_lists_every_stage(tmp_path):

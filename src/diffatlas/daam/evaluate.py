@@ -497,6 +497,9 @@ def run_prompt_set(handle: Any, cfg: Any, prompt_set: str, out: Any, model_name:
     from diffatlas.daam.trace import trace_generation
     from diffatlas.io import atomic_dir, write_json
 
+    import time
+
+    t0, c0 = time.perf_counter(), time.process_time()
     ps = cfg.prompt_set(prompt_set)
     prompts, meta = ps.build()
     n_images = ps.n_seeds if ps.kind == "entanglement" else cfg.n_images
@@ -529,6 +532,8 @@ def run_prompt_set(handle: Any, cfg: Any, prompt_set: str, out: Any, model_name:
         tables["cohyponym.csv"] = coh
         tables["adjective_swaps.csv"] = evaluate_adjective_swaps(run, adj, cfg.tau)
         notes["judge"] = str(coh["judge"].iloc[0]) if len(coh) else None
+    notes["seconds"] = {"wall": round(time.perf_counter() - t0, 2), "cpu": round(time.process_time() - c0, 2)}
+    log.info("prompt set %s: %d images traced and scored in %.1f s (CPU %.1f s)", prompt_set, len(run), notes["seconds"]["wall"], notes["seconds"]["cpu"])
     with atomic_dir(out) as tmp:
         tmp = Path(tmp)
         run.save(tmp / "run")
@@ -545,6 +550,9 @@ def run_real(handle: Any, cfg: Any, dataset_dir: Any, out: Any, model_name: str 
     from diffatlas.data.dataset import load_dataset
     from diffatlas.io import atomic_dir, write_json
 
+    import time
+
+    t0, c0 = time.perf_counter(), time.process_time()
     ds = load_dataset(dataset_dir)
     meta = ds.meta
     captions = [str(c) for c in meta["caption"]]
@@ -572,6 +580,8 @@ def run_real(handle: Any, cfg: Any, dataset_dir: Any, out: Any, model_name: str 
     )
     run.info.update({"dataset": str(dataset_name or Path(dataset_dir).name), "model_name": model_name})
     tables, notes = _score_run(run, cfg, meta.iloc[:n].reset_index(drop=True), None if ds.masks is None else ds.masks[:n], "real")
+    notes["seconds"] = {"wall": round(time.perf_counter() - t0, 2), "cpu": round(time.process_time() - c0, 2)}
+    log.info("dataset %s: %d real images traced and scored in %.1f s (CPU %.1f s)", run.info["dataset"], len(run), notes["seconds"]["wall"], notes["seconds"]["cpu"])
     with atomic_dir(out) as tmp:
         tmp = Path(tmp)
         run.save(tmp / "run")

@@ -83,14 +83,19 @@ def miou_figure(summary: pd.DataFrame, curve: pd.DataFrame, path: str | os.PathL
 
 
 def relation_figure(relations: pd.DataFrame, path: str | os.PathLike, title: str = "") -> Path:
-    """mIoH (y) against mIoD (x) per relation; above the diagonal the head's map lies inside the
-    dependent's, below it the dependent's lies inside the head's. Marker size ~ n."""
+    """mIoH (y) against mIoD (x) per relation (colour) and source (marker); below the diagonal
+    (mIoD > mIoH) the dependent's map lies inside the head's, above it the reverse. Size ~ n."""
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    markers = {s: m for s, m in zip(sorted(relations["source"].unique()) if len(relations) else [], "osD^v")}
+    sources = sorted(relations["source"].unique()) if len(relations) else []
+    rels = sorted(relations["relation"].unique()) if len(relations) else []
+    markers = dict(zip(sources, "osD^v"))
+    colours = {r: plt.get_cmap("tab10")(i % 10) for i, r in enumerate(rels)}
     for row in relations.itertuples(index=False):
-        ax.scatter(row.miod, row.mioh, s=15 + 3 * min(row.n, 60), marker=markers.get(row.source, "o"), alpha=0.8)
-        ax.annotate(f"{row.relation} ({row.source}, mIoU {row.miou:.2f})", (row.miod, row.mioh), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.scatter(row.miod, row.mioh, s=15 + 3 * min(row.n, 60), marker=markers.get(row.source, "o"), color=colours[row.relation],
+                   alpha=0.8, label=f"{row.relation} ({row.source}): mIoU {row.miou:.2f}, n={row.n}")
+    if len(relations):
+        ax.legend(fontsize=6, loc="lower left")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("mIoD = |H∩D| / |D|")
