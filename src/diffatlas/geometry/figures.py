@@ -151,19 +151,25 @@ def meaning_figure(summary_csv: str | os.PathLike, out: str | os.PathLike) -> Pa
     modes = [m for m in ("linear", "normalised", "iterative") if m in set(df["mode"])]
     steps = sorted(df["timestep"].unique(), reverse=True)
     cols = [f"{f}_changed" for f in FACTORS]
-    fig, axes = plt.subplots(len(modes), len(steps), figsize=(2.6 * len(steps) + 1, 1.9 * len(modes) + 0.8), squeeze=False)
+    fig, axes = plt.subplots(len(modes), len(steps), figsize=(2.6 * len(steps) + 1.2, 2.0 * len(modes) + 0.8),
+                             squeeze=False, constrained_layout=True)
     im = None
     for i, mode in enumerate(modes):
         for j, t in enumerate(steps):
             ax = axes[i, j]
             sub = df[(df["mode"] == mode) & (df["timestep"] == t)].sort_values("direction")
-            mat = sub[cols].to_numpy(dtype=float) if len(sub) else np.zeros((1, len(cols)))
-            im = ax.imshow(np.nan_to_num(mat, nan=0.0), vmin=0, vmax=1, cmap="magma", aspect="auto")
-            ax.set_xticks(range(len(FACTORS)), FACTORS, fontsize=6, rotation=45)
-            ax.set_yticks(range(len(sub)), [f"v{d + 1}" for d in sub["direction"]], fontsize=6)
             ax.set_title(f"{mode}, t={t}", fontsize=7)
+            if not len(sub):  # e.g. no iterative edits at this timestep
+                ax.text(0.5, 0.5, "not computed", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
+            mat = sub[cols].to_numpy(dtype=float)  # NaN: no object to judge (grey)
+            im = ax.imshow(np.ma.masked_invalid(mat), vmin=0, vmax=1, cmap="magma", aspect="auto")
+            ax.set_facecolor("0.7")
+            ax.set_xticks(range(len(FACTORS)), FACTORS, fontsize=6, rotation=45, ha="right")
+            ax.set_yticks(range(len(sub)), [f"v{d + 1} (n={n})" for d, n in zip(sub["direction"], sub["n_edits"])], fontsize=6)
     if im is not None:
-        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="share of edits that change the factor")
+        fig.colorbar(im, ax=axes, shrink=0.8, label="share of edits that change the factor")
     model = df["model"].iloc[0] if len(df) else ""
     fig.suptitle(f"{model}: what each direction changes (judged on ShapesWorld)", fontsize=9)
     return save_figure(fig, out)
