@@ -13,7 +13,7 @@ same architecture with random weights):
 
 Usage::
 
-    python bench/bench_geometry.py [--model DIR] [--n 8] [--iters 3] [--timestep 500] [--threads 2] [--device cpu]
+    python bench/bench_geometry.py [--model DIR] [--n 8] [--iters 3] [--repeats 3] [--timestep 500] [--threads 1] [--device cpu]
 """
 
 from __future__ import annotations
@@ -61,10 +61,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model directory (default: shipped ShapesWorld or its architecture)")
     ap.add_argument("--n", type=int, default=8, help="directions (block size; no oversampling)")
-    ap.add_argument("--iters", type=int, default=3, help="rounds timed per variant")
+    ap.add_argument("--iters", type=int, default=3, help="rounds per timed run")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant (alternating; median reported)")
     ap.add_argument("--timestep", type=int, default=500)
     ap.add_argument("--layer", default="mid")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
@@ -86,10 +87,14 @@ def main() -> None:
         if handle.device.type == "cuda":
             torch.cuda.synchronize()
 
-    # Forward-pass units (batch 1, no grad), with the same attention processor as the iteration.
+    # Forward-pass units (batch 1, no grad), with the same attention processor as the iteration;
+    # alternated and repeated like the variants below.
+    t_fs, t_fulls = [], []
     with torch.no_grad(), forward_ad_safe_attention(handle.denoiser):
-        t_f = _timed(lambda: (fmap(x), sync()), 5)
-        t_full = _timed(lambda: (handle.predict_noise(x, args.timestep, cond), sync()), 5)
+        for _ in range(5):
+            t_fs.append(_timed(lambda: (fmap(x), sync()), 3))
+            t_fulls.append(_timed(lambda: (handle.predict_noise(x, args.timestep, cond), sync()), 3))
+    t_f, t_full = statistics.median(t_fs), statistics.median(t_fulls)
 
     def run(batching: str):
         sync()
@@ -103,16 +108,24 @@ def main() -> None:
 
     logging.getLogger("diffatlas.geometry.jacobian").setLevel(logging.ERROR)  # "not converged" is expected here
     run("vmap")  # warm-up (first vmap call traces batching rules)
-    t_batched, b_vmap = run("vmap")
-    t_loop, b_loop = run("loop")
+    # Alternate the variants and keep each one's median, so a change in machine load during
+    # the run hits both alike.
+    t_b, t_l = [], []
+    for _ in range(args.repeats):
+        t, b_vmap = run("vmap")
+        t_b.append(t)
+        t, b_loop = run("loop")
+        t_l.append(t)
+    t_batched, t_loop = statistics.median(t_b), statistics.median(t_l)
     agree = float(((b_vmap.s - b_loop.s).abs() / b_loop.s).max())
     per_round_b = t_batched / args.iters
     per_round_l = t_loop / args.iters
     print(f"model: {model_dir} ({what}), {n_params / 1e6:.2f}M denoiser parameters, layer {args.layer} "
           f"({fmap.layer.module_path}), t={args.timestep}, input {tuple(x.shape[1:])}, feature dim {int(b_vmap.u.shape[-1])}")
-    print(f"device {handle.device}, threads {torch.get_num_threads()}, n = {args.n} directions, {args.iters} rounds per variant")
-    print(f"batched (vmap JVP + vmap VJP per round):      {t_batched:8.3f} s  ({per_round_b:.3f} s/round)")
-    print(f"loop (1 JVP + 1 VJP call per direction):      {t_loop:8.3f} s  ({per_round_l:.3f} s/round)")
+    print(f"device {handle.device}, threads {torch.get_num_threads()}, n = {args.n} directions, {args.iters} rounds per run, "
+          f"median of {args.repeats} alternating runs per variant")
+    print(f"batched (vmap JVP + vmap VJP per round):      {t_batched:8.3f} s  ({per_round_b:.3f} s/round; runs {[round(t, 2) for t in t_b]})")
+    print(f"loop (1 JVP + 1 VJP call per direction):      {t_loop:8.3f} s  ({per_round_l:.3f} s/round; runs {[round(t, 2) for t in t_l]})")
     print(f"speed-up batched vs loop:                      {t_loop / t_batched:8.2f}x   (target >= 3x at n = 8)")
     print(f"one forward of f (truncated at {args.layer}), batch 1:  {t_f * 1e3:8.1f} ms")
     print(f"one full denoiser forward, batch 1:            {t_full * 1e3:8.1f} ms")
