@@ -94,7 +94,7 @@ def test_single_figure_target_rebuilds_alone(tiny_run):
     results, cfg_path = tiny_run
     fig = results / "figures" / "data" / "shapesworld_preview.png"
     fig.unlink()
-    proc = _snakemake("--configfile", str(cfg_path), str(fig))
+    proc = _snakemake(str(fig), "--configfile", str(cfg_path))
     assert fig.exists()
     assert "dataset_preview" in proc.stdout + proc.stderr
     assert "make_dataset" not in [l.strip() for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("rule ")]
