@@ -89,6 +89,24 @@ def test_timestep_out_of_range(default_config, tmp_path):
     check_timesteps(validate_config(cfg), {"shapesworld": str(tmp_path / "not-built-yet")})  # T defaults to 1000
 
 
+def test_geometry_timesteps_are_checked_against_the_model(default_config, tmp_path):
+    model = tmp_path / "m"
+    (model / "scheduler").mkdir(parents=True)
+    (model / "scheduler" / "scheduler_config.json").write_text('{"num_train_timesteps": 500}')
+    cfg = copy.deepcopy(default_config)
+    cfg["extract"]["timesteps"] = [10]
+    cfg["geometry"].update(timesteps=[100], iterative_timesteps=[100], global_timestep=499)
+    check_timesteps(validate_config(cfg), {"shapesworld": str(model)})  # all inside 0..499
+    cfg["geometry"]["global_timestep"] = 999
+    with pytest.raises(UserError) as info:
+        check_timesteps(validate_config(cfg), {"shapesworld": str(model)})
+    assert "geometry.global_timestep = 999" in str(info.value) and "0..499" in str(info.value)
+    cfg["geometry"].update(global_timestep=499, iterative_timesteps=[100, 700])
+    with pytest.raises(UserError) as info:
+        check_timesteps(validate_config(cfg), {"shapesworld": str(model)})
+    assert "geometry.iterative_timesteps[1] = 700" in str(info.value)
+
+
 def test_bad_enum_lists_allowed(default_config):
     cfg = copy.deepcopy(default_config)
     cfg["extract"]["pooling"] = "max"

@@ -163,15 +163,27 @@ def num_train_timesteps(model_dir: str | os.PathLike, default: int = 1000) -> in
 
 
 def check_timesteps(config: dict[str, Any], model_paths: dict[str, str]) -> None:
-    """Every configured timestep must lie in 0..T-1 of every model it is used with."""
-    checks = [("extract", config.get("extract", {}).get("models", []))]
-    checks += [(s, config.get(s, {}).get("models", [])) for s in ("geometry",)]
-    for section, models in checks:
+    """Every configured timestep must lie in 0..T-1 of every model it is used with.
+
+    Checked: extract.timesteps, diffc.timesteps (a subset of extract's), geometry.timesteps,
+    geometry.iterative_timesteps and geometry.global_timestep.
+    """
+    for section, key in (("extract", "timesteps"), ("diffc", "timesteps"), ("geometry", "timesteps"),
+                         ("geometry", "iterative_timesteps"), ("geometry", "global_timestep")):
+        block = config.get(section) or {}
+        value = block.get(key)
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        models = block.get("models") or (config.get("extract") or {}).get("models", [])
         for name in models:
+            if name not in model_paths:
+                continue  # unknown model names are reported by the reference check
             T = num_train_timesteps(model_paths[name])
-            for i, t in enumerate(config.get(section, {}).get("timesteps", []) or []):
+            for i, t in enumerate(values):
                 if not 0 <= int(t) < T:
+                    where = f"{section}.{key}" + (f"[{i}]" if isinstance(value, (list, tuple)) else "")
                     raise UserError(
-                        f"config {section}.timesteps[{i}] = {t} is out of range for model {name!r}; "
+                        f"config {where} = {t} is out of range for model {name!r}; "
                         f"allowed: integers 0..{T - 1} (training scale, T = {T} from its scheduler config)"
                     )

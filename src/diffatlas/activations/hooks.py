@@ -59,13 +59,13 @@ class Captured:
     spatial: torch.Tensor | None
 
 
-def _first_tensor(output: Any) -> torch.Tensor | None:
+def first_tensor(output: Any) -> torch.Tensor | None:
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)) and output:
-        return _first_tensor(output[0])
+        return first_tensor(output[0])
     if isinstance(output, dict) and output:  # diffusers BaseOutput is an OrderedDict
-        return _first_tensor(next(iter(output.values())))
+        return first_tensor(next(iter(output.values())))
     return None
 
 
@@ -180,7 +180,7 @@ class ActivationCapture:
                     f"layer {name!r} runs more than once per forward pass (a shared module such as an "
                     "activation function); select its parent module instead"
                 )
-            self._results[name] = self._reduce(name, _first_tensor(output), keep_spatial)
+            self._results[name] = self._reduce(name, first_tensor(output), keep_spatial)
             if self._stop_now and len(self._results) == len(self.layers):
                 raise _StopForward
 

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffatlas.activations.hooks import _first_tensor
+from diffatlas.activations.hooks import first_tensor
 from diffatlas.activations.layers import ResolvedLayer, resolve_layers
 from diffatlas.errors import UserError
 
@@ -172,7 +172,7 @@ class PullbackMap:
         captured: list[torch.Tensor] = []
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            out = _first_tensor(output)
+            out = first_tensor(output)
             if out is None:
                 raise UserError(f"layer {self.layer.name!r} does not output a tensor; select a module that does")
             captured.append(out)
