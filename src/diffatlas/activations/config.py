@@ -8,12 +8,11 @@ in :func:`diffatlas.activations.extract.extract` once the model is loaded.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from diffatlas.errors import UserError
+from diffatlas.sections import ConfigSection
 
 POOLINGS = ("mean", "sum")
 NOISE_MODES = ("forward", "inversion")
@@ -30,8 +29,10 @@ def _bad(key: str, value: Any, allowed: str) -> UserError:
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(ConfigSection):
     """What to extract and how (defaults: the ShapesWorld demo)."""
+
+    SECTION = "extract"
 
     models: list[str] = field(default_factory=lambda: ["shapesworld"])
     """Names from ``models`` to extract (workflow grid)."""
@@ -116,10 +117,7 @@ class ExtractConfig:
             raise _bad("guidance_scale", self.guidance_scale, "a number >= 0 (1 = no guidance)")
         if self.dtype not in DTYPES:
             raise _bad("dtype", self.dtype, ", ".join(DTYPES))
-        if self.extra:
-            raise UserError(
-                f"unknown config key(s) in extract: {', '.join(sorted(self.extra))}; allowed keys: {', '.join(self.field_names())}"
-            )
+        self.reject_unknown()
 
     @property
     def layers_with_maps(self) -> list[str]:
@@ -127,29 +125,3 @@ class ExtractConfig:
         if self.spatial_layers is not None:
             return list(self.spatial_layers)
         return list(self.layers) if self.spatial else []
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> ExtractConfig:
-        """Build from the ``extract`` section; unknown keys are errors naming the key."""
-        data = dict(data or {})
-        known = {k: data.pop(k) for k in list(data) if k in cls.field_names()}
-        return cls(**known, extra=data)
-
-    @classmethod
-    def from_json(cls, text: str | None) -> ExtractConfig:
-        if not text:
-            return cls()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--config-json is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise UserError(f"--config-json must be a JSON object (the extract section), got {type(data).__name__}")
-        return cls.from_dict(data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.field_names()}

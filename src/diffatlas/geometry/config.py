@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffatlas.errors import UserError
+from diffatlas.sections import ConfigSection
 
 POOLINGS = ("sum", "mean", "none")
 BATCHING = ("vmap", "loop")
@@ -37,8 +38,10 @@ def _bad(key: str, value: Any, allowed: str) -> UserError:
 
 
 @dataclass(frozen=True)
-class GeometryConfig:
+class GeometryConfig(ConfigSection):
     """Settings of the pullback-geometry stage (defaults: the CPU demo)."""
+
+    SECTION = "geometry"
 
     models: list[str] = field(default_factory=lambda: ["shapesworld"])
     """Models to analyse (workflow grid; names of config ``models``)."""
@@ -151,11 +154,7 @@ class GeometryConfig:
             raise _bad("iterative_directions", self.iterative_directions, f"an integer <= n_directions ({self.n_directions})")
         if self.global_direction >= self.n_directions:
             raise _bad("global_direction", self.global_direction, f"an integer < n_directions ({self.n_directions})")
-        if self.extra:
-            raise UserError(
-                f"unknown config key(s) in geometry: {', '.join(sorted(self.extra))}; "
-                f"allowed keys: {', '.join(self.field_names())}"
-            )
+        self.reject_unknown()
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -174,35 +173,6 @@ class GeometryConfig:
         return min(self.n_samples, self.edit_samples or self.n_samples)
 
     # ------------------------------------------------------------------ (de)serialisation
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "GeometryConfig":
-        """Build from the ``geometry`` config section; unknown keys are errors naming the key."""
-        data = dict(data or {})
-        known = {k: data.pop(k) for k in list(data) if k in cls.field_names()}
-        for key in ("models", "timesteps", "edit_strengths", "meaning_models", "iterative_timesteps"):
-            if isinstance(known.get(key), tuple):
-                known[key] = list(known[key])
-        return cls(**known, extra=data)
-
-    @classmethod
-    def from_json(cls, text: str | None) -> "GeometryConfig":
-        if not text:
-            return cls()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--config-json is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise UserError(f"--config-json must be a JSON object (the geometry section), got {type(data).__name__}")
-        return cls.from_dict(data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.field_names()}
-
     def replace(self, **changes: Any) -> "GeometryConfig":
         return dataclasses.replace(self, **changes)
 

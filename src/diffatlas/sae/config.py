@@ -9,12 +9,11 @@ on the layer's channel count ``d``, known only once the store is open, so
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from diffatlas.errors import UserError
+from diffatlas.sections import ConfigSection
 
 SAMPLES = ("pooled", "spatial")
 RANK_BY = ("mean", "max")
@@ -59,8 +58,10 @@ class SAEArch:
 
 
 @dataclass(frozen=True)
-class SAEConfig:
+class SAEConfig(ConfigSection):
     """Training and analysis settings of a TopK SAE (defaults: the demo; k as in Revelio)."""
+
+    SECTION = "sae"
 
     k: int = 32
     """Active latents per sample (TopK). Revelio and OpenAI use 32."""
@@ -144,36 +145,7 @@ class SAEConfig:
             raise UserError(f"config sae.mine_on = {self.mine_on!r} is not allowed; allowed: {', '.join(MINE_ON)}")
         if not isinstance(self.gallery, bool):
             raise UserError(f"config sae.gallery = {self.gallery!r} is not allowed; allowed: true, false")
-        if self.extra:
-            raise UserError(
-                f"unknown config key(s) in sae: {', '.join(sorted(self.extra))}; allowed keys: {', '.join(self.field_names())}"
-            )
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "SAEConfig":
-        """Build from the ``sae`` config section; unknown keys are errors naming the key."""
-        data = dict(data or {})
-        known = {k: data.pop(k) for k in list(data) if k in cls.field_names()}
-        return cls(**known, extra=data)
-
-    @classmethod
-    def from_json(cls, text: str | None) -> "SAEConfig":
-        if not text:
-            return cls()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--config-json is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise UserError(f"--config-json must be a JSON object (the sae section), got {type(data).__name__}")
-        return cls.from_dict(data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.field_names()}
+        self.reject_unknown()
 
     def arch(self, d_in: int, layer: str | None = None) -> SAEArch:
         """The validated architecture for a layer with ``d_in`` channels."""

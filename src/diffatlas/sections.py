@@ -1,0 +1,65 @@
+"""What every stage's config dataclass shares: building it from its config.yaml section.
+
+A stage config (``ExtractConfig``, ``SAEConfig``, ``GeometryConfig``) is a dataclass with an
+``extra`` field that collects unknown keys, so that its ``__post_init__`` can name them
+together with the allowed keys (see :meth:`ConfigSection.reject_unknown`). The class names
+its section in ``SECTION``; that name appears in every message a user sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, ClassVar, TypeVar
+
+from diffatlas.errors import UserError
+
+S = TypeVar("S", bound="ConfigSection")
+
+
+class ConfigSection:
+    """Mixin for a dataclass mirroring one config.yaml section (keys = fields, plus ``extra``)."""
+
+    SECTION: ClassVar[str] = ""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def from_dict(cls: type[S], data: dict[str, Any] | None) -> S:
+        """Build from the section; unknown keys go to ``extra`` and are reported by ``reject_unknown``."""
+        if data is not None and not isinstance(data, dict):
+            raise UserError(f"config {cls.SECTION} must be a mapping of keys to values, got {type(data).__name__}")
+        data = dict(data or {})
+        known = {k: data.pop(k) for k in list(data) if k in cls.field_names()}
+        # YAML and JSON give lists; a caller in Python may pass tuples. Keep one form.
+        known = {k: list(v) if isinstance(v, tuple) else v for k, v in known.items()}
+        return cls(**known, extra=data)
+
+    @classmethod
+    def from_json(cls: type[S], text: str | None) -> S:
+        """Build from ``--config-json`` text (empty: all defaults)."""
+        if not text:
+            return cls()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"--config-json is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise UserError(
+                f"--config-json must be a JSON object (the {cls.SECTION} section), got {type(data).__name__}"
+            )
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.field_names()}
+
+    def reject_unknown(self) -> None:
+        """Raise naming the unknown keys in ``extra`` and the allowed ones (call from ``__post_init__``)."""
+        extra = getattr(self, "extra", None)
+        if extra:
+            raise UserError(
+                f"unknown config key(s) in {self.SECTION}: {', '.join(sorted(extra))}; "
+                f"allowed keys: {', '.join(self.field_names())}"
+            )
