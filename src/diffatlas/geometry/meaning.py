@@ -2,16 +2,15 @@
 
 ShapesWorld images have known factors (position, size, colour, shape, number of objects) and
 the world's judge (:func:`diffatlas.world.judge.judge_image`, a deterministic colour/shape
-reader; :func:`diffatlas.data.shapesworld.detect_objects` where the judge is unavailable)
-reads them back from an image. For every edited image (one-step, x0-normalised and iterative edits of
-every timestep) the edited result is compared with the *unedited* result of the same sample
+reader) reads them back from an image. For every edited image (one-step, x0-normalised and
+iterative edits of every timestep) the edited result is compared with the *unedited* result of the same sample
 (strength 0, denoised along the same DDIM path), object by object:
 
 * the reference's main (largest) object is matched to the edited object it overlaps most
   (mask IoU; nearest centroid when nothing overlaps);
 * ``position``: the matched centroid moved by more than :data:`POSITION_TOL` of the side;
-* ``size``: the judge's size class (small / large) differs; with the fallback detector, the
-  area changed by more than a factor :data:`AREA_RATIO_TOL`;
+* ``size``: the judge's size class (small / large) differs (or, where it gives none, the area
+  changed by more than a factor :data:`AREA_RATIO_TOL`);
 * ``colour`` / ``shape``: the detector's colour / shape of the matched object differ;
 * ``count``: the number of objects differs.
 
@@ -45,12 +44,8 @@ def describe(image: np.ndarray) -> list[dict[str, Any]]:
     Each has ``colour``, ``shape``, ``centroid`` (x, y fractions), ``area``, ``mask`` and,
     from the world's judge, ``size``.
     """
-    try:
-        from diffatlas.world.judge import judge_image
-    except ImportError:  # the judge ships with the world model; the data module's detector is the fallback
-        from diffatlas.data.shapesworld import detect_objects
+    from diffatlas.world.judge import judge_image
 
-        return detect_objects(image)
     return judge_image(image, return_masks=True)["objects"]
 
 

@@ -8,8 +8,12 @@ here, from the scheduler's own ``alphas_cumprod``, ``prediction_type`` (epsilon,
 ``DDIMScheduler.step`` with ``eta = 0`` computes it::
 
     x0̂ = predicted clean sample (clipped if the scheduler clips)
-    ε̂  = predicted noise (the model's, not recomputed from the clipped x0̂, as diffusers)
+    ε̂  = noise re-derived from the clipped x0̂: (x_t - sqrt(ᾱ_t) x0̂) / sqrt(1 - ᾱ_t)
     x_s = sqrt(ᾱ_s) x0̂ + sqrt(1 - ᾱ_s) ε̂
+
+Re-deriving ε̂ (diffusers' ``use_clipped_model_output=True``, which ShapesWorldPipeline passes
+too) keeps the step consistent: a clipped x0̂ next to the model's own ε̂ pushes the sample
+against the guided change under strong guidance (colours flip on the ShapesWorld model).
 
 A segment ``t -> s`` takes ``max(1, round(steps · (t - s) / T))`` equal steps, so one
 ``ddim_steps`` setting means the same step size everywhere.
@@ -111,7 +115,12 @@ class Denoiser:
         """(ε̂, x0̂) at ``t``; x0̂ clipped like the scheduler clips it unless ``clip=False``."""
         a = alpha_at(self.handle, t)
         eps, x0 = split_prediction(self.handle, self.output(x, t), x, a)
-        return eps, (clip_x0(self.handle, x0) if clip else x0)
+        if not clip:
+            return eps, x0
+        x0_clipped = clip_x0(self.handle, x0)
+        if x0_clipped is not x0:  # the noise that goes with the clipped x0 (module docstring)
+            eps = (x - a**0.5 * x0_clipped) / (1.0 - a) ** 0.5
+        return eps, x0_clipped
 
     @torch.no_grad()
     def ddim(self, x: torch.Tensor, t_from: int, t_to: int, steps: int) -> torch.Tensor:

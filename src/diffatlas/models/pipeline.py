@@ -160,7 +160,13 @@ class ShapesWorldPipeline(DiffusionPipeline):
             "prompts": per_image,
             "timesteps": [int(t) for t in self.scheduler.timesteps],
         }
-        extra = {"eta": eta, "generator": generator} if isinstance(self.scheduler, DDIMScheduler) else {}
+        # use_clipped_model_output: with clip_sample, re-derive the noise from the clipped x0.
+        # Without it the DDIM step mixes a clipped x0 with the unclipped noise, and under strong
+        # guidance the noise term carries the guided change with the opposite sign: colours flip.
+        extra = (
+            {"eta": eta, "generator": generator, "use_clipped_model_output": True}
+            if isinstance(self.scheduler, DDIMScheduler) else {}
+        )
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             inp = torch.cat([x, x]) if do_cfg else x
             inp = self.scheduler.scale_model_input(inp, t)
