@@ -51,7 +51,7 @@ class WorldModelConfig:
     The defaults are those of the shipped checkpoint (resources/models/shapesworld/README.md).
     """
 
-    steps: int = 6000
+    steps: int = 7000
     """Optimiser steps. Raising it and re-running resumes from the last checkpoint."""
     batch_size: int = 16
     """Images per step (fresh random scenes every step)."""
