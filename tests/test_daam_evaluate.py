@@ -19,6 +19,7 @@ from diffatlas.daam.evaluate import (
     parses_for_run,
     relation_rows,
     summarize,
+    summarize_by_role,
     summarize_relations,
 )
 from diffatlas.daam.words import TracedRun, WordMaps, align_prompt
@@ -78,6 +79,15 @@ def test_real_mode_scores_oracle_maps_and_baselines(tok):
     assert by[("real", "daam")] == pytest.approx(1.0)
     assert by[("real", "whole_image")] == pytest.approx(np.mean(areas))
     assert by[("real", "daam")] > by[("real", "centre_prior")]
+    # One row per (role, method); oracle maps are exact for nouns, and each role's whole-image
+    # baseline is the mean area of the objects its words name.
+    per_role = summarize_by_role(rows, 0.4).set_index(["words", "method"])
+    assert set(per_role.index.get_level_values(0)) >= {"shape", "colour"}
+    assert per_role.loc[("shape", "daam"), "miou"] == pytest.approx(1.0)
+    assert per_role.loc[("shape", "whole_image"), "miou"] == pytest.approx(np.mean(areas))
+    colour_rows = rows[(rows.role == "colour") & (rows.method == "daam") & (rows.tau == 0.4)]
+    assert per_role.loc[("colour", "daam"), "miou"] == pytest.approx(colour_rows["iou"].mean())
+    assert per_role.loc[("colour", "daam"), "n"] == len(colour_rows)
 
 
 def test_relations_iod_ioh_known_answers(tok):

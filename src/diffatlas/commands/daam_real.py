@@ -7,8 +7,9 @@
 Each of the first ``n_real`` images is noised (``real_mode: noise``) or DDIM-inverted
 (``invert``) to ``real_t`` and denoised with its caption while the cross-attention is traced.
 Writes ``OUT/run/`` and the tables (summary.csv: mIoU of noun masks vs the true object masks
-with the whole-image and centre-prior baselines; summary_all_words.csv; threshold_curve.csv;
-relations.csv with mIoU/mIoD/mIoH per relation). An image without a caption is an error.
+with the whole-image and centre-prior baselines; summary_all_words.csv; summary_by_role.csv
+(shape, colour and size words apart); threshold_curve.csv; relations.csv with mIoU/mIoD/mIoH
+per relation). An image without a caption is an error.
 """
 
 from __future__ import annotations
