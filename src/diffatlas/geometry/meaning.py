@@ -3,8 +3,8 @@
 ShapesWorld images have known factors (position, size, colour, shape, number of objects) and
 the world's judge (:func:`diffatlas.world.judge.judge_image`, a deterministic colour/shape
 reader) reads them back from an image. For every edited image (one-step, x0-normalised and
-iterative edits of every timestep) the edited result is compared with the *unedited* result of the same sample
-(strength 0, denoised along the same DDIM path), object by object:
+iterative edits of every timestep) the edited result is compared with the *unedited* result
+of the same sample (strength 0, denoised along the same DDIM path), object by object:
 
 * the reference's main (largest) object is matched to the edited object it overlaps most
   (mask IoU; nearest centroid when nothing overlaps);

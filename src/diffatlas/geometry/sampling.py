@@ -5,7 +5,7 @@ The geometry stage needs DDIM segments that start or stop at arbitrary training 
 a diffusers scheduler only steps on its fixed inference grid. So the update is written out
 here, from the scheduler's own ``alphas_cumprod``, ``prediction_type`` (epsilon, v or sample),
 ``clip_sample`` / ``clip_sample_range`` and final ᾱ (``set_alpha_to_one``), exactly as
-``DDIMScheduler.step`` with ``eta = 0`` computes it::
+``DDIMScheduler.step`` with ``eta = 0`` and ``use_clipped_model_output=True`` computes it::
 
     x0̂ = predicted clean sample (clipped if the scheduler clips)
     ε̂  = noise re-derived from the clipped x0̂: (x_t - sqrt(ᾱ_t) x0̂) / sqrt(1 - ᾱ_t)
