@@ -28,3 +28,13 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iter
     """A tqdm bar on a terminal; in a log file (stderr not a tty) it turns itself off."""
     disable = not sys.stderr.isatty() or os.environ.get("DIFFATLAS_NO_PROGRESS") == "1"
     return tqdm(iterable, desc=desc, total=total, disable=disable, leave=False)
+
+
+def result(text: object) -> None:
+    """Write a command's result (paths, one-line summaries, tables) to stdout.
+
+    The one place commands print: logs and progress go to stderr, so stdout carries only
+    what a caller may read or pipe (e.g. the output path, or ``PASS``/``FAIL``).
+    """
+    sys.stdout.write(f"{text}\n")
+    sys.stdout.flush()

@@ -17,6 +17,19 @@ from diffatlas.errors import UserError
 S = TypeVar("S", bound="ConfigSection")
 
 
+def parse_section_json(text: str | None, section: str) -> dict[str, Any] | None:
+    """The ``--config-json`` text of a config section as a dict; None when it is empty."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"--config-json is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise UserError(f"--config-json must be a JSON object (the {section} section), got {type(data).__name__}")
+    return data
+
+
 class ConfigSection:
     """Mixin for a dataclass mirroring one config.yaml section (keys = fields, plus ``extra``)."""
 
@@ -40,17 +53,8 @@ class ConfigSection:
     @classmethod
     def from_json(cls: type[S], text: str | None) -> S:
         """Build from ``--config-json`` text (empty: all defaults)."""
-        if not text:
-            return cls()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--config-json is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise UserError(
-                f"--config-json must be a JSON object (the {cls.SECTION} section), got {type(data).__name__}"
-            )
-        return cls.from_dict(data)
+        data = parse_section_json(text, cls.SECTION)
+        return cls() if data is None else cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.field_names()}

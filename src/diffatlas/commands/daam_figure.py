@@ -14,6 +14,7 @@ results of an entanglement prompt set.
 from __future__ import annotations
 
 import argparse
+from diffatlas.logs import result
 
 KINDS = ("overlays", "miou", "relations", "entanglement")
 
@@ -51,5 +52,5 @@ def main(argv: list[str]) -> int:
         if coh.empty and swaps.empty:
             raise UserError(f"{', '.join(args.inputs)}: no entanglement tables (use a prompt set of kind entanglement)")
         figures.entanglement_figure(coh if len(coh) else pd.DataFrame(), swaps if len(swaps) else pd.DataFrame(), args.out, args.title)
-    print(f"wrote {args.out}")
+    result(f"wrote {args.out}")
     return 0

@@ -15,6 +15,7 @@ and for entanglement sets cohyponym.csv and adjective_swaps.csv. OUT appears onl
 from __future__ import annotations
 
 import argparse
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
     set_threads(args.threads)
     handle = load_model(args.model, device=pick_device(args.device))
     res = run_prompt_set(handle, cfg, args.prompt_set, args.out, model_name=args.model_name or args.model)
-    print(f"{res['n_items']} images traced for prompt set {args.prompt_set!r} -> {args.out}")
+    result(f"{res['n_items']} images traced for prompt set {args.prompt_set!r} -> {args.out}")
     if len(res["summary"]):
-        print(res["summary"][["source", "method", "miou", "ci95", "n"]].to_string(index=False))
+        result(res["summary"][["source", "method", "miou", "ci95", "n"]].to_string(index=False))
     return 0

@@ -15,6 +15,7 @@ per relation). An image without a caption is an error.
 from __future__ import annotations
 
 import argparse
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
     set_threads(args.threads)
     handle = load_model(args.model, device=pick_device(args.device))
     res = run_real(handle, cfg, args.dataset, args.out, model_name=args.model_name or args.model, dataset_name=args.dataset_name)
-    print(f"{res['n_items']} real images traced -> {args.out}")
+    result(f"{res['n_items']} real images traced -> {args.out}")
     if len(res["summary"]):
-        print(res["summary"][["source", "method", "miou", "ci95", "n"]].to_string(index=False))
+        result(res["summary"][["source", "method", "miou", "ci95", "n"]].to_string(index=False))
     return 0

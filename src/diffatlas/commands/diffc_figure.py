@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from diffatlas.errors import UserError
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -45,5 +46,5 @@ def main(argv: list[str]) -> int:
     else:
         fig = figures.plot_models(df, args.dataset, args.models)
     save_figure(fig, args.out)
-    print(f"wrote {args.out}")
+    result(f"wrote {args.out}")
     return 0

@@ -14,6 +14,7 @@ import argparse
 
 from diffatlas.diffc.summary import build_summary
 from diffatlas.io import atomic_file
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -24,5 +25,5 @@ def main(argv: list[str]) -> int:
     table = build_summary(args.metrics)
     with atomic_file(args.out) as tmp:
         table.to_csv(tmp, index=False)
-    print(f"wrote {args.out}: {len(table)} rows from {len(args.metrics)} jobs")
+    result(f"wrote {args.out}: {len(table)} rows from {len(args.metrics)} jobs")
     return 0

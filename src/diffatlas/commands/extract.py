@@ -13,6 +13,7 @@ complete; read it with ``diffatlas.activations.store.ActivationStore`` or ``xarr
 from __future__ import annotations
 
 import argparse
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> int:
         revision=args.revision,
     )
     store = ActivationStore(path)
-    print(
+    result(
         f"{len(store)} samples x {len(store.timesteps)} timesteps {list(map(int, store.timesteps))} x "
         f"{len(store.layers)} layers ({', '.join(store.layers)}) -> {path}"
     )

@@ -18,6 +18,7 @@ import argparse
 
 from diffatlas.geometry.config import add_config_args, config_from_args
 from diffatlas.io import pick_device, set_threads
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
     handle = load_model(args.model, device=device)
     meta = run_timestep(handle, cfg, args.timestep, args.out, args.model_name or args.model)
     s = ", ".join(f"{x:.3g}" for x in meta["singular_values_mean"])
-    print(
+    result(
         f"{args.out}: t={meta['timestep']} (alpha_bar {meta['alpha_bar']:.3f}) {meta['n_samples']} samples, "
         f"sigma (mean) [{s}], {meta['iterations']} rounds, converged {meta['converged']}, "
         f"max residual {meta['max_residual']:.1e}; times {', '.join(f'{k} {v:.1f}' for k, v in meta['timings'].items())}"

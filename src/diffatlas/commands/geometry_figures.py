@@ -12,6 +12,7 @@ Kinds::
 from __future__ import annotations
 
 import argparse
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -49,5 +50,5 @@ def main(argv: list[str]) -> int:
         path = figures.psd_figure(args.psd, args.out, args.distances)
     else:
         path = figures.meaning_figure(args.summary, args.out)
-    print(path)
+    result(path)
     return 0

@@ -18,6 +18,7 @@ import argparse
 
 from diffatlas.geometry.config import add_config_args, config_from_args
 from diffatlas.io import pick_device, set_threads
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
 
     handle = load_model(args.model, device=device)
     meta = run_global(handle, cfg, args.basis, args.out, args.model_name or args.model)
-    print(
+    result(
         f"{args.out}: {meta['n_samples']} samples at t={meta['timestep']}; mean cos local-global "
         f"{[round(c, 3) for c in meta['mean_cos']]}; kept in tangent spaces {[round(k, 3) for k in meta['mean_kept']]}"
     )

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str]) -> int:
 
     summary = run_meaning(args.runs, args.out, args.summary)
     for row in summary.itertuples():
-        print(f"t={row.timestep} {row.mode:<10} v{row.direction + 1}: {row.dominant:<8} "
+        result(f"t={row.timestep} {row.mode:<10} v{row.direction + 1}: {row.dominant:<8} "
               f"(position {row.position_changed:.2f} size {row.size_changed:.2f} colour {row.colour_changed:.2f} "
               f"shape {row.shape_changed:.2f} count {row.count_changed:.2f})")
     return 0

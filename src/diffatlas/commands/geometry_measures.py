@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -29,5 +30,5 @@ def main(argv: list[str]) -> int:
 
     out = run_measures(args.runs, args.psd, args.distances)
     for row in out["mean_distance"]:
-        print(f"{row['kind']} t={row['timestep_a']}/{row['timestep_b']}: mean geodesic distance {row['distance']:.3f}")
+        result(f"{row['kind']} t={row['timestep_a']}/{row['timestep_b']}: mean geodesic distance {row['distance']:.3f}")
     return 0

@@ -17,6 +17,7 @@ import argparse
 
 from diffatlas.geometry.config import add_config_args, config_from_args
 from diffatlas.io import pick_device, set_threads
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> int:
 
     handle = load_model(args.model, device=device)
     s = run_paths(handle, cfg, args.out, args.model_name or args.model)
-    print(
+    result(
         f"{args.out}: {s['pairs']} pairs, {s['segments']} segments at t={s['timestep']}: H length lerp "
         f"{s['h_length_mean']['lerp']:.4g} slerp {s['h_length_mean']['slerp']:.4g} (slerp/lerp {s['slerp_over_lerp_mean']:.3f}); "
         f"min norm ratio lerp {s['min_norm_ratio_mean']['lerp']:.3f} slerp {s['min_norm_ratio_mean']['slerp']:.3f}"

@@ -15,6 +15,7 @@ import argparse
 import json
 
 from diffatlas.errors import UserError
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> int:
     path = make_dataset(section, args.out, name=args.name, threads=args.threads)
     ds = load_dataset(path, mmap=True)
     skipped = ds.info.get("n_skipped", 0)
-    print(
+    result(
         f"{args.name}: {len(ds)} images {ds.image_size}x{ds.image_size}, "
         f"{len(ds.info['classes'])} classes, {len(ds.info['coarse_classes'])} coarse classes"
         + (f", {skipped} unreadable files skipped" if skipped else "")

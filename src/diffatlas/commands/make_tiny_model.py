@@ -8,6 +8,7 @@ checkpoint when trying a stage end to end. Prints the output path and its revisi
 from __future__ import annotations
 
 import argparse
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -21,5 +22,5 @@ def main(argv: list[str]) -> int:
     from diffatlas.models.loader import weights_hash
 
     path = make_tiny_model(args.family, args.out, seed=args.seed)
-    print(f"{path}\t{args.family}\trevision={weights_hash(path)}")
+    result(f"{path}\t{args.family}\trevision={weights_hash(path)}")
     return 0

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -22,5 +23,5 @@ def main(argv: list[str]) -> int:
 
     ds = load_dataset(args.data, mmap=True)
     path = save_figure(preview_figure(ds, args.n), args.out)
-    print(f"wrote {path}")
+    result(f"wrote {path}")
     return 0

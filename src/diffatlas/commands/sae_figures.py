@@ -17,6 +17,7 @@ import argparse
 import pandas as pd
 
 from diffatlas.errors import UserError
+from diffatlas.logs import result
 
 
 def _read_table(path: str) -> pd.DataFrame:
@@ -74,5 +75,5 @@ def main(argv: list[str]) -> int:
             pd.read_parquet(path), args.dataset, n_latents=args.latents, title=f"top latents of {figures.run_label(args.run)}"
         )
     save_figure(fig, args.out)
-    print(args.out)
+    result(args.out)
     return 0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from diffatlas.errors import UserError
 from diffatlas.io import atomic_file
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -34,5 +35,5 @@ def main(argv: list[str]) -> int:
     with atomic_file(out) as tmp:
         table.to_csv(tmp, index=False) if out.suffix == ".csv" else table.to_parquet(tmp, index=False)
     cols = ["layer", "timestep", "fve", "l0", "dead_fraction", "purity_fine", "purity_coarse", "sigma_label_fine"]
-    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    result(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0

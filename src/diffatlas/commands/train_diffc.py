@@ -19,6 +19,7 @@ import json
 from diffatlas.diffc.config import DiffCConfig
 from diffatlas.errors import UserError
 from diffatlas.io import set_threads
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -44,14 +45,14 @@ def main(argv: list[str]) -> int:
 
     from diffatlas.diffc.train import run_diffc_job  # torch import only once the arguments are good
 
-    result = run_diffc_job(
+    job = run_diffc_job(
         args.store, args.layer, args.timestep, args.out, cfg, device=args.device, model_name=args.model, dataset_name=args.dataset
     )
-    for gran, entry in result.metrics["results"].items():
-        print(
+    for gran, entry in job.metrics["results"].items():
+        result(
             f"{args.layer} t={args.timestep} {gran}: Diff-C {entry['diffc']['accuracy']:.3f}  "
             f"probe {entry['probe']['accuracy']:.3f}  chance {entry['diffc']['chance_uniform']:.3f}"
         )
-    for w in result.metrics["warnings"]:
-        print(f"warning: {w}")
+    for w in job.metrics["warnings"]:
+        result(f"warning: {w}")
     return 0

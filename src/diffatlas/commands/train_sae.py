@@ -20,6 +20,7 @@ import json
 from diffatlas.errors import UserError
 from diffatlas.io import pick_device, set_threads
 from diffatlas.sae.config import SAEConfig
+from diffatlas.logs import result
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -60,7 +61,7 @@ def main(argv: list[str]) -> int:
         args.store, args.layer, args.timestep, cfg, args.out, device=device, model=args.model, dataset=args.dataset
     )
     val, lab = metrics, metrics["labels"]
-    print(
+    result(
         f"{args.out}: fve {val['fve']:.3f} nmse {val['nmse']:.3f} l0 {val['l0']:.1f} dead {val['dead_fraction']:.3f} "
         f"dense {val['dense_fraction']:.3f} | top-{lab['n_top_latents']} latents: purity fine {lab['purity_fine']:.3f} "
         f"coarse {lab['purity_coarse']:.3f}, sigma_label fine {lab['sigma_label_fine']:.3f}"

@@ -18,6 +18,7 @@ import argparse
 import json
 import signal
 from pathlib import Path
+from diffatlas.logs import result
 
 
 def _interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -67,9 +68,9 @@ def main(argv: list[str]) -> int:
         summary = train_world_model(cfg, args.out, checkpoint_dir=ckpt, device=device, resume=not args.no_resume,
                                     max_seconds=args.max_seconds)
     except KeyboardInterrupt:
-        print(f"{args.out}\tinterrupted (checkpoint in {ckpt}; run again to resume)")
+        result(f"{args.out}\tinterrupted (checkpoint in {ckpt}; run again to resume)")
         return 130
     state = "finished" if summary["finished"] else "paused (checkpoint kept)"
-    print(f"{args.out}\t{state}\tstep={summary['step']}/{summary['steps']}\tloss={summary['final_loss']}"
+    result(f"{args.out}\t{state}\tstep={summary['step']}/{summary['steps']}\tloss={summary['final_loss']}"
           f"\timages/s={summary['images_per_second']}")
     return 0

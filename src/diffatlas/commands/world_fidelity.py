@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from diffatlas.logs import result
 
 
 def main(argv: list[str]) -> int:
@@ -72,7 +73,7 @@ def main(argv: list[str]) -> int:
         except (OSError, ValueError) as err:
             raise UserError(f"cannot read samples {args.samples}: {err}") from err
         sample_grid(images, read_json(args.fidelity_json), args.figure, rows=cfg.grid_rows, cols=cfg.grid_cols)
-        print(args.figure)
+        result(args.figure)
         return 0
 
     if not (args.model and args.out_json):
@@ -83,5 +84,5 @@ def main(argv: list[str]) -> int:
     gate = record["gate"]
     values = "  ".join(f"{k} {v:.3f} (>= {gate['thresholds'][k]})" for k, v in gate["values"].items() if v is not None)
     verdict = {True: "PASS", False: "FAIL", None: "n/a"}[gate["passed"]]
-    print(f"{args.model}\t{values}\tgate {verdict}")
+    result(f"{args.model}\t{values}\tgate {verdict}")
     return 0

@@ -235,17 +235,10 @@ class DAAMConfig:
     @staticmethod
     def from_json(text: str | None) -> "DAAMConfig":
         """From the ``daam`` section as a JSON string ("" = all defaults)."""
-        import json
+        from diffatlas.sections import parse_section_json
 
-        if not text:
-            return DAAMConfig()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--config-json is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise UserError("--config-json must be a JSON object (the daam section)")
-        return DAAMConfig.from_dict(data)
+        data = parse_section_json(text, "daam")
+        return DAAMConfig() if data is None else DAAMConfig.from_dict(data)
 
     @staticmethod
     def from_dict(section: dict[str, Any] | None) -> "DAAMConfig":
