@@ -138,6 +138,27 @@ def test_config_validation_and_resume_hash():
     base = WorldModelConfig()
     assert WorldModelConfig(steps=99, log_every=3).trajectory_hash() == base.trajectory_hash()
     assert WorldModelConfig(lr=5e-4).trajectory_hash() != base.trajectory_hash()
+    with pytest.raises(UserError, match="world_model.train.lr_schedule.*allowed: constant, cosine"):
+        WorldModelConfig.from_dict({"lr_schedule": "step"})
+    # Under the cosine schedule the step count shapes every learning rate: no resuming across it.
+    cos = WorldModelConfig(lr_schedule="cosine")
+    assert WorldModelConfig(lr_schedule="cosine", steps=99).trajectory_hash() != cos.trajectory_hash()
+    assert WorldModelConfig(lr_schedule="cosine", log_every=3).trajectory_hash() == cos.trajectory_hash()
+
+
+def test_learning_rate_schedules():
+    from diffatlas.world.train import lr_at
+
+    const = WorldModelConfig(lr=1e-3, warmup=10, steps=110)
+    assert lr_at(const, 0) == pytest.approx(1e-4) and lr_at(const, 9) == pytest.approx(1e-3)
+    assert lr_at(const, 109) == pytest.approx(1e-3)
+    cos = WorldModelConfig(lr=1e-3, warmup=10, steps=111, lr_schedule="cosine", lr_final=0.1)
+    assert lr_at(cos, 9) == pytest.approx(1e-3) and lr_at(cos, 10) == pytest.approx(1e-3)
+    # Half-way through the decay the cosine is at the mean of the two ends; the last step ends it.
+    assert lr_at(cos, 60) == pytest.approx(0.55e-3)
+    assert lr_at(cos, 110) == pytest.approx(1e-4)
+    lrs = [lr_at(cos, s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
 def test_schema_defaults_match_dataclasses():

@@ -22,9 +22,12 @@ from typing import Any
 from diffatlas.errors import UserError
 
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2", "scaled_linear")
+LR_SCHEDULES = ("constant", "cosine")
 
 #: Fields that do not change the training trajectory up to a given step: a checkpoint made
-#: with other values of these resumes (e.g. raise ``steps`` to train longer).
+#: with other values of these resumes (e.g. raise ``steps`` to train longer). ``steps`` is
+#: one of them only under the constant learning rate: the cosine schedule is a function of
+#: the total step count.
 RESUME_FREE_FIELDS = ("steps", "checkpoint_every", "log_every", "channels_last")
 
 
@@ -56,9 +59,13 @@ class WorldModelConfig:
     batch_size: int = 16
     """Images per step (fresh random scenes every step)."""
     lr: float = 1e-3
-    """AdamW peak learning rate (constant after warm-up; EMA does the averaging)."""
+    """AdamW peak learning rate (reached at the end of the warm-up)."""
     warmup: int = 200
     """Linear learning-rate warm-up, in steps."""
+    lr_schedule: str = "constant"
+    """After the warm-up: ``constant``, or ``cosine`` decay to ``lr * lr_final`` at the last step."""
+    lr_final: float = 0.1
+    """Cosine schedule: the learning rate of the last step as a fraction of ``lr``."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -109,6 +116,11 @@ class WorldModelConfig:
         _check_int("train.batch_size", self.batch_size, 1)
         _check_float("train.lr", self.lr, 0.0, 1.0, lo_open=True)
         _check_int("train.warmup", self.warmup, 0)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(
+                f"world_model: train.lr_schedule = {self.lr_schedule!r} is not allowed; allowed: {', '.join(LR_SCHEDULES)}"
+            )
+        _check_float("train.lr_final", self.lr_final, 0.0, 1.0)
         _check_float("train.weight_decay", self.weight_decay, 0.0, 1.0)
         _check_float("train.grad_clip", self.grad_clip, 0.0, 1e6)
         _check_float("train.ema", self.ema, 0.0, 1.0, hi_open=True)
@@ -164,9 +176,16 @@ class WorldModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resume_free_fields(self) -> tuple[str, ...]:
+        """Fields a checkpoint may differ in and still resume (``steps`` only at constant lr)."""
+        if self.lr_schedule == "constant":
+            return RESUME_FREE_FIELDS
+        return tuple(f for f in RESUME_FREE_FIELDS if f != "steps")
+
     def trajectory_hash(self) -> str:
         """Hash of every field that changes the training trajectory (resume compatibility)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE_FIELDS}
+        free = self.resume_free_fields()
+        d = {k: v for k, v in self.to_dict().items() if k not in free}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -41,7 +42,7 @@ import torch
 
 from diffatlas.errors import UserError
 from diffatlas.io import atomic_dir, read_json
-from diffatlas.world.config import RESUME_FREE_FIELDS, WorldModelConfig
+from diffatlas.world.config import WorldModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ def load_checkpoint(
     meta = read_json(path / "state.json")
     if meta.get("trajectory_hash") != cfg.trajectory_hash():
         theirs = meta.get("config", {})
-        diff = sorted(k for k, v in cfg.to_dict().items() if theirs.get(k) != v and k not in RESUME_FREE_FIELDS)
+        diff = sorted(k for k, v in cfg.to_dict().items() if theirs.get(k) != v and k not in cfg.resume_free_fields())
         log.warning("checkpoint %s was made with another config (differs in %s); starting afresh", path, ", ".join(diff))
         return None
     if int(meta["step"]) > cfg.steps:
@@ -301,10 +302,19 @@ def pipeline_from_checkpoint(path: str | os.PathLike, ema_weights: bool = True):
 
 
 def lr_at(cfg: WorldModelConfig, step: int) -> float:
-    """Linear warm-up to ``cfg.lr``, then constant (the EMA does the averaging)."""
+    """Learning rate of step ``step`` (0-based): linear warm-up to ``cfg.lr``, then the schedule.
+
+    ``constant`` keeps ``cfg.lr`` (the EMA does the averaging). ``cosine`` falls from
+    ``cfg.lr`` after the warm-up to ``cfg.lr * cfg.lr_final`` at the last step: a short run
+    settles into a minimum in its last few hundred steps instead of ending at full lr.
+    """
     if cfg.warmup and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(cfg.steps - 1 - cfg.warmup, 1)
+    progress = min(max(step - cfg.warmup, 0) / span, 1.0)
+    return cfg.lr * (cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
