@@ -9,7 +9,9 @@ alike), full training steps (text encoder + UNet forward, backward, AdamW) of:
 * ``attn_32px``: attention also at 32x32 (what the design avoids);
 * ``contiguous``: the default without channels-last memory format;
 * ``classic_attn``: the default with diffusers' classic ``AttnProcessor`` (explicit
-  ``softmax(QK^T)V`` by batched matmuls) instead of PyTorch's SDPA kernel.
+  ``softmax(QK^T)V`` by batched matmuls) instead of PyTorch's SDPA kernel;
+* ``four_heads``: 4 attention heads of 16 channels instead of the default 2 of 32 (the
+  CPU attention kernel is slower on narrow heads).
 
 Prints images/s (wall clock) and CPU seconds per image for each, and the ratios. Usage::
 
@@ -38,7 +40,7 @@ def _variant(name: str, batch: int):
     from diffatlas.world.config import WorldModelConfig
     from diffatlas.world.train import build_pipeline
 
-    cfg = WorldModelConfig(batch_size=batch)
+    cfg = WorldModelConfig(batch_size=batch, **({"num_attention_heads": 4} if name == "four_heads" else {}))
     pipe = build_pipeline(cfg)
     unet, te = pipe.unet, pipe.text_encoder
     if name == "attn_32px":
@@ -82,7 +84,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up step)")
-    ap.add_argument("--variants", default="default,no_attention,attn_32px,contiguous,classic_attn")
+    ap.add_argument("--variants", default="default,no_attention,attn_32px,contiguous,classic_attn,four_heads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.variants.split(",")
@@ -111,6 +113,8 @@ def main() -> None:
         print(f"channels-last speed-up: x{cpu['contiguous'] / cpu['default']:.2f} (CPU time)")
     if "default" in names and "classic_attn" in names:
         print(f"classic attention processor vs SDPA: x{cpu['default'] / cpu['classic_attn']:.2f} speed-up (CPU time)")
+    if "default" in names and "four_heads" in names:
+        print(f"2 heads of 32 channels vs 4 of 16: x{cpu['four_heads'] / cpu['default']:.2f} speed-up (CPU time)")
     if "default" in names:
         from diffatlas.world.config import WorldModelConfig
 

@@ -45,6 +45,9 @@ def test_train_few_steps_gives_loadable_model(tmp_path):
     names = dict(handle.denoiser.named_modules())
     assert "mid_block" in names and "up_blocks.1.attentions.0.transformer_blocks.0.attn2" in names
     assert not any(".attn" in n for n in names if n.startswith(("down_blocks.0.", "up_blocks.2.")))  # no 32x32 attention
+    # Training's padded tokenizer calls leave no state in the saved tokenizer.json.
+    saved_tok = json.loads((tmp_path / "model" / "tokenizer" / "tokenizer.json").read_text())
+    assert saved_tok["padding"] is None and saved_tok["truncation"] is None
     cond = handle.conditioning(["a red circle", ""])
     eps = handle.predict_noise(torch.zeros(2, 3, 32, 32), 500, cond)
     assert eps.shape == (2, 3, 32, 32) and torch.isfinite(eps).all()
@@ -63,10 +66,12 @@ def test_train_few_steps_gives_loadable_model(tmp_path):
 def test_resume_repeats_the_uninterrupted_run(tmp_path):
     from diffatlas.world.train import train_world_model
 
-    full = WorldModelConfig(**{**TINY, "steps": 4})
+    # Constant lr: a run of 2 steps extended to 4 is the 4-step run.
+    const = {**TINY, "lr_schedule": "constant"}
+    full = WorldModelConfig(**{**const, "steps": 4})
     train_world_model(full, tmp_path / "full", checkpoint_dir=None)
     # Two steps, then "interrupted"; a second call with steps=4 resumes at step 2.
-    half = train_world_model(WorldModelConfig(**{**TINY, "steps": 2}), tmp_path / "half", checkpoint_dir=tmp_path / "ck")
+    half = train_world_model(WorldModelConfig(**{**const, "steps": 2}), tmp_path / "half", checkpoint_dir=tmp_path / "ck")
     assert half["step"] == 2
     resumed = train_world_model(full, tmp_path / "resumed", checkpoint_dir=tmp_path / "ck")
     assert resumed["step"] == 4 and resumed["images_seen"] == 16
@@ -76,11 +81,30 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     # Asking for fewer steps than the checkpoint has is an error, never a silent restart.
     with pytest.raises(UserError, match="past world_model.train.steps = 3"):
-        train_world_model(WorldModelConfig(**{**TINY, "steps": 3}), tmp_path / "x", checkpoint_dir=tmp_path / "ck")
+        train_world_model(WorldModelConfig(**{**const, "steps": 3}), tmp_path / "x", checkpoint_dir=tmp_path / "ck")
     # A checkpoint of another trajectory is not used.
-    other = WorldModelConfig(**{**TINY, "steps": 4, "lr": 5e-4})
+    other = WorldModelConfig(**{**const, "steps": 4, "lr": 5e-4})
     fresh = train_world_model(other, tmp_path / "other", checkpoint_dir=tmp_path / "ck", max_seconds=0.0)
     assert fresh["step"] == 1 and not fresh["finished"]
+
+
+def test_cosine_run_resumes_onto_its_trajectory(tmp_path):
+    from diffatlas.world.train import train_world_model
+
+    cos = WorldModelConfig(**{**TINY, "steps": 4, "lr_schedule": "cosine", "warmup": 1})
+    train_world_model(cos, tmp_path / "full", checkpoint_dir=None)
+    # Interrupted after one step (max_seconds=0), then resumed: the same weights.
+    cut = train_world_model(cos, tmp_path / "cut", checkpoint_dir=tmp_path / "ck", max_seconds=0.0)
+    assert cut["step"] == 1 and not cut["finished"]
+    resumed = train_world_model(cos, tmp_path / "resumed", checkpoint_dir=tmp_path / "ck")
+    assert resumed["step"] == 4
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    # Another step count is another schedule: its checkpoint is not resumed.
+    longer = WorldModelConfig(**{**TINY, "steps": 6, "lr_schedule": "cosine", "warmup": 1})
+    fresh = train_world_model(longer, tmp_path / "longer", checkpoint_dir=tmp_path / "ck", max_seconds=0.0)
+    assert fresh["step"] == 1
 
 
 def test_batches_are_seeded_and_match_their_captions():
@@ -135,9 +159,9 @@ def test_config_validation_and_resume_hash():
         WorldModelConfig(block_out_channels=[30, 64, 64])
     with pytest.raises(UserError, match="world_model.fidelity.num_inference_steps"):
         FidelityConfig.from_dict({"num_inference_steps": 0})
-    base = WorldModelConfig()
-    assert WorldModelConfig(steps=99, log_every=3).trajectory_hash() == base.trajectory_hash()
-    assert WorldModelConfig(lr=5e-4).trajectory_hash() != base.trajectory_hash()
+    base = WorldModelConfig(lr_schedule="constant")
+    assert WorldModelConfig(lr_schedule="constant", steps=99, log_every=3).trajectory_hash() == base.trajectory_hash()
+    assert WorldModelConfig(lr_schedule="constant", lr=5e-4).trajectory_hash() != base.trajectory_hash()
     with pytest.raises(UserError, match="world_model.train.lr_schedule.*allowed: constant, cosine"):
         WorldModelConfig.from_dict({"lr_schedule": "step"})
     # Under the cosine schedule the step count shapes every learning rate: no resuming across it.
@@ -149,7 +173,7 @@ def test_config_validation_and_resume_hash():
 def test_learning_rate_schedules():
     from diffatlas.world.train import lr_at
 
-    const = WorldModelConfig(lr=1e-3, warmup=10, steps=110)
+    const = WorldModelConfig(lr=1e-3, warmup=10, steps=110, lr_schedule="constant")
     assert lr_at(const, 0) == pytest.approx(1e-4) and lr_at(const, 9) == pytest.approx(1e-3)
     assert lr_at(const, 109) == pytest.approx(1e-3)
     cos = WorldModelConfig(lr=1e-3, warmup=10, steps=111, lr_schedule="cosine", lr_final=0.1)

@@ -506,11 +506,16 @@ def _flush_elapsed(state: TrainState, t_log: float) -> None:
 
 def save_model(pipe, ema: dict[str, torch.nn.Module], out_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
     """Save the pipeline with the EMA weights (diffusers layout, safetensors) + training JSON."""
+    from diffatlas.data.shapesworld import VOCABULARY
     from diffatlas.models.pipeline import ShapesWorldPipeline
+    from diffatlas.models.tokenizer import build_world_tokenizer
 
     unet = ema["unet"].to("cpu").to(memory_format=torch.contiguous_format)
+    # A fresh tokenizer, not the one used in training: the fast backend keeps the padding and
+    # truncation of its last call and would write them into tokenizer.json, so a retrained
+    # model's files would differ from the shipped ones for no reason (loaders reset them).
     final = ShapesWorldPipeline(unet=unet, text_encoder=ema["text_encoder"].to("cpu"),
-                                tokenizer=pipe.tokenizer, scheduler=pipe.scheduler)
+                                tokenizer=build_world_tokenizer(list(VOCABULARY)), scheduler=pipe.scheduler)
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         final.save_pretrained(str(tmp), safe_serialization=True)
