@@ -8,12 +8,22 @@ For every selected timestep (ascending) and every batch of the dataset (in datas
    DDIM inversion with the model;
 3. ONE forward pass ``handle.predict_noise(x_t, t, cond)`` with every selected layer hooked
    (:class:`~diffatlas.activations.hooks.ActivationCapture`), stopping after the last one;
-4. pooled [B, C] and spatial [B, C, h, w] maps written to the store at rows ``start:start+B``.
+4. pooled [B, C] and spatial [B, C, h, w] maps handed to the store's background writer for
+   rows ``start:start+B`` (:func:`to_host`: non-blocking copies into pinned buffers on CUDA),
+   which encodes and writes them while the next batch computes.
 
 The store is built in a temporary directory and renamed into place only when complete
 (:func:`~diffatlas.activations.store.open_writer`), so a failed or killed job leaves nothing
-a later job would trust. Memory is bounded by the batch: images are memory-mapped, and states
-reused across timesteps (VAE latents, inversion trajectories) go to a scratch file on disk.
+a later job would trust; an error on the writer thread is raised here. Memory is bounded by
+the batch: images are memory-mapped, and states reused across timesteps (VAE latents,
+inversion trajectories) go to a scratch file on disk.
+
+The workflow runs one job per timestep (``timesteps: [t]``), so a new timestep is a new job.
+Such a job pays for its own VAE encode and, with ``noise: inversion``, for its own DDIM
+inversion path from the clean input to t (:func:`~diffatlas.activations.noise.inversion_path`
+depends on t alone, so the values equal those of a multi-timestep run, which shares the
+common trunk of the paths). The per-job cost of inversion is at most ``t / (T / steps)``
+extra passes; in exchange, time jobs share no state and run in parallel.
 """
 
 from __future__ import annotations
@@ -210,12 +220,14 @@ def extract_activations(
     device: torch.device | str = "cpu",
     extra_attrs: dict[str, Any] | None = None,
     stop_early: bool = True,
+    background: bool = True,
 ) -> Path:
     """Extract from an already loaded :class:`~diffatlas.models.loader.ModelHandle`.
 
     images uint8 [N, H, W, 3] (a memory map is fine: only one batch is read at a time);
     sample_ids, labels, coarse_labels, captions: N each, aligned with ``images``.
-    ``stop_early=False`` runs every forward pass to the end (only the benchmark wants that).
+    ``stop_early=False`` runs every forward pass to the end (only the benchmark wants that);
+    ``background=False`` writes each batch before computing the next (the same store, slower).
     """
     out = Path(out)
     device = torch.device(device)
@@ -271,16 +283,40 @@ def extract_activations(
                 layers=specs,
                 attrs=attrs,
                 batch_size=cfg.batch_size,
+                background=background,
             ) as writer:
                 for batch in _chain(first, batches):
-                    for lay in layers:
-                        res = batch.results[lay.name]
-                        spatial = res.spatial.cpu().numpy() if res.spatial is not None else None
-                        writer.write(lay.name, batch.t_index, batch.start, res.pooled.cpu().numpy(), spatial)
+                    blocks, ready = to_host(batch.results)
+                    writer.submit(batch.t_index, batch.start, blocks, ready)
         finally:
             gen.close()  # removes the hooks at once, also on error
     log.info("wrote %d layers x %d timesteps x %d samples to %s", len(layers), len(cfg.timesteps), n, out)
     return out
+
+
+def to_host(results: dict[str, Captured]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], Any]:
+    """One batch's captures as CPU tensors for the writer, and what to wait on before reading them.
+
+    On CUDA each tensor is copied without blocking into a pinned host buffer (PyTorch's
+    caching host allocator reuses them), and a CUDA event recorded after the copies is
+    returned: the writer thread waits on it, so the compute loop never waits for a copy. On
+    the CPU the captured tensors are used as they are (they are fresh per pass) and there is
+    nothing to wait on.
+    """
+
+    def host(x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None or x.device.type != "cuda":
+            return None if x is None else x.detach()
+        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf.copy_(x, non_blocking=True)
+        return buf
+
+    blocks = {name: (host(c.pooled), host(c.spatial)) for name, c in results.items()}
+    ready = None
+    if any(c.pooled.device.type == "cuda" for c in results.values()):
+        ready = torch.cuda.Event()
+        ready.record()
+    return blocks, ready
 
 
 def _chain(first: _Batch, rest: Iterator[_Batch]) -> Iterator[_Batch]:
