@@ -43,7 +43,7 @@ if not config["extract"].get("spatial", True):
     )
 
 # Path templates of the stage (filled by Snakemake wildcards or str.format).
-DIFFC_STORE = str(Path(RESULTS, "activations", "{model}", "{dataset}.zarr"))
+DIFFC_STORE = EXTRACT_STORE  # the per-time store of the job's timestep (rules/extract.smk)
 DIFFC_DIR = str(Path(RESULTS, "diffc", "{model}", "{dataset}", "{layer}", "t{timestep}"))
 DIFFC_SUMMARY = str(Path(RESULTS, "diffc", "summary.csv"))
 DIFFC_FIGURES = str(Path(RESULTS, "figures", "diffc"))

@@ -1,9 +1,22 @@
-# extract stage: one job per (model, dataset) runs every selected layer x timestep into
-# results/activations/{model}/{dataset}.zarr (one forward pass per batch and timestep
-# captures every layer). The store is written under a temporary name and renamed into place
-# when complete, so a killed job leaves nothing a later job would trust.
+# extract stage: one job per (model, dataset, timestep) captures every selected layer in one
+# forward pass per batch into results/activations/{model}/{dataset}/t{timestep}.zarr. The
+# directory results/activations/{model}/{dataset}/ reads as one store over the times
+# (diffatlas.activations.store.ActivationStore, open_dataset for xarray). A job gets the
+# section without the grid (models, datasets, timesteps), so adding a timestep plans one new
+# extraction job and re-runs none. Noise is seeded per (sample, timestep); with noise:
+# inversion each job runs its own DDIM inversion path to its timestep (the path depends on
+# the timestep alone, so values equal those of a joint run). The store is written under a
+# temporary name and renamed into place when complete, so a killed job leaves nothing a
+# later job would trust.
 
 import json
+
+EXTRACT_STORE = str(Path(RESULTS, "activations", "{model}", "{dataset}", "t{timestep}.zarr"))
+# The section less the job grid, as JSON. A function, so "{label}" in prompt_template is no wildcard.
+EXTRACT_CFG = json.dumps(
+    {k: v for k, v in config["extract"].items() if k not in ("models", "datasets", "timesteps")},
+    sort_keys=True,
+)
 
 
 rule extract:
@@ -13,7 +26,7 @@ rule extract:
         dataset=lambda wc: dataset_dir(wc.dataset),
         model=lambda wc: model_input(wc.model),
     output:
-        directory(str(Path(RESULTS, "activations", "{model}", "{dataset}.zarr"))),
+        directory(EXTRACT_STORE),
     params:
         model_path=lambda wc: model_path(wc.model),
         revision=lambda wc: (
@@ -21,17 +34,12 @@ rule extract:
             if config["models"][wc.model].get("revision")
             else ""
         ),
-        # The section without the job grid (models, datasets), so adding a model does not
-        # re-run the others. A function, so "{label}" in prompt_template is no wildcard.
-        cfg=lambda wc: json.dumps(
-            {k: v for k, v in config["extract"].items() if k not in ("models", "datasets")},
-            sort_keys=True,
-        ),
+        cfg=lambda wc: EXTRACT_CFG,
         device=config["device"],
     log:
-        log_path("extract", "{model}", "{dataset}"),
+        log_path("extract", "{model}", "{dataset}", "t{timestep}"),
     benchmark:
-        bench_path("extract", "{model}", "{dataset}")
+        bench_path("extract", "{model}", "{dataset}", "t{timestep}")
     wildcard_constraints:
         # only configured names, so a typo'd target is "no rule" rather than a KeyError
         model="|".join(config["models"]),
@@ -43,13 +51,14 @@ rule extract:
         runtime=lambda wc, attempt: 30 * attempt,
     shell:
         "diffatlas extract --model {params.model_path:q} --dataset {input.dataset:q} --out {output:q}"
-        " --config-json {params.cfg:q} --device {params.device} --threads {threads}"
+        " --timestep {wildcards.timestep} --config-json {params.cfg:q} --device {params.device} --threads {threads}"
         " --model-name {wildcards.model} --dataset-name {wildcards.dataset} {params.revision}"
         " > {log:q} 2>&1"
 
 
 ALL_TARGETS.extend(
-    str(Path(RESULTS, "activations", m, f"{d}.zarr"))
+    EXTRACT_STORE.format(model=m, dataset=d, timestep=t)
     for m in config["extract"]["models"]
     for d in config["extract"]["datasets"]
+    for t in config["extract"]["timesteps"]
 )

@@ -37,7 +37,7 @@ for _key, _values, _known in (
 
 
 # Path templates of the stage (filled by Snakemake wildcards or str.format).
-SAE_STORE = str(Path(RESULTS, "activations", "{model}", "{dataset}.zarr"))
+SAE_STORE = EXTRACT_STORE  # the per-time store of the job's timestep (rules/extract.smk)
 SAE_DIR = str(Path(RESULTS, "sae", "{model}", "{dataset}", "{layer}", "t{timestep}"))
 SAE_SUMMARY = str(Path(RESULTS, "sae", "{model}", "{dataset}", "summary.csv"))
 SAE_FIGURES = str(Path(RESULTS, "figures", "sae"))

@@ -66,7 +66,7 @@ def test_end_to_end_outputs(tiny_run):
     # activations
     from diffatlas.activations.store import ActivationStore
 
-    store = ActivationStore(results / "activations" / "shapesworld" / "shapesworld.zarr")
+    store = ActivationStore(results / "activations" / "shapesworld" / "shapesworld")  # its times as one store
     assert store.layers == ["mid", "up_ft1"] and list(store.timesteps) == [100, 600]
     assert store.pooled("mid", 100).shape[0] == 48
     assert (store.labels("fine") == meta["label"].to_numpy()).all()

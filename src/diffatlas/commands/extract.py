@@ -1,18 +1,21 @@
 """``diffatlas extract``: every selected layer x timestep of a model on a dataset, into zarr.
 
     diffatlas extract --model resources/models/shapesworld --dataset results/data/shapesworld \\
-        --out results/activations/shapesworld/shapesworld.zarr \\
-        --config-json '{"layers": ["mid", "up_ft1"], "timesteps": [50, 500]}' --threads 2
+        --out results/activations/shapesworld/shapesworld/t500.zarr --timestep 500 \\
+        --config-json '{"layers": ["mid", "up_ft1"]}' --threads 2
 
 ``--config-json`` is the workflow's ``extract`` section as JSON (keys and defaults in
-config.schema.yaml; absent keys take their defaults). ``--model`` is a diffusers model
-directory or a hub id already in the local cache. The store appears at ``--out`` only when
-complete; read it with ``diffatlas.activations.store.ActivationStore`` or ``xarray.open_zarr``.
+config.schema.yaml; absent keys take their defaults); ``--timestep`` replaces its
+``timesteps`` with one (the workflow runs one job per timestep). ``--model`` is a diffusers
+model directory or a hub id already in the local cache. The store appears at ``--out`` only
+when complete; read it, or the directory of a model's per-time stores as one, with
+``diffatlas.activations.store.ActivationStore`` (or ``open_dataset`` for xarray).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from diffatlas.logs import result
 
 
@@ -20,7 +23,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="diffatlas extract", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="diffusers model directory or cached hub id")
     parser.add_argument("--dataset", required=True, help="dataset directory (results/data/NAME)")
-    parser.add_argument("--out", required=True, help="output store, e.g. results/activations/MODEL/DATASET.zarr")
+    parser.add_argument("--out", required=True, help="output store, e.g. results/activations/MODEL/DATASET/t500.zarr")
+    parser.add_argument("--timestep", type=int, default=None, help="extract this timestep only (replaces the config's timesteps)")
     parser.add_argument("--config-json", default="", help="the extract section as JSON (default: schema defaults)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: OMP_NUM_THREADS)")
@@ -35,6 +39,8 @@ def main(argv: list[str]) -> int:
     from diffatlas.io import set_threads
 
     cfg = ExtractConfig.from_json(args.config_json)
+    if args.timestep is not None:
+        cfg = dataclasses.replace(cfg, timesteps=[args.timestep])
     set_threads(args.threads)
     path = extract(
         cfg,

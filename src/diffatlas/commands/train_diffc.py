@@ -2,7 +2,7 @@
 
 Example::
 
-    diffatlas train-diffc --store results/activations/shapesworld/shapesworld.zarr \\
+    diffatlas train-diffc --store results/activations/shapesworld/shapesworld/t250.zarr \\
         --layer mid --timestep 250 --out results/diffc/shapesworld/shapesworld/mid/t250 \\
         --config-json '{"epochs": 10, "feature_dim": 128}'
 
@@ -24,7 +24,7 @@ from diffatlas.logs import result
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="diffatlas train-diffc", description=__doc__.split("\n\n")[0])
-    p.add_argument("--store", required=True, help="activation store (results/activations/{model}/{dataset}.zarr)")
+    p.add_argument("--store", required=True, help="activation store: one per-time store (results/activations/{model}/{dataset}/t{timestep}.zarr) or the folder of them")
     p.add_argument("--layer", required=True, help="layer name as stored (alias or module path)")
     p.add_argument("--timestep", required=True, type=int, help="training-scale timestep stored in the store")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")

@@ -7,7 +7,7 @@ defaults) and may be overridden one by one with ``--set key=value`` (value parse
 
 Example::
 
-    diffatlas train-sae --store results/activations/shapesworld/shapesworld.zarr \\
+    diffatlas train-sae --store results/activations/shapesworld/shapesworld/t50.zarr \\
         --layer mid --timestep 50 --out results/sae/shapesworld/shapesworld/mid/t50 \\
         --config-json '{"k": 32, "expansion": 4}' --set steps=200
 """
@@ -38,7 +38,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="diffatlas train-sae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", required=True, help="activation store (results/activations/{model}/{dataset}.zarr)")
+    ap.add_argument("--store", required=True, help="activation store: one per-time store (results/activations/{model}/{dataset}/t{timestep}.zarr) or the folder of them")
     ap.add_argument("--layer", required=True, help="layer name as stored (e.g. mid, up_ft1)")
     ap.add_argument("--timestep", required=True, type=int, help="training-scale timestep present in the store")
     ap.add_argument("--out", required=True, help="output directory (results/sae/{model}/{dataset}/{layer}/t{timestep})")
