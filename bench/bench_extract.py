@@ -1,29 +1,38 @@
-"""Benchmark of activation extraction on CPU with the ShapesWorld-architecture model.
+"""Benchmark of activation extraction: per-image rate against the bare forward, fixed costs apart.
 
 Prints ratios measured side by side in one run (no absolute targets are asserted). The
 machine may be shared, so every comparison interleaves its variants:
 
+0. fixed costs, paid once per extraction job: model load, store creation (arrays and
+   attributes), and the rest of a job's constant part (first-batch warm-up, conditioning,
+   consolidation), found as the intercept of job time against the number of images.
 1. per forward pass, on the same (batch, timestep) inputs, rotating the order pass by pass:
    bare ``handle.predict_noise`` (no hooks) vs capturing every layer (with the per-pass work
-   of extraction: seeded noise, pooling, maps, copy to numpy), as shipped (the pass stops
-   after the last selected layer) and forced to run to the end (the pure cost of capture);
-   and vs one full pass per layer (what per-layer scripts do). Targets: throughput ratio
-   >= 0.90; one pass >= 0.8 x number of layers faster than one pass per layer.
-2. end to end: the whole ``extract_activations`` (noise, conditioning, hooks, zarr writes)
-   vs the bare passes on the same batches and timesteps (target >= 0.90).
-3. peak RSS of extraction runs (fresh processes, ``extract`` from a dataset directory) on
-   two dataset sizes: memory is bounded by the batch, not the dataset.
+   of extraction: seeded noise, pooling, maps, copy to the host), as shipped (the pass stops
+   after the last selected layer) and forced to run to the end; and vs one full pass per
+   layer (what per-layer scripts do).
+2. end to end, as the workflow runs it (one ``extract_activations`` job per timestep): the
+   per-image rate, the slope of job time between a one-batch job and an ``--n``-image job (so
+   fixed costs cancel), divided by the bare rate (VAE encode + UNet forwards of the same
+   batches, same autocast), with spatial maps and without. Target >= 0.90 with maps.
+3. (CPU, ``--rss``) peak RSS of extraction runs in fresh processes on two dataset sizes:
+   memory is bounded by the batch, not the dataset.
 
-Uses resources/models/shapesworld when present, else a randomly initialised model of the
-same architecture (diffatlas.models.architecture); weights do not change the timing.
+``--model``: ``shapesworld`` (default: resources/models/shapesworld when present, else random
+weights of its architecture; weights do not change the timing), a saved diffusers model
+directory, a tiny family (``sd``, ``sdxl``, ``dit``, ``pixel``), or a size of
+``diffatlas make-tiny-model --size`` (``sd15``, ``sd2v``: random weights at the published size).
 
-    python bench/bench_extract.py                 # defaults: 128 images, 2 threads
-    python bench/bench_extract.py --n 512 --repeats 2 --rss-sizes 512 4096
+    python bench/bench_extract.py                                   # ShapesWorld, CPU, 128 images
+    python bench/bench_extract.py --n 256 --repeats 3 --rss
+    python bench/bench_extract.py --device cuda --model sd15 --n 256 --batch-size 32 \\
+        --layers mid up_ft0 up_ft1 up_ft2 down_ft2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -63,42 +72,99 @@ def world_model(tmp: Path) -> tuple[Path, str]:
     return path, "random weights, ShapesWorld architecture"
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def resolve_model(name: str, tmp: Path) -> tuple[Path, str]:
+    """``--model`` -> a saved model directory and what it is."""
+    from diffatlas.models.tiny import FAMILIES, make_tiny_model
+
+    try:  # sizes of make-tiny-model --size (Stable Diffusion architectures at published size)
+        from diffatlas.models.fullsize import SIZES, make_full_size_model
+    except ImportError:
+        SIZES, make_full_size_model = (), None
+    if name == "shapesworld":
+        return world_model(tmp)
+    if (Path(name) / "model_index.json").exists():
+        return Path(name), "saved model directory"
+    if name in FAMILIES:
+        return make_tiny_model(name, tmp / name), f"tiny random {name} model"
+    if name in SIZES:
+        return make_full_size_model(name, tmp / name), f"{name} architecture, random weights"
+    raise SystemExit(f"--model {name!r}: not a model directory (no model_index.json); allowed: shapesworld, a model "
+                     f"directory, a tiny family ({', '.join(FAMILIES)}) or a size ({', '.join(SIZES) or 'none in this checkout'})")
 
 
-def bare_forward(handle, images, cfg) -> float:
-    """Seconds of the denoiser passes alone on the batches/timesteps extraction uses."""
+class Clock:
+    """Wall time with the device drained first, so queued GPU work is counted where it ran."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time(self, fn) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - t0
+
+
+def autocast(cfg, device: torch.device):
+    from diffatlas.activations.extract import amp_dtype
+
+    dt = amp_dtype(cfg.dtype, device)
+    return torch.autocast(device_type=device.type, dtype=dt) if dt is not None else contextlib.nullcontext()
+
+
+def bare_forward(handle, images, cfg, device, clock: Clock) -> float:
+    """Seconds of VAE encode + UNet forward per (timestep, batch), as extraction runs them.
+
+    Inputs are built and the seeded noise drawn outside the timing: only the model's work
+    counts (with extraction's autocast).
+    """
     from diffatlas.activations.extract import images_to_tensor
     from diffatlas.activations.noise import add_noise, sample_noise
 
     n, bs = len(images), cfg.batch_size
-    cond = handle.conditioning([""])
-    batches = []
-    for t in sorted(cfg.timesteps):
-        for s in range(0, n, bs):
-            x0 = handle.encode_images(images_to_tensor(images[s : s + bs], handle.image_size, torch.device("cpu")))
-            noise = sample_noise(list(range(s, min(n, s + bs))), t, x0.shape[1:], cfg.seed)
-            batches.append((add_noise(x0, noise, float(handle.alphas_cumprod[t])), torch.full((len(x0),), t)))
+    work = []
+    with torch.no_grad():
+        for t in sorted(cfg.timesteps):
+            for s in range(0, n, bs):
+                x = images_to_tensor(images[s : s + bs], handle.image_size, device)
+                shape = handle.encode_images(x[:1]).shape[1:]
+                work.append((x, sample_noise(list(range(s, s + len(x))), t, shape, cfg.seed).to(device),
+                             float(handle.alphas_cumprod[t]), torch.full((len(x),), t, device=device),
+                             handle.conditioning([""] * len(x))))
 
     def run():
-        with torch.no_grad():
-            for x_t, t in batches:
-                handle.predict_noise(x_t, t, cond)
+        with torch.no_grad(), autocast(cfg, device):
+            for x, noise, ab, tt, cond in work:
+                x0 = handle.encode_images(x).float()
+                handle.predict_noise(add_noise(x0, noise, ab), tt, cond)
 
-    return timed(run)
+    return clock.time(run)
 
 
-def paired_passes(handle, images, cfg) -> dict[str, float]:
-    """Seconds per variant, measured pass by pass in rotating order (robust to machine load).
+def extraction(handle, images, cfg, out: Path, device, clock: Clock, stop_early: bool = True) -> float:
+    """Seconds of extraction as the workflow runs it: one job (store) per timestep."""
+    from dataclasses import replace
 
-    Variants on the same (batch, timestep) inputs: ``bare`` (predict_noise, no hooks),
-    ``capture`` (all layers, as shipped), ``capture_full`` (all layers, pass run to the end),
-    ``per_layer`` (one full pass per layer, each capturing one layer). The capture variants
-    include the per-pass work of extraction: seeded noise and the copy of results to numpy.
-    """
+    from diffatlas.activations.extract import extract_activations
+
+    n = len(images)
+
+    def run():
+        for t in cfg.timesteps:
+            extract_activations(handle, images=images, sample_ids=list(range(n)), labels=["x"] * n, coarse_labels=None,
+                                captions=None, cfg=replace(cfg, timesteps=[t]), out=out / f"t{t}.zarr", device=device,
+                                stop_early=stop_early)
+
+    return clock.time(run)
+
+
+def paired_passes(handle, images, cfg, device, clock: Clock) -> dict[str, float]:
+    """Seconds per variant, measured pass by pass in rotating order (robust to machine load)."""
     from diffatlas.activations.extract import images_to_tensor
     from diffatlas.activations.hooks import ActivationCapture
     from diffatlas.activations.layers import resolve_layers
@@ -112,24 +178,24 @@ def paired_passes(handle, images, cfg) -> dict[str, float]:
         "capture_full": ActivationCapture(handle.denoiser, layers, spatial_layers=names, stop_early=False, **kw),
     }
     singles = [ActivationCapture(handle.denoiser, [x], spatial_layers=[x.name], stop_early=False, **kw) for x in layers]
-    cond = handle.conditioning([""])
     n, bs = len(images), cfg.batch_size
     totals = dict.fromkeys(["bare", "capture", "capture_full", "per_layer"], 0.0)
 
     def noised(x0, ids, t):
         return add_noise(x0, sample_noise(ids, t, x0.shape[1:], cfg.seed), float(handle.alphas_cumprod[t]))
 
-    def to_numpy(res):
+    def to_host(res):
         for c in res.values():
             c.pooled.cpu().numpy(), c.spatial.cpu().numpy()
 
     k = 0
-    with torch.no_grad():
+    with torch.no_grad(), autocast(cfg, device):
         for t in sorted(cfg.timesteps):
             for s in range(0, n, bs):
                 ids = list(range(s, min(n, s + bs)))
-                x0 = handle.encode_images(images_to_tensor(images[s : s + bs], handle.image_size, torch.device("cpu")))
-                tt = torch.full((len(ids),), t)
+                x0 = handle.encode_images(images_to_tensor(images[s : s + bs], handle.image_size, device)).float()
+                cond = handle.conditioning([""] * len(ids))
+                tt = torch.full((len(ids),), t, device=device)
                 x_t = noised(x0, ids, t)
 
                 def bare():
@@ -138,30 +204,42 @@ def paired_passes(handle, images, cfg) -> dict[str, float]:
                 def capture(name):
                     def run():
                         with caps[name] as cap:
-                            to_numpy(cap.run(handle.predict_noise, noised(x0, ids, t), tt, cond))
+                            to_host(cap.run(handle.predict_noise, noised(x0, ids, t), tt, cond))
                     return run
 
                 def per_layer():
                     for single in singles:
                         with single as cap:
-                            to_numpy(cap.run(handle.predict_noise, noised(x0, ids, t), tt, cond))
+                            to_host(cap.run(handle.predict_noise, noised(x0, ids, t), tt, cond))
 
                 jobs = [("bare", bare), ("capture", capture("capture")), ("capture_full", capture("capture_full")),
                         ("per_layer", per_layer)]
                 for name, fn in jobs[k % 4:] + jobs[: k % 4]:  # rotate the order pass by pass
-                    totals[name] += timed(fn)
+                    totals[name] += clock.time(fn)
                 k += 1
     return totals
 
 
-def extraction(handle, images, cfg, out: Path, stop_early: bool = True) -> float:
-    from diffatlas.activations.extract import extract_activations
+def store_creation(handle, cfg, n: int, tmp: Path, device) -> float:
+    """Seconds to create an empty store with the job's arrays and attributes."""
+    from diffatlas.activations.extract import images_to_tensor
+    from diffatlas.activations.hooks import ActivationCapture
+    from diffatlas.activations.layers import resolve_layers
+    from diffatlas.activations.store import ActivationWriter, LayerSpec
 
-    n = len(images)
-    return timed(lambda: extract_activations(
-        handle, images=images, sample_ids=list(range(n)), labels=["x"] * n, coarse_labels=None, captions=None,
-        cfg=cfg, out=out, stop_early=stop_early,
-    ))
+    layers = resolve_layers(handle.denoiser, cfg.layers)
+    x = images_to_tensor(np.zeros((1, handle.image_size, handle.image_size, 3), np.uint8), handle.image_size, device)
+    with torch.no_grad(), autocast(cfg, device), ActivationCapture(
+        handle.denoiser, layers, spatial_layers=[x.name for x in layers], spatial_max_size=cfg.spatial_max_size
+    ) as cap:
+        x0 = handle.encode_images(x).float()
+        res = cap.run(handle.predict_noise, x0, torch.full((1,), 10, device=device), handle.conditioning([""]))
+    specs = [LayerSpec(x.name, x.module_path, res[x.name].pooled.shape[1], res[x.name].spatial.shape[2],
+                       res[x.name].spatial.shape[3], cfg.spatial) for x in layers]
+    t0 = time.perf_counter()
+    ActivationWriter(tmp / "empty.zarr", timesteps=[10], alpha_bar=[0.5], sample_ids=list(range(n)), labels=["x"] * n,
+                     coarse_labels=None, layers=specs, attrs={"a": 1}, batch_size=cfg.batch_size)
+    return time.perf_counter() - t0
 
 
 def rss_child(args) -> int:
@@ -174,22 +252,62 @@ def rss_child(args) -> int:
 
     set_threads(args.threads)
     cfg = ExtractConfig.from_json(args.cfg)
-    t = timed(lambda: extract(cfg, model=args.model, dataset=args.rss_child, out=args.out, device="cpu"))
+    t0 = time.perf_counter()
+    extract(cfg, model=args.model, dataset=args.rss_child, out=args.out, device="cpu")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mib": peak, "seconds": t}))
+    print(json.dumps({"peak_rss_mib": peak, "seconds": time.perf_counter() - t0}))
+    return 0
+
+
+def rss_runs(args, cfg, model_dir: Path, image_size: int, tmp: Path) -> int:
+    from diffatlas.data.dataset import write_dataset
+
+    # One timestep keeps these runs short; memory does not depend on the number of timesteps.
+    rss_cfg = json.dumps({**cfg.to_dict(), "timesteps": [cfg.timesteps[0]]})
+    print(f"\n3. peak memory (fresh process per run; same layers and maps, t = {cfg.timesteps[0]}; "
+          f"{args.rss_image_size}px images resized to {image_size}px)")
+    rss = []
+    for size in args.rss_sizes:
+        s = args.rss_image_size
+        imgs = np.random.default_rng(1).integers(0, 256, (size, s, s, 3), dtype=np.uint8)
+        meta = pd.DataFrame({"sample_id": np.arange(size), "label": ["x"] * size, "coarse_label": ["x"] * size,
+                             "caption": [""] * size})
+        data = tmp / f"data{size}"
+        write_dataset(data, imgs, meta)
+        del imgs
+        cmd = [sys.executable, __file__, "--rss-child", str(data), "--model", str(model_dir), "--out",
+               str(tmp / f"rss{size}.zarr"), "--cfg", rss_cfg, "--threads", str(args.threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DIFFATLAS_NO_PROGRESS": "1"})
+        if res.returncode != 0:
+            print(res.stderr[-2000:])
+            return 1
+        info = json.loads(res.stdout.strip().splitlines()[-1])
+        mb = size * s * s * 3 / 2**20
+        rss.append((mb, info["peak_rss_mib"]))
+        print(f"   {size:6d} images ({mb:7.1f} MiB of pixels): peak RSS {info['peak_rss_mib']:7.1f} MiB"
+              f"  ({info['seconds']:.1f} s)")
+    (mb0, r0), (mb1, r1) = rss
+    print(f"   peak RSS grew {r1 - r0:+.1f} MiB for {mb1 - mb0:+.1f} MiB more pixels "
+          f"(held in memory, the extra images alone would take {mb1 - mb0:.0f} MiB as uint8)")
     return 0
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=128, help="images in the throughput runs (default 128)")
+    p.add_argument("--model", default="shapesworld", help="shapesworld | model directory | tiny family | size (sd15, sd2v)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
+    p.add_argument("--n", type=int, default=128, help="images of the throughput runs (default 128)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward (default: extract's default)")
+    p.add_argument("--timesteps", type=int, nargs="+", default=None, help="default: extract's default")
+    p.add_argument("--layers", nargs="+", default=None, help="default: extract's default")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2, help="end-to-end runs of each variant, in A B B A order, summed (default 2)")
+    p.add_argument("--skip-passes", action="store_true", help="skip section 1 (per forward pass)")
+    p.add_argument("--rss", action="store_true", help="also measure peak RSS in fresh processes (CPU)")
     p.add_argument("--rss-sizes", type=int, nargs=2, default=[128, 1024], help="dataset sizes of the memory runs")
     p.add_argument("--rss-image-size", type=int, default=128, help="side of the memory runs' images (default 128)")
     # internal: the memory-measuring child process
     p.add_argument("--rss-child", help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--cfg", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -197,6 +315,7 @@ def main() -> int:
         return rss_child(args)
 
     import logging
+    from dataclasses import replace
 
     sys.stdout.reconfigure(line_buffering=True)
     logging.basicConfig(level=logging.WARNING)
@@ -204,75 +323,82 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from diffatlas.activations.config import ExtractConfig
     from diffatlas.activations.layers import resolve_layers
-    from diffatlas.data.dataset import write_dataset
+    from diffatlas.io import pick_device
     from diffatlas.models.loader import load_model
 
+    device = pick_device(args.device)
+    clock = Clock(device)
+    base = ExtractConfig()  # the workflow default, narrowed by the flags
+    cfg = replace(base, **{k: v for k, v in (("batch_size", args.batch_size), ("timesteps", args.timesteps),
+                                             ("layers", args.layers)) if v is not None})
     with tempfile.TemporaryDirectory(prefix="bench_extract-") as tmpname:
         tmp = Path(tmpname)
-        model_dir, what = world_model(tmp)
-        handle = load_model(model_dir)
-        cfg = ExtractConfig()  # the workflow default: mid, up_ft0, up_ft1 at t = 50, 250, 500
-        images = np.random.default_rng(0).integers(0, 256, (args.n, 32, 32, 3), dtype=np.uint8)
+        model_dir, what = resolve_model(args.model, tmp)
+        t0 = time.perf_counter()
+        handle = load_model(str(model_dir), device=device)
+        clock.sync()
+        load_s = time.perf_counter() - t0
+        size = int(handle.image_size)
+        images = np.random.default_rng(0).integers(0, 256, (args.n, size, size, 3), dtype=np.uint8)
         layers = resolve_layers(handle.denoiser, cfg.layers)
         n_params = sum(p.numel() for p in handle.denoiser.parameters())
-        print(f"model: {model_dir} ({what}), UNet {n_params / 1e6:.2f}M parameters, torch threads {args.threads}")
-        print(f"work: {args.n} images x {len(cfg.timesteps)} timesteps, batch {cfg.batch_size}, layers "
-              f"{', '.join(f'{x.name}={x.module_path}' for x in layers)}, spatial maps capped at {cfg.spatial_max_size}")
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, torch threads {args.threads}"
+        print(f"model: {model_dir} ({what}), denoiser {n_params / 1e6:.2f}M parameters, {size}px; device {device} ({gpu}), "
+              f"dtype {cfg.dtype}")
+        print(f"work: {args.n} images x {len(cfg.timesteps)} timesteps {cfg.timesteps} (one job each), batch "
+              f"{cfg.batch_size}, layers {', '.join(f'{x.name}={x.module_path}' for x in layers)}, spatial maps capped "
+              f"at {cfg.spatial_max_size}")
 
-        extraction(handle, images[: cfg.batch_size], ExtractConfig(timesteps=[50]), tmp / "warm.zarr")  # warm-up
-        n_pass = args.n * len(cfg.timesteps)
-        L = len(cfg.layers)
-        pp = paired_passes(handle, images, cfg)
-        print(f"\n1. per forward pass, variants interleaved pass by pass ({n_pass} image-passes each)")
-        print(f"   bare forward (no hooks)                       {pp['bare']:8.2f} s")
-        print(f"   capture all layers, as shipped                {pp['capture']:8.2f} s   throughput ratio "
-              f"{pp['bare'] / pp['capture']:.2f}  (target >= 0.90)")
-        print(f"   capture all layers, pass run to the end       {pp['capture_full']:8.2f} s   throughput ratio "
-              f"{pp['bare'] / pp['capture_full']:.2f}")
-        print(f"   one full pass per layer ({L} layers)             {pp['per_layer']:8.2f} s   -> one pass is "
-              f"{pp['per_layer'] / pp['capture']:.2f}x faster (target >= {0.8 * L:.1f}x); "
-              f"{pp['per_layer'] / pp['capture_full']:.2f}x with full passes")
+        small = images[: cfg.batch_size]
+        extraction(handle, small, replace(cfg, timesteps=cfg.timesteps[:1]), tmp / "warm", device, clock)  # warm-up
+        bare_forward(handle, small, replace(cfg, timesteps=cfg.timesteps[:1]), device, clock)
+        create_s = store_creation(handle, cfg, args.n, tmp, device)
 
-        bare = ext = 0.0
-        for r in range(args.repeats):  # A B B A ..., so a drift in machine load hits both alike
-            order = ("bare", "ext") if r % 2 == 0 else ("ext", "bare")
-            for which in order:
-                if which == "bare":
-                    bare += bare_forward(handle, images, cfg)
-                else:
-                    ext += extraction(handle, images, cfg, tmp / "a.zarr")
-        print("\n2. end to end: extract_activations (noise, conditioning, hooks, zarr writes) vs bare forward passes")
-        print(f"   bare forward {n_pass * args.repeats / bare:6.1f} image-passes/s ({bare:.2f} s); extraction "
-              f"{n_pass * args.repeats / ext:6.1f} /s ({ext:.2f} s) -> ratio {bare / ext:.2f}  (target >= 0.90)")
+        if not args.skip_passes:
+            pp = paired_passes(handle, images, cfg, device, clock)
+            n_pass, L = args.n * len(cfg.timesteps), len(cfg.layers)
+            print(f"\n1. per forward pass, variants interleaved pass by pass ({n_pass} image-passes each)")
+            print(f"   bare forward (no hooks)                       {pp['bare']:8.2f} s")
+            print(f"   capture all layers, as shipped                {pp['capture']:8.2f} s   throughput ratio "
+                  f"{pp['bare'] / pp['capture']:.2f}")
+            print(f"   capture all layers, pass run to the end       {pp['capture_full']:8.2f} s   throughput ratio "
+                  f"{pp['bare'] / pp['capture_full']:.2f}")
+            print(f"   one full pass per layer ({L} layers)             {pp['per_layer']:8.2f} s   -> one pass is "
+                  f"{pp['per_layer'] / pp['capture']:.2f}x faster")
 
-        # One timestep keeps these runs short; memory does not depend on the number of timesteps.
-        rss_cfg = json.dumps({**cfg.to_dict(), "timesteps": [50]})
-        print(f"\n3. peak memory (fresh process per run; same layers and maps, t = 50; {args.rss_image_size}px images "
-              f"resized to {handle.image_size}px)")
-        rss = []
-        for size in args.rss_sizes:
-            s = args.rss_image_size
-            imgs = np.random.default_rng(1).integers(0, 256, (size, s, s, 3), dtype=np.uint8)
-            meta = pd.DataFrame({"sample_id": np.arange(size), "label": ["x"] * size, "coarse_label": ["x"] * size,
-                                 "caption": [""] * size})
-            data = tmp / f"data{size}"
-            write_dataset(data, imgs, meta)
-            del imgs
-            cmd = [sys.executable, __file__, "--rss-child", str(data), "--model", str(model_dir), "--out",
-                   str(tmp / f"rss{size}.zarr"), "--cfg", rss_cfg, "--threads", str(args.threads)]
-            res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DIFFATLAS_NO_PROGRESS": "1"})
-            if res.returncode != 0:
-                print(res.stderr[-2000:])
+        print("\n2. end to end, one job per timestep: per-image rate (slope between a one-batch job and "
+              f"{args.n} images) / bare (VAE encode + UNet forwards, same batches and autocast)")
+        ratios, fixed = {}, {}
+        for spatial in (True, False):
+            c = replace(cfg, spatial=spatial)
+            bare = ext = ext_small = 0.0
+            for r in range(args.repeats):  # A B B A ..., so a drift in machine load hits both alike
+                for which in (("bare", "ext") if r % 2 == 0 else ("ext", "bare")):
+                    if which == "bare":
+                        bare += bare_forward(handle, images, c, device, clock)
+                    else:
+                        ext_small += extraction(handle, small, c, tmp / f"s{r}", device, clock)
+                        ext += extraction(handle, images, c, tmp / f"e{r}", device, clock)
+            per_image_bare = bare / (args.repeats * args.n)
+            per_image = (ext - ext_small) / (args.repeats * (args.n - len(small)))
+            fixed[spatial] = (ext / args.repeats - args.n * per_image) / len(cfg.timesteps)
+            ratios[spatial] = per_image_bare / per_image
+            label = "with spatial maps   " if spatial else "without spatial maps"
+            print(f"   {label}: bare {1 / per_image_bare:7.1f} images/s; extraction {1 / per_image:7.1f} images/s "
+                  f"(x {len(cfg.timesteps)} timesteps) -> ratio {ratios[spatial]:.2f}  (target >= 0.90); "
+                  f"fixed per job {fixed[spatial]:.2f} s")
+        print("\n0. fixed costs (paid once per job, not in the rates above)")
+        print(f"   model load {load_s:.2f} s; store creation {create_s * 1000:.0f} ms; rest of a job's constant part "
+              f"(first-batch warm-up, conditioning, consolidation) {fixed[True] - create_s:.2f} s with maps, "
+              f"{fixed[False] - create_s:.2f} s without")
+        print(f"\nsummary: per-image rate / bare forward = {ratios[True]:.2f} with spatial maps, {ratios[False]:.2f} "
+              f"without ({args.model}, {device}, batch {cfg.batch_size}, {len(cfg.layers)} layers)")
+
+        if args.rss:
+            if device.type != "cpu":
+                print("\n3. peak RSS: CPU only, skipped")
+            elif rss_runs(args, cfg, model_dir, size, tmp):
                 return 1
-            info = json.loads(res.stdout.strip().splitlines()[-1])
-            mb = size * s * s * 3 / 2**20
-            rss.append((mb, info["peak_rss_mib"]))
-            print(f"   {size:6d} images ({mb:7.1f} MiB of pixels): peak RSS {info['peak_rss_mib']:7.1f} MiB"
-                  f"  ({info['seconds']:.1f} s)")
-        (mb0, r0), (mb1, r1) = rss
-        print(f"   peak RSS grew {r1 - r0:+.1f} MiB for {mb1 - mb0:+.1f} MiB more pixels "
-              f"(held in memory, the extra images alone would take {mb1 - mb0:.0f} MiB as uint8, "
-              f"{4 * (mb1 - mb0):.0f} MiB as float32)")
     return 0
 
 

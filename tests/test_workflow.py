@@ -98,3 +98,41 @@ def test_single_figure_target_rebuilds_alone(tiny_run):
     assert fig.exists()
     assert "dataset_preview" in proc.stdout + proc.stderr
     assert "make_dataset" not in [l.strip() for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("rule ")]
+
+
+def _planned_jobs(text: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job a dry run lists."""
+    jobs: list[tuple[str, dict[str, str]]] = []
+    for line in text.splitlines():
+        head = line.strip()
+        if head.startswith(("rule ", "localrule ")) and head.endswith(":"):
+            jobs.append((head.split()[1].rstrip(":"), {}))
+        elif head.startswith("wildcards:") and jobs:
+            pairs = (kv.split("=", 1) for kv in head[len("wildcards:"):].split(","))
+            jobs[-1][1].update({k.strip(): v.strip() for k, v in pairs})
+    return jobs
+
+
+def test_new_timestep_plans_only_its_jobs(tiny_run):
+    """Adding a timestep plans one extraction job, its SAE/Diff-C jobs and the summaries and
+    figures that read them: no finished extraction, SAE or Diff-C job re-runs."""
+    _, cfg_path = tiny_run
+    cfg = yaml.safe_load(cfg_path.read_text())
+    layers, new = cfg["extract"]["layers"], 350
+    assert new not in cfg["extract"]["timesteps"]
+    cfg["extract"]["timesteps"] = [*cfg["extract"]["timesteps"], new]
+    grown = cfg_path.with_name("config_new_timestep.yaml")
+    grown.write_text(yaml.safe_dump(cfg))
+    proc = _snakemake("-n", "--configfile", str(grown))
+    jobs = _planned_jobs(proc.stdout + proc.stderr)
+    by_rule: dict[str, int] = {}
+    for rule, _ in jobs:
+        by_rule[rule] = by_rule.get(rule, 0) + 1
+    per_time = {"extract", "train_sae", "train_diffc", "sae_gallery"}
+    assert {rule: by_rule.get(rule) for rule in ("extract", "train_sae", "train_diffc")} == {
+        "extract": 1, "train_sae": len(layers), "train_diffc": len(layers)}, by_rule
+    for rule, wildcards in jobs:
+        if rule in per_time:
+            assert wildcards.get("timestep") == str(new), (rule, wildcards)
+        else:  # readers of the whole grid only
+            assert rule == "all" or rule.startswith(("sae_summary", "sae_figure_", "diffc_summary", "diffc_figure_")), rule

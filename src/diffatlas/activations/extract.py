@@ -57,6 +57,17 @@ AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # -- small helpers ------------------------------------------------------------------------------
+def amp_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of the forwards for config ``extract.dtype`` (None: plain float32).
+
+    ``auto`` is float16 on CUDA (the speed of tensor cores; activations are stored in float16
+    anyway) and float32 elsewhere (CPU float16 kernels are slow).
+    """
+    if dtype == "auto":
+        dtype = "float16" if device.type == "cuda" else "float32"
+    return AMP_DTYPES.get(dtype)
+
+
 def images_to_tensor(images: np.ndarray, size: int | None, device: torch.device) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, 3, S, S] in [-1, 1] on ``device`` (resized to ``size``)."""
     x = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(device).permute(0, 3, 1, 2).to(torch.float32)
@@ -381,10 +392,7 @@ class _Runner:
         self.spatial_names, self.prompts, self.sample_ids = spatial_names, prompts, sample_ids
         self.stop_early = stop_early
         self.ab = torch.as_tensor(handle.alphas_cumprod).detach().cpu().to(torch.float64)
-        dtype = cfg.dtype
-        if dtype == "auto":
-            dtype = "float16" if device.type == "cuda" else "float32"
-        self.amp_dtype = AMP_DTYPES.get(dtype)
+        self.amp_dtype = amp_dtype(cfg.dtype, device)
         # Conditioning is computed once per distinct prompt when prompts repeat (empty prompt,
         # class template) and gathered per batch; captions are encoded per batch.
         self._unique: list[str] | None = None
