@@ -14,7 +14,9 @@ machine may be shared, so every comparison interleaves its variants:
 2. end to end, as the workflow runs it (one ``extract_activations`` job per timestep): the
    per-image rate, the slope of job time between a one-batch job and an ``--n``-image job (so
    fixed costs cancel), divided by the bare rate (VAE encode + UNet forwards of the same
-   batches, same autocast), with spatial maps and without. Target >= 0.90 with maps.
+   batches, same autocast), with spatial maps and without. Target >= 0.90 with maps. Two
+   diagnostic rows: passes run to the end (no early stop: the pure cost of capture and
+   storage) and the synchronous writer (what the background writer saves).
 3. (CPU, ``--rss``) peak RSS of extraction runs in fresh processes on two dataset sizes:
    memory is bounded by the batch, not the dataset.
 
@@ -38,6 +40,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -146,7 +149,8 @@ def bare_forward(handle, images, cfg, device, clock: Clock) -> float:
     return clock.time(run)
 
 
-def extraction(handle, images, cfg, out: Path, device, clock: Clock, stop_early: bool = True) -> float:
+def extraction(handle, images, cfg, out: Path, device, clock: Clock, stop_early: bool = True,
+               background: bool = True) -> float:
     """Seconds of extraction as the workflow runs it: one job (store) per timestep."""
     from dataclasses import replace
 
@@ -158,9 +162,33 @@ def extraction(handle, images, cfg, out: Path, device, clock: Clock, stop_early:
         for t in cfg.timesteps:
             extract_activations(handle, images=images, sample_ids=list(range(n)), labels=["x"] * n, coarse_labels=None,
                                 captions=None, cfg=replace(cfg, timesteps=[t]), out=out / f"t{t}.zarr", device=device,
-                                stop_early=stop_early)
+                                stop_early=stop_early, background=background)
 
     return clock.time(run)
+
+
+class SubmitTimer:
+    """Seconds the compute loop spends inside ``submit`` (handing a batch to the store): the
+    whole write with the synchronous writer, only the queueing with the background one."""
+
+    def __init__(self) -> None:
+        from diffatlas.activations import store
+
+        self.seconds = 0.0
+        for cls in (store.ActivationWriter, store.BackgroundWriter):
+            real = cls.submit
+
+            def timed(obj, *a, _real=real, _cls=cls, **kw):
+                # the background worker calls ActivationWriter.submit too: count the caller's thread only
+                if threading.current_thread() is not threading.main_thread():
+                    return _real(obj, *a, **kw)
+                t0 = time.perf_counter()
+                try:
+                    return _real(obj, *a, **kw)
+                finally:
+                    self.seconds += time.perf_counter() - t0
+
+            cls.submit = timed
 
 
 def paired_passes(handle, images, cfg, device, clock: Clock) -> dict[str, float]:
@@ -302,7 +330,7 @@ def main() -> int:
     p.add_argument("--layers", nargs="+", default=None, help="default: extract's default")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2, help="end-to-end runs of each variant, in A B B A order, summed (default 2)")
-    p.add_argument("--skip-passes", action="store_true", help="skip section 1 (per forward pass)")
+    p.add_argument("--quick", action="store_true", help="skip section 1 and the diagnostic rows of section 2")
     p.add_argument("--rss", action="store_true", help="also measure peak RSS in fresh processes (CPU)")
     p.add_argument("--rss-sizes", type=int, nargs=2, default=[128, 1024], help="dataset sizes of the memory runs")
     p.add_argument("--rss-image-size", type=int, default=128, help="side of the memory runs' images (default 128)")
@@ -354,7 +382,7 @@ def main() -> int:
         bare_forward(handle, small, replace(cfg, timesteps=cfg.timesteps[:1]), device, clock)
         create_s = store_creation(handle, cfg, args.n, tmp, device)
 
-        if not args.skip_passes:
+        if not args.quick:
             pp = paired_passes(handle, images, cfg, device, clock)
             n_pass, L = args.n * len(cfg.timesteps), len(cfg.layers)
             print(f"\n1. per forward pass, variants interleaved pass by pass ({n_pass} image-passes each)")
@@ -368,31 +396,40 @@ def main() -> int:
 
         print("\n2. end to end, one job per timestep: per-image rate (slope between a one-batch job and "
               f"{args.n} images) / bare (VAE encode + UNet forwards, same batches and autocast)")
+        # (label, maps, stop early, background writer); the last two rows show what the
+        # shipped path gains from stopping early and from writing in the background.
+        variants = [("with spatial maps", True, True, True), ("without spatial maps", False, True, True)]
+        if not args.quick:
+            variants += [("maps, passes run to the end", True, False, True),
+                         ("maps, synchronous writer", True, True, False)]
         ratios, fixed = {}, {}
-        for spatial in (True, False):
+        timer = SubmitTimer()
+        for label, spatial, stop_early, background in variants:
             c = replace(cfg, spatial=spatial)
             bare = ext = ext_small = 0.0
+            timer.seconds = 0.0
             for r in range(args.repeats):  # A B B A ..., so a drift in machine load hits both alike
                 for which in (("bare", "ext") if r % 2 == 0 else ("ext", "bare")):
                     if which == "bare":
                         bare += bare_forward(handle, images, c, device, clock)
                     else:
-                        ext_small += extraction(handle, small, c, tmp / f"s{r}", device, clock)
-                        ext += extraction(handle, images, c, tmp / f"e{r}", device, clock)
+                        kw = dict(stop_early=stop_early, background=background)
+                        ext_small += extraction(handle, small, c, tmp / f"s{r}", device, clock, **kw)
+                        ext += extraction(handle, images, c, tmp / f"e{r}", device, clock, **kw)
             per_image_bare = bare / (args.repeats * args.n)
             per_image = (ext - ext_small) / (args.repeats * (args.n - len(small)))
-            fixed[spatial] = (ext / args.repeats - args.n * per_image) / len(cfg.timesteps)
-            ratios[spatial] = per_image_bare / per_image
-            label = "with spatial maps   " if spatial else "without spatial maps"
-            print(f"   {label}: bare {1 / per_image_bare:7.1f} images/s; extraction {1 / per_image:7.1f} images/s "
-                  f"(x {len(cfg.timesteps)} timesteps) -> ratio {ratios[spatial]:.2f}  (target >= 0.90); "
-                  f"fixed per job {fixed[spatial]:.2f} s")
+            fixed[label] = (ext / args.repeats - args.n * per_image) / len(cfg.timesteps)
+            ratios[label] = per_image_bare / per_image
+            print(f"   {label:28s}: bare {1 / per_image_bare:7.1f} images/s; extraction {1 / per_image:7.1f} images/s "
+                  f"(x {len(cfg.timesteps)} timesteps) -> ratio {ratios[label]:.2f}; fixed per job {fixed[label]:.2f} s; "
+                  f"in submit {1000 * timer.seconds / (args.repeats * (args.n + len(small)) * len(cfg.timesteps)):.2f} ms/image")
         print("\n0. fixed costs (paid once per job, not in the rates above)")
         print(f"   model load {load_s:.2f} s; store creation {create_s * 1000:.0f} ms; rest of a job's constant part "
-              f"(first-batch warm-up, conditioning, consolidation) {fixed[True] - create_s:.2f} s with maps, "
-              f"{fixed[False] - create_s:.2f} s without")
-        print(f"\nsummary: per-image rate / bare forward = {ratios[True]:.2f} with spatial maps, {ratios[False]:.2f} "
-              f"without ({args.model}, {device}, batch {cfg.batch_size}, {len(cfg.layers)} layers)")
+              f"(first-batch warm-up, conditioning, consolidation) {fixed['with spatial maps'] - create_s:.2f} s with "
+              f"maps, {fixed['without spatial maps'] - create_s:.2f} s without")
+        print(f"\nsummary: per-image rate / bare forward = {ratios['with spatial maps']:.2f} with spatial maps "
+              f"(target >= 0.90), {ratios['without spatial maps']:.2f} without ({args.model}, {device}, "
+              f"batch {cfg.batch_size}, {len(cfg.layers)} layers)")
 
         if args.rss:
             if device.type != "cpu":
