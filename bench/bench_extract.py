@@ -16,7 +16,10 @@ machine may be shared, so every comparison interleaves its variants:
    fixed costs cancel), divided by the bare rate (VAE encode + UNet forwards of the same
    batches, same autocast), with spatial maps and without. Target >= 0.90 with maps. Two
    diagnostic rows: passes run to the end (no early stop: the pure cost of capture and
-   storage) and the synchronous writer (what the background writer saves).
+   storage) and the synchronous writer (what the background writer saves). On the CPU the
+   same ratios are also printed from process CPU time (all threads, the writer's included):
+   steadier than wall time on a shared machine, and a bound the wall-time ratio meets when a
+   core is free for the writer.
 3. (CPU, ``--rss``) peak RSS of extraction runs in fresh processes on two dataset sizes:
    memory is bounded by the batch, not the dataset.
 
@@ -106,10 +109,12 @@ class Clock:
             torch.cuda.synchronize()
 
     def time(self, fn) -> float:
+        """Wall seconds of ``fn()``; its process CPU seconds (all threads) go to ``last_cpu``."""
         self.sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         self.sync()
+        self.last_cpu = time.process_time() - c0
         return time.perf_counter() - t0
 
 
@@ -402,27 +407,40 @@ def main() -> int:
         if not args.quick:
             variants += [("maps, passes run to the end", True, False, True),
                          ("maps, synchronous writer", True, True, False)]
-        ratios, fixed = {}, {}
+        ratios, fixed, cpu_ratios = {}, {}, {}
         timer = SubmitTimer()
         for label, spatial, stop_early, background in variants:
             c = replace(cfg, spatial=spatial)
-            bare = ext = ext_small = 0.0
+            wall = dict.fromkeys(("bare", "ext", "ext_small"), 0.0)
+            cpu = dict(wall)
             timer.seconds = 0.0
             for r in range(args.repeats):  # A B B A ..., so a drift in machine load hits both alike
                 for which in (("bare", "ext") if r % 2 == 0 else ("ext", "bare")):
                     if which == "bare":
-                        bare += bare_forward(handle, images, c, device, clock)
+                        wall["bare"] += bare_forward(handle, images, c, device, clock)
+                        cpu["bare"] += clock.last_cpu
                     else:
                         kw = dict(stop_early=stop_early, background=background)
-                        ext_small += extraction(handle, small, c, tmp / f"s{r}", device, clock, **kw)
-                        ext += extraction(handle, images, c, tmp / f"e{r}", device, clock, **kw)
-            per_image_bare = bare / (args.repeats * args.n)
-            per_image = (ext - ext_small) / (args.repeats * (args.n - len(small)))
-            fixed[label] = (ext / args.repeats - args.n * per_image) / len(cfg.timesteps)
-            ratios[label] = per_image_bare / per_image
-            print(f"   {label:28s}: bare {1 / per_image_bare:7.1f} images/s; extraction {1 / per_image:7.1f} images/s "
-                  f"(x {len(cfg.timesteps)} timesteps) -> ratio {ratios[label]:.2f}; fixed per job {fixed[label]:.2f} s; "
-                  f"in submit {1000 * timer.seconds / (args.repeats * (args.n + len(small)) * len(cfg.timesteps)):.2f} ms/image")
+                        wall["ext_small"] += extraction(handle, small, c, tmp / f"s{r}", device, clock, **kw)
+                        cpu["ext_small"] += clock.last_cpu
+                        wall["ext"] += extraction(handle, images, c, tmp / f"e{r}", device, clock, **kw)
+                        cpu["ext"] += clock.last_cpu
+
+            def rates(sec):  # seconds per image: bare; extraction (slope); fixed seconds per job
+                per_image = (sec["ext"] - sec["ext_small"]) / (args.repeats * (args.n - len(small)))
+                return (sec["bare"] / (args.repeats * args.n), per_image,
+                        (sec["ext"] / args.repeats - args.n * per_image) / len(cfg.timesteps))
+
+            bare_s, ext_s, fixed[label] = rates(wall)
+            ratios[label] = bare_s / ext_s
+            line = (f"   {label:28s}: bare {1 / bare_s:7.1f} images/s; extraction {1 / ext_s:7.1f} images/s "
+                    f"(x {len(cfg.timesteps)} timesteps) -> ratio {ratios[label]:.2f}; fixed per job {fixed[label]:.2f} s; "
+                    f"in submit {1000 * timer.seconds / (args.repeats * (args.n + len(small)) * len(cfg.timesteps)):.2f} ms/image")
+            if device.type == "cpu":  # process CPU seconds: robust to a loaded machine, and they count the writer thread
+                cpu_bare, cpu_ext, _ = rates(cpu)
+                cpu_ratios[label] = cpu_bare / cpu_ext
+                line += f"; CPU-time ratio {cpu_ratios[label]:.2f}"
+            print(line)
         print("\n0. fixed costs (paid once per job, not in the rates above)")
         print(f"   model load {load_s:.2f} s; store creation {create_s * 1000:.0f} ms; rest of a job's constant part "
               f"(first-batch warm-up, conditioning, consolidation) {fixed['with spatial maps'] - create_s:.2f} s with "
@@ -430,6 +448,9 @@ def main() -> int:
         print(f"\nsummary: per-image rate / bare forward = {ratios['with spatial maps']:.2f} with spatial maps "
               f"(target >= 0.90), {ratios['without spatial maps']:.2f} without ({args.model}, {device}, "
               f"batch {cfg.batch_size}, {len(cfg.layers)} layers)")
+        if cpu_ratios:
+            print(f"         CPU-time ratio {cpu_ratios['with spatial maps']:.2f} with spatial maps, "
+                  f"{cpu_ratios['without spatial maps']:.2f} without (writer thread's CPU time included)")
 
         if args.rss:
             if device.type != "cpu":

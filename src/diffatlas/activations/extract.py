@@ -483,7 +483,8 @@ class _Runner:
                         path = inversion_path(t, cfg.inversion_steps, len(self.ab))
                         trunk = [g for g in path[:-1] if g > trunk_t]
                         x = ddim_invert(eps, x, trunk, self.ab, start=trunk_t)  # along the regular grid
-                        store.put(start, x)
+                        if k + 1 < len(order):  # kept for the next timestep (none in a one-timestep job)
+                            store.put(start, x)
                         x = ddim_invert(eps, x, [t], self.ab, start=trunk[-1] if trunk else trunk_t)  # onto t
                         results = self._capture(capture, x, t, cond)
                     else:
