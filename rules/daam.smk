@@ -39,9 +39,6 @@ daam_generate_cfg = lambda wc: json.dumps(
     sort_keys=True,
 )
 daam_real_cfg = lambda wc: json.dumps({k: v for k, v in DAAM.items() if k not in _DAAM_JOB_FREE}, sort_keys=True)
-daam_revision = lambda wc: (
-    f"--revision {config['models'][wc.model]['revision']}" if config["models"][wc.model].get("revision") else ""
-)
 
 
 rule daam_generate:
@@ -53,7 +50,7 @@ rule daam_generate:
         directory(daam_dir("{model}", "prompts", "{prompt_set}")),
     params:
         model_path=lambda wc: model_path(wc.model),
-        revision=daam_revision,
+        model_args=lambda wc: model_args(wc.model),
         cfg=daam_generate_cfg,
         device=config["device"],
     log:
@@ -70,7 +67,7 @@ rule daam_generate:
     shell:
         "diffatlas daam-generate --model {params.model_path:q} --model-name {wildcards.model}"
         " --prompt-set {wildcards.prompt_set} --out {output:q} --config-json {params.cfg:q}"
-        " --device {params.device} --threads {threads} {params.revision} > {log:q} 2>&1"
+        " --device {params.device:q} --threads {threads} {params.model_args:q} > {log:q} 2>&1"
 
 
 rule daam_real:
@@ -83,7 +80,7 @@ rule daam_real:
         directory(daam_dir("{model}", "real", "{dataset}")),
     params:
         model_path=lambda wc: model_path(wc.model),
-        revision=daam_revision,
+        model_args=lambda wc: model_args(wc.model),
         cfg=daam_real_cfg,
         device=config["device"],
     log:
@@ -98,7 +95,7 @@ rule daam_real:
     shell:
         "diffatlas daam-real --model {params.model_path:q} --model-name {wildcards.model}"
         " --dataset {input.dataset:q} --dataset-name {wildcards.dataset} --out {output:q}"
-        " --config-json {params.cfg:q} --device {params.device} --threads {threads} {params.revision}"
+        " --config-json {params.cfg:q} --device {params.device:q} --threads {threads} {params.model_args:q}"
         " > {log:q} 2>&1"
 
 

@@ -84,7 +84,7 @@ rule train_diffc:
     shell:
         "diffatlas train-diffc --store {input.store:q} --layer {wildcards.layer:q} --timestep {wildcards.timestep}"
         " --out {params.out:q} --model {wildcards.model} --dataset {wildcards.dataset}"
-        " --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
+        " --config-json {params.cfg:q} --device {params.device:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule diffc_summary:
@@ -154,7 +154,7 @@ rule diffc_figure_models:
     output:
         str(Path(DIFFC_FIGURES, "{dataset}", "models_accuracy_vs_timestep.png")),
     params:
-        models=" ".join(DIFFC_MODELS),
+        models=DIFFC_MODELS,  # a list: :q quotes each name
     log:
         log_path("diffc_figure_models", "{dataset}"),
     benchmark:
@@ -165,7 +165,7 @@ rule diffc_figure_models:
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
         "diffatlas diffc-figure --summary {input:q} --kind models --dataset {wildcards.dataset}"
-        " --models {params.models} --out {output:q} > {log:q} 2>&1"
+        " --models {params.models:q} --out {output:q} > {log:q} 2>&1"
 
 
 ALL_TARGETS.append(DIFFC_SUMMARY)

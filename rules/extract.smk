@@ -16,11 +16,8 @@ rule extract:
         directory(str(Path(RESULTS, "activations", "{model}", "{dataset}.zarr"))),
     params:
         model_path=lambda wc: model_path(wc.model),
-        revision=lambda wc: (
-            f"--revision {config['models'][wc.model]['revision']}"
-            if config["models"][wc.model].get("revision")
-            else ""
-        ),
+        # --revision REV / --allow-pickle-weights as separate arguments, each quoted (:q)
+        model_args=lambda wc: model_args(wc.model),
         # The section without the job grid (models, datasets), so adding a model does not
         # re-run the others. A function, so "{label}" in prompt_template is no wildcard.
         cfg=lambda wc: json.dumps(
@@ -43,8 +40,8 @@ rule extract:
         runtime=lambda wc, attempt: 30 * attempt,
     shell:
         "diffatlas extract --model {params.model_path:q} --dataset {input.dataset:q} --out {output:q}"
-        " --config-json {params.cfg:q} --device {params.device} --threads {threads}"
-        " --model-name {wildcards.model} --dataset-name {wildcards.dataset} {params.revision}"
+        " --config-json {params.cfg:q} --device {params.device:q} --threads {threads}"
+        " --model-name {wildcards.model} --dataset-name {wildcards.dataset} {params.model_args:q}"
         " > {log:q} 2>&1"
 
 

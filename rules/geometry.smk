@@ -64,7 +64,7 @@ rule geometry_basis:
         runtime=lambda wc, attempt: 30 * attempt,
     shell:
         "diffatlas geometry --model {params.model:q} --model-name {wildcards.model} --timestep {wildcards.timestep}"
-        " --out {params.out:q} --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
+        " --out {params.out:q} --config-json {params.cfg:q} --device {params.device:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule geometry_global:
@@ -93,7 +93,7 @@ rule geometry_global:
         runtime=lambda wc, attempt: 20 * attempt,
     shell:
         "diffatlas geometry-global --model {params.model:q} --model-name {wildcards.model} --basis {params.basis:q}"
-        " --out {params.out:q} --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
+        " --out {params.out:q} --config-json {params.cfg:q} --device {params.device:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule geometry_paths:
@@ -119,7 +119,7 @@ rule geometry_paths:
         runtime=lambda wc, attempt: 20 * attempt,
     shell:
         "diffatlas geometry-paths --model {params.model:q} --model-name {wildcards.model} --out {output.table:q}"
-        " --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
+        " --config-json {params.cfg:q} --device {params.device:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule geometry_measures:

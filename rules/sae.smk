@@ -72,7 +72,7 @@ rule train_sae:
     shell:
         "diffatlas train-sae --store {input.store:q} --layer {wildcards.layer:q} --timestep {wildcards.timestep}"
         " --out {params.out:q} --model {wildcards.model} --dataset {wildcards.dataset}"
-        " --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
+        " --config-json {params.cfg:q} --device {params.device:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule sae_summary:

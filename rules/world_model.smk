@@ -36,7 +36,7 @@ rule train_world_model:
         runtime=lambda wc, attempt: 180 * attempt,
     shell:
         "diffatlas train-world-model --config-json {params.cfg:q} --out {output:q}"
-        " --checkpoint-dir {params.checkpoints:q} --device {params.device} --threads {threads}"
+        " --checkpoint-dir {params.checkpoints:q} --device {params.device:q} --threads {threads}"
         " > {log:q} 2>&1"
 
 
@@ -64,7 +64,7 @@ rule world_fidelity:
     shell:
         "diffatlas world-fidelity --model {params.model:q} --config-json {params.cfg:q}"
         " --out-json {output.json:q} --out-samples {output.samples:q}"
-        " --device {params.device} --threads {threads} > {log:q} 2>&1"
+        " --device {params.device:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule world_samples_figure:

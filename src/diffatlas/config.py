@@ -22,6 +22,14 @@ from diffatlas.errors import UserError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config.schema.yaml"
 
+#: Characters of names (models, datasets, prompt sets): the schema's propertyNames pattern
+#: and the {model}/{dataset} wildcard constraints (rules/common.smk) both use this set.
+NAME_WILDCARD = "[A-Za-z0-9_-]+"
+#: Characters of a layer name or module-path glob as a {layer} wildcard (rules/common.smk).
+#: Every string the schema's layer patterns admit is made of these (checked by a test), so
+#: a layer that validates is always a path the workflow can build.
+LAYER_WILDCARD = r"[A-Za-z0-9_.*?\[\]-]+"
+
 
 def load_schema(path: str | os.PathLike | None = None) -> dict[str, Any]:
     path = Path(path) if path else SCHEMA_PATH
@@ -68,6 +76,13 @@ def _explain(err: jsonschema.ValidationError) -> str:
         return f"unknown config key {', '.join(hints)}{where}; allowed keys: {', '.join(allowed)}"
     if err.validator == "required":
         return f"config {key} is missing a required key: {err.message}"
+    if err.validator in ("minItems", "minProperties") and not err.instance:
+        n, what = err.validator_value, ("item" if err.validator == "minItems" else "entry")
+        items = err.schema.get("items")
+        each = f"; each {_allowed(items)}" if isinstance(items, dict) else ""
+        return f"config {key} must not be empty; give at least {n} {what}{'s' if n != 1 else ''}{each}"
+    if err.validator == "minLength" and err.instance == "":
+        return f"config {key} must not be an empty string; allowed: {_allowed(err.schema)}"
     if err.validator == "propertyNames":
         return f"config {key}: name {err.instance!r} is not allowed ({_allowed(err.schema)})"
     return f"config {key} = {err.instance!r} is not allowed; allowed: {_allowed(err.schema)}"
@@ -127,9 +142,28 @@ def _check_references(config: dict[str, Any]) -> None:
         for i, name in enumerate(config.get(section, {}).get("models", [])):
             if name not in models:
                 raise UserError(f"config {section}.models[{i}] = {name!r} is not a configured model; allowed: {', '.join(sorted(models))}")
-    for i, name in enumerate(config.get("extract", {}).get("datasets", [])):
-        if name not in datasets:
-            raise UserError(f"config extract.datasets[{i}] = {name!r} is not a configured dataset; allowed: {', '.join(sorted(datasets))}")
+    for section in ("extract", "daam"):
+        for i, name in enumerate(config.get(section, {}).get("datasets", [])):
+            if name not in datasets:
+                raise UserError(f"config {section}.datasets[{i}] = {name!r} is not a configured dataset; allowed: {', '.join(sorted(datasets))}")
+
+
+def refuse_local_revision(path: str | os.PathLike, revision: str | None, name: str | None = None) -> None:
+    """A revision selects a snapshot of a hub id in the local cache; a local directory has
+    none, so a revision there would be recorded but never checked: refuse it."""
+    if revision and Path(os.path.expanduser(str(path))).is_dir():
+        key = f"models.{name}.revision" if name else "the revision"
+        raise UserError(
+            f"model {name or path!r}: revision {revision!r} is set but its path {path} is a local directory; "
+            f"a revision only selects a cached snapshot of a hub id ('owner/name'). Remove {key} "
+            "(a local directory is recorded by the hash of its weight files)"
+        )
+
+
+def check_revisions(config: dict[str, Any], model_paths: dict[str, str]) -> None:
+    """:func:`refuse_local_revision` for every configured model (the workflow calls this)."""
+    for name, entry in config.get("models", {}).items():
+        refuse_local_revision(model_paths.get(name, entry.get("path", "")), entry.get("revision"), name)
 
 
 def load_config(path: str | os.PathLike, schema_path: str | os.PathLike | None = None) -> dict[str, Any]:
