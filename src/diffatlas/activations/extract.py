@@ -159,6 +159,7 @@ def extract(
     model_name: str | None = None,
     dataset_name: str | None = None,
     revision: str | None = None,
+    allow_pickle_weights: bool = False,
 ) -> Path:
     """Load ``dataset`` and ``model`` and write the store at ``out`` (see module docstring)."""
     from diffatlas.data.dataset import load_dataset
@@ -173,7 +174,7 @@ def extract(
     ds = load_dataset(dataset, mmap=True)
     if len(ds) == 0:
         raise UserError(f"dataset {dataset} is empty (0 samples): nothing to extract")
-    kwargs: dict[str, Any] = {"device": dev}
+    kwargs: dict[str, Any] = {"device": dev, "allow_pickle_weights": allow_pickle_weights}
     if revision is not None:
         kwargs["revision"] = revision
     handle = load_model(str(model), **kwargs)

@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config-json", default="", help="the daam section as JSON (default: schema defaults)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: OMP_NUM_THREADS)")
+    parser.add_argument("--allow-pickle-weights", action="store_true",
+                        help="also read pickle-based .bin weights (models.<name>.allow_pickle_weights)")
     args = parser.parse_args(argv)
 
     from diffatlas.daam.config import DAAMConfig
@@ -37,7 +39,7 @@ def main(argv: list[str]) -> int:
 
     cfg = DAAMConfig.from_json(args.config_json)
     set_threads(args.threads)
-    handle = load_model(args.model, device=pick_device(args.device))
+    handle = load_model(args.model, device=pick_device(args.device), allow_pickle_weights=args.allow_pickle_weights)
     res = run_real(handle, cfg, args.dataset, args.out, model_name=args.model_name or args.model, dataset_name=args.dataset_name)
     result(f"{res['n_items']} real images traced -> {args.out}")
     if len(res["summary"]):

@@ -27,6 +27,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model-name", default=None, help="model name recorded in the store (default: folder name)")
     parser.add_argument("--dataset-name", default=None, help="dataset name recorded in the store (default: folder name)")
     parser.add_argument("--revision", default=None, help="hub revision of --model (cache only)")
+    parser.add_argument("--allow-pickle-weights", action="store_true",
+                        help="also read pickle-based .bin weights (models.<name>.allow_pickle_weights)")
     args = parser.parse_args(argv)
 
     from diffatlas.activations.config import ExtractConfig
@@ -45,6 +47,7 @@ def main(argv: list[str]) -> int:
         model_name=args.model_name,
         dataset_name=args.dataset_name,
         revision=args.revision,
+        allow_pickle_weights=args.allow_pickle_weights,
     )
     store = ActivationStore(path)
     result(

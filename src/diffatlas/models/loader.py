@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from diffatlas.config import refuse_local_revision
 from diffatlas.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ CLASS_TO_FAMILY = {
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+#: Weight files read through torch's pickle loader (``torch.load``), unlike safetensors.
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 @dataclass
@@ -293,6 +297,7 @@ def _resolve(
     """Local directory of the model and its revision string."""
     p = Path(os.path.expanduser(str(path_or_id)))
     if p.exists():
+        refuse_local_revision(p, revision)
         if not p.is_dir():
             raise UserError(f"model path {p} is a file; expected a diffusers model directory containing model_index.json")
         if not (p / "model_index.json").is_file():
@@ -323,6 +328,24 @@ def _resolve(
         raise UserError(f"cached model {path_or_id!r} at {local} has no model_index.json; expected a diffusers pipeline")
     # The snapshot folder is named after the commit hash.
     return local, revision if revision and revision != "main" else local.name
+
+
+def pickle_only_weights(local: Path, index: dict[str, Any]) -> list[Path]:
+    """Weight files of the components that have pickle-based weights and no safetensors.
+
+    A component is a ``model_index.json`` entry ``name: [library, class]``; its folder
+    ``local/name`` is looked at (tokenizers and schedulers have no weights and are skipped).
+    """
+    found: list[Path] = []
+    for name, spec in index.items():
+        folder = local / name
+        if name.startswith("_") or not isinstance(spec, list) or not folder.is_dir():
+            continue
+        files = [f for f in folder.iterdir() if f.is_file()]
+        if any(f.name.endswith(".safetensors") for f in files):
+            continue
+        found += sorted(f for f in files if f.suffix in PICKLE_WEIGHT_SUFFIXES)
+    return found
 
 
 @contextlib.contextmanager
@@ -361,6 +384,7 @@ def load_model(
     revision: str | None = None,
     local_files_only: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    allow_pickle_weights: bool = False,
 ) -> ModelHandle:
     """Load a diffusers pipeline from a local directory or the local HF cache.
 
@@ -368,9 +392,14 @@ def load_model(
         path_or_id: a directory with ``model_index.json``, or a hub id (``owner/name``)
             already in the Hugging Face cache.
         device, dtype: where and in what precision every component lives.
-        revision: hub revision (branch, tag or commit) for hub ids; recorded as is.
+        revision: hub revision (branch, tag or commit) for hub ids; recorded as is. Refused
+            for a local directory (it has no revisions; its weight hash is recorded).
         local_files_only: keep True (the default): nothing is downloaded.
         cache_dir: Hugging Face hub cache to look in (default: ``HF_HUB_CACHE``).
+        allow_pickle_weights: weights are read from ``.safetensors`` only; True also admits
+            components stored only as pickle-based ``.bin``/``.pt``/``.ckpt`` files (read
+            by torch's ``weights_only`` loader). The config key is
+            ``models.<name>.allow_pickle_weights``.
 
     Raises:
         UserError: missing directory, no ``model_index.json``, an unknown pipeline class,
@@ -391,7 +420,21 @@ def load_model(
         raise UserError(f"{index_path}: _class_name {cls_name!r} is not a supported pipeline; allowed: {allowed}")
     family = CLASS_TO_FAMILY[cls_name]
     cls = _pipeline_class(family)
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "low_cpu_mem_usage": False}
+    pickled = pickle_only_weights(local, index)
+    if pickled and not allow_pickle_weights:
+        names = ", ".join(str(f.relative_to(local)) for f in pickled)
+        raise UserError(
+            f"model {model_id}: {names} are pickle-based weights with no .safetensors next to them; "
+            "pickle files can run code when loaded, so only safetensors are read. Convert them "
+            "(load and save_pretrained, which writes safetensors) or, if you trust the files, set "
+            "allow_pickle_weights: true in the model's config (models.<name>)"
+        )
+    if pickled:
+        log.warning("model %s: loading pickle-based weights %s (allow_pickle_weights is true)",
+                    model_id, ", ".join(str(f.relative_to(local)) for f in pickled))
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "low_cpu_mem_usage": False,
+                              # safetensors only, unless pickle weights are allowed and needed
+                              "use_safetensors": None if pickled else True}
     if family == "sd":
         # The safety checker is a 1 GB CLIP vision model that analyses never use.
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
