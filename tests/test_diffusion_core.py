@@ -190,3 +190,29 @@ def test_images_to_tensor_pixel_range_and_resize():
     assert x[0, 0, 1, 1].item() == -1.0
     big = images_to_tensor(np.full((2, 8, 8, 3), 255, np.uint8), size=4)
     assert big.shape == (2, 3, 4, 4) and torch.allclose(big, torch.ones_like(big))
+
+
+def test_config_times_checked_per_model_convention(tmp_path):
+    import json
+
+    from diffatlas.config import check_timesteps
+
+    def model(name, sched):
+        d = tmp_path / name / "scheduler"
+        d.mkdir(parents=True)
+        (d / "scheduler_config.json").write_text(json.dumps(sched))
+        return str(tmp_path / name)
+
+    paths = {"ddim": model("ddim", {"_class_name": "DDIMScheduler", "num_train_timesteps": 500}),
+             "flow": model("flow", {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000})}
+    cfg = {"models": {"ddim": {"path": paths["ddim"]}, "flow": {"path": paths["flow"]}},
+           "extract": {"models": ["ddim", "flow"], "timesteps": [10, 400]}}
+    # The flow-matching model is not refused for lacking ᾱ, but integer steps do not fit it.
+    with pytest.raises(UserError, match=r"extract.timesteps\[0\] = 10 is not allowed for model 'flow'.*sigmas"):
+        check_timesteps(cfg, paths)
+    cfg["models"]["flow"]["timesteps"] = ["s0.250", "s0.750"]
+    check_timesteps(cfg, paths)  # its own list replaces the global one
+    cfg["models"]["ddim"]["timesteps"] = ["t100", "t500"]
+    with pytest.raises(UserError, match=r"models.ddim.timesteps\[1\] = 't500' is out of range for model 'ddim'; "
+                                        r"allowed: integers 0..499"):
+        check_timesteps(cfg, paths)
