@@ -182,26 +182,49 @@ def load_config(path: str | os.PathLike, schema_path: str | os.PathLike | None =
         raise UserError(f"{path}: {err}") from None
 
 
+def scheduler_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """A model's ``scheduler/scheduler_config.json`` (``{}`` for hub ids and models not built yet)."""
+    cfg = Path(model_dir) / "scheduler" / "scheduler_config.json"
+    if cfg.exists():
+        import json
+
+        return json.loads(cfg.read_text())
+    return {}
+
+
 def num_train_timesteps(model_dir: str | os.PathLike, default: int = 1000) -> int:
     """T of a model in diffusers layout, read from its scheduler config without loading it.
 
     Hub ids and models not built yet (the ShapesWorld model when it is trained by the
     workflow) fall back to ``default``; the extraction step re-checks after loading.
     """
-    cfg = Path(model_dir) / "scheduler" / "scheduler_config.json"
-    if cfg.exists():
-        import json
-
-        return int(json.loads(cfg.read_text()).get("num_train_timesteps", default))
-    return default
+    return int(scheduler_config(model_dir).get("num_train_timesteps", default))
 
 
 def check_timesteps(config: dict[str, Any], model_paths: dict[str, str]) -> None:
-    """Every configured timestep must lie in 0..T-1 of every model it is used with.
+    """Every configured time must fit every model it is used with, in that model's convention.
 
     Checked: extract.timesteps, diffc.timesteps (a subset of extract's), geometry.timesteps,
-    geometry.iterative_timesteps and geometry.global_timestep.
+    geometry.iterative_timesteps, geometry.global_timestep, and a model's own list
+    ``models.<name>.timesteps`` (:func:`diffatlas.models.diffusion.timesteps_for`). The
+    convention (integer steps with ᾱ, or flow-matching sigmas) and T come from the model's
+    scheduler config (:func:`diffatlas.models.diffusion.check_time`); a model is not refused
+    for lacking ``alphas_cumprod``, only for times it cannot take.
     """
+    from diffatlas.models.diffusion import check_time, time_convention
+
+    def model_time(name: str) -> tuple[str, int | None]:
+        sched = scheduler_config(model_paths[name])
+        conv = time_convention(sched)
+        return conv, (None if conv == "sigma" else int(sched.get("num_train_timesteps", 1000)))
+
+    for name, block in (config.get("models") or {}).items():
+        own = (block or {}).get("timesteps")
+        if own is None or name not in model_paths:
+            continue
+        conv, T = model_time(name)
+        for i, t in enumerate(own):
+            check_time(t, conv, T, f"models.{name}.timesteps[{i}]", name)
     for section, key in (("extract", "timesteps"), ("diffc", "timesteps"), ("geometry", "timesteps"),
                          ("geometry", "iterative_timesteps"), ("geometry", "global_timestep")):
         block = config.get(section) or {}
@@ -213,11 +236,9 @@ def check_timesteps(config: dict[str, Any], model_paths: dict[str, str]) -> None
         for name in models:
             if name not in model_paths:
                 continue  # unknown model names are reported by the reference check
-            T = num_train_timesteps(model_paths[name])
+            if section == "extract" and ((config.get("models") or {}).get(name) or {}).get("timesteps") is not None:
+                continue  # the model's own list replaces the global one
+            conv, T = model_time(name)
             for i, t in enumerate(values):
-                if not 0 <= int(t) < T:
-                    where = f"{section}.{key}" + (f"[{i}]" if isinstance(value, (list, tuple)) else "")
-                    raise UserError(
-                        f"config {where} = {t} is out of range for model {name!r}; "
-                        f"allowed: integers 0..{T - 1} (training scale, T = {T} from its scheduler config)"
-                    )
+                where = f"{section}.{key}" + (f"[{i}]" if isinstance(value, (list, tuple)) else "")
+                check_time(t, conv, T, where, name)

@@ -17,7 +17,8 @@ ever downloaded, and a model that is not cached is a :class:`~diffatlas.errors.U
 
 The :class:`ModelHandle` hides the differences between families behind three calls that
 every analysis uses: ``conditioning(prompts)`` (the denoiser's keyword arguments),
-``predict_noise(x_t, t, cond)`` (epsilon, DiT's learned-sigma half removed) and
+``predict_noise(x_t, t, cond)`` (ε whatever the ``prediction_type``, DiT's learned-sigma
+half removed; ``model_output`` is the raw output) and
 ``encode_images``/``decode`` (VAE or identity). All modules are put in ``eval()`` mode
 with ``requires_grad_(False)`` (gradients w.r.t. *inputs*, e.g. Jacobians, still work); to
 train, build the model from config instead.
@@ -26,6 +27,7 @@ train, build the model from config instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -38,6 +40,7 @@ import torch
 
 from diffatlas.config import refuse_local_revision
 from diffatlas.errors import UserError
+from diffatlas.models.diffusion import NoiseSchedule, prediction_type_of, time_convention
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,8 @@ class ModelHandle:
         vae: AutoencoderKL, or None for pixel models.
         tokenizers, text_encoders: lists (two for SDXL, none for DiT).
         num_train_timesteps: T; timesteps are training-scale integers 0..T-1.
-        alphas_cumprod: float32 tensor [T] (CPU): ᾱ_t of the scheduler.
+        alphas_cumprod: float32 tensor [T] (CPU): ᾱ_t of the scheduler; None for flow-matching
+            schedulers (their time is σ, see :func:`diffatlas.models.diffusion.time_convention`).
         image_size: pixels per side; latent_size: denoiser input side; latent_channels.
         model_id: the path or hub id as given; revision: hub revision / commit, or a short
             content hash of the weight files for local directories (see :func:`weights_hash`).
@@ -82,7 +86,7 @@ class ModelHandle:
     tokenizers: list
     text_encoders: list
     num_train_timesteps: int
-    alphas_cumprod: torch.Tensor
+    alphas_cumprod: torch.Tensor | None
     image_size: int
     latent_size: int
     latent_channels: int
@@ -229,13 +233,15 @@ class ModelHandle:
                 out[k] = v
         return out
 
-    def predict_noise(self, x_t: torch.Tensor, t, cond: dict[str, Any]) -> torch.Tensor:
-        """Noise prediction eps ``[B, C, h, w]`` for ``x_t [B, C, h, w]`` at training timestep(s) ``t``.
+    def model_output(self, x_t: torch.Tensor, t, cond: dict[str, Any]) -> torch.Tensor:
+        """The denoiser's raw output ``[B, C, h, w]`` for ``x_t`` at training timestep(s) ``t``.
 
-        ``t`` is an int, a 0-d tensor or a ``[B]`` tensor (0..T-1). ``cond`` comes from
-        :meth:`conditioning`; a batch-1 conditioning is broadcast to ``B``. Gradients flow
-        (no ``no_grad`` here) so callers can differentiate w.r.t. ``x_t``. For DiT with a
-        learned variance (``out_channels == 2 * in_channels``) the variance half is dropped.
+        What it means (ε, v or x0) is the scheduler's ``prediction_type``; use
+        :meth:`predict_noise` for ε. ``t`` is an int, a 0-d tensor or a ``[B]`` tensor
+        (0..T-1). ``cond`` comes from :meth:`conditioning`; a batch-1 conditioning is broadcast
+        to ``B``. Gradients flow (no ``no_grad`` here) so callers can differentiate w.r.t.
+        ``x_t``. For DiT with a learned variance (``out_channels == 2 * in_channels``) the
+        variance half is dropped.
         """
         b = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device)
@@ -248,13 +254,42 @@ class ModelHandle:
             out = out[:, :c]
         return out
 
+    def predict_noise(self, x_t: torch.Tensor, t, cond: dict[str, Any]) -> torch.Tensor:
+        """Noise prediction ε ``[B, C, h, w]``: :meth:`model_output` read by the scheduler's
+        ``prediction_type`` (v- and x0-predicting models are converted with ᾱ_t; see
+        :mod:`diffatlas.models.diffusion`). Same arguments as :meth:`model_output`."""
+        out = self.model_output(x_t, t, cond)
+        if self.prediction_type == "epsilon":
+            return out
+        tt = torch.as_tensor(t, device=x_t.device)
+        if tt.ndim == 0:
+            tt = tt.expand(x_t.shape[0])
+        eps, _ = self.schedule.split(out, x_t, tt)
+        return eps
+
+    @property
+    def prediction_type(self) -> str:
+        """The scheduler's ``prediction_type`` (checked at load time)."""
+        return prediction_type_of(self.scheduler, self.model_id)
+
+    @property
+    def time_convention(self) -> str:
+        """``"step"`` (integer training steps with ᾱ) or ``"sigma"`` (flow matching)."""
+        return time_convention(self.scheduler)
+
+    @functools.cached_property
+    def schedule(self) -> NoiseSchedule:
+        """The scheduler's noise levels, prediction type and clipping (the diffusion core's view).
+
+        Raises UserError for schedulers without ``alphas_cumprod`` (flow matching)."""
+        return NoiseSchedule.from_scheduler(self.scheduler, self.model_id)
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """Forward process ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise`` (t: int or [B])."""
         t = torch.as_tensor(t, device=x0.device).long()
         if t.ndim == 0:
             t = t.expand(x0.shape[0])
-        a = self.alphas_cumprod.to(x0.device, torch.float32)[t].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return self.schedule.add_noise(x0, noise, t)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary to record next to artifacts."""
@@ -465,9 +500,10 @@ def load_model(
     latent_channels = int(denoiser.config.in_channels)
     scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     sched = pipe.scheduler
+    prediction_type_of(sched, model_id)  # an unknown prediction type is refused at load time
+    # A scheduler without alphas_cumprod (flow matching: times are sigmas) is not refused
+    # here; stages that need ᾱ refuse it through ``handle.schedule``.
     alphas = getattr(sched, "alphas_cumprod", None)
-    if alphas is None:
-        raise UserError(f"scheduler {type(sched).__name__} of {model_id} has no alphas_cumprod; use a DDPM-family scheduler")
     id2label: dict[int, str] = {}
     if family == "dit":
         id2label = {int(k): v for k, v in (index.get("id2label") or {}).items()}
@@ -480,7 +516,7 @@ def load_model(
         tokenizers=tokenizers,
         text_encoders=encoders,
         num_train_timesteps=int(sched.config.num_train_timesteps),
-        alphas_cumprod=alphas.detach().to("cpu", torch.float32).clone(),
+        alphas_cumprod=None if alphas is None else alphas.detach().to("cpu", torch.float32).clone(),
         image_size=latent_size * scale,
         latent_size=latent_size,
         latent_channels=latent_channels,
