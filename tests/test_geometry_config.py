@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from diffatlas.errors import UserError
-from diffatlas.geometry.config import GeometryConfig, config_from_args
+from diffatlas.geometry.config import GeometryConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_bad_values_name_the_key(key, value, needle):
 def test_unknown_key_and_overrides():
     with pytest.raises(UserError, match="n_direction"):
         GeometryConfig.from_dict({"n_direction": 3})
-    cfg = config_from_args('{"n_directions": 5}', ["tol=1e-4", "layer=up_ft0"])
+    cfg = GeometryConfig.from_args('{"n_directions": 5}', ["tol=1e-4", "layer=up_ft0"])
     assert (cfg.n_directions, cfg.tol, cfg.layer) == (5, 1e-4, "up_ft0")
     with pytest.raises(UserError, match="not valid JSON"):
-        config_from_args("{bad", [])
+        GeometryConfig.from_args("{bad", [])

@@ -1,9 +1,13 @@
 """What every stage's config dataclass shares: building it from its config.yaml section.
 
-A stage config (``ExtractConfig``, ``SAEConfig``, ``GeometryConfig``) is a dataclass with an
+Every stage config (``ExtractConfig``, ``SAEConfig``, ``DiffCConfig``, ``DAAMConfig``,
+``GeometryConfig``, ``WorldModelConfig``, ``FidelityConfig``) is a dataclass with an
 ``extra`` field that collects unknown keys, so that its ``__post_init__`` can name them
 together with the allowed keys (see :meth:`ConfigSection.reject_unknown`). The class names
-its section in ``SECTION``; that name appears in every message a user sees.
+its section in ``SECTION`` (dotted for a nested section, ``world_model.train``); that name
+appears in every message a user sees. The dataclass is the one place a section's defaults
+and field documentation are written; tests/test_sections.py checks config.schema.yaml
+against it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,20 @@ def parse_section_json(text: str | None, section: str) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise UserError(f"--config-json must be a JSON object (the {section} section), got {type(data).__name__}")
     return data
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``--set key=value`` pairs -> dict (each value parsed as JSON, else kept as a bare string)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UserError(f"--set {pair!r} is not key=value")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # a bare string such as samples=spatial
+    return out
 
 
 class ConfigSection:
@@ -55,6 +73,17 @@ class ConfigSection:
         """Build from ``--config-json`` text (empty: all defaults)."""
         data = parse_section_json(text, cls.SECTION)
         return cls() if data is None else cls.from_dict(data)
+
+    @classmethod
+    def from_args(cls: type[S], config_json: str | None, overrides: list[str] | None = None) -> S:
+        """Build from ``--config-json`` text with ``--set key=value`` overrides on top."""
+        data = parse_section_json(config_json, cls.SECTION) or {}
+        return cls.from_dict({**data, **parse_overrides(overrides)})
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default: the one place a section's defaults are written."""
+        return cls().to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.field_names()}

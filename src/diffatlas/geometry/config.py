@@ -14,7 +14,6 @@ up by config.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,31 +174,3 @@ class GeometryConfig(ConfigSection):
     # ------------------------------------------------------------------ (de)serialisation
     def replace(self, **changes: Any) -> "GeometryConfig":
         return dataclasses.replace(self, **changes)
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` (value parsed as JSON, else a bare string) -> dict."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"--set {pair!r} is not key=value")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def config_from_args(config_json: str | None, overrides: list[str]) -> GeometryConfig:
-    """The geometry section from ``--config-json`` plus ``--set key=value`` overrides."""
-    base = GeometryConfig.from_json(config_json).to_dict()
-    return GeometryConfig.from_dict({**base, **parse_overrides(overrides)})
-
-
-def add_config_args(ap) -> None:
-    """The options every geometry command shares: config, device, threads."""
-    ap.add_argument("--config-json", default=None, help="the geometry config section as a JSON object (missing keys: defaults)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one geometry setting (JSON value)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (Snakemake passes the rule's threads)")
