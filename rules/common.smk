@@ -8,8 +8,15 @@ from pathlib import Path
 # Import the package from this checkout, so the workflow and the library never disagree.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
+import shlex
+
 from diffatlas.config import check_timesteps, validate_config
+from diffatlas.daam.config import DAAMConfig
+from diffatlas.diffc.config import DiffCConfig
 from diffatlas.errors import UserError
+from diffatlas.geometry.config import GeometryConfig
+from diffatlas.sae.config import SAEConfig
+from diffatlas.world.config import FidelityConfig
 
 try:
     _validated = validate_config(config, Path(workflow.basedir) / "config.schema.yaml")
@@ -59,6 +66,18 @@ def model_path(name):
     if name == "shapesworld" and config["world_model"]["source"] == "trained":
         return world_model_trained_dir()
     return path
+
+
+def revision_flag(name):
+    """``--revision REV`` (shell-quoted) for model ``name`` if it sets ``revision``, else nothing;
+    every rule that loads a model passes it (the commands share the flag through diffatlas.runner)."""
+    rev = config["models"][name].get("revision")
+    return f"--revision {shlex.quote(str(rev))}" if rev else ""
+
+
+def revision_arg(wc):
+    """:func:`revision_flag` of the ``{model}`` wildcard (a params function)."""
+    return revision_flag(wc.model)
 
 
 def model_input(name):

@@ -16,11 +16,7 @@ rule extract:
         directory(str(Path(RESULTS, "activations", "{model}", "{dataset}.zarr"))),
     params:
         model_path=lambda wc: model_path(wc.model),
-        revision=lambda wc: (
-            f"--revision {config['models'][wc.model]['revision']}"
-            if config["models"][wc.model].get("revision")
-            else ""
-        ),
+        revision=revision_arg,
         # The section without the job grid (models, datasets), so adding a model does not
         # re-run the others. A function, so "{label}" in prompt_template is no wildcard.
         cfg=lambda wc: json.dumps(

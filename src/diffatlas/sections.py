@@ -52,6 +52,11 @@ class ConfigSection:
     """Mixin for a dataclass mirroring one config.yaml section (keys = fields, plus ``extra``)."""
 
     SECTION: ClassVar[str] = ""
+    #: Keys no job of the section reads (the workflow grid, figure settings): rules leave them
+    #: out of a job's settings, so growing the grid re-runs no finished job.
+    JOB_FREE_KEYS: ClassVar[tuple[str, ...]] = ()
+    #: For a section with several kinds of job: the keys each job reads, by job name.
+    JOBS: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -87,6 +92,26 @@ class ConfigSection:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.field_names()}
+
+    @classmethod
+    def job_keys(cls, job: str | None = None) -> tuple[str, ...]:
+        """The keys job ``job`` reads (``JOBS[job]``; without ``JOBS``: every key but ``JOB_FREE_KEYS``)."""
+        if cls.JOBS:
+            if job not in cls.JOBS:
+                raise ValueError(f"{cls.SECTION} has jobs {', '.join(cls.JOBS)}, not {job!r}")
+            return cls.JOBS[job]
+        return tuple(k for k in cls.field_names() if k not in cls.JOB_FREE_KEYS)
+
+    @classmethod
+    def job_json(cls, section: dict[str, Any], job: str | None = None, **narrowed: Any) -> str:
+        """``--config-json`` of one job: only the keys it reads (``narrowed`` replaces values
+        with the job's own slice, e.g. its one prompt set), as sorted JSON so that Snakemake
+        sees a change exactly when the job's inputs change."""
+        keys = cls.job_keys(job)
+        bad = set(narrowed) - set(keys)
+        if bad:
+            raise ValueError(f"{sorted(bad)} are not keys of {cls.SECTION} job {job!r}")
+        return json.dumps({**{k: section[k] for k in keys if k in section}, **narrowed}, sort_keys=True)
 
     def reject_unknown(self) -> None:
         """Raise naming the unknown keys in ``extra`` and the allowed ones (call from ``__post_init__``)."""

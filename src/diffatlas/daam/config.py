@@ -161,9 +161,14 @@ class DAAMConfig(ConfigSection):
     """The ``daam`` section (config.schema.yaml is checked against these defaults)."""
 
     SECTION = "daam"
-    #: Keys that size the workflow grid or only the figures: a job's settings leave them out,
-    #: so adding a model, dataset or prompt set re-runs no finished job.
-    JOB_FREE_KEYS = ("models", "datasets", "prompt_sets", "overlay_items")
+    _TRACE = ("steps", "seed", "tau", "taus", "layers", "time_resolved", "batch_size")
+    #: daam-generate gets its own prompt set only; daam-real none. The grid (models, datasets,
+    #: other prompt sets) and the figures' overlay_items reach no job.
+    JOBS = {
+        "generate": _TRACE + ("prompt_sets", "n_images", "guidance", "map_size"),
+        "real": _TRACE + ("n_real", "real_mode", "real_t", "real_guidance"),
+        "figure": ("overlay_items",),
+    }
 
     models: list[str] = field(default_factory=lambda: ["shapesworld"])
     """Models to trace (names from ``models``)."""
@@ -247,11 +252,3 @@ class DAAMConfig(ConfigSection):
         if unknown:
             raise UserError(f"config daam.prompt_sets.{name}: unknown key(s) {unknown}; allowed: {', '.join(sorted(known))}")
         return PromptSet(name=name, **spec)
-
-    def job_settings(self, prompt_set: str | None = None) -> dict[str, Any]:
-        """The section one DAAM job reads: without the grid and figure keys, and with only
-        its own prompt set (generation) or none (real images)."""
-        out = {k: v for k, v in self.to_dict().items() if k not in self.JOB_FREE_KEYS}
-        if prompt_set is not None:
-            out["prompt_sets"] = {prompt_set: self.prompt_sets[prompt_set]}
-        return out

@@ -22,9 +22,7 @@ class DiffCConfig(ConfigSection):
     """Diff-C classifier, linear probe and data split of one job."""
 
     SECTION = "diffc"
-    #: Keys that size the workflow grid or the job's resources, not one job's training: rules
-    #: leave them out of the job's settings, so growing the grid re-runs no finished job.
-    GRID_KEYS = ("layers", "timesteps", "threads")
+    JOB_FREE_KEYS = ("layers", "timesteps", "threads")  # the grid, and the rule's threads
 
     layers: list[str] | None = None
     """Layers to classify (names as in extract.layers, each with spatial maps); null = extract.layers (workflow grid)."""

@@ -41,6 +41,19 @@ class GeometryConfig(ConfigSection):
     """Settings of the pullback-geometry stage (defaults: the CPU demo)."""
 
     SECTION = "geometry"
+    _PULLBACK = ("layer", "pooling", "prompt", "seed")
+    _SAMPLING = ("n_samples", "guidance_scale", "ddim_steps")
+    _BASIS = ("n_directions", "oversample", "tol", "max_iters", "batching", "chunk_size")
+    _EDITS = ("edit_strengths", "edit_directions", "kappa")
+    #: Keys each geometry job reads (the grid: models, timesteps, meaning_models; the figure's
+    #: global_direction reach none). A basis job gets iterative_timesteps cut to its own
+    #: timestep (:meth:`iterative_slice`), so adding a timestep re-runs no finished job.
+    JOBS = {
+        "basis": _PULLBACK + _SAMPLING + _BASIS + _EDITS
+        + ("edit_samples", "iterative_substeps", "iterative_directions", "iterative_timesteps"),
+        "global": _PULLBACK + _SAMPLING + _EDITS + ("n_directions", "global_timestep", "global_samples"),
+        "paths": _PULLBACK + ("global_timestep", "path_pairs", "path_segments"),
+    }
 
     models: list[str] = field(default_factory=lambda: ["shapesworld"])
     """Models to analyse (workflow grid; names of config ``models``)."""
@@ -166,6 +179,14 @@ class GeometryConfig(ConfigSection):
         return self.iterative_substeps > 0 and self.iterative_directions > 0 and (
             self.iterative_timesteps is None or int(timestep) in self.iterative_timesteps
         )
+
+    @staticmethod
+    def iterative_slice(iterative_timesteps: list[int] | None, timestep: int) -> list[int] | None:
+        """``iterative_timesteps`` as one basis job at ``timestep`` needs it: null stays null
+        (every timestep), a list becomes ``[timestep]`` or ``[]``; the job's edits are the same."""
+        if iterative_timesteps is None:
+            return None
+        return [int(timestep)] if int(timestep) in iterative_timesteps else []
 
     @property
     def n_edit_samples(self) -> int:

@@ -215,6 +215,11 @@ class FidelityConfig(ConfigSection):
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     SECTION = "world_model.fidelity"
+    #: world_fidelity samples and judges; world_samples_figure only lays the samples out.
+    JOBS = {
+        "sample": ("n_single", "n_two", "num_inference_steps", "guidance_scale", "seed", "batch_size"),
+        "figure": ("grid_rows", "grid_cols"),
+    }
 
     def __post_init__(self) -> None:
         _check_int("fidelity.n_single", self.n_single, 1)
