@@ -164,6 +164,7 @@ class DAAMConfig(ConfigSection):
     _TRACE = ("steps", "seed", "tau", "taus", "layers", "time_resolved", "batch_size")
     #: daam-generate gets its own prompt set only; daam-real none. The grid (models, datasets,
     #: other prompt sets) and the figures' overlay_items reach no job.
+    JOB_FREE_KEYS = ("models", "datasets")
     JOBS = {
         "generate": _TRACE + ("prompt_sets", "n_images", "guidance", "map_size"),
         "real": _TRACE + ("n_real", "real_mode", "real_t", "real_guidance"),

@@ -48,6 +48,7 @@ class GeometryConfig(ConfigSection):
     #: Keys each geometry job reads (the grid: models, timesteps, meaning_models; the figure's
     #: global_direction reach none). A basis job gets iterative_timesteps cut to its own
     #: timestep (:meth:`iterative_slice`), so adding a timestep re-runs no finished job.
+    JOB_FREE_KEYS = ("models", "timesteps", "meaning_models", "global_direction")
     JOBS = {
         "basis": _PULLBACK + _SAMPLING + _BASIS + _EDITS
         + ("edit_samples", "iterative_substeps", "iterative_directions", "iterative_timesteps"),
