@@ -312,6 +312,14 @@ def _resolve(
             snapshot_download(str(path_or_id), revision=revision, local_files_only=local_files_only, cache_dir=cache)
         )
     except LocalEntryNotFoundError as err:
+        cached = _cached_revisions(Path(cache), str(path_or_id))
+        if cached:  # the model is cached, the asked revision is not
+            raise UserError(
+                f"revision {revision or 'main'!r} of model {path_or_id!r} is not in the local Hugging Face cache "
+                f"({cache}); cached revisions: {', '.join(cached)}; nothing is downloaded: "
+                f"download it yourself (huggingface-cli download {path_or_id} --revision {revision or 'main'}) "
+                f"or set models.<name>.revision to a cached one"
+            ) from err
         raise UserError(
             f"model {path_or_id!r} is neither a local directory nor in the local Hugging Face cache "
             f"({cache}); "
@@ -323,6 +331,14 @@ def _resolve(
         raise UserError(f"cached model {path_or_id!r} at {local} has no model_index.json; expected a diffusers pipeline")
     # The snapshot folder is named after the commit hash.
     return local, revision if revision and revision != "main" else local.name
+
+
+def _cached_revisions(cache: Path, hub_id: str) -> list[str]:
+    """Branch/tag names (refs/) and commits (snapshots/) of ``hub_id`` in the local cache."""
+    repo = cache / ("models--" + hub_id.replace("/", "--"))
+    refs = sorted(p.name for p in (repo / "refs").glob("*") if p.is_file())
+    snaps = sorted(p.name for p in (repo / "snapshots").glob("*") if p.is_dir())
+    return refs + snaps
 
 
 @contextlib.contextmanager
