@@ -9,7 +9,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from diffatlas.config import LAYER_WILDCARD, NAME_WILDCARD, check_revisions, check_timesteps, validate_config
+from diffatlas.daam.config import DAAMConfig
+from diffatlas.diffc.config import DiffCConfig
 from diffatlas.errors import UserError
+from diffatlas.geometry.config import GeometryConfig
+from diffatlas.sae.config import SAEConfig
+from diffatlas.world.config import FidelityConfig
 
 try:
     _validated = validate_config(config, Path(workflow.basedir) / "config.schema.yaml")
@@ -71,6 +76,11 @@ def model_args(name):
     entry = config["models"][name]
     args = ["--revision", entry["revision"]] if entry.get("revision") else []
     return args + (["--allow-pickle-weights"] if entry.get("allow_pickle_weights") else [])
+
+
+def model_args_arg(wc):
+    """:func:`model_args` of the ``{model}`` wildcard (a params function; pass as ``{params.model_args:q}``)."""
+    return model_args(wc.model)
 
 
 def model_input(name):

@@ -17,7 +17,7 @@ rule extract:
     params:
         model_path=lambda wc: model_path(wc.model),
         # --revision REV / --allow-pickle-weights as separate arguments, each quoted (:q)
-        model_args=lambda wc: model_args(wc.model),
+        model_args=model_args_arg,
         # The section without the job grid (models, datasets), so adding a model does not
         # re-run the others. A function, so "{label}" in prompt_template is no wildcard.
         cfg=lambda wc: json.dumps(

@@ -352,6 +352,14 @@ def _resolve(
             snapshot_download(str(path_or_id), revision=revision, local_files_only=local_files_only, cache_dir=cache)
         )
     except LocalEntryNotFoundError as err:
+        cached = _cached_revisions(Path(cache), str(path_or_id))
+        if cached:  # the model is cached, the asked revision is not
+            raise UserError(
+                f"revision {revision or 'main'!r} of model {path_or_id!r} is not in the local Hugging Face cache "
+                f"({cache}); cached revisions: {', '.join(cached)}; nothing is downloaded: "
+                f"download it yourself (huggingface-cli download {path_or_id} --revision {revision or 'main'}) "
+                f"or set models.<name>.revision to a cached one"
+            ) from err
         raise UserError(
             f"model {path_or_id!r} is neither a local directory nor in the local Hugging Face cache "
             f"({cache}); "
@@ -381,6 +389,14 @@ def pickle_only_weights(local: Path, index: dict[str, Any]) -> list[Path]:
             continue
         found += sorted(f for f in files if f.suffix in PICKLE_WEIGHT_SUFFIXES)
     return found
+
+
+def _cached_revisions(cache: Path, hub_id: str) -> list[str]:
+    """Branch/tag names (refs/) and commits (snapshots/) of ``hub_id`` in the local cache."""
+    repo = cache / ("models--" + hub_id.replace("/", "--"))
+    refs = sorted(p.name for p in (repo / "refs").glob("*") if p.is_file())
+    snaps = sorted(p.name for p in (repo / "snapshots").glob("*") if p.is_dir())
+    return refs + snaps
 
 
 @contextlib.contextmanager
