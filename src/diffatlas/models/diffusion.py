@@ -230,7 +230,9 @@ class NoiseSchedule:
         """ᾱ for an int (a float) or a ``[B]`` tensor of steps (a ``[B, 1, ..]`` tensor shaped for ``like``)."""
         if not torch.is_tensor(t) or t.ndim == 0:
             return self.alpha_bar(int(t))
-        a = self.alphas_cumprod.to(like.device)[t.long().to(like.device)]
+        # float32 on the device (float64 is missing on some accelerators), float64 for float64 inputs.
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        a = self.alphas_cumprod.to(like.device, dtype)[t.long().to(like.device)]
         return a.view(-1, *([1] * (like.ndim - 1)))
 
     def split(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
