@@ -62,7 +62,7 @@ def _is_free_string(schema: dict[str, Any]) -> bool:
     return "string" in types and "enum" not in schema and "const" not in schema
 
 
-def string_keys(schema: dict[str, Any], instance: Any, path: Path_ = ()) -> Iterator[Path_]:
+def string_keys(schema: dict[str, Any], instance: Any, path: Path_ = (), with_schema: bool = False) -> Iterator[Any]:
     """Concrete paths of every free string value under ``schema``, instantiated on ``instance``.
 
     Properties absent from the instance are still yielded (they would be created); array
@@ -72,21 +72,21 @@ def string_keys(schema: dict[str, Any], instance: Any, path: Path_ = ()) -> Iter
     import jsonschema
 
     if _is_free_string(schema):
-        yield path
+        yield (path, schema) if with_schema else path
     if "items" in schema and isinstance(schema["items"], dict):
-        yield from string_keys(schema["items"], (instance or [None])[0] if isinstance(instance, list) else None, (*path, 0))
+        yield from string_keys(schema["items"], (instance or [None])[0] if isinstance(instance, list) else None, (*path, 0), with_schema)
     inst = instance if isinstance(instance, dict) else {}
     for key, sub in schema.get("properties", {}).items():
-        yield from string_keys(sub, inst.get(key), (*path, key))
+        yield from string_keys(sub, inst.get(key), (*path, key), with_schema)
     extra = schema.get("additionalProperties")
     if isinstance(extra, dict):
         for key in inst:
             if key not in schema.get("properties", {}):
-                yield from string_keys(extra, inst[key], (*path, key))
+                yield from string_keys(extra, inst[key], (*path, key), with_schema)
     for branch in schema.get("allOf", []):
         cond = branch.get("if")
         if cond is None or (isinstance(instance, dict) and jsonschema.Draft202012Validator(cond).is_valid(instance)):
-            yield from string_keys(branch.get("then", branch), instance, path)
+            yield from string_keys(branch.get("then", branch), instance, path, with_schema)
 
 
 def key_name(path: Path_) -> str:
