@@ -8,8 +8,13 @@ from pathlib import Path
 # Import the package from this checkout, so the workflow and the library never disagree.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from diffatlas.config import check_timesteps, validate_config
+from diffatlas.config import LAYER_WILDCARD, NAME_WILDCARD, check_revisions, check_timesteps, validate_config
+from diffatlas.daam.config import DAAMConfig
+from diffatlas.diffc.config import DiffCConfig
 from diffatlas.errors import UserError
+from diffatlas.geometry.config import GeometryConfig
+from diffatlas.sae.config import SAEConfig
+from diffatlas.world.config import FidelityConfig
 
 try:
     _validated = validate_config(config, Path(workflow.basedir) / "config.schema.yaml")
@@ -28,10 +33,13 @@ DIFFATLAS = "diffatlas"
 os.environ.setdefault("DIFFATLAS_ROOT", str(Path(workflow.basedir).resolve()))
 
 
+# The same character sets the schema's name and layer patterns admit (diffatlas.config;
+# tests/test_hardening_shell.py checks they agree), so a name that validates is never a
+# MissingInputException later.
 wildcard_constraints:
-    model="[A-Za-z0-9_-]+",
-    dataset="[A-Za-z0-9_-]+",
-    layer="[A-Za-z0-9_.*?-]+",
+    model=NAME_WILDCARD,
+    dataset=NAME_WILDCARD,
+    layer=LAYER_WILDCARD,
     timestep="[0-9]+",
 
 
@@ -61,6 +69,20 @@ def model_path(name):
     return path
 
 
+def model_args(name):
+    """Options of model ``name`` besides its path, one list item per argument, so a rule's
+    ``{params.model_args:q}`` quotes each value on its own: ``--revision REV`` when set,
+    ``--allow-pickle-weights`` when its config allows .bin weights."""
+    entry = config["models"][name]
+    args = ["--revision", entry["revision"]] if entry.get("revision") else []
+    return args + (["--allow-pickle-weights"] if entry.get("allow_pickle_weights") else [])
+
+
+def model_args_arg(wc):
+    """:func:`model_args` of the ``{model}`` wildcard (a params function; pass as ``{params.model_args:q}``)."""
+    return model_args(wc.model)
+
+
 def model_input(name):
     """Input files a rule needs for model ``name`` (the trained model dir, if any)."""
     if name == "shapesworld" and config["world_model"]["source"] == "trained":
@@ -71,6 +93,7 @@ def model_input(name):
 
 try:
     check_timesteps(config, {name: model_path(name) for name in config["models"]})
+    check_revisions(config, {name: model_path(name) for name in config["models"]})
 except UserError as _err:
     raise WorkflowError(str(_err)) from None
 

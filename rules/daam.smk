@@ -10,8 +10,6 @@
 #       miou.png (table + threshold curve), relations.png (mIoH vs mIoD),
 #       entanglement_{prompt_set}.png (entanglement sets only)
 
-import json
-
 DAAM = config["daam"]
 
 for _i, _name in enumerate(DAAM["datasets"]):
@@ -30,18 +28,21 @@ daam_sets = lambda kinds: [n for n, s in DAAM["prompt_sets"].items() if s["kind"
 daam_scored_dirs = lambda wc: [daam_dir(wc.model, "real", d) for d in DAAM["datasets"]] + [
     daam_dir(wc.model, "prompts", p) for p in daam_sets(("shapesworld_captions", "list"))
 ]
-# The section each job needs, without the job grid (models, datasets, other prompt sets) and
-# figure settings, so adding a model or a prompt set does not re-run the others. Functions,
-# so that "{adjective} {noun}" in the JSON is no wildcard.
-_DAAM_JOB_FREE = ("models", "datasets", "prompt_sets", "overlay_items")
-daam_generate_cfg = lambda wc: json.dumps(
-    {**{k: v for k, v in DAAM.items() if k not in _DAAM_JOB_FREE}, "prompt_sets": {wc.prompt_set: DAAM["prompt_sets"][wc.prompt_set]}},
-    sort_keys=True,
+# Each job gets only the keys it reads (DAAMConfig.JOBS): a generation job its own prompt set,
+# a real-image job none, so adding a model, dataset or prompt set re-runs no other job.
+# Functions, so that "{adjective} {noun}" in the JSON is no wildcard.
+daam_generate_cfg = lambda wc: DAAMConfig.job_json(
+    DAAM, "generate", prompt_sets={wc.prompt_set: DAAM["prompt_sets"][wc.prompt_set]}
 )
-daam_real_cfg = lambda wc: json.dumps({k: v for k, v in DAAM.items() if k not in _DAAM_JOB_FREE}, sort_keys=True)
-daam_revision = lambda wc: (
-    f"--revision {config['models'][wc.model]['revision']}" if config["models"][wc.model].get("revision") else ""
-)
+daam_real_cfg = lambda wc: DAAMConfig.job_json(DAAM, "real")
+
+# Figures: seconds of CPU each, run on the submitting host (SLURM profile).
+localrules:
+    daam_overlays_prompts,
+    daam_overlays_real,
+    daam_miou_figure,
+    daam_relations_figure,
+    daam_entanglement_figure,
 
 
 rule daam_generate:
@@ -53,7 +54,7 @@ rule daam_generate:
         directory(daam_dir("{model}", "prompts", "{prompt_set}")),
     params:
         model_path=lambda wc: model_path(wc.model),
-        revision=daam_revision,
+        model_args=model_args_arg,
         cfg=daam_generate_cfg,
         device=config["device"],
     log:
@@ -70,7 +71,7 @@ rule daam_generate:
     shell:
         "diffatlas daam-generate --model {params.model_path:q} --model-name {wildcards.model}"
         " --prompt-set {wildcards.prompt_set} --out {output:q} --config-json {params.cfg:q}"
-        " --device {params.device} --threads {threads} {params.revision} > {log:q} 2>&1"
+        " --device {params.device:q} --threads {threads} {params.model_args:q} > {log:q} 2>&1"
 
 
 rule daam_real:
@@ -83,7 +84,7 @@ rule daam_real:
         directory(daam_dir("{model}", "real", "{dataset}")),
     params:
         model_path=lambda wc: model_path(wc.model),
-        revision=daam_revision,
+        model_args=model_args_arg,
         cfg=daam_real_cfg,
         device=config["device"],
     log:
@@ -98,7 +99,7 @@ rule daam_real:
     shell:
         "diffatlas daam-real --model {params.model_path:q} --model-name {wildcards.model}"
         " --dataset {input.dataset:q} --dataset-name {wildcards.dataset} --out {output:q}"
-        " --config-json {params.cfg:q} --device {params.device} --threads {threads} {params.revision}"
+        " --config-json {params.cfg:q} --device {params.device:q} --threads {threads} {params.model_args:q}"
         " > {log:q} 2>&1"
 
 

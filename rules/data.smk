@@ -38,6 +38,10 @@ rule make_dataset:
         " --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
+localrules:
+    dataset_preview,  # one small figure: runs on the submitting host (SLURM profile)
+
+
 rule dataset_preview:
     conda:
         "../envs/analysis.yaml"

@@ -18,8 +18,6 @@
 # share the expensive part (reading the maps) and the split, so coarse and fine are scored on
 # the same test samples, and the job count stays at one per (layer, timestep).
 
-import json
-
 from snakemake.exceptions import WorkflowError
 
 DIFFC = config["diffc"]
@@ -54,8 +52,16 @@ DIFFC_METRICS = [
     for l in DIFFC_LAYERS
     for t in DIFFC_TIMESTEPS
 ]
+# Summary and figures: seconds of CPU each, run on the submitting host (SLURM profile).
+localrules:
+    diffc_summary,
+    diffc_figure_layer,
+    diffc_figure_timestep,
+    diffc_figure_models,
+
+
 # The training settings without the grid keys, so growing the grid re-runs no finished job.
-DIFFC_TRAIN_CFG = json.dumps({k: v for k, v in DIFFC.items() if k not in ("layers", "timesteps", "threads")}, sort_keys=True)
+DIFFC_TRAIN_CFG = DiffCConfig.job_json(DIFFC)
 
 
 rule train_diffc:
@@ -83,8 +89,8 @@ rule train_diffc:
         runtime=lambda wc, attempt: 15 * attempt,
     shell:
         "diffatlas train-diffc --store {input.store:q} --layer {wildcards.layer:q} --timestep {wildcards.timestep}"
-        " --out {params.out:q} --model {wildcards.model} --dataset {wildcards.dataset}"
-        " --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
+        " --out {params.out:q} --model-name {wildcards.model} --dataset-name {wildcards.dataset}"
+        " --config-json {params.cfg:q} --device {params.device:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule diffc_summary:
@@ -154,7 +160,7 @@ rule diffc_figure_models:
     output:
         str(Path(DIFFC_FIGURES, "{dataset}", "models_accuracy_vs_timestep.png")),
     params:
-        models=" ".join(DIFFC_MODELS),
+        models=DIFFC_MODELS,  # a list: :q quotes each name
     log:
         log_path("diffc_figure_models", "{dataset}"),
     benchmark:
@@ -165,7 +171,7 @@ rule diffc_figure_models:
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
         "diffatlas diffc-figure --summary {input:q} --kind models --dataset {wildcards.dataset}"
-        " --models {params.models} --out {output:q} > {log:q} 2>&1"
+        " --models {params.models:q} --out {output:q} > {log:q} 2>&1"
 
 
 ALL_TARGETS.append(DIFFC_SUMMARY)

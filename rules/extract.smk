@@ -9,14 +9,12 @@
 # temporary name and renamed into place when complete, so a killed job leaves nothing a
 # later job would trust.
 
-import json
+from diffatlas.activations.config import ExtractConfig
 
 EXTRACT_STORE = str(Path(RESULTS, "activations", "{model}", "{dataset}", "t{timestep}.zarr"))
-# The section less the job grid, as JSON. A function, so "{label}" in prompt_template is no wildcard.
-EXTRACT_CFG = json.dumps(
-    {k: v for k, v in config["extract"].items() if k not in ("models", "datasets", "timesteps")},
-    sort_keys=True,
-)
+# The section less the job grid (ExtractConfig.JOB_FREE_KEYS); the job's timestep comes as
+# --timestep. Used through a function, so "{label}" in prompt_template is no wildcard.
+EXTRACT_CFG = ExtractConfig.job_json(config["extract"])
 
 
 rule extract:
@@ -29,11 +27,8 @@ rule extract:
         directory(EXTRACT_STORE),
     params:
         model_path=lambda wc: model_path(wc.model),
-        revision=lambda wc: (
-            f"--revision {config['models'][wc.model]['revision']}"
-            if config["models"][wc.model].get("revision")
-            else ""
-        ),
+        # --revision REV / --allow-pickle-weights as separate arguments, each quoted (:q)
+        model_args=model_args_arg,
         cfg=lambda wc: EXTRACT_CFG,
         device=config["device"],
     log:
@@ -51,8 +46,8 @@ rule extract:
         runtime=lambda wc, attempt: 30 * attempt,
     shell:
         "diffatlas extract --model {params.model_path:q} --dataset {input.dataset:q} --out {output:q}"
-        " --timestep {wildcards.timestep} --config-json {params.cfg:q} --device {params.device} --threads {threads}"
-        " --model-name {wildcards.model} --dataset-name {wildcards.dataset} {params.revision}"
+        " --timestep {wildcards.timestep} --config-json {params.cfg:q} --device {params.device:q} --threads {threads}"
+        " --model-name {wildcards.model} --dataset-name {wildcards.dataset} {params.model_args:q}"
         " > {log:q} 2>&1"
 
 

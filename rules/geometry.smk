@@ -17,7 +17,6 @@
 #
 # The grid is geometry.models x (geometry.timesteps + global_timestep).
 
-import json
 import shlex
 
 from snakemake.exceptions import WorkflowError
@@ -29,12 +28,37 @@ GEO_MEANING = [m for m in config["geometry"]["meaning_models"] if m in GEO_MODEL
 _geo_unknown = [m for m in GEO_MODELS if m not in config["models"]]
 if _geo_unknown:
     raise WorkflowError(f"config geometry.models = {_geo_unknown} are not defined; allowed: names under models {list(config['models'])}")
+# A name that is no configured model is a typo, not a model to skip quietly.
+for _i, _name in enumerate(config["geometry"]["meaning_models"]):
+    if _name not in config["models"]:
+        raise WorkflowError(
+            f"config geometry.meaning_models[{_i}] = {_name!r} is not a configured model; "
+            f"allowed: names under models {list(config['models'])}"
+        )
 
 GEO_ROOT = str(Path(RESULTS, "geometry", "{model}"))
+
+# Summaries and figures: seconds of CPU each, run on the submitting host (SLURM profile).
+localrules:
+    geometry_measures,
+    geometry_meaning,
+    geometry_figure_spectra,
+    geometry_figure_edits,
+    geometry_figure_global,
+    geometry_figure_psd,
+    geometry_figure_meaning,
+
 GEO_DIR = str(Path(GEO_ROOT, "t{timestep}"))
 GEO_GLOBAL = str(Path(GEO_ROOT, "global"))
 GEO_FIGURES = str(Path(RESULTS, "figures", "geometry", "{model}"))
-GEO_CONFIG = json.dumps(config["geometry"], sort_keys=True)
+# Each job's settings carry only the keys it reads (GeometryConfig.JOBS); a basis job's
+# iterative_timesteps is cut to its own timestep, so adding a timestep re-runs no finished job.
+geo_cfg = lambda job: lambda wc: GeometryConfig.job_json(config["geometry"], job)
+geo_basis_cfg = lambda wc: GeometryConfig.job_json(
+    config["geometry"],
+    "basis",
+    iterative_timesteps=GeometryConfig.iterative_slice(config["geometry"]["iterative_timesteps"], wc.timestep),
+)
 # Every timestep directory of one model, as patterns with the {model} wildcard.
 GEO_RUNS = [GEO_DIR.replace("{timestep}", str(_t)) for _t in GEO_TIMESTEPS]
 
@@ -51,7 +75,8 @@ rule geometry_basis:
     params:
         model=lambda wc: model_path(wc.model),
         out=lambda wc: GEO_DIR.format(**wc),
-        cfg=GEO_CONFIG,
+        model_args=model_args_arg,
+        cfg=geo_basis_cfg,
         device=config["device"],
     log:
         log_path("geometry_basis", "{model}", "t{timestep}"),
@@ -64,7 +89,8 @@ rule geometry_basis:
         runtime=lambda wc, attempt: 30 * attempt,
     shell:
         "diffatlas geometry --model {params.model:q} --model-name {wildcards.model} --timestep {wildcards.timestep}"
-        " --out {params.out:q} --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
+        " --out {params.out:q} --config-json {params.cfg:q} --device {params.device:q} --threads {threads}"
+        " {params.model_args:q} > {log:q} 2>&1"
 
 
 rule geometry_global:
@@ -80,7 +106,8 @@ rule geometry_global:
         model=lambda wc: model_path(wc.model),
         basis=lambda wc, input: str(Path(input.basis).parent),
         out=lambda wc: GEO_GLOBAL.format(**wc),
-        cfg=GEO_CONFIG,
+        model_args=model_args_arg,
+        cfg=geo_cfg("global"),
         device=config["device"],
     log:
         log_path("geometry_global", "{model}"),
@@ -93,7 +120,8 @@ rule geometry_global:
         runtime=lambda wc, attempt: 20 * attempt,
     shell:
         "diffatlas geometry-global --model {params.model:q} --model-name {wildcards.model} --basis {params.basis:q}"
-        " --out {params.out:q} --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
+        " --out {params.out:q} --config-json {params.cfg:q} --device {params.device:q} --threads {threads}"
+        " {params.model_args:q} > {log:q} 2>&1"
 
 
 rule geometry_paths:
@@ -106,7 +134,8 @@ rule geometry_paths:
         summary=str(Path(GEO_ROOT, "path_lengths.json")),
     params:
         model=lambda wc: model_path(wc.model),
-        cfg=GEO_CONFIG,
+        model_args=model_args_arg,
+        cfg=geo_cfg("paths"),
         device=config["device"],
     log:
         log_path("geometry_paths", "{model}"),
@@ -119,7 +148,7 @@ rule geometry_paths:
         runtime=lambda wc, attempt: 20 * attempt,
     shell:
         "diffatlas geometry-paths --model {params.model:q} --model-name {wildcards.model} --out {output.table:q}"
-        " --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
+        " --config-json {params.cfg:q} --device {params.device:q} --threads {threads} {params.model_args:q} > {log:q} 2>&1"
 
 
 rule geometry_measures:

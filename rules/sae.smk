@@ -15,7 +15,6 @@
 # The grid is extract.models x extract.datasets x sae.layers (default extract.layers) x
 # sae.timesteps (default extract.timesteps).
 
-import json
 import shlex
 
 from snakemake.exceptions import WorkflowError
@@ -42,6 +41,16 @@ SAE_DIR = str(Path(RESULTS, "sae", "{model}", "{dataset}", "{layer}", "t{timeste
 SAE_SUMMARY = str(Path(RESULTS, "sae", "{model}", "{dataset}", "summary.csv"))
 SAE_FIGURES = str(Path(RESULTS, "figures", "sae"))
 SAE_GALLERY = str(Path(SAE_FIGURES, "{model}", "{dataset}", "gallery", "{layer}", "t{timestep}.png"))
+# Summaries and figures: seconds of CPU each, run on the submitting host (SLURM profile).
+localrules:
+    sae_summary,
+    sae_figure_vs_layer,
+    sae_figure_vs_timestep,
+    sae_figure_curves,
+    sae_figure_across_models,
+    sae_gallery,
+
+
 # Every (layer, timestep) of one model x dataset, as wildcards for SAE_DIR.
 SAE_GRID = [dict(layer=l, timestep=t) for l in SAE_LAYERS for t in SAE_TIMESTEPS]
 
@@ -58,7 +67,9 @@ rule train_sae:
         latents=str(Path(SAE_DIR, "latents.parquet")),
     params:
         out=lambda wc: SAE_DIR.format(**wc),
-        cfg=lambda wc: json.dumps(config["sae"], sort_keys=True),
+        # only the keys the job reads (no grid, no gallery settings): adding a layer or a
+        # timestep re-runs no finished job. A function: the JSON holds {braces}.
+        cfg=lambda wc: SAEConfig.job_json(config["sae"]),
         device=config["device"],
     log:
         log_path("train_sae", "{model}", "{dataset}", "{layer}", "t{timestep}"),
@@ -71,8 +82,8 @@ rule train_sae:
         runtime=lambda wc, attempt: 20 * attempt,
     shell:
         "diffatlas train-sae --store {input.store:q} --layer {wildcards.layer:q} --timestep {wildcards.timestep}"
-        " --out {params.out:q} --model {wildcards.model} --dataset {wildcards.dataset}"
-        " --config-json {params.cfg:q} --device {params.device} --threads {threads} > {log:q} 2>&1"
+        " --out {params.out:q} --model-name {wildcards.model} --dataset-name {wildcards.dataset}"
+        " --config-json {params.cfg:q} --device {params.device:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule sae_summary:

@@ -36,7 +36,7 @@ rule train_world_model:
         runtime=lambda wc, attempt: 180 * attempt,
     shell:
         "diffatlas train-world-model --config-json {params.cfg:q} --out {output:q}"
-        " --checkpoint-dir {params.checkpoints:q} --device {params.device} --threads {threads}"
+        " --checkpoint-dir {params.checkpoints:q} --device {params.device:q} --threads {threads}"
         " > {log:q} 2>&1"
 
 
@@ -44,13 +44,15 @@ rule world_fidelity:
     conda:
         "../envs/torch.yaml"
     input:
-        model_input("shapesworld"),
+        model=model_input("shapesworld"),
     output:
         json=WORLD_FIDELITY_JSON,
         samples=WORLD_FIDELITY_SAMPLES,
     params:
-        model=model_path("shapesworld"),
-        cfg=json.dumps(config["world_model"]["fidelity"], sort_keys=True),
+        # the model's path or hub id: a function, so the linter does not read it as a file prefix
+        model_path=lambda wc: model_path("shapesworld"),
+        model_args=model_args("shapesworld"),
+        cfg=FidelityConfig.job_json(config["world_model"]["fidelity"], "sample"),
         device=config["device"],
     log:
         log_path("world_fidelity"),
@@ -62,9 +64,13 @@ rule world_fidelity:
         mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=lambda wc, attempt: 15 * attempt,
     shell:
-        "diffatlas world-fidelity --model {params.model:q} --config-json {params.cfg:q}"
+        "diffatlas world-fidelity --model {params.model_path:q} --config-json {params.cfg:q} {params.model_args:q}"
         " --out-json {output.json:q} --out-samples {output.samples:q}"
-        " --device {params.device} --threads {threads} > {log:q} 2>&1"
+        " --device {params.device:q} --threads {threads} > {log:q} 2>&1"
+
+
+localrules:
+    world_samples_figure,  # one small figure: runs on the submitting host (SLURM profile)
 
 
 rule world_samples_figure:
@@ -76,7 +82,7 @@ rule world_samples_figure:
     output:
         WORLD_SAMPLES_FIGURE,
     params:
-        cfg=json.dumps(config["world_model"]["fidelity"], sort_keys=True),
+        cfg=FidelityConfig.job_json(config["world_model"]["fidelity"], "figure"),
     log:
         log_path("world_samples_figure"),
     benchmark:

@@ -9,19 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffatlas.daam.evaluate import (
-    evaluate_adjective_swaps,
-    evaluate_cohyponyms,
-    evaluate_generated,
-    evaluate_real,
-    intersection_over,
-    iou,
-    parses_for_run,
-    relation_rows,
-    summarize,
-    summarize_by_role,
-    summarize_relations,
-)
+from diffatlas.daam.entanglement import evaluate_adjective_swaps, evaluate_cohyponyms
+from diffatlas.daam.measures import intersection_over, iou
+from diffatlas.daam.objects import evaluate_generated, evaluate_real, summarize, summarize_by_role
+from diffatlas.daam.parses import parses_for_run
+from diffatlas.daam.syntax import relation_rows, summarize_relations
 from diffatlas.daam.words import TracedRun, WordMaps, align_prompt
 from diffatlas.data.shapesworld import caption_for, generate_shapesworld, render_scene
 from diffatlas.errors import UserError
@@ -146,11 +138,11 @@ def test_cohyponym_and_adjective_swap_measures(tok):
         [{"prompt_index": 0}, {"prompt_index": 0}, {"prompt_index": 1}, {"prompt_index": 2}],
         {},
     )
-    coh = evaluate_cohyponyms(run, {"cohyponym": [0]})
+    coh = evaluate_cohyponyms(run, {"cohyponym": [0]}, tau=0.4)
     assert coh["both_present"].tolist() == [True, False]
     assert coh["first_present"].tolist() == [True, True]
     assert np.allclose(coh["noun_mask_iou"], 0.0)  # disjoint objects, oracle maps
-    swaps = evaluate_adjective_swaps(run, {"square": {"red": [2], "green": [3]}})
+    swaps = evaluate_adjective_swaps(run, {"square": {"red": [2], "green": [3]}}, tau=0.4)
     assert len(swaps) == 1
     row = swaps.iloc[0]
     assert row["change_outside"] == pytest.approx(0.0)  # same background everywhere else
@@ -184,5 +176,5 @@ def test_real_image_tracing_on_a_tiny_model(tmp_path):
     with pytest.raises(UserError, match="mode 'bogus'"):
         trace_real_images(handle, data.images[:1], caps[:1], mode="bogus")
     with pytest.raises(UserError, match="needs a dataset with object masks"):
-        evaluate_real(a, data.meta, None)
+        evaluate_real(a, data.meta, None, taus=[0.4])
     assert isinstance(a.items, list) and isinstance(pd.DataFrame(a.items), pd.DataFrame)

@@ -51,12 +51,17 @@ def hand_attention(attn, hidden, context):
 
 def test_output_equals_stock_and_restores_original_processors():
     unet = tiny_unet()
-    modules = find_cross_attention(unet)
+    # DAAM's default: the down and up blocks' cross-attention, not the mid block's (reference code)
+    default = find_cross_attention(unet)
+    assert default and not any(n.startswith("mid_block") for n in default)
+    assert all(n.startswith(("down_blocks.", "up_blocks.")) and n.endswith("attn2") for n in default)
+    modules = find_cross_attention(unet, ["*attn2"])
+    assert set(modules) - set(default) == {n for n in modules if n.startswith("mid_block")} != set()
     before = {n: m.processor for n, m in modules.items()}
     x, t, ctx = torch.randn(3, 3, 16, 16), torch.tensor([300, 300, 300]), torch.randn(3, 7, 24)
     with torch.no_grad():
         ref = unet(x, t, ctx).sample
-        with AttentionTracer(unet) as tracer:
+        with AttentionTracer(unet, ["*attn2"]) as tracer:
             out = unet(x, t, ctx).sample
             raw = tracer.collect(CFGLayout.batched(3, guidance=False))
             assert all(type(m.processor).__name__ == "DAAMAttnProcessor" for m in modules.values())
@@ -106,10 +111,10 @@ def test_recorded_maps_equal_hand_computed_attention():
 
 def test_restores_processors_on_error_and_selects_layers_by_glob():
     unet = tiny_unet()
-    modules = find_cross_attention(unet)
+    modules = find_cross_attention(unet, ["*attn2"])
     before = {n: m.processor for n, m in modules.items()}
     with pytest.raises(ZeroDivisionError):
-        with AttentionTracer(unet):
+        with AttentionTracer(unet, ["*attn2"]):
             1 / 0
     assert all(modules[n].processor is before[n] for n in modules)
     only_mid = find_cross_attention(unet, ["mid_block.*attn2"])

@@ -22,7 +22,7 @@ MODEL = Path(__file__).resolve().parents[1] / "resources" / "models" / "shapeswo
 def test_noun_masks_beat_whole_image_baseline():
     import torch
 
-    from diffatlas.daam.evaluate import evaluate_real, summarize
+    from diffatlas.daam.objects import evaluate_real, summarize
     from diffatlas.daam.realimage import trace_real_images
     from diffatlas.data.shapesworld import generate_shapesworld
     from diffatlas.models.loader import load_model

@@ -96,4 +96,4 @@ def test_threshold_mask_known_answer():
     mask = threshold_mask(heat, 0.45)
     assert mask.sum() == 6 and not mask[0, 4] and mask[0, 5]  # 0.5..1.0
     assert threshold_mask(heat, 0.35).sum() == 7  # 0.4..1.0
-    assert not threshold_mask(np.ones((3, 3))).any()  # a flat map selects nothing
+    assert not threshold_mask(np.ones((3, 3)), 0.4).any()  # a flat map selects nothing

@@ -67,6 +67,9 @@ class _FakeHandle:
         self.scheduler = SimpleNamespace(config=SimpleNamespace(prediction_type="epsilon", clip_sample=True,
                                                                 clip_sample_range=1.0, set_alpha_to_one=True))
         self.num_train_timesteps = 1000
+        from diffatlas.models.diffusion import NoiseSchedule
+
+        self.schedule = NoiseSchedule(self.alphas_cumprod.double(), 1.0, "epsilon", 1.0)
 
 
 class _FakeDenoiser:

@@ -100,6 +100,7 @@ EXPECTED = {
     # family: (denoiser class, latent channels, latent size, #tokenizers, has vae)
     "pixel": ("UNet2DConditionModel", 3, 32, 1, False),
     "sd": ("UNet2DConditionModel", 4, 16, 1, True),
+    "sd-v": ("UNet2DConditionModel", 4, 16, 1, True),
     "sdxl": ("UNet2DConditionModel", 4, 16, 2, True),
     "dit": ("DiTTransformer2DModel", 4, 16, 0, True),
 }
@@ -109,7 +110,8 @@ EXPECTED = {
 def test_tiny_model_loads_with_expected_attributes(handles, family):
     h = handles[family]
     cls, c, s, n_tok, has_vae = EXPECTED[family]
-    assert h.family == family
+    assert h.family == ("sd" if family == "sd-v" else family)
+    assert h.prediction_type == ("v_prediction" if family == "sd-v" else "epsilon")
     assert type(h.denoiser).__name__ == cls
     assert (h.latent_channels, h.latent_size, h.image_size) == (c, s, 32)
     assert len(h.tokenizers) == len(h.text_encoders) == n_tok
@@ -143,6 +145,10 @@ def test_predict_noise_matches_direct_denoiser_call(handles, family):
         ref = raw[:, : x.shape[1]]
     else:
         ref = h.denoiser(x, t, **cond).sample
+    if family == "sd-v":  # v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x0  =>  ε = sqrt(ᾱ) v + sqrt(1 - ᾱ) x_t
+        torch.testing.assert_close(h.model_output(x, 500, cond), ref)
+        a = float(h.scheduler.alphas_cumprod[500])
+        ref = a**0.5 * ref + (1 - a) ** 0.5 * x
     torch.testing.assert_close(eps, ref)
     # Conditioning matters: the empty and non-empty prompt give different predictions.
     assert (eps[0] - eps[1]).abs().max() > 1e-6
@@ -335,7 +341,19 @@ def test_loader_errors_name_the_problem(tmp_path, handles):
         load_model(bad)
     with pytest.raises(UserError, match="nothing is downloaded"):
         load_model("nobody-diffatlas/not-a-model", cache_dir=tmp_path / "hf")
-    assert set(CLASS_TO_FAMILY.values()) == set(FAMILIES)
+    assert set(CLASS_TO_FAMILY.values()) == set(FAMILIES) - {"sd-v"}  # sd-v loads as sd
+
+
+def test_unknown_prediction_type_is_refused_at_load(tmp_path, handles):
+    bad = tmp_path / "badpred"
+    shutil.copytree(handles["sd"].local_path, bad)
+    cfg_path = bad / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["prediction_type"] = "flow"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=rf"model {bad}: scheduler prediction_type 'flow' is not supported; "
+                                        r"allowed: epsilon, v_prediction, sample"):
+        load_model(bad)
 
 
 def test_hub_id_resolves_from_local_cache_with_commit_as_revision(tmp_path, handles):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,8 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.workflow
 
 
+#: The tiny model is served as a Hugging Face cache entry of this commit, and the config names
+#: it by hub id and revision: every model-loading job (extraction, DAAM, geometry, fidelity)
+#: must pass --revision and load it from the cache.
+HUB_ID, REVISION = "diffatlas-test/tiny-world", "0123456789abcdef0123456789abcdef01234567"
+HUB_CACHE = {}
+
+
 def _snakemake(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DIFFATLAS_NO_PROGRESS="1")
+    env = dict(os.environ, DIFFATLAS_NO_PROGRESS="1", **HUB_CACHE)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
@@ -41,13 +49,17 @@ def tiny_run():
     holder = tempfile.TemporaryDirectory(prefix="diffatlas-wf-")
     tmp = Path(holder.name)
     model = make_tiny_model("pixel", tmp / "tiny_world_model", seed=0)
+    snapshot = tmp / "hub" / ("models--" + HUB_ID.replace("/", "--")) / "snapshots" / REVISION
+    shutil.copytree(model, snapshot)
+    HUB_CACHE["HF_HUB_CACHE"] = str(tmp / "hub")
     cfg = yaml.safe_load((ROOT / "tests" / "workflow" / "tiny_config.yaml").read_text())
     cfg["results"] = str(tmp / "results")
-    cfg["models"] = {"shapesworld": {"path": str(model)}}
+    cfg["models"] = {"shapesworld": {"path": HUB_ID, "revision": REVISION}}
     cfg_path = tmp / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     _snakemake("--configfile", str(cfg_path))
     yield tmp / "results", cfg_path
+    HUB_CACHE.clear()
     holder.cleanup()
 
 
@@ -86,6 +98,15 @@ def test_end_to_end_outputs(tiny_run):
     assert {"data", "sae", "diffc", "daam", "geometry", "world_model"} <= stages, stages
     for fig in figures:
         assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
+    # every model-loading stage loaded the configured revision from the cache
+    assert store.attrs["revision"] == REVISION
+    for run in ("prompts/captions", "real/shapesworld"):
+        info = json.loads((results / "daam" / "shapesworld" / run / "run" / "info.json").read_text())
+        assert info["model"]["revision"] == REVISION, run
+    geo = json.loads((results / "geometry" / "shapesworld" / "t999" / "meta.json").read_text())
+    assert geo["model_info"]["revision"] == REVISION
+    fid = json.loads((results / "world_model" / "fidelity.json").read_text())
+    assert fid["model"]["revision"] == REVISION
     # no temporary leftovers from atomic writes
     assert not [p for p in results.rglob(".*.tmp-*")]
 

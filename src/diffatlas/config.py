@@ -22,6 +22,14 @@ from diffatlas.errors import UserError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config.schema.yaml"
 
+#: Characters of names (models, datasets, prompt sets): the schema's propertyNames pattern
+#: and the {model}/{dataset} wildcard constraints (rules/common.smk) both use this set.
+NAME_WILDCARD = "[A-Za-z0-9_-]+"
+#: Characters of a layer name or module-path glob as a {layer} wildcard (rules/common.smk).
+#: Every string the schema's layer patterns admit is made of these (checked by a test), so
+#: a layer that validates is always a path the workflow can build.
+LAYER_WILDCARD = r"[A-Za-z0-9_.*?\[\]-]+"
+
 
 def load_schema(path: str | os.PathLike | None = None) -> dict[str, Any]:
     path = Path(path) if path else SCHEMA_PATH
@@ -68,6 +76,13 @@ def _explain(err: jsonschema.ValidationError) -> str:
         return f"unknown config key {', '.join(hints)}{where}; allowed keys: {', '.join(allowed)}"
     if err.validator == "required":
         return f"config {key} is missing a required key: {err.message}"
+    if err.validator in ("minItems", "minProperties") and not err.instance:
+        n, what = err.validator_value, ("item" if err.validator == "minItems" else "entry")
+        items = err.schema.get("items")
+        each = f"; each {_allowed(items)}" if isinstance(items, dict) else ""
+        return f"config {key} must not be empty; give at least {n} {what}{'s' if n != 1 else ''}{each}"
+    if err.validator == "minLength" and err.instance == "":
+        return f"config {key} must not be an empty string; allowed: {_allowed(err.schema)}"
     if err.validator == "propertyNames":
         return f"config {key}: name {err.instance!r} is not allowed ({_allowed(err.schema)})"
     return f"config {key} = {err.instance!r} is not allowed; allowed: {_allowed(err.schema)}"
@@ -127,9 +142,28 @@ def _check_references(config: dict[str, Any]) -> None:
         for i, name in enumerate(config.get(section, {}).get("models", [])):
             if name not in models:
                 raise UserError(f"config {section}.models[{i}] = {name!r} is not a configured model; allowed: {', '.join(sorted(models))}")
-    for i, name in enumerate(config.get("extract", {}).get("datasets", [])):
-        if name not in datasets:
-            raise UserError(f"config extract.datasets[{i}] = {name!r} is not a configured dataset; allowed: {', '.join(sorted(datasets))}")
+    for section in ("extract", "daam"):
+        for i, name in enumerate(config.get(section, {}).get("datasets", [])):
+            if name not in datasets:
+                raise UserError(f"config {section}.datasets[{i}] = {name!r} is not a configured dataset; allowed: {', '.join(sorted(datasets))}")
+
+
+def refuse_local_revision(path: str | os.PathLike, revision: str | None, name: str | None = None) -> None:
+    """A revision selects a snapshot of a hub id in the local cache; a local directory has
+    none, so a revision there would be recorded but never checked: refuse it."""
+    if revision and Path(os.path.expanduser(str(path))).is_dir():
+        key = f"models.{name}.revision" if name else "the revision"
+        raise UserError(
+            f"model {name or path!r}: revision {revision!r} is set but its path {path} is a local directory; "
+            f"a revision only selects a cached snapshot of a hub id ('owner/name'). Remove {key} "
+            "(a local directory is recorded by the hash of its weight files)"
+        )
+
+
+def check_revisions(config: dict[str, Any], model_paths: dict[str, str]) -> None:
+    """:func:`refuse_local_revision` for every configured model (the workflow calls this)."""
+    for name, entry in config.get("models", {}).items():
+        refuse_local_revision(model_paths.get(name, entry.get("path", "")), entry.get("revision"), name)
 
 
 def load_config(path: str | os.PathLike, schema_path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -148,26 +182,49 @@ def load_config(path: str | os.PathLike, schema_path: str | os.PathLike | None =
         raise UserError(f"{path}: {err}") from None
 
 
+def scheduler_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """A model's ``scheduler/scheduler_config.json`` (``{}`` for hub ids and models not built yet)."""
+    cfg = Path(model_dir) / "scheduler" / "scheduler_config.json"
+    if cfg.exists():
+        import json
+
+        return json.loads(cfg.read_text())
+    return {}
+
+
 def num_train_timesteps(model_dir: str | os.PathLike, default: int = 1000) -> int:
     """T of a model in diffusers layout, read from its scheduler config without loading it.
 
     Hub ids and models not built yet (the ShapesWorld model when it is trained by the
     workflow) fall back to ``default``; the extraction step re-checks after loading.
     """
-    cfg = Path(model_dir) / "scheduler" / "scheduler_config.json"
-    if cfg.exists():
-        import json
-
-        return int(json.loads(cfg.read_text()).get("num_train_timesteps", default))
-    return default
+    return int(scheduler_config(model_dir).get("num_train_timesteps", default))
 
 
 def check_timesteps(config: dict[str, Any], model_paths: dict[str, str]) -> None:
-    """Every configured timestep must lie in 0..T-1 of every model it is used with.
+    """Every configured time must fit every model it is used with, in that model's convention.
 
     Checked: extract.timesteps, diffc.timesteps (a subset of extract's), geometry.timesteps,
-    geometry.iterative_timesteps and geometry.global_timestep.
+    geometry.iterative_timesteps, geometry.global_timestep, and a model's own list
+    ``models.<name>.timesteps`` (:func:`diffatlas.models.diffusion.timesteps_for`). The
+    convention (integer steps with ᾱ, or flow-matching sigmas) and T come from the model's
+    scheduler config (:func:`diffatlas.models.diffusion.check_time`); a model is not refused
+    for lacking ``alphas_cumprod``, only for times it cannot take.
     """
+    from diffatlas.models.diffusion import check_time, time_convention
+
+    def model_time(name: str) -> tuple[str, int | None]:
+        sched = scheduler_config(model_paths[name])
+        conv = time_convention(sched)
+        return conv, (None if conv == "sigma" else int(sched.get("num_train_timesteps", 1000)))
+
+    for name, block in (config.get("models") or {}).items():
+        own = (block or {}).get("timesteps")
+        if own is None or name not in model_paths:
+            continue
+        conv, T = model_time(name)
+        for i, t in enumerate(own):
+            check_time(t, conv, T, f"models.{name}.timesteps[{i}]", name)
     for section, key in (("extract", "timesteps"), ("diffc", "timesteps"), ("geometry", "timesteps"),
                          ("geometry", "iterative_timesteps"), ("geometry", "global_timestep")):
         block = config.get(section) or {}
@@ -179,11 +236,9 @@ def check_timesteps(config: dict[str, Any], model_paths: dict[str, str]) -> None
         for name in models:
             if name not in model_paths:
                 continue  # unknown model names are reported by the reference check
-            T = num_train_timesteps(model_paths[name])
+            if section == "extract" and ((config.get("models") or {}).get(name) or {}).get("timesteps") is not None:
+                continue  # the model's own list replaces the global one
+            conv, T = model_time(name)
             for i, t in enumerate(values):
-                if not 0 <= int(t) < T:
-                    where = f"{section}.{key}" + (f"[{i}]" if isinstance(value, (list, tuple)) else "")
-                    raise UserError(
-                        f"config {where} = {t} is out of range for model {name!r}; "
-                        f"allowed: integers 0..{T - 1} (training scale, T = {T} from its scheduler config)"
-                    )
+                where = f"{section}.{key}" + (f"[{i}]" if isinstance(value, (list, tuple)) else "")
+                check_time(t, conv, T, where, name)

@@ -33,6 +33,9 @@ class ExtractConfig(ConfigSection):
     """What to extract and how (defaults: the ShapesWorld demo)."""
 
     SECTION = "extract"
+    # The workflow grid: a job extracts one (model, dataset, timestep), given as paths and
+    # ``--timestep``, so adding a timestep re-runs no finished job.
+    JOB_FREE_KEYS = ("models", "datasets", "timesteps")
 
     models: list[str] = field(default_factory=lambda: ["shapesworld"])
     """Names from ``models`` to extract (workflow grid)."""

@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diffatlas.activations.config import ExtractConfig
 from diffatlas.activations.hooks import ActivationCapture, Captured
@@ -50,6 +49,7 @@ from diffatlas.activations.store import LayerSpec, open_writer
 from diffatlas.errors import UserError
 from diffatlas.io import ensure_writable_parent, pick_device
 from diffatlas.logs import progress
+from diffatlas.models.diffusion import cfg_combine, images_to_tensor  # noqa: F401 (re-exported for callers)
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,6 @@ def amp_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     if dtype == "auto":
         dtype = "float16" if device.type == "cuda" else "float32"
     return AMP_DTYPES.get(dtype)
-
-
-def images_to_tensor(images: np.ndarray, size: int | None, device: torch.device) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float32 [B, 3, S, S] in [-1, 1] on ``device`` (resized to ``size``)."""
-    x = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(device).permute(0, 3, 1, 2).to(torch.float32)
-    x = x / 127.5 - 1.0
-    if size is not None and tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x
 
 
 def take_rows(cond: Any, index: torch.Tensor, n_rows: int) -> Any:
@@ -180,6 +171,7 @@ def extract(
     model_name: str | None = None,
     dataset_name: str | None = None,
     revision: str | None = None,
+    allow_pickle_weights: bool = False,
 ) -> Path:
     """Load ``dataset`` and ``model`` and write the store at ``out`` (see module docstring)."""
     from diffatlas.data.dataset import load_dataset
@@ -194,7 +186,7 @@ def extract(
     ds = load_dataset(dataset, mmap=True)
     if len(ds) == 0:
         raise UserError(f"dataset {dataset} is empty (0 samples): nothing to extract")
-    kwargs: dict[str, Any] = {"device": dev}
+    kwargs: dict[str, Any] = {"device": dev, "allow_pickle_weights": allow_pickle_weights}
     if revision is not None:
         kwargs["revision"] = revision
     handle = load_model(str(model), **kwargs)
@@ -437,7 +429,7 @@ class _Runner:
             if null is None or self.cfg.guidance_scale == 1.0:
                 return eps_c
             eps_u = self.handle.predict_noise(x, self._timestep(t, x.shape[0]), null).float()
-        return eps_u + self.cfg.guidance_scale * (eps_c - eps_u)
+        return cfg_combine(eps_u, eps_c, self.cfg.guidance_scale)
 
     def x0(self, images: np.ndarray) -> torch.Tensor:
         x = images_to_tensor(images, int(self.handle.image_size), self.device)

@@ -14,15 +14,21 @@ grid that lie below the target, then one step onto the target (:func:`inversion_
     x   = sqrt(ᾱ_next) x0̂ + sqrt(1 - ᾱ_next) ε
 
 The first step evaluates ε at timestep 0 on the clean input (ᾱ_cur = 1, so x0̂ = x).
+The formulas live in the diffusion core (:mod:`diffatlas.models.diffusion`): ``add_noise``,
+``ddim_invert`` and ``CLEAN`` are re-exported from there; ε is the model's true noise
+prediction (``ModelHandle.predict_noise`` converts v- and x0-predictions).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import torch
+
+from diffatlas.models.diffusion import CLEAN, add_noise, ddim_invert
+
+__all__ = ["CLEAN", "add_noise", "ddim_invert", "inversion_path", "noise_seed", "sample_noise"]
 
 
 def noise_seed(seed: int, sample_id: int, timestep: int, draw: int = 0) -> int:
@@ -47,12 +53,6 @@ def sample_noise(
     return out
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_t: float) -> torch.Tensor:
-    """Forward process: ``sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε`` (shapes [B, C, h, w])."""
-    a = float(alpha_bar_t)
-    return x0 * (a**0.5) + noise.to(x0.device, x0.dtype) * ((1.0 - a) ** 0.5)
-
-
 def inversion_path(target: int, steps: int, num_train_timesteps: int) -> list[int]:
     """Timesteps DDIM inversion visits from the clean input to ``target``.
 
@@ -64,35 +64,3 @@ def inversion_path(target: int, steps: int, num_train_timesteps: int) -> list[in
         raise ValueError("inversion steps must be >= 1")
     stride = max(1, num_train_timesteps // steps)
     return [g for g in range(stride, num_train_timesteps, stride) if g < target] + [int(target)]
-
-
-CLEAN = -1
-"""Start of an inversion path: the clean input, with ᾱ = 1."""
-
-
-def ddim_invert(
-    eps_fn: Callable[[torch.Tensor, int], torch.Tensor],
-    x: torch.Tensor,
-    path: Sequence[int],
-    alphas_cumprod: torch.Tensor | np.ndarray,
-    start: int = CLEAN,
-) -> torch.Tensor:
-    """DDIM-invert ``x`` (at timestep ``start``, or :data:`CLEAN`) through the timesteps ``path``.
-
-    ``path`` ascends and lies above ``start``; an empty path returns ``x``. Running a path in
-    pieces (each piece starting where the last ended) gives the same result as one call.
-    ``eps_fn(x [B,C,h,w], t) -> ε`` is the model's noise prediction at training timestep
-    ``t``. Scalars are float64; tensors keep the dtype of ``x``.
-    """
-    ab = np.asarray(alphas_cumprod.detach().cpu() if isinstance(alphas_cumprod, torch.Tensor) else alphas_cumprod, dtype=np.float64)
-    t_cur = int(start)
-    a_cur = 1.0 if t_cur == CLEAN else float(ab[t_cur])
-    for t_next in path:
-        if t_next <= t_cur:
-            raise ValueError(f"inversion path must ascend above {t_cur}, got {t_next}")
-        a_next = float(ab[t_next])
-        eps = eps_fn(x, max(t_cur, 0)).to(x.dtype)
-        x0_hat = (x - (1.0 - a_cur) ** 0.5 * eps) / a_cur**0.5
-        x = a_next**0.5 * x0_hat + (1.0 - a_next) ** 0.5 * eps
-        t_cur, a_cur = int(t_next), a_next
-    return x

@@ -13,18 +13,20 @@ results of an entanglement prompt set.
 
 from __future__ import annotations
 
-import argparse
+from diffatlas.daam.config import DAAMConfig
 from diffatlas.logs import result
+from diffatlas.runner import Runner
 
+RUNNER = Runner("daam-figure", __doc__, section=DAAMConfig)
 KINDS = ("overlays", "miou", "relations", "entanglement")
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="diffatlas daam-figure", description=__doc__.split("\n\n")[0])
+    parser = RUNNER.parser()
     parser.add_argument("kind", choices=KINDS, help="which figure")
     parser.add_argument("--inputs", nargs="+", required=True, help="output directories of daam-generate / daam-real")
     parser.add_argument("--out", required=True, help="PNG path under results/figures/daam/")
-    parser.add_argument("--items", type=int, default=6, help="overlays: images shown (default 6)")
+    parser.add_argument("--items", type=int, default=None, help="overlays: images shown (default: daam.overlay_items)")
     parser.add_argument("--title", default="", help="figure title")
     args = parser.parse_args(argv)
 
@@ -35,6 +37,7 @@ def main(argv: list[str]) -> int:
     from diffatlas.daam import figures
     from diffatlas.daam.words import TracedRun
     from diffatlas.errors import UserError
+    from diffatlas.io import read_json
 
     for d in args.inputs:
         if not Path(d, "eval.json").exists():
@@ -42,7 +45,10 @@ def main(argv: list[str]) -> int:
     if args.kind == "overlays":
         if len(args.inputs) != 1:
             raise UserError("daam-figure overlays takes exactly one --inputs directory")
-        figures.overlay_grid(TracedRun.load(Path(args.inputs[0], "run")), args.out, args.items, args.title)
+        n_items = RUNNER.config(args, {"overlay_items": args.items}).overlay_items
+        # τ of the outline: the one the run was scored at (recorded from the config in eval.json).
+        tau = float(read_json(Path(args.inputs[0], "eval.json"))["tau"])
+        figures.overlay_grid(TracedRun.load(Path(args.inputs[0], "run")), args.out, tau, n_items, args.title)
     elif args.kind == "miou":
         figures.miou_figure(figures.read_tables(args.inputs, "summary.csv"), figures.read_tables(args.inputs, "threshold_curve.csv"), args.out, args.title)
     elif args.kind == "relations":

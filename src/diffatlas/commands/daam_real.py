@@ -14,31 +14,25 @@ per relation). An image without a caption is an error.
 
 from __future__ import annotations
 
-import argparse
+from diffatlas.daam.config import DAAMConfig
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("daam-real", __doc__, section=DAAMConfig, model="required", device=True, threads=True)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="diffatlas daam-real", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="diffusers model directory or cached hub id")
-    parser.add_argument("--model-name", default=None, help="model name recorded with the maps (default: --model)")
+    parser = RUNNER.parser()
     parser.add_argument("--dataset", required=True, help="dataset directory (results/data/NAME)")
     parser.add_argument("--dataset-name", default=None, help="dataset name recorded (default: folder name)")
     parser.add_argument("--out", required=True, help="output directory, e.g. results/daam/MODEL/real/DATASET")
-    parser.add_argument("--config-json", default="", help="the daam section as JSON (default: schema defaults)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
 
-    from diffatlas.daam.config import DAAMConfig
-    from diffatlas.daam.evaluate import run_real
-    from diffatlas.io import pick_device, set_threads
-    from diffatlas.models.loader import load_model
+    from diffatlas.daam.run import run_real
 
-    cfg = DAAMConfig.from_json(args.config_json)
-    set_threads(args.threads)
-    handle = load_model(args.model, device=pick_device(args.device))
-    res = run_real(handle, cfg, args.dataset, args.out, model_name=args.model_name or args.model, dataset_name=args.dataset_name)
+    cfg = RUNNER.config(args)
+    handle = RUNNER.load_model(args)
+    res = run_real(handle, cfg, args.dataset, args.out, model_name=RUNNER.model_name(args), dataset_name=args.dataset_name)
     result(f"{res['n_items']} real images traced -> {args.out}")
     if len(res["summary"]):
         result(res["summary"][["source", "method", "miou", "ci95", "n"]].to_string(index=False))

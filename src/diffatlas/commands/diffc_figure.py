@@ -13,17 +13,19 @@ timestep, a line per layer), ``models`` (accuracy vs timestep across models, bes
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pandas as pd
 
 from diffatlas.errors import UserError
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("diffc-figure", __doc__)
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="diffatlas diffc-figure", description=__doc__.split("\n\n")[0])
+    p = RUNNER.parser()
     p.add_argument("--summary", required=True, help="summary.csv written by diffc-summary")
     p.add_argument("--kind", required=True, choices=["layer", "timestep", "models"])
     p.add_argument("--model", default=None, help="model name (kinds layer and timestep)")

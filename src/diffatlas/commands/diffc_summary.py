@@ -10,15 +10,17 @@ diffatlas.diffc.summary.COLUMNS.
 
 from __future__ import annotations
 
-import argparse
 
 from diffatlas.diffc.summary import build_summary
 from diffatlas.io import atomic_file
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("diffc-summary", __doc__)
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="diffatlas diffc-summary", description=__doc__.split("\n\n")[0])
+    p = RUNNER.parser()
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("metrics", nargs="+", help="metrics.json files of train-diffc")
     args = p.parse_args(argv)

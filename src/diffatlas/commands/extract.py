@@ -14,34 +14,26 @@ when complete; read it, or the directory of a model's per-time stores as one, wi
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
+from diffatlas.activations.config import ExtractConfig
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("extract", __doc__, section=ExtractConfig, model="required", device=True, threads=True)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="diffatlas extract", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="diffusers model directory or cached hub id")
+    parser = RUNNER.parser()
     parser.add_argument("--dataset", required=True, help="dataset directory (results/data/NAME)")
     parser.add_argument("--out", required=True, help="output store, e.g. results/activations/MODEL/DATASET/t500.zarr")
     parser.add_argument("--timestep", type=int, default=None, help="extract this timestep only (replaces the config's timesteps)")
-    parser.add_argument("--config-json", default="", help="the extract section as JSON (default: schema defaults)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: OMP_NUM_THREADS)")
-    parser.add_argument("--model-name", default=None, help="model name recorded in the store (default: folder name)")
     parser.add_argument("--dataset-name", default=None, help="dataset name recorded in the store (default: folder name)")
-    parser.add_argument("--revision", default=None, help="hub revision of --model (cache only)")
     args = parser.parse_args(argv)
 
-    from diffatlas.activations.config import ExtractConfig
     from diffatlas.activations.extract import extract
     from diffatlas.activations.store import ActivationStore
-    from diffatlas.io import set_threads
 
-    cfg = ExtractConfig.from_json(args.config_json)
-    if args.timestep is not None:
-        cfg = dataclasses.replace(cfg, timesteps=[args.timestep])
-    set_threads(args.threads)
+    cfg = RUNNER.config(args, overrides=None if args.timestep is None else {"timesteps": [args.timestep]})
+    RUNNER.setup(args)  # threads; extract() picks the device from --device itself
     path = extract(
         cfg,
         model=args.model,
@@ -51,6 +43,7 @@ def main(argv: list[str]) -> int:
         model_name=args.model_name,
         dataset_name=args.dataset_name,
         revision=args.revision,
+        allow_pickle_weights=args.allow_pickle_weights,
     )
     store = ActivationStore(path)
     result(

@@ -16,29 +16,25 @@ from __future__ import annotations
 
 import argparse
 
-from diffatlas.geometry.config import add_config_args, config_from_args
-from diffatlas.io import pick_device, set_threads
+from diffatlas.geometry.config import GeometryConfig
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("geometry", __doc__, section=GeometryConfig, model="required", device=True, threads=True)
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="diffatlas geometry", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="model directory (diffusers layout) or cached hub id")
-    ap.add_argument("--model-name", default=None, help="name recorded in the artifacts (default: --model)")
+    ap = RUNNER.parser(formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--timestep", required=True, type=int, help="training-scale timestep 0..T-1")
     ap.add_argument("--out", required=True, help="output directory (results/geometry/{model}/t{timestep})")
-    add_config_args(ap)
     args = ap.parse_args(argv)
 
-    set_threads(args.threads)
-    cfg = config_from_args(args.config_json, args.set)
-    device = pick_device(args.device)
+    cfg = RUNNER.config(args)
 
     from diffatlas.geometry.run import run_timestep
-    from diffatlas.models.loader import load_model
 
-    handle = load_model(args.model, device=device)
-    meta = run_timestep(handle, cfg, args.timestep, args.out, args.model_name or args.model)
+    handle = RUNNER.load_model(args)
+    meta = run_timestep(handle, cfg, args.timestep, args.out, RUNNER.model_name(args))
     s = ", ".join(f"{x:.3g}" for x in meta["singular_values_mean"])
     result(
         f"{args.out}: t={meta['timestep']} (alpha_bar {meta['alpha_bar']:.3f}) {meta['n_samples']} samples, "

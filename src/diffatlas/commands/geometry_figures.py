@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("geometry-figures", __doc__)
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="diffatlas geometry-figures", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = RUNNER.parser(formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="kind", required=True)
     p = sub.add_parser("spectra")
     p.add_argument("--runs", nargs="+", required=True)

@@ -16,30 +16,25 @@ from __future__ import annotations
 
 import argparse
 
-from diffatlas.geometry.config import add_config_args, config_from_args
-from diffatlas.io import pick_device, set_threads
+from diffatlas.geometry.config import GeometryConfig
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("geometry-global", __doc__, section=GeometryConfig, model="required", device=True, threads=True)
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="diffatlas geometry-global", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="model directory (diffusers layout) or cached hub id")
-    ap.add_argument("--model-name", default=None, help="name recorded in the artifacts (default: --model)")
+    ap = RUNNER.parser(formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--basis", required=True, help="geometry output directory at global_timestep")
     ap.add_argument("--out", required=True, help="output directory (results/geometry/{model}/global)")
-    add_config_args(ap)
     args = ap.parse_args(argv)
 
-    set_threads(args.threads)
-    cfg = config_from_args(args.config_json, args.set)
-    device = pick_device(args.device)
+    cfg = RUNNER.config(args)
 
     from diffatlas.geometry.run import run_global
-    from diffatlas.models.loader import load_model
 
-    handle = load_model(args.model, device=device)
-    meta = run_global(handle, cfg, args.basis, args.out, args.model_name or args.model)
+    handle = RUNNER.load_model(args)
+    meta = run_global(handle, cfg, args.basis, args.out, RUNNER.model_name(args))
     result(
         f"{args.out}: {meta['n_samples']} samples at t={meta['timestep']}; mean cos local-global "
         f"{[round(c, 3) for c in meta['mean_cos']]}; kept in tangent spaces {[round(k, 3) for k in meta['mean_kept']]}"

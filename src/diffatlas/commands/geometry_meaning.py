@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("geometry-meaning", __doc__)
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="diffatlas geometry-meaning", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = RUNNER.parser(formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", required=True, help="geometry output directories (one per timestep)")
     ap.add_argument("--out", required=True, help="output CSV, one row per edit")
     ap.add_argument("--summary", required=True, help="output CSV, one row per (timestep, mode, direction)")

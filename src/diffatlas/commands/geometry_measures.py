@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("geometry-measures", __doc__)
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="diffatlas geometry-measures", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = RUNNER.parser(formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", required=True, help="geometry output directories (one per timestep)")
     ap.add_argument("--psd", required=True, help="output CSV of power spectra")
     ap.add_argument("--distances", required=True, help="output CSV of tangent-space distances")

@@ -15,29 +15,24 @@ from __future__ import annotations
 
 import argparse
 
-from diffatlas.geometry.config import add_config_args, config_from_args
-from diffatlas.io import pick_device, set_threads
+from diffatlas.geometry.config import GeometryConfig
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("geometry-paths", __doc__, section=GeometryConfig, model="required", device=True, threads=True)
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="diffatlas geometry-paths", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="model directory (diffusers layout) or cached hub id")
-    ap.add_argument("--model-name", default=None, help="name recorded in the artifacts (default: --model)")
+    ap = RUNNER.parser(formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="CSV table (results/geometry/{model}/path_lengths.csv)")
-    add_config_args(ap)
     args = ap.parse_args(argv)
 
-    set_threads(args.threads)
-    cfg = config_from_args(args.config_json, args.set)
-    device = pick_device(args.device)
+    cfg = RUNNER.config(args)
 
     from diffatlas.geometry.run import run_paths
-    from diffatlas.models.loader import load_model
 
-    handle = load_model(args.model, device=device)
-    s = run_paths(handle, cfg, args.out, args.model_name or args.model)
+    handle = RUNNER.load_model(args)
+    s = run_paths(handle, cfg, args.out, RUNNER.model_name(args))
     result(
         f"{args.out}: {s['pairs']} pairs, {s['segments']} segments at t={s['timestep']}: H length lerp "
         f"{s['h_length_mean']['lerp']:.4g} slerp {s['h_length_mean']['slerp']:.4g} (slerp/lerp {s['slerp_over_lerp_mean']:.3f}); "

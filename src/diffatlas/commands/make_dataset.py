@@ -11,30 +11,26 @@ defaults in config.schema.yaml). The output directory holds images.npy, masks.np
 
 from __future__ import annotations
 
-import argparse
-import json
-
-from diffatlas.errors import UserError
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+from diffatlas.sections import parse_section_json
+
+RUNNER = Runner("make-dataset", __doc__, threads=True, torch_threads=False)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="diffatlas make-dataset", description=__doc__.split("\n\n")[0])
+    parser = RUNNER.parser()
     parser.add_argument("--name", required=True, help="dataset name (recorded in info.json)")
     parser.add_argument("--config-json", required=True, help="the dataset's config section as JSON, with 'kind'")
     parser.add_argument("--out", required=True, help="output directory, e.g. results/data/NAME")
-    parser.add_argument("--threads", type=int, default=1, help="decoding threads for real images (default 1)")
     args = parser.parse_args(argv)
-    try:
-        section = json.loads(args.config_json)
-    except json.JSONDecodeError as err:
-        raise UserError(f"--config-json is not valid JSON: {err}") from err
+    section = parse_section_json(args.config_json, f"datasets.{args.name}")
 
     from diffatlas.data.build import make_dataset
     from diffatlas.data.dataset import load_dataset
     # No torch here (importing it only to set its thread count costs seconds): --threads
     # sizes the image-decoding pool; numpy work is single-threaded and small.
-    path = make_dataset(section, args.out, name=args.name, threads=args.threads)
+    path = make_dataset(section, args.out, name=args.name, threads=args.threads or 1)
     ds = load_dataset(path, mmap=True)
     skipped = ds.info.get("n_skipped", 0)
     result(

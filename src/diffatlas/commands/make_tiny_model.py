@@ -7,14 +7,16 @@ checkpoint when trying a stage end to end. Prints the output path and its revisi
 
 from __future__ import annotations
 
-import argparse
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("make-tiny-model", __doc__)
 
 
 def main(argv: list[str]) -> int:
     from diffatlas.models.tiny import FAMILIES, make_tiny_model
 
-    ap = argparse.ArgumentParser(prog="diffatlas make-tiny-model", description=__doc__.splitlines()[0])
+    ap = RUNNER.parser()
     ap.add_argument("family", choices=FAMILIES, help="model family")
     ap.add_argument("out", help="output directory (replaced if it exists)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")

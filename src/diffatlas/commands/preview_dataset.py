@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
-import argparse
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("preview-dataset", __doc__)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="diffatlas preview-dataset", description=__doc__.split("\n\n")[0])
+    parser = RUNNER.parser()
     parser.add_argument("--data", required=True, help="dataset directory (results/data/NAME)")
     parser.add_argument("--out", required=True, help="figure path (.png, .pdf, .svg)")
     parser.add_argument("--n", type=int, default=16, help="number of images shown (default 16)")

@@ -18,6 +18,9 @@ import pandas as pd
 
 from diffatlas.errors import UserError
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("sae-figures", __doc__)
 
 
 def _read_table(path: str) -> pd.DataFrame:
@@ -28,7 +31,7 @@ def _read_table(path: str) -> pd.DataFrame:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="diffatlas sae-figures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = RUNNER.parser(formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="figure", required=True)
     for name in ("vs-layer", "vs-timestep"):
         p = sub.add_parser(name)

@@ -18,10 +18,13 @@ from pathlib import Path
 from diffatlas.errors import UserError
 from diffatlas.io import atomic_file
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("sae-summary", __doc__)
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="diffatlas sae-summary", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = RUNNER.parser(formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="SAE run directories (or their metrics.json)")
     ap.add_argument("--out", required=True, help="summary table: .csv or .parquet")
     args = ap.parse_args(argv)

@@ -13,40 +13,30 @@ probe.safetensors and predictions.csv into ``--out``; prints one line per granul
 
 from __future__ import annotations
 
-import argparse
-import json
-
 from diffatlas.diffc.config import DiffCConfig
-from diffatlas.errors import UserError
-from diffatlas.io import set_threads
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("train-diffc", __doc__, section=DiffCConfig, device=True, threads=True)
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="diffatlas train-diffc", description=__doc__.split("\n\n")[0])
+    p = RUNNER.parser()
     p.add_argument("--store", required=True, help="activation store: one per-time store (results/activations/{model}/{dataset}/t{timestep}.zarr) or the folder of them")
     p.add_argument("--layer", required=True, help="layer name as stored (alias or module path)")
     p.add_argument("--timestep", required=True, type=int, help="training-scale timestep stored in the store")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
-    p.add_argument("--model", default=None, help="model name recorded in the outputs (default: the store's model id)")
-    p.add_argument("--dataset", default=None, help="dataset name recorded in the outputs")
-    p.add_argument("--config-json", default="{}", help="JSON of the diffc config section (any subset)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: OMP_NUM_THREADS)")
+    p.add_argument("--model-name", default=None, help="model name recorded in the outputs (default: the store's model id)")
+    p.add_argument("--dataset-name", default=None, help="dataset name recorded in the outputs")
     args = p.parse_args(argv)
-    try:
-        section = json.loads(args.config_json)
-    except json.JSONDecodeError as err:
-        raise UserError(f"--config-json is not valid JSON: {err}") from err
-    if not isinstance(section, dict):
-        raise UserError("--config-json must be a JSON object (the diffc config section)")
-    cfg = DiffCConfig.from_dict(section)
-    set_threads(args.threads)
+    cfg = RUNNER.config(args)
+    device = RUNNER.setup(args)
 
     from diffatlas.diffc.train import run_diffc_job  # torch import only once the arguments are good
 
     job = run_diffc_job(
-        args.store, args.layer, args.timestep, args.out, cfg, device=args.device, model_name=args.model, dataset_name=args.dataset
+        args.store, args.layer, args.timestep, args.out, cfg, device=str(device), model_name=args.model_name,
+        dataset_name=args.dataset_name,
     )
     for gran, entry in job.metrics["results"].items():
         result(

@@ -15,50 +15,31 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 
-from diffatlas.errors import UserError
-from diffatlas.io import pick_device, set_threads
-from diffatlas.sae.config import SAEConfig
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+from diffatlas.sae.config import SAEConfig
 
-
-def parse_overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"--set {pair!r} is not key=value")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value  # a bare string such as samples=spatial
-    return out
+RUNNER = Runner("train-sae", __doc__, section=SAEConfig, device=True, threads=True)
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="diffatlas train-sae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = RUNNER.parser(formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", required=True, help="activation store: one per-time store (results/activations/{model}/{dataset}/t{timestep}.zarr) or the folder of them")
     ap.add_argument("--layer", required=True, help="layer name as stored (e.g. mid, up_ft1)")
     ap.add_argument("--timestep", required=True, type=int, help="training-scale timestep present in the store")
     ap.add_argument("--out", required=True, help="output directory (results/sae/{model}/{dataset}/{layer}/t{timestep})")
-    ap.add_argument("--config-json", default=None, help="the sae config section as a JSON object")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one sae setting")
-    ap.add_argument("--model", default=None, help="model name recorded in the artifacts (default: from the store)")
-    ap.add_argument("--dataset", default=None, help="dataset name recorded in the artifacts (default: from the store)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (Snakemake passes the rule's threads)")
+    ap.add_argument("--model-name", default=None, help="model name recorded in the artifacts (default: from the store)")
+    ap.add_argument("--dataset-name", default=None, help="dataset name recorded in the artifacts (default: from the store)")
     args = ap.parse_args(argv)
 
-    set_threads(args.threads)
-    base = SAEConfig.from_json(args.config_json).to_dict()
-    cfg = SAEConfig.from_dict({**base, **parse_overrides(args.set)})
-    device = pick_device(args.device)
+    cfg = RUNNER.config(args)
+    device = RUNNER.setup(args)
 
     from diffatlas.sae.train import run
 
     metrics = run(
-        args.store, args.layer, args.timestep, cfg, args.out, device=device, model=args.model, dataset=args.dataset
+        args.store, args.layer, args.timestep, cfg, args.out, device=device, model=args.model_name, dataset=args.dataset_name
     )
     val, lab = metrics, metrics["labels"]
     result(

@@ -14,11 +14,14 @@ Example (the shipped model)::
 
 from __future__ import annotations
 
-import argparse
-import json
 import signal
 from pathlib import Path
+
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+from diffatlas.world.config import WorldModelConfig
+
+RUNNER = Runner("train-world-model", __doc__, section=WorldModelConfig, device=True, threads=True)
 
 
 def _interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -26,42 +29,19 @@ def _interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def main(argv: list[str]) -> int:
-    from diffatlas.errors import UserError
-    from diffatlas.io import pick_device, set_threads
-
-    ap = argparse.ArgumentParser(prog="diffatlas train-world-model", description=__doc__.splitlines()[0])
+    ap = RUNNER.parser()
     ap.add_argument("--out", required=True, help="output model directory (diffusers layout; replaced at the end)")
     ap.add_argument("--checkpoint-dir", default=None, help="resumable checkpoint directory (default: OUT/../checkpoints)")
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--config-json", default=None, help="JSON of the world_model.train section")
-    src.add_argument("--config", default=None, help="workflow config YAML; its world_model.train section is used")
     ap.add_argument("--steps", type=int, default=None, help="override train.steps")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or all)")
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="stop after this many seconds with a checkpoint and no final model (train in slices)")
     ap.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     args = ap.parse_args(argv)
 
-    from diffatlas.world.config import WorldModelConfig
     from diffatlas.world.train import train_world_model
 
-    if args.config_json is not None:
-        try:
-            section = json.loads(args.config_json)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--config-json is not valid JSON: {err}") from err
-    elif args.config is not None:
-        from diffatlas.config import load_config
-
-        section = load_config(args.config).get("world_model", {}).get("train", {})
-    else:
-        section = {}
-    if args.steps is not None:
-        section = {**section, "steps": args.steps}
-    cfg = WorldModelConfig.from_dict(section)
-    set_threads(args.threads)
-    device = pick_device(args.device)
+    cfg = RUNNER.config(args, {"steps": args.steps})
+    device = RUNNER.setup(args)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out).resolve().parent / "checkpoints"
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -15,51 +15,31 @@ Prints the gate values and PASS/FAIL.
 
 from __future__ import annotations
 
-import argparse
-import json
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+from diffatlas.world.config import FidelityConfig
+
+RUNNER = Runner("world-fidelity", __doc__, section=FidelityConfig, model="optional", device=True, threads=True)
 
 
 def main(argv: list[str]) -> int:
     from diffatlas.errors import UserError
-    from diffatlas.io import pick_device, read_json, set_threads
+    from diffatlas.io import read_json
 
-    ap = argparse.ArgumentParser(prog="diffatlas world-fidelity", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="model directory (diffusers layout) to evaluate")
+    ap = RUNNER.parser()
     ap.add_argument("--out-json", help="fidelity JSON to write")
     ap.add_argument("--out-samples", default=None, help="generated images to write (.npy, uint8 [N, S, S, 3])")
     ap.add_argument("--figure", default=None, help="figure mode: sample grid PNG to write")
     ap.add_argument("--fidelity-json", default=None, help="figure mode: the fidelity JSON")
     ap.add_argument("--samples", default=None, help="figure mode: the images (.npy)")
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--config-json", default=None, help="JSON of the world_model.fidelity section")
-    src.add_argument("--config", default=None, help="workflow config YAML; its world_model.fidelity section is used")
-    ap.add_argument("--n-single", type=int, default=None)
-    ap.add_argument("--n-two", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="DDIM steps")
-    ap.add_argument("--guidance", type=float, default=None, help="CFG scale")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--n-single", type=int, default=None, help="override fidelity.n_single")
+    ap.add_argument("--n-two", type=int, default=None, help="override fidelity.n_two")
+    ap.add_argument("--steps", type=int, default=None, help="override fidelity.num_inference_steps (DDIM steps)")
+    ap.add_argument("--guidance", type=float, default=None, help="override fidelity.guidance_scale (CFG scale)")
     args = ap.parse_args(argv)
 
-    from diffatlas.world.config import FidelityConfig
-
-    if args.config_json is not None:
-        try:
-            section = json.loads(args.config_json)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--config-json is not valid JSON: {err}") from err
-    elif args.config is not None:
-        from diffatlas.config import load_config
-
-        section = load_config(args.config).get("world_model", {}).get("fidelity", {})
-    else:
-        section = {}
-    overrides = {"n_single": args.n_single, "n_two": args.n_two, "num_inference_steps": args.steps,
-                 "guidance_scale": args.guidance}
-    section = {**section, **{k: v for k, v in overrides.items() if v is not None}}
-    cfg = FidelityConfig.from_dict(section)
-    set_threads(args.threads)
+    cfg = RUNNER.config(args, {"n_single": args.n_single, "n_two": args.n_two, "num_inference_steps": args.steps,
+                               "guidance_scale": args.guidance})
 
     if args.figure:
         if not (args.fidelity_json and args.samples):
@@ -80,7 +60,8 @@ def main(argv: list[str]) -> int:
         raise UserError("give --model and --out-json (or --figure with --fidelity-json and --samples)")
     from diffatlas.world.fidelity import run_fidelity
 
-    record = run_fidelity(args.model, cfg, args.out_json, args.out_samples, device=pick_device(args.device))
+    device = RUNNER.setup(args)
+    record = run_fidelity(args.model, cfg, args.out_json, args.out_samples, device=device, revision=args.revision)
     gate = record["gate"]
     values = "  ".join(f"{k} {v:.3f} (>= {gate['thresholds'][k]})" for k, v in gate["values"].items() if v is not None)
     verdict = {True: "PASS", False: "FAIL", None: "n/a"}[gate["passed"]]

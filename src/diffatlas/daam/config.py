@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffatlas.errors import UserError
+from diffatlas.sections import ConfigSection
 
 PROMPT_KINDS = ("shapesworld_captions", "list", "entanglement")
 REAL_MODES = ("noise", "invert")
@@ -149,15 +150,34 @@ class PromptSet:
         return prompts, meta
 
 
+#: DAAM's traced layers: the cross-attention of the down and up blocks, as the reference
+#: implementation (Tang et al., ACL 2023) locates them; it leaves the mid block out (its maps
+#: are the coarsest, 8x8 on SD at 512 px) unless attention heads are saved or loaded.
+PAPER_LAYERS = ("down_blocks.*attn2", "up_blocks.*attn2")
+
+
 @dataclass
-class DAAMConfig:
-    """The ``daam`` section (see config.schema.yaml for the same text)."""
+class DAAMConfig(ConfigSection):
+    """The ``daam`` section (config.schema.yaml is checked against these defaults)."""
+
+    SECTION = "daam"
+    _TRACE = ("steps", "seed", "tau", "taus", "layers", "time_resolved", "batch_size")
+    #: daam-generate gets its own prompt set only; daam-real none. The grid (models, datasets,
+    #: other prompt sets) and the figures' overlay_items reach no job.
+    JOB_FREE_KEYS = ("models", "datasets")
+    JOBS = {
+        "generate": _TRACE + ("prompt_sets", "n_images", "guidance", "map_size"),
+        "real": _TRACE + ("n_real", "real_mode", "real_t", "real_guidance"),
+        "figure": ("overlay_items",),
+    }
 
     models: list[str] = field(default_factory=lambda: ["shapesworld"])
     """Models to trace (names from ``models``)."""
     datasets: list[str] = field(default_factory=lambda: ["shapesworld"])
     """Datasets for real-image mode (names from ``datasets``; need captions, masks to score)."""
-    prompt_sets: dict[str, dict[str, Any]] = field(default_factory=lambda: {"captions": {"kind": "shapesworld_captions"}})
+    prompt_sets: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"captions": {"kind": "shapesworld_captions", "n_prompts": 16}}
+    )
     """Prompt sets by name (the {prompt_set} wildcard)."""
     n_images: int = 1
     """Images per prompt (shapesworld_captions and list sets)."""
@@ -171,8 +191,8 @@ class DAAMConfig:
     """Threshold of the binary masks (DAAM paper: 0.4)."""
     taus: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     """Threshold sweep."""
-    layers: list[str] = field(default_factory=lambda: ["*attn2"])
-    """Module-path globs of the traced cross-attention modules."""
+    layers: list[str] = field(default_factory=lambda: list(PAPER_LAYERS))
+    """Module-path globs of the traced cross-attention modules (default: the down and up blocks', as DAAM)."""
     time_resolved: bool = False
     """Also store maps per timestep and resolution (zarr)."""
     batch_size: int = 16
@@ -189,14 +209,16 @@ class DAAMConfig:
     """CFG scale while denoising real images (1: conditional only)."""
     overlay_items: int = 6
     """Images shown in each overlay grid."""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.reject_unknown()
         for key in ("models", "datasets", "layers"):
             val = getattr(self, key)
             if not isinstance(val, list) or not all(isinstance(v, str) and v for v in val):
                 raise UserError(f"config daam.{key} = {val!r} is not allowed; allowed: a list of names")
         if not self.layers:
-            raise UserError("config daam.layers is empty; allowed: module-path globs such as '*attn2'")
+            raise UserError("config daam.layers is empty; allowed: module-path globs such as 'up_blocks.*attn2'")
         _int("n_images", self.n_images, 1)
         _int("steps", self.steps, 1)
         _num("guidance", self.guidance, 0.0)
@@ -231,20 +253,3 @@ class DAAMConfig:
         if unknown:
             raise UserError(f"config daam.prompt_sets.{name}: unknown key(s) {unknown}; allowed: {', '.join(sorted(known))}")
         return PromptSet(name=name, **spec)
-
-    @staticmethod
-    def from_json(text: str | None) -> "DAAMConfig":
-        """From the ``daam`` section as a JSON string ("" = all defaults)."""
-        from diffatlas.sections import parse_section_json
-
-        data = parse_section_json(text, "daam")
-        return DAAMConfig() if data is None else DAAMConfig.from_dict(data)
-
-    @staticmethod
-    def from_dict(section: dict[str, Any] | None) -> "DAAMConfig":
-        section = dict(section or {})
-        known = set(DAAMConfig.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise UserError(f"config daam: unknown key(s) {unknown}; allowed: {', '.join(sorted(known))}")
-        return DAAMConfig(**section)

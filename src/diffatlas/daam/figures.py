@@ -22,9 +22,10 @@ _METHOD_COLOUR = {"daam": "tab:red", "whole_image": "tab:grey", "centre_prior": 
 _SOURCE_STYLE = {"real": "-", "generated": "--"}
 
 
-def overlay_grid(run: TracedRun, path: str | os.PathLike, n_items: int = 6, title: str = "") -> Path:
-    """Rows = images; first column the image, then one panel per word: the word's map
-    (min-max scaled, jet) over the image, with its DAAM mask outline at τ = 0.4."""
+def overlay_grid(run: TracedRun, path: str | os.PathLike, tau: float, n_items: int, title: str = "") -> Path:
+    """Rows = the first ``n_items`` images; first column the image, then one panel per word:
+    the word's map (min-max scaled, jet) over the image, with its DAAM mask outline at ``tau``
+    (the τ the run's tables were scored at, recorded in its eval.json)."""
     n = max(1, min(n_items, len(run)))
     n_cols = 1 + max(len(run.maps[i].words) for i in range(n))
     fig, axes = plt.subplots(n, n_cols, figsize=(1.6 * n_cols, 1.7 * n), squeeze=False)
@@ -38,7 +39,7 @@ def overlay_grid(run: TracedRun, path: str | os.PathLike, n_items: int = 6, titl
             if word.positions:
                 heat = minmax(maps.word_map(word.index))
                 ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1, extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
-                ax.contour(heat > 0.4, levels=[0.5], colors="white", linewidths=0.6)
+                ax.contour(heat > tau, levels=[0.5], colors="white", linewidths=0.6)
             ax.set_title(word.text + ("" if word.positions else " (cut)"), fontsize=7)
         for ax in axes[r]:
             ax.set_xticks([])

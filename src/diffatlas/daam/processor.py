@@ -29,12 +29,14 @@ from typing import Any
 
 import torch
 
+from diffatlas.daam.config import PAPER_LAYERS
 from diffatlas.errors import UserError
 
 log = logging.getLogger(__name__)
 
-#: Default module-path glob: the cross-attention of every transformer block (SD, SDXL, ShapesWorld).
-DEFAULT_LAYERS = ("*attn2",)
+#: Default module-path globs: DAAM's (the down and up blocks' cross-attention), defined once
+#: in :data:`diffatlas.daam.config.PAPER_LAYERS`.
+DEFAULT_LAYERS = PAPER_LAYERS
 
 
 def map_shape(n_queries: int, latent_hw: tuple[int, int], max_levels: int = 8) -> tuple[int, int]:
@@ -244,7 +246,7 @@ def find_cross_attention(
     """
     patterns = [layers] if isinstance(layers, str) else list(layers)
     if not patterns:
-        raise UserError("daam: layers must list at least one module-path glob (e.g. '*attn2')")
+        raise UserError("daam: layers must list at least one module-path glob (e.g. 'up_blocks.*attn2')")
     label = model_name or type(denoiser).__name__
     cross = {
         name: m

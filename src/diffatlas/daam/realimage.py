@@ -9,10 +9,12 @@ image we put it on the model's trajectory and let the model denoise it with its 
   (not traced), then the same DDIM denoising.
 
 The DDIM steps are the model's schedule (``steps`` evenly spaced training timesteps, as
-``DDIMScheduler`` spaces them) restricted to ``t <= t_start``, written out with ᾱ from the
-model handle, so any text-conditioned diffusers model works, latent or pixel. Only the
-denoising pass is traced; with ``guidance > 1`` it runs CFG with ``[uncond, cond]`` rows and
-the conditional rows are the ones recorded.
+``DDIMScheduler`` spaces them) restricted to ``t <= t_start``, taken with the diffusion core
+(:mod:`diffatlas.models.diffusion`: the model's ``prediction_type``, clipping and final ᾱ),
+so any text-conditioned diffusers model works, latent or pixel, ε- or v-predicting. The
+inversion reads each step's noise at the level it starts from (as extraction's inversion
+does). Only the denoising pass is traced; with ``guidance > 1`` it runs CFG with
+``[uncond, cond]`` rows and the conditional rows are the ones recorded.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diffatlas.daam.processor import DEFAULT_LAYERS
 from diffatlas.daam.trace import AttentionTracer, CFGLayout, TracedRun, build_word_maps, check_text_model, describe, text_window
 from diffatlas.errors import UserError
+from diffatlas.models.diffusion import CLEAN, cfg_batch, cfg_split, ddim_invert, images_to_tensor, uses_cfg
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +50,13 @@ def ddim_timesteps(num_train_timesteps: int, steps: int, t_start: int) -> list[i
     return [t_start, *sorted(grid, reverse=True)]
 
 
-def _abar(handle: Any, t: int, device: torch.device) -> torch.Tensor:
-    return handle.alphas_cumprod[t].to(device, torch.float32) if t >= 0 else torch.tensor(1.0, device=device)
+def invert_to_start(handle: Any, x0: torch.Tensor, ts: Sequence[int], cond: dict[str, Any]) -> torch.Tensor:
+    """Deterministic DDIM inversion of clean ``x0`` up to ``ts[0]`` through the ascending grid ``ts``.
 
-
-def _ddim_move(x: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM move of ``x`` from noise level ᾱ_from to ᾱ_to with prediction ``eps``."""
-    x0 = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
-    return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
-
-
-def _to_model_input(images: np.ndarray, handle: Any) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> [B, 3, S, S] in [-1, 1] at the model's image size."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    size = handle.image_size
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.to(handle.device, handle.dtype)
+    The core's inversion (:func:`diffatlas.models.diffusion.ddim_invert`), with the model's
+    true noise prediction under the caption (v- and x0-predicting models converted).
+    """
+    return ddim_invert(lambda z, t: handle.predict_noise(z, t, cond), x0, sorted(ts), handle.alphas_cumprod)
 
 
 def trace_real_images(
@@ -110,14 +102,14 @@ def trace_real_images(
     out_hw = (int(images.shape[1]), int(images.shape[2]))
     tracer = AttentionTracer(handle.denoiser, layers, time_resolved, model_name or handle.model_id)
     maps, items, per_step = [], [], []
-    do_cfg = guidance > 1.0
+    do_cfg = uses_cfg(guidance)
     uncond = handle.conditioning([""]) if do_cfg else None
     with tracer, torch.no_grad():
         for start in range(0, len(images), batch_size):
             sl = slice(start, start + batch_size)
             batch_caps = captions[sl]
             b = len(batch_caps)
-            x0 = handle.encode_images(_to_model_input(images[sl], handle))
+            x0 = handle.encode_images(images_to_tensor(images[sl], handle.image_size, dev, handle.dtype))
             cond = handle.conditioning(batch_caps)
             if mode == "noise":
                 noise = torch.stack(
@@ -125,14 +117,8 @@ def trace_real_images(
                 ).to(dev, x0.dtype)
                 x = handle.add_noise(x0, noise, ts[0])
             else:
-                x = x0
                 with tracer.paused():
-                    a_prev = _abar(handle, -1, dev)
-                    for t in reversed(ts):
-                        eps = handle.predict_noise(x, t, cond)
-                        a_t = _abar(handle, t, dev)
-                        x = _ddim_move(x, eps, a_prev, a_t)
-                        a_prev = a_t
+                    x = invert_to_start(handle, x0, ts, cond)
             tracer.reset()
             for i, t in enumerate(ts):
                 if do_cfg:
@@ -141,12 +127,10 @@ def trace_real_images(
                         both["added_cond_kwargs"] = {
                             k: torch.cat([uncond["added_cond_kwargs"][k].expand(b, *v.shape[1:]), v]) for k, v in cond["added_cond_kwargs"].items()
                         }
-                    eps_u, eps_c = handle.predict_noise(torch.cat([x, x]), t, both).chunk(2)
-                    eps = eps_u + guidance * (eps_c - eps_u)
+                    out = cfg_split(handle.model_output(cfg_batch(x), t, both), guidance)
                 else:
-                    eps = handle.predict_noise(x, t, cond)
-                t_next = ts[i + 1] if i + 1 < len(ts) else -1
-                x = _ddim_move(x, eps, _abar(handle, t, dev), _abar(handle, t_next, dev))
+                    out = handle.model_output(x, t, cond)
+                x = handle.schedule.ddim_step(out, x, t, ts[i + 1] if i + 1 < len(ts) else CLEAN)
             layout = CFGLayout.batched(b, do_cfg, source="trace_real_images")
             raw = tracer.collect(layout)
             maps.extend(build_word_maps(raw, batch_caps, tok, out_hw, window))

@@ -157,8 +157,8 @@ class AttentionTracer:
             out = pipe(prompts, ...)
             raw = tracer.collect(layout_from_pipeline(pipe, len(prompts)))
 
-    ``layers``: module-path globs of the cross-attention modules to trace (``*attn2`` = all
-    of SD's). ``time_resolved`` also keeps one sum per step (memory grows with steps).
+    ``layers``: module-path globs of the cross-attention modules to trace (default: the
+    down and up blocks', as DAAM; ``*attn2`` adds the mid block). ``time_resolved`` also keeps one sum per step (memory grows with steps).
     Call :meth:`reset` between runs; :meth:`paused` stops recording inside a block (e.g.
     during DDIM inversion).
     """

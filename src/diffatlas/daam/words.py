@@ -17,7 +17,7 @@ digits (with inner apostrophes: "don't"); punctuation tokens belong to no word.
 * ``normalize=True`` divides, per pixel, by the total over the prompt's content tokens
   (start, end and padding excluded), so maps of different words compare as shares.
 * ``mask(word, tau)``: the map scaled to [0, 1] by its own min and max, thresholded
-  ``> tau`` (0.4 by default, as in the DAAM paper).
+  ``> tau`` (the ``daam.tau`` config key; the DAAM paper uses 0.4).
 
 Prompts longer than the window are never an error: the words that fall (partly) outside are
 logged once and recorded in :attr:`PromptTokens.truncated_words`; asking for a word whose
@@ -41,7 +41,6 @@ from diffatlas.errors import UserError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TAU = 0.4
 _WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
 
 
@@ -160,7 +159,7 @@ def minmax(x: np.ndarray) -> np.ndarray:
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
-def threshold_mask(heat: np.ndarray, tau: float = DEFAULT_TAU) -> np.ndarray:
+def threshold_mask(heat: np.ndarray, tau: float) -> np.ndarray:
     """DAAM's binary mask: min-max normalised map ``> tau``.  [H, W] -> bool [H, W]."""
     if not 0.0 <= tau <= 1.0:
         raise UserError(f"daam: tau = {tau!r} is not allowed; allowed: a number in [0, 1]")
@@ -236,7 +235,7 @@ class WordMaps:
         """Map of the end-of-text token.  -> [H, W]."""
         return self._source(normalize)[self.tokens.end_position]
 
-    def mask(self, word: str | int, tau: float = DEFAULT_TAU, normalize: bool = False) -> np.ndarray:
+    def mask(self, word: str | int, tau: float, normalize: bool = False) -> np.ndarray:
         """DAAM mask of a word: min-max scaled map ``> tau``.  -> bool [H, W]."""
         return threshold_mask(self.word_map(word, normalize), tau)
 

@@ -17,6 +17,7 @@ from diffatlas.errors import UserError
 KINDS = ("shapesworld", "image_folder", "manifest")
 BAD_IMAGE_MODES = ("error", "skip")
 ALPHA_BACKGROUNDS = ("black", "white")
+DUPLICATE_MODES = ("error", "drop", "keep")
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
@@ -98,11 +99,11 @@ class ImageFolderConfig(_RealImagesConfig):
         _check_choice("kind", self.kind, ("image_folder",))
         if self.coarse_labels is not None:
             if not isinstance(self.coarse_labels, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) and v for k, v in self.coarse_labels.items()
+                isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in self.coarse_labels.items()
             ):
                 raise UserError(
                     f"datasets: coarse_labels = {self.coarse_labels!r} is not allowed; "
-                    "allowed: a mapping from class folder name to a non-empty coarse class name"
+                    "allowed: a mapping from class folder name to a coarse class name (not empty or only spaces)"
                 )
 
 
@@ -110,11 +111,15 @@ class ImageFolderConfig(_RealImagesConfig):
 class ManifestConfig(_RealImagesConfig):
     """A CSV or Parquet table with columns path, label and optional coarse_label, caption."""
 
+    on_duplicate: str = "error"
+    """Rows naming the same image file twice: error names them; drop keeps each file's first
+    row; keep keeps every row. Either way they are logged and listed in info.json."""
     kind: str = "manifest"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("kind", self.kind, ("manifest",))
+        _check_choice("on_duplicate", self.on_duplicate, DUPLICATE_MODES)
 
 
 DatasetConfig = Union[ShapesWorldConfig, ImageFolderConfig, ManifestConfig]

@@ -19,7 +19,14 @@ min(width, height) is resized to S (Lanczos), i.e. shorter side to S then centre
 A file that cannot be decoded stops the job with a :class:`UserError` naming it
 (``on_bad_image: error``), or is skipped, logged and listed in info.json
 (``on_bad_image: skip``). An image and its label travel together through decoding, so a
-skipped file never shifts labels against images.
+skipped file never shifts labels against images. A file or class folder whose name is not
+valid UTF-8 (the metadata table stores text) counts as unreadable: it is named with its bad
+bytes escaped (``\\xff``), before any image is decoded under ``error``.
+
+No choice is silent: an empty class folder, a defaulted coarse label and duplicated manifest
+rows (``on_duplicate: error | drop | keep``) are logged and recorded in info.json
+(``empty_classes``, ``defaulted``, ``duplicates``); a label that is empty or only spaces is
+an error naming its row or folder.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class Candidate:
     label: str
     coarse_label: str
     caption: str
+    bad: str = ""  # why the file is unusable before decoding (e.g. its name), or ""
 
 
 class BadImage(Exception):
@@ -113,19 +121,42 @@ def load_image(file: str | os.PathLike, size: int, alpha_background: str = "blac
 # ----------------------------------------------------------------------------- sources
 
 
-def list_image_folder(cfg: ImageFolderConfig) -> list[Candidate]:
-    """Candidates of an image folder, sorted by relative path (class-major)."""
+def escaped_name(name: str) -> str:
+    """``name`` as valid UTF-8 text: bytes that are not UTF-8 (held as surrogates by
+    Python's file-system decoding) are shown as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def list_image_folder(cfg: ImageFolderConfig, notes: dict[str, Any] | None = None) -> list[Candidate]:
+    """Candidates of an image folder, sorted by relative path (class-major).
+
+    ``notes`` (optional) receives ``empty_classes``: class folders without images.
+    """
+    notes = {} if notes is None else notes
     root = Path(cfg.path)
     if not root.is_dir():
         raise UserError(f"image_folder path {root} is not a directory (expected one sub-folder per class)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    blank = [c for c in classes if not c.strip()]
+    if blank:
+        raise UserError(f"class folder {escaped_name(blank[0])!r} in {root} is not a class name (empty or only spaces); rename it")
     if cfg.coarse_labels is not None:
         missing = [c for c in classes if c not in cfg.coarse_labels]
         if missing:
             raise UserError(f"coarse_labels has no entry for class folder(s) {missing} of {root}; classes: {classes}")
     files: list[tuple[str, str]] = []
     ignored = 0
+    empty: list[str] = []
     for cls in classes:
+        n_before = len(files)
         for f in (root / cls).rglob("*"):
             rel = f.relative_to(root)
             if any(part.startswith(".") for part in rel.parts) or not f.is_file():
@@ -134,6 +165,11 @@ def list_image_folder(cfg: ImageFolderConfig) -> list[Candidate]:
                 files.append((rel.as_posix(), cls))
             else:
                 ignored += 1
+        if len(files) == n_before:
+            empty.append(escaped_name(cls))
+    if empty:
+        log.warning("class folder(s) %s in %s hold no images: they are not classes of this dataset", empty, root)
+        notes["empty_classes"] = {"folders": empty, "rule": "a class folder without image files gives no class"}
     if ignored:
         log.info("ignored %d non-image files in %s (image extensions: %s)", ignored, root, ", ".join(IMAGE_EXTENSIONS))
     loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
@@ -145,11 +181,21 @@ def list_image_folder(cfg: ImageFolderConfig) -> list[Candidate]:
         )
     files.sort()
     coarse = cfg.coarse_labels or {}
-    return [Candidate(i, root / rel, rel, cls, coarse.get(cls, cls), "") for i, (rel, cls) in enumerate(files)]
+    out = []
+    for i, (rel, cls) in enumerate(files):
+        bad = "" if _is_utf8(rel) else "file name is not valid UTF-8 (rename the file)"
+        label = cls if _is_utf8(cls) else escaped_name(cls)
+        out.append(Candidate(i, root / rel, escaped_name(rel), label, coarse.get(cls, label), "", bad))
+    return out
 
 
-def read_manifest(cfg: ManifestConfig) -> list[Candidate]:
-    """Candidates of a CSV/TSV/Parquet manifest, in row order."""
+def read_manifest(cfg: ManifestConfig, notes: dict[str, Any] | None = None) -> list[Candidate]:
+    """Candidates of a CSV/TSV/Parquet manifest, in row order.
+
+    ``notes`` (optional) receives ``defaulted`` (rows whose coarse label is their label) and
+    ``duplicates`` (rows naming an already listed file, handled by ``cfg.on_duplicate``).
+    """
+    notes = {} if notes is None else notes
     file = Path(cfg.path)
     suffix = file.suffix.lower()
     if suffix not in MANIFEST_EXTENSIONS:
@@ -179,12 +225,56 @@ def read_manifest(cfg: ManifestConfig) -> list[Candidate]:
 
     paths, labels, coarse, captions = column("path"), column("label"), column("coarse_label"), column("caption")
     out = []
+    defaulted: list[int] = []
     for i, (p, lab, co, cap) in enumerate(zip(paths, labels, coarse, captions)):
-        if not p or not lab:
-            raise UserError(f"manifest {file} row {i} has an empty {'path' if not p else 'label'} (path={p!r}, label={lab!r})")
+        for key, value in (("path", p), ("label", lab)):
+            if not value.strip():
+                raise UserError(
+                    f"manifest {file} row {i} has an empty {key} {value!r} (path={p!r}, label={lab!r}); "
+                    f"every row needs a {key} that is not empty or only spaces"
+                )
+        if co and not co.strip():
+            raise UserError(f"manifest {file} row {i} has coarse_label {co!r} (only spaces); leave the cell empty to use the label")
+        if not co:
+            defaulted.append(i)
         f = Path(p)
         out.append(Candidate(i, f if f.is_absolute() else file.parent / f, p, lab, co or lab, cap))
-    return out
+    if defaulted:
+        # Rule: a missing coarse label (no column, empty cell, NaN/None) is the fine label.
+        where = "has no coarse_label column" if "coarse_label" not in table.columns else f"has {len(defaulted)} rows without coarse_label"
+        log.info("manifest %s %s: their coarse label is their label", file, where)
+        notes["defaulted"] = {"coarse_label": {"rows": len(defaulted), "first_rows": defaulted[:20],
+                                               "rule": "coarse_label = label where the manifest gives none"}}
+    return _handle_duplicates(out, cfg, file, notes)
+
+
+def _handle_duplicates(cands: list[Candidate], cfg: ManifestConfig, file: Path, notes: dict[str, Any]) -> list[Candidate]:
+    """Rows naming a file an earlier row names (same normalised path): cfg.on_duplicate."""
+    first: dict[str, int] = {}
+    dups: list[dict[str, Any]] = []
+    for c in cands:
+        key = os.path.normpath(os.path.abspath(c.file))
+        if key in first:
+            dups.append({"row": c.sample_id, "first_row": first[key], "path": c.path, "label": c.label})
+        else:
+            first[key] = c.sample_id
+    if not dups:
+        return cands
+    shown = "; ".join(f"row {d['row']} repeats row {d['first_row']} ({d['path']})" for d in dups[:5])
+    more = f" and {len(dups) - 5} more" if len(dups) > 5 else ""
+    if cfg.on_duplicate == "error":
+        raise UserError(
+            f"manifest {file}: {len(dups)} row(s) name an image file already listed: {shown}{more}. "
+            "The same image could land in both train and test splits; remove them, or set on_duplicate: drop "
+            "(keep each file's first row) or keep in the dataset config"
+        )
+    notes["duplicates"] = {"policy": cfg.on_duplicate, "n_rows": len(dups), "rows": dups[:100],
+                           "rule": "drop keeps each file's first row" if cfg.on_duplicate == "drop" else "keep keeps every row"}
+    log.warning("manifest %s: %d duplicated row(s) (%s%s): on_duplicate: %s", file, len(dups), shown, more, cfg.on_duplicate)
+    if cfg.on_duplicate == "keep":
+        return cands
+    dropped = {d["row"] for d in dups}
+    return [c for c in cands if c.sample_id not in dropped]
 
 
 # ----------------------------------------------------------------------------- ingestion
@@ -196,10 +286,21 @@ def ingest(cfg: ImageFolderConfig | ManifestConfig, out: str | os.PathLike, name
     Returns the info dict written to info.json. Decoding runs on ``threads`` threads (PIL
     releases the GIL) in fixed-size chunks whose results are consumed in order.
     """
-    candidates = list_image_folder(cfg) if isinstance(cfg, ImageFolderConfig) else read_manifest(cfg)
+    notes: dict[str, Any] = {}
+    candidates = list_image_folder(cfg, notes) if isinstance(cfg, ImageFolderConfig) else read_manifest(cfg, notes)
     skipped: list[dict[str, str]] = []
+    named_bad = [c for c in candidates if c.bad]
+    if named_bad and cfg.on_bad_image == "error":  # known before decoding anything
+        c = named_bad[0]
+        raise UserError(
+            f"cannot read image {c.path} in {cfg.path}: {c.bad}"
+            + (f" ({len(named_bad) - 1} more such files)" if len(named_bad) > 1 else "")
+            + " (set on_bad_image: skip in the dataset config to skip unreadable files)"
+        )
 
     def decode(c: Candidate) -> np.ndarray | str:
+        if c.bad:
+            return c.bad
         try:
             return load_image(c.file, cfg.image_size, cfg.alpha_background)
         except BadImage as err:
@@ -216,7 +317,7 @@ def ingest(cfg: ImageFolderConfig | ManifestConfig, out: str | os.PathLike, name
                         raise UserError(
                             f"cannot read image {c.file}: {result} (set on_bad_image: skip in the dataset config to skip unreadable files)"
                         )
-                    log.warning("skipping unreadable image %s: %s", c.file, result)
+                    log.warning("skipping unreadable image %s: %s", escaped_name(str(c.file)), result)
                     skipped.append({"path": c.path, "reason": result})
                     continue
                 writer.append(
@@ -234,6 +335,8 @@ def ingest(cfg: ImageFolderConfig | ManifestConfig, out: str | os.PathLike, name
                 "n_candidates": len(candidates),
                 "n_skipped": len(skipped),
                 "skipped": skipped,
+                # what was dropped, merged or defaulted, and the rule that decided it
+                **notes,
             }
         )
     if skipped:

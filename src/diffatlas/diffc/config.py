@@ -8,19 +8,28 @@ them so that each (layer, timestep) job trains in seconds. Values are re-checked
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from diffatlas.errors import UserError
+from diffatlas.sections import ConfigSection
 
 GRANULARITIES = ("coarse", "fine")
 
 
 @dataclass
-class DiffCConfig:
+class DiffCConfig(ConfigSection):
     """Diff-C classifier, linear probe and data split of one job."""
 
+    SECTION = "diffc"
+    JOB_FREE_KEYS = ("layers", "timesteps", "threads")  # the grid, and the rule's threads
+
+    layers: list[str] | None = None
+    """Layers to classify (names as in extract.layers, each with spatial maps); null = extract.layers (workflow grid)."""
+    timesteps: list[int] | None = None
+    """Training-scale timesteps to classify (each in extract.timesteps); null = extract.timesteps (workflow grid)."""
+    threads: int = 1
+    """CPU threads per train_diffc job (several small jobs run side by side)."""
     granularities: list[str] = field(default_factory=lambda: ["coarse", "fine"])
     """Label granularities to classify (``coarse``, ``fine``); one classifier each."""
     n_convs: int = 4
@@ -51,6 +60,7 @@ class DiffCConfig:
     """Inverse L2 strength of the logistic-regression probe."""
     probe_max_iter: int = 1000
     """Iterations of the probe's solver (lbfgs)."""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         def bad(key: str, allowed: str) -> UserError:
@@ -60,7 +70,7 @@ class DiffCConfig:
             raise bad("granularities", "a non-empty list of coarse, fine")
         if len(set(self.granularities)) != len(self.granularities):
             raise bad("granularities", "each of coarse, fine at most once")
-        for key in ("n_convs", "feature_dim", "epochs", "batch_size", "patience", "probe_max_iter"):
+        for key in ("n_convs", "feature_dim", "epochs", "batch_size", "patience", "probe_max_iter", "threads"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(key, "an integer >= 1")
@@ -84,16 +94,4 @@ class DiffCConfig:
             )
         if self.early_stopping and self.val_fraction == 0:
             raise UserError("diffc.early_stopping needs validation samples; set diffc.val_fraction > 0")
-
-    @classmethod
-    def from_dict(cls, section: dict[str, Any]) -> "DiffCConfig":
-        """Build from the workflow's ``diffc`` section; grid keys (layers, ...) are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        grid_keys = {"layers", "timesteps", "threads"}
-        unknown = set(section) - names - grid_keys
-        if unknown:
-            raise UserError(f"unknown diffc key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(names | grid_keys))}")
-        return cls(**{k: v for k, v in section.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        self.reject_unknown()

@@ -21,7 +21,6 @@ to float32 on the fly. No per-sample zarr read happens during training.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from diffatlas.diffc.probe import fit_probe, probe_predict, save_probes
 from diffatlas.diffc.split import Split, stratified_split
 from diffatlas.errors import UserError
 from diffatlas.io import atomic_dir, pick_device, write_json
+from diffatlas.optim import Adam
 
 log = logging.getLogger(__name__)
 
@@ -116,41 +116,6 @@ def channel_stats(maps: torch.Tensor, rows: np.ndarray, batch: int = 256) -> tup
     return mean.float(), var.sqrt().float()
 
 
-class AdamW:
-    """AdamW (decoupled weight decay; Loshchilov & Hutter), the update of ``torch.optim.AdamW``.
-
-    Why not ``torch.optim.AdamW``: any torch optimiser imports ``torch._dynamo`` on first
-    use, about 3 s of CPU per process on the demo machine, i.e. a third of a small Diff-C
-    job; this loop over a handful of tensors needs none of it. Tests check it step for step
-    against ``torch.optim.AdamW``.
-    """
-
-    def __init__(self, params, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.lr, self.wd, (self.b1, self.b2), self.eps = lr, weight_decay, betas, eps
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        self.t = 0
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.t += 1
-        c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
-        for p, m, v in zip(self.params, self.m, self.v):
-            if p.grad is None:
-                continue
-            g = p.grad
-            p.mul_(1 - self.lr * self.wd)
-            m.lerp_(g, 1 - self.b1)
-            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            denom = (v.sqrt() / math.sqrt(c2)).add_(self.eps)
-            p.addcdiv_(m, denom, value=-self.lr / c1)
-
-
 @torch.no_grad()
 def recalibrate_batchnorm(model: DiffC, maps: torch.Tensor, rows: np.ndarray, batch_size: int) -> None:
     """Set every BatchNorm's running statistics to exact averages over ``rows`` under the current weights.
@@ -203,7 +168,7 @@ def train_diffc(
     _, c, h, w = maps.shape
     model = DiffC(DiffCArch(c, h, w, n_classes, cfg.n_convs, cfg.feature_dim, cfg.dropout)).to(device)
     model.set_input_stats(*channel_stats(maps, split.train))
-    opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=False)
     loss_fn = nn.CrossEntropyLoss()
     y_dev = torch.as_tensor(y, dtype=torch.long, device=device)
     train_rows = torch.as_tensor(split.train, dtype=torch.long)

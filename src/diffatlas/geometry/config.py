@@ -14,7 +14,6 @@ up by config.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +41,20 @@ class GeometryConfig(ConfigSection):
     """Settings of the pullback-geometry stage (defaults: the CPU demo)."""
 
     SECTION = "geometry"
+    _PULLBACK = ("layer", "pooling", "prompt", "seed")
+    _SAMPLING = ("n_samples", "guidance_scale", "ddim_steps")
+    _BASIS = ("n_directions", "oversample", "tol", "max_iters", "batching", "chunk_size")
+    _EDITS = ("edit_strengths", "edit_directions", "kappa")
+    #: Keys each geometry job reads (the grid: models, timesteps, meaning_models; the figure's
+    #: global_direction reach none). A basis job gets iterative_timesteps cut to its own
+    #: timestep (:meth:`iterative_slice`), so adding a timestep re-runs no finished job.
+    JOB_FREE_KEYS = ("models", "timesteps", "meaning_models", "global_direction")
+    JOBS = {
+        "basis": _PULLBACK + _SAMPLING + _BASIS + _EDITS
+        + ("edit_samples", "iterative_substeps", "iterative_directions", "iterative_timesteps"),
+        "global": _PULLBACK + _SAMPLING + _EDITS + ("n_directions", "global_timestep", "global_samples"),
+        "paths": _PULLBACK + ("global_timestep", "path_pairs", "path_segments"),
+    }
 
     models: list[str] = field(default_factory=lambda: ["shapesworld"])
     """Models to analyse (workflow grid; names of config ``models``)."""
@@ -168,6 +181,14 @@ class GeometryConfig(ConfigSection):
             self.iterative_timesteps is None or int(timestep) in self.iterative_timesteps
         )
 
+    @staticmethod
+    def iterative_slice(iterative_timesteps: list[int] | None, timestep: int) -> list[int] | None:
+        """``iterative_timesteps`` as one basis job at ``timestep`` needs it: null stays null
+        (every timestep), a list becomes ``[timestep]`` or ``[]``; the job's edits are the same."""
+        if iterative_timesteps is None:
+            return None
+        return [int(timestep)] if int(timestep) in iterative_timesteps else []
+
     @property
     def n_edit_samples(self) -> int:
         return min(self.n_samples, self.edit_samples or self.n_samples)
@@ -175,31 +196,3 @@ class GeometryConfig(ConfigSection):
     # ------------------------------------------------------------------ (de)serialisation
     def replace(self, **changes: Any) -> "GeometryConfig":
         return dataclasses.replace(self, **changes)
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` (value parsed as JSON, else a bare string) -> dict."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"--set {pair!r} is not key=value")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def config_from_args(config_json: str | None, overrides: list[str]) -> GeometryConfig:
-    """The geometry section from ``--config-json`` plus ``--set key=value`` overrides."""
-    base = GeometryConfig.from_json(config_json).to_dict()
-    return GeometryConfig.from_dict({**base, **parse_overrides(overrides)})
-
-
-def add_config_args(ap) -> None:
-    """The options every geometry command shares: config, device, threads."""
-    ap.add_argument("--config-json", default=None, help="the geometry config section as a JSON object (missing keys: defaults)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one geometry setting (JSON value)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (Snakemake passes the rule's threads)")

@@ -33,6 +33,7 @@ import torch
 
 from diffatlas.geometry.jacobian import PullbackBasis, PullbackMap, top_singular
 from diffatlas.geometry.sampling import Denoiser, alpha_at
+from diffatlas.models.diffusion import add_noise
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def x0_normalise(den: Denoiser, x_ref: torch.Tensor, x_edit: torch.Tensor, t: in
     mu_e, sd_e = channel_stats(x0_e)
     x0_n = (x0_e - mu_e) / sd_e.clamp_min(1e-8) * sd_r + mu_r
     target = x0_e + float(kappa) * (x0_n - x0_e)
-    return a**0.5 * target + (1.0 - a) ** 0.5 * eps_e
+    return add_noise(target, eps_e, a)
 
 
 def parallel_transport(u: torch.Tensor, u_basis: torch.Tensor) -> torch.Tensor:

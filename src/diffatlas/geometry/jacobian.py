@@ -143,7 +143,7 @@ class PullbackMap:
         """The map of a loaded :class:`~diffatlas.models.loader.ModelHandle` at ``timestep``."""
         check_timestep(timestep, handle.num_train_timesteps)
         cond = cond if cond is not None else handle.conditioning([prompt])
-        return cls(handle.denoiser, lambda x: handle.predict_noise(x, int(timestep), cond), layer, pooling)
+        return cls(handle.denoiser, lambda x: handle.model_output(x, int(timestep), cond), layer, pooling)
 
     def check(self, x: torch.Tensor) -> None:
         """One full pass (no grad, batch 1): the module must run exactly once per forward.

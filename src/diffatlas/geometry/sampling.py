@@ -3,9 +3,10 @@
 The geometry stage needs DDIM segments that start or stop at arbitrary training timesteps
 (``T-1 -> t`` to reach the point whose basis is computed, ``t -> clean`` after an edit), while
 a diffusers scheduler only steps on its fixed inference grid. So the update is written out
-here, from the scheduler's own ``alphas_cumprod``, ``prediction_type`` (epsilon, v or sample),
-``clip_sample`` / ``clip_sample_range`` and final ᾱ (``set_alpha_to_one``), exactly as
-``DDIMScheduler.step`` with ``eta = 0`` and ``use_clipped_model_output=True`` computes it::
+with the diffusion core's step (:mod:`diffatlas.models.diffusion`), from the scheduler's own
+``alphas_cumprod``, ``prediction_type`` (epsilon, v or sample), ``clip_sample`` /
+``clip_sample_range`` and final ᾱ (``set_alpha_to_one``), exactly as ``DDIMScheduler.step``
+with ``eta = 0`` and ``use_clipped_model_output=True`` computes it::
 
     x0̂ = predicted clean sample (clipped if the scheduler clips)
     ε̂  = noise re-derived from the clipped x0̂: (x_t - sqrt(ᾱ_t) x0̂) / sqrt(1 - ᾱ_t)
@@ -25,23 +26,14 @@ import numpy as np
 import torch
 
 from diffatlas.activations.noise import sample_noise
+from diffatlas.models.diffusion import CLEAN, cfg_combine, clip_x0, eps_x0, uses_cfg
 
-CLEAN = -1
-"""End of a denoising segment: the clean sample (the scheduler's final ᾱ)."""
-
-
-def final_alpha(scheduler) -> float:
-    """ᾱ after the last step: 1 with ``set_alpha_to_one`` (diffusers' DDIM default), else ᾱ_0."""
-    if getattr(scheduler.config, "set_alpha_to_one", True):
-        return 1.0
-    return float(scheduler.alphas_cumprod[0])
+__all__ = ["CLEAN", "Denoiser", "alpha_at", "decode_uint8", "initial_noise", "segment", "split_prediction", "to_uint8"]
 
 
 def alpha_at(handle, t: int) -> float:
-    """ᾱ_t on the training scale; ``t = CLEAN`` gives the final ᾱ."""
-    if t == CLEAN:
-        return final_alpha(handle.scheduler)
-    return float(handle.alphas_cumprod[int(t)])
+    """ᾱ_t on the training scale; ``t = CLEAN`` gives the scheduler's final ᾱ."""
+    return handle.schedule.alpha_bar(int(t))
 
 
 def segment(t_from: int, t_to: int, steps: int, num_train_timesteps: int) -> list[int]:
@@ -60,28 +52,7 @@ def segment(t_from: int, t_to: int, steps: int, num_train_timesteps: int) -> lis
 
 def split_prediction(handle, out: torch.Tensor, x: torch.Tensor, a: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Model output at ᾱ = ``a`` -> (ε̂, x0̂), by the scheduler's ``prediction_type``."""
-    kind = getattr(handle.scheduler.config, "prediction_type", "epsilon")
-    sa, sb = a**0.5, (1.0 - a) ** 0.5
-    if kind == "epsilon":
-        eps = out
-        x0 = (x - sb * eps) / sa
-    elif kind == "v_prediction":
-        x0 = sa * x - sb * out
-        eps = sa * out + sb * x
-    elif kind == "sample":
-        x0 = out
-        eps = (x - sa * x0) / max(sb, 1e-12)
-    else:  # pragma: no cover - diffusers has no other kinds
-        raise ValueError(f"unknown prediction_type {kind!r}")
-    return eps, x0
-
-
-def clip_x0(handle, x0: torch.Tensor) -> torch.Tensor:
-    cfg = handle.scheduler.config
-    if getattr(cfg, "clip_sample", False):
-        r = float(getattr(cfg, "clip_sample_range", 1.0))
-        return x0.clamp(-r, r)
-    return x0
+    return eps_x0(out, x, a, handle.schedule.prediction_type)
 
 
 class Denoiser:
@@ -95,7 +66,7 @@ class Denoiser:
         self.handle = handle
         self.cond = handle.conditioning([prompt])
         self.guidance = float(guidance_scale)
-        self.uncond = handle.conditioning([""]) if self.guidance > 1.0 else None
+        self.uncond = handle.conditioning([""]) if uses_cfg(self.guidance) else None
         self.batch_size = max(1, int(batch_size))
 
     @torch.no_grad()
@@ -103,10 +74,9 @@ class Denoiser:
         """Raw model output for ``x`` [B, C, h, w] at training timestep ``t`` (CFG combined)."""
         outs = []
         for chunk in x.split(self.batch_size):
-            out = self.handle.predict_noise(chunk, int(t), self.cond)
+            out = self.handle.model_output(chunk, int(t), self.cond)
             if self.uncond is not None:
-                out_u = self.handle.predict_noise(chunk, int(t), self.uncond)
-                out = out_u + self.guidance * (out - out_u)
+                out = cfg_combine(self.handle.model_output(chunk, int(t), self.uncond), out, self.guidance)
             outs.append(out)
         return torch.cat(outs)
 
@@ -115,24 +85,18 @@ class Denoiser:
         """(ε̂, x0̂) at ``t``; x0̂ clipped like the scheduler clips it unless ``clip=False``."""
         a = alpha_at(self.handle, t)
         eps, x0 = split_prediction(self.handle, self.output(x, t), x, a)
-        if not clip:
+        r = self.handle.schedule.clip_sample_range
+        if not clip or r is None:
             return eps, x0
-        x0_clipped = clip_x0(self.handle, x0)
-        if x0_clipped is not x0:  # the noise that goes with the clipped x0 (module docstring)
-            eps = (x - a**0.5 * x0_clipped) / (1.0 - a) ** 0.5
-        return eps, x0_clipped
+        x0_clipped = clip_x0(x0, r)  # and the noise that goes with it (module docstring)
+        return eps_x0(x0_clipped, x, a, "sample")[0], x0_clipped
 
     @torch.no_grad()
     def ddim(self, x: torch.Tensor, t_from: int, t_to: int, steps: int) -> torch.Tensor:
         """DDIM (η = 0) from ``x`` at ``t_from`` down to ``t_to`` (``CLEAN`` = the clean sample)."""
         path = segment(int(t_from), int(t_to), steps, self.handle.num_train_timesteps)
         for t, s in zip(path[:-1], path[1:]):
-            eps, x0 = self.eps_x0(x, t)
-            if s == CLEAN:
-                a_s = final_alpha(self.handle.scheduler)
-            else:
-                a_s = alpha_at(self.handle, s)
-            x = a_s**0.5 * x0 + (1.0 - a_s) ** 0.5 * eps
+            x = self.handle.schedule.ddim_step(self.output(x, t), x, t, s)
         return x
 
 

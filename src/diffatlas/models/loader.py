@@ -17,7 +17,8 @@ ever downloaded, and a model that is not cached is a :class:`~diffatlas.errors.U
 
 The :class:`ModelHandle` hides the differences between families behind three calls that
 every analysis uses: ``conditioning(prompts)`` (the denoiser's keyword arguments),
-``predict_noise(x_t, t, cond)`` (epsilon, DiT's learned-sigma half removed) and
+``predict_noise(x_t, t, cond)`` (ε whatever the ``prediction_type``, DiT's learned-sigma
+half removed; ``model_output`` is the raw output) and
 ``encode_images``/``decode`` (VAE or identity). All modules are put in ``eval()`` mode
 with ``requires_grad_(False)`` (gradients w.r.t. *inputs*, e.g. Jacobians, still work); to
 train, build the model from config instead.
@@ -26,6 +27,7 @@ train, build the model from config instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -36,7 +38,9 @@ from typing import Any
 
 import torch
 
+from diffatlas.config import refuse_local_revision
 from diffatlas.errors import UserError
+from diffatlas.models.diffusion import NoiseSchedule, prediction_type_of, time_convention
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,9 @@ CLASS_TO_FAMILY = {
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+#: Weight files read through torch's pickle loader (``torch.load``), unlike safetensors.
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 @dataclass
@@ -63,7 +70,8 @@ class ModelHandle:
         vae: AutoencoderKL, or None for pixel models.
         tokenizers, text_encoders: lists (two for SDXL, none for DiT).
         num_train_timesteps: T; timesteps are training-scale integers 0..T-1.
-        alphas_cumprod: float32 tensor [T] (CPU): ᾱ_t of the scheduler.
+        alphas_cumprod: float32 tensor [T] (CPU): ᾱ_t of the scheduler; None for flow-matching
+            schedulers (their time is σ, see :func:`diffatlas.models.diffusion.time_convention`).
         image_size: pixels per side; latent_size: denoiser input side; latent_channels.
         model_id: the path or hub id as given; revision: hub revision / commit, or a short
             content hash of the weight files for local directories (see :func:`weights_hash`).
@@ -78,7 +86,7 @@ class ModelHandle:
     tokenizers: list
     text_encoders: list
     num_train_timesteps: int
-    alphas_cumprod: torch.Tensor
+    alphas_cumprod: torch.Tensor | None
     image_size: int
     latent_size: int
     latent_channels: int
@@ -225,13 +233,15 @@ class ModelHandle:
                 out[k] = v
         return out
 
-    def predict_noise(self, x_t: torch.Tensor, t, cond: dict[str, Any]) -> torch.Tensor:
-        """Noise prediction eps ``[B, C, h, w]`` for ``x_t [B, C, h, w]`` at training timestep(s) ``t``.
+    def model_output(self, x_t: torch.Tensor, t, cond: dict[str, Any]) -> torch.Tensor:
+        """The denoiser's raw output ``[B, C, h, w]`` for ``x_t`` at training timestep(s) ``t``.
 
-        ``t`` is an int, a 0-d tensor or a ``[B]`` tensor (0..T-1). ``cond`` comes from
-        :meth:`conditioning`; a batch-1 conditioning is broadcast to ``B``. Gradients flow
-        (no ``no_grad`` here) so callers can differentiate w.r.t. ``x_t``. For DiT with a
-        learned variance (``out_channels == 2 * in_channels``) the variance half is dropped.
+        What it means (ε, v or x0) is the scheduler's ``prediction_type``; use
+        :meth:`predict_noise` for ε. ``t`` is an int, a 0-d tensor or a ``[B]`` tensor
+        (0..T-1). ``cond`` comes from :meth:`conditioning`; a batch-1 conditioning is broadcast
+        to ``B``. Gradients flow (no ``no_grad`` here) so callers can differentiate w.r.t.
+        ``x_t``. For DiT with a learned variance (``out_channels == 2 * in_channels``) the
+        variance half is dropped.
         """
         b = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device)
@@ -244,13 +254,42 @@ class ModelHandle:
             out = out[:, :c]
         return out
 
+    def predict_noise(self, x_t: torch.Tensor, t, cond: dict[str, Any]) -> torch.Tensor:
+        """Noise prediction ε ``[B, C, h, w]``: :meth:`model_output` read by the scheduler's
+        ``prediction_type`` (v- and x0-predicting models are converted with ᾱ_t; see
+        :mod:`diffatlas.models.diffusion`). Same arguments as :meth:`model_output`."""
+        out = self.model_output(x_t, t, cond)
+        if self.prediction_type == "epsilon":
+            return out
+        tt = torch.as_tensor(t, device=x_t.device)
+        if tt.ndim == 0:
+            tt = tt.expand(x_t.shape[0])
+        eps, _ = self.schedule.split(out, x_t, tt)
+        return eps
+
+    @property
+    def prediction_type(self) -> str:
+        """The scheduler's ``prediction_type`` (checked at load time)."""
+        return prediction_type_of(self.scheduler, self.model_id)
+
+    @property
+    def time_convention(self) -> str:
+        """``"step"`` (integer training steps with ᾱ) or ``"sigma"`` (flow matching)."""
+        return time_convention(self.scheduler)
+
+    @functools.cached_property
+    def schedule(self) -> NoiseSchedule:
+        """The scheduler's noise levels, prediction type and clipping (the diffusion core's view).
+
+        Raises UserError for schedulers without ``alphas_cumprod`` (flow matching)."""
+        return NoiseSchedule.from_scheduler(self.scheduler, self.model_id)
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """Forward process ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise`` (t: int or [B])."""
         t = torch.as_tensor(t, device=x0.device).long()
         if t.ndim == 0:
             t = t.expand(x0.shape[0])
-        a = self.alphas_cumprod.to(x0.device, torch.float32)[t].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return self.schedule.add_noise(x0, noise, t)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary to record next to artifacts."""
@@ -293,6 +332,7 @@ def _resolve(
     """Local directory of the model and its revision string."""
     p = Path(os.path.expanduser(str(path_or_id)))
     if p.exists():
+        refuse_local_revision(p, revision)
         if not p.is_dir():
             raise UserError(f"model path {p} is a file; expected a diffusers model directory containing model_index.json")
         if not (p / "model_index.json").is_file():
@@ -312,6 +352,14 @@ def _resolve(
             snapshot_download(str(path_or_id), revision=revision, local_files_only=local_files_only, cache_dir=cache)
         )
     except LocalEntryNotFoundError as err:
+        cached = _cached_revisions(Path(cache), str(path_or_id))
+        if cached:  # the model is cached, the asked revision is not
+            raise UserError(
+                f"revision {revision or 'main'!r} of model {path_or_id!r} is not in the local Hugging Face cache "
+                f"({cache}); cached revisions: {', '.join(cached)}; nothing is downloaded: "
+                f"download it yourself (huggingface-cli download {path_or_id} --revision {revision or 'main'}) "
+                f"or set models.<name>.revision to a cached one"
+            ) from err
         raise UserError(
             f"model {path_or_id!r} is neither a local directory nor in the local Hugging Face cache "
             f"({cache}); "
@@ -323,6 +371,32 @@ def _resolve(
         raise UserError(f"cached model {path_or_id!r} at {local} has no model_index.json; expected a diffusers pipeline")
     # The snapshot folder is named after the commit hash.
     return local, revision if revision and revision != "main" else local.name
+
+
+def pickle_only_weights(local: Path, index: dict[str, Any]) -> list[Path]:
+    """Weight files of the components that have pickle-based weights and no safetensors.
+
+    A component is a ``model_index.json`` entry ``name: [library, class]``; its folder
+    ``local/name`` is looked at (tokenizers and schedulers have no weights and are skipped).
+    """
+    found: list[Path] = []
+    for name, spec in index.items():
+        folder = local / name
+        if name.startswith("_") or not isinstance(spec, list) or not folder.is_dir():
+            continue
+        files = [f for f in folder.iterdir() if f.is_file()]
+        if any(f.name.endswith(".safetensors") for f in files):
+            continue
+        found += sorted(f for f in files if f.suffix in PICKLE_WEIGHT_SUFFIXES)
+    return found
+
+
+def _cached_revisions(cache: Path, hub_id: str) -> list[str]:
+    """Branch/tag names (refs/) and commits (snapshots/) of ``hub_id`` in the local cache."""
+    repo = cache / ("models--" + hub_id.replace("/", "--"))
+    refs = sorted(p.name for p in (repo / "refs").glob("*") if p.is_file())
+    snaps = sorted(p.name for p in (repo / "snapshots").glob("*") if p.is_dir())
+    return refs + snaps
 
 
 @contextlib.contextmanager
@@ -361,6 +435,7 @@ def load_model(
     revision: str | None = None,
     local_files_only: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    allow_pickle_weights: bool = False,
 ) -> ModelHandle:
     """Load a diffusers pipeline from a local directory or the local HF cache.
 
@@ -368,9 +443,14 @@ def load_model(
         path_or_id: a directory with ``model_index.json``, or a hub id (``owner/name``)
             already in the Hugging Face cache.
         device, dtype: where and in what precision every component lives.
-        revision: hub revision (branch, tag or commit) for hub ids; recorded as is.
+        revision: hub revision (branch, tag or commit) for hub ids; recorded as is. Refused
+            for a local directory (it has no revisions; its weight hash is recorded).
         local_files_only: keep True (the default): nothing is downloaded.
         cache_dir: Hugging Face hub cache to look in (default: ``HF_HUB_CACHE``).
+        allow_pickle_weights: weights are read from ``.safetensors`` only; True also admits
+            components stored only as pickle-based ``.bin``/``.pt``/``.ckpt`` files (read
+            by torch's ``weights_only`` loader). The config key is
+            ``models.<name>.allow_pickle_weights``.
 
     Raises:
         UserError: missing directory, no ``model_index.json``, an unknown pipeline class,
@@ -391,7 +471,21 @@ def load_model(
         raise UserError(f"{index_path}: _class_name {cls_name!r} is not a supported pipeline; allowed: {allowed}")
     family = CLASS_TO_FAMILY[cls_name]
     cls = _pipeline_class(family)
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "low_cpu_mem_usage": False}
+    pickled = pickle_only_weights(local, index)
+    if pickled and not allow_pickle_weights:
+        names = ", ".join(str(f.relative_to(local)) for f in pickled)
+        raise UserError(
+            f"model {model_id}: {names} are pickle-based weights with no .safetensors next to them; "
+            "pickle files can run code when loaded, so only safetensors are read. Convert them "
+            "(load and save_pretrained, which writes safetensors) or, if you trust the files, set "
+            "allow_pickle_weights: true in the model's config (models.<name>)"
+        )
+    if pickled:
+        log.warning("model %s: loading pickle-based weights %s (allow_pickle_weights is true)",
+                    model_id, ", ".join(str(f.relative_to(local)) for f in pickled))
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "low_cpu_mem_usage": False,
+                              # safetensors only, unless pickle weights are allowed and needed
+                              "use_safetensors": None if pickled else True}
     if family == "sd":
         # The safety checker is a 1 GB CLIP vision model that analyses never use.
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -422,9 +516,10 @@ def load_model(
     latent_channels = int(denoiser.config.in_channels)
     scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     sched = pipe.scheduler
+    prediction_type_of(sched, model_id)  # an unknown prediction type is refused at load time
+    # A scheduler without alphas_cumprod (flow matching: times are sigmas) is not refused
+    # here; stages that need ᾱ refuse it through ``handle.schedule``.
     alphas = getattr(sched, "alphas_cumprod", None)
-    if alphas is None:
-        raise UserError(f"scheduler {type(sched).__name__} of {model_id} has no alphas_cumprod; use a DDPM-family scheduler")
     id2label: dict[int, str] = {}
     if family == "dit":
         id2label = {int(k): v for k, v in (index.get("id2label") or {}).items()}
@@ -437,7 +532,7 @@ def load_model(
         tokenizers=tokenizers,
         text_encoders=encoders,
         num_train_timesteps=int(sched.config.num_train_timesteps),
-        alphas_cumprod=alphas.detach().to("cpu", torch.float32).clone(),
+        alphas_cumprod=None if alphas is None else alphas.detach().to("cpu", torch.float32).clone(),
         image_size=latent_size * scale,
         latent_size=latent_size,
         latent_channels=latent_channels,

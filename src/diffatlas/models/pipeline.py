@@ -10,7 +10,8 @@ Classifier-free guidance batch layout (read this if you hook the UNet during sam
 ------------------------------------------------------------------------------------
 * ``guidance_scale > 1``: every denoiser call gets a batch of ``2 * N`` rows,
   **unconditional first, conditional second** (``[uncond_0..uncond_{N-1}, cond_0..cond_{N-1}]``),
-  like diffusers' ``StableDiffusionPipeline``. ``N = len(prompts) * num_images_per_prompt``.
+  like diffusers' ``StableDiffusionPipeline`` and the diffusion core
+  (:func:`diffatlas.models.diffusion.cfg_batch`). ``N = len(prompts) * num_images_per_prompt``.
 * ``guidance_scale <= 1``: no unconditional pass at all; the batch is the ``N`` conditional rows.
 
 Before the first denoiser call, ``__call__`` stores what it does in
@@ -37,6 +38,8 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
+
+from diffatlas.models.diffusion import cfg_batch, cfg_split, uses_cfg
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +126,7 @@ class ShapesWorldPipeline(DiffusionPipeline):
         if not prompts:
             raise ValueError("prompt must be a non-empty string or list of strings")
         device = self._execution_device
-        do_cfg = guidance_scale > 1.0
+        do_cfg = uses_cfg(guidance_scale)
         n = len(prompts) * num_images_per_prompt
         per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
 
@@ -168,14 +171,13 @@ class ShapesWorldPipeline(DiffusionPipeline):
             if isinstance(self.scheduler, DDIMScheduler) else {}
         )
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            inp = torch.cat([x, x]) if do_cfg else x
+            inp = cfg_batch(x) if do_cfg else x
             inp = self.scheduler.scale_model_input(inp, t)
             eps = self.unet(
                 inp, t, encoder_hidden_states=context, cross_attention_kwargs=cross_attention_kwargs
             ).sample
             if do_cfg:
-                eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + guidance_scale * (eps_c - eps_u)
+                eps = cfg_split(eps, guidance_scale)
             x = self.scheduler.step(eps, t, x, **extra).prev_sample
             if callback is not None:
                 callback(i, int(t), x)

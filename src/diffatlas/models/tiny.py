@@ -13,6 +13,8 @@ Families and what they mirror:
   blocks, cross-attention in the first three, ``up_blocks.0`` plain and ``up_blocks.1-3`` with
   cross-attention) so layer aliases such as ``up_ft0..3`` resolve as on SD1.5; latents are
   4x16x16 and a 2-level VAE (scale factor 2) maps them to 32x32 pixels.
+* ``"sd-v"``: the same with a v-prediction scheduler (``prediction_type="v_prediction"``),
+  as SD2.x 768 models; it loads as family ``"sd"``.
 * ``"sdxl"``: ``StableDiffusionXLPipeline`` with SDXL's structure (three blocks, attention
   in the two deeper ones, two text encoders, ``addition_embed_type="text_time"``).
 * ``"dit"``: ``DiTPipeline`` with a 2-layer ``DiTTransformer2DModel`` (patch 2, learned sigma:
@@ -34,7 +36,7 @@ from diffatlas.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd", "sdxl", "dit", "pixel")
+FAMILIES = ("sd", "sd-v", "sdxl", "dit", "pixel")
 
 #: Words of the tiny models' tokenizer (a superset of typical ShapesWorld captions).
 TINY_WORDS = (
@@ -85,10 +87,11 @@ def _vae(latent_channels: int = 4):
     )
 
 
-def _sd_scheduler():
+def _sd_scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDIMScheduler
 
-    # SD1.x's scheduler settings (scaled-linear betas, 1000 steps, offset 1).
+    # SD1.x's scheduler settings (scaled-linear betas, 1000 steps, offset 1); SD2.x 768 models
+    # differ only by prediction_type="v_prediction".
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -97,6 +100,7 @@ def _sd_scheduler():
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 
@@ -118,7 +122,7 @@ def _make_pixel():
     return ShapesWorldPipeline(unet=unet, text_encoder=te, tokenizer=tok, scheduler=sched)
 
 
-def _make_sd():
+def _make_sd(prediction_type: str = "epsilon"):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from diffatlas.models.tokenizer import build_world_tokenizer
@@ -138,7 +142,7 @@ def _make_sd():
         norm_num_groups=8,
     )
     return StableDiffusionPipeline(
-        vae=_vae(), text_encoder=te, tokenizer=tok, unet=unet, scheduler=_sd_scheduler(),
+        vae=_vae(), text_encoder=te, tokenizer=tok, unet=unet, scheduler=_sd_scheduler(prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
@@ -206,14 +210,15 @@ def _make_dit():
     return pipe
 
 
-_BUILDERS = {"pixel": _make_pixel, "sd": _make_sd, "sdxl": _make_sdxl, "dit": _make_dit}
+_BUILDERS = {"pixel": _make_pixel, "sd": _make_sd, "sd-v": lambda: _make_sd("v_prediction"), "sdxl": _make_sdxl,
+             "dit": _make_dit}
 
 
 def make_tiny_model(family: str, path: str | os.PathLike, seed: int = 0) -> Path:
     """Build a tiny random model of ``family`` and save it to ``path`` (diffusers layout).
 
     Args:
-        family: one of ``"sd"``, ``"sdxl"``, ``"dit"``, ``"pixel"``.
+        family: one of ``"sd"``, ``"sd-v"`` (v-prediction SD), ``"sdxl"``, ``"dit"``, ``"pixel"``.
         path: output directory (created or replaced atomically).
         seed: torch seed of the random initialisation (same seed -> identical weights).
 

@@ -62,6 +62,7 @@ class SAEConfig(ConfigSection):
     """Training and analysis settings of a TopK SAE (defaults: the demo; k as in Revelio)."""
 
     SECTION = "sae"
+    JOB_FREE_KEYS = ("layers", "timesteps", "gallery", "gallery_latents")
 
     k: int = 32
     """Active latents per sample (TopK). Revelio and OpenAI use 32."""

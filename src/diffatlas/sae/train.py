@@ -29,6 +29,7 @@ import torch
 from diffatlas.activations.store import POOLED, ActivationStore
 from diffatlas.errors import UserError
 from diffatlas.logs import progress
+from diffatlas.optim import Adam
 from diffatlas.sae.config import SAEArch, SAEConfig
 from diffatlas.sae.model import TopKSAE, geometric_median
 
@@ -143,58 +144,6 @@ def prepare(store: ActivationStore, layer: str, timestep: int, cfg: SAEConfig) -
         fine_classes=list(store.attrs.get("label_classes", [])),
         coarse_classes=list(store.attrs.get("coarse_label_classes", [])),
     )
-
-
-class Adam:
-    """Adam (Kingma & Ba 2015) with bias correction, over a list of parameters.
-
-    Written out because the first ``torch.optim`` optimiser built in a process imports
-    ``torch._dynamo``: several seconds of start-up per SAE job on a small CPU, more than the
-    demo's whole training budget. Uses PyTorch's fused Adam kernel (the one behind
-    ``torch.optim.Adam(fused=True)``; 4-5× faster than foreach ops on CPU) when present, else
-    the same update written with foreach ops. Both are tested against the formula.
-    """
-
-    def __init__(
-        self,
-        params: list[torch.nn.Parameter],
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        fused: bool | None = None,
-    ) -> None:
-        self.params = list(params)
-        self.b1, self.b2 = betas
-        self.eps = eps
-        self.t = 0
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        self.fused = hasattr(torch, "_fused_adam_") if fused is None else fused
-        self._steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self, lr: float) -> None:
-        """p ← p − lr · m̂ / (√v̂ + eps), with m̂, v̂ the bias-corrected moment estimates."""
-        self.t += 1
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        if self.fused:
-            torch._foreach_add_(self._steps, 1.0)
-            torch._fused_adam_(
-                self.params, grads, self.m, self.v, [], self._steps,
-                lr=lr, beta1=self.b1, beta2=self.b2, weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
-            )
-            return
-        torch._foreach_mul_(self.m, self.b1)
-        torch._foreach_add_(self.m, grads, alpha=1 - self.b1)
-        torch._foreach_mul_(self.v, self.b2)
-        torch._foreach_addcmul_(self.v, grads, grads, value=1 - self.b2)
-        denom = torch._foreach_sqrt(self.v)
-        torch._foreach_div_(denom, math.sqrt(1 - self.b2**self.t))
-        torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(self.params, self.m, denom, value=-lr / (1 - self.b1**self.t))
 
 
 def warmup_lr(step: int, lr: float, warmup: int) -> float:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffatlas.errors import UserError
+from diffatlas.sections import ConfigSection
 
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2", "scaled_linear")
 LR_SCHEDULES = ("constant", "cosine")
@@ -34,7 +35,7 @@ RESUME_FREE_FIELDS = ("steps", "checkpoint_every", "log_every", "channels_last")
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         upper = f" and <= {hi}" if hi is not None else ""
-        raise UserError(f"world_model: {name} = {value!r} is not allowed; allowed: an integer >= {lo}{upper}")
+        raise UserError(f"config world_model.{name} = {value!r} is not allowed; allowed: an integer >= {lo}{upper}")
 
 
 def _check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
@@ -44,15 +45,17 @@ def _check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool = Fa
         ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     if not ok:
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise UserError(f"world_model: {name} = {value!r} is not allowed; allowed: a number in {lb}{lo}, {hi}{rb}")
+        raise UserError(f"config world_model.{name} = {value!r} is not allowed; allowed: a number in {lb}{lo}, {hi}{rb}")
 
 
 @dataclass
-class WorldModelConfig:
+class WorldModelConfig(ConfigSection):
     """How the ShapesWorld model is built and trained (``world_model.train``).
 
     The defaults are those of the shipped checkpoint (resources/models/shapesworld/README.md).
     """
+
+    SECTION = "world_model.train"
 
     steps: int = 5000
     """Optimiser steps. Raising it and re-running resumes from the last checkpoint."""
@@ -110,6 +113,7 @@ class WorldModelConfig:
     """Write the resumable checkpoint every this many steps (and at the end)."""
     log_every: int = 25
     """Log steps, loss and images/s every this many steps."""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_int("train.steps", self.steps, 1)
@@ -118,7 +122,7 @@ class WorldModelConfig:
         _check_int("train.warmup", self.warmup, 0)
         if self.lr_schedule not in LR_SCHEDULES:
             raise UserError(
-                f"world_model: train.lr_schedule = {self.lr_schedule!r} is not allowed; allowed: {', '.join(LR_SCHEDULES)}"
+                f"config world_model.train.lr_schedule = {self.lr_schedule!r} is not allowed; allowed: {', '.join(LR_SCHEDULES)}"
             )
         _check_float("train.lr_final", self.lr_final, 0.0, 1.0)
         _check_float("train.weight_decay", self.weight_decay, 0.0, 1.0)
@@ -133,7 +137,7 @@ class WorldModelConfig:
         _check_float("train.colour_word_prob", self.colour_word_prob, 0.0, 1.0)
         if not isinstance(self.block_out_channels, (list, tuple)) or len(self.block_out_channels) < 2:
             raise UserError(
-                f"world_model: train.block_out_channels = {self.block_out_channels!r} is not allowed; "
+                f"config world_model.train.block_out_channels = {self.block_out_channels!r} is not allowed; "
                 "allowed: a list of at least 2 positive integers"
             )
         self.block_out_channels = [int(c) for c in self.block_out_channels]
@@ -141,12 +145,12 @@ class WorldModelConfig:
             _check_int("train.block_out_channels[]", c, 1)
             if c % self.norm_num_groups or c % self.num_attention_heads:
                 raise UserError(
-                    f"world_model: train.block_out_channels = {self.block_out_channels} is not allowed; allowed: "
+                    f"config world_model.train.block_out_channels = {self.block_out_channels} is not allowed; allowed: "
                     f"multiples of norm_num_groups ({self.norm_num_groups}) and num_attention_heads ({self.num_attention_heads})"
                 )
         if self.image_size % (2 ** (len(self.block_out_channels) - 1)):
             raise UserError(
-                f"world_model: train.image_size = {self.image_size} is not allowed; allowed: a multiple of "
+                f"config world_model.train.image_size = {self.image_size} is not allowed; allowed: a multiple of "
                 f"2**(len(block_out_channels) - 1) = {2 ** (len(self.block_out_channels) - 1)}"
             )
         _check_int("train.layers_per_block", self.layers_per_block, 1, 4)
@@ -157,24 +161,18 @@ class WorldModelConfig:
         _check_int("train.text_heads", self.text_heads, 1)
         if self.text_hidden_size % self.text_heads:
             raise UserError(
-                f"world_model: train.text_hidden_size = {self.text_hidden_size} is not allowed; "
+                f"config world_model.train.text_hidden_size = {self.text_hidden_size} is not allowed; "
                 f"allowed: a multiple of text_heads ({self.text_heads})"
             )
         if not isinstance(self.train_text_encoder, bool):
-            raise UserError(f"world_model: train.train_text_encoder = {self.train_text_encoder!r} is not allowed; allowed: true, false")
+            raise UserError(f"config world_model.train.train_text_encoder = {self.train_text_encoder!r} is not allowed; allowed: true, false")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise UserError(
-                f"world_model: train.beta_schedule = {self.beta_schedule!r} is not allowed; allowed: {', '.join(BETA_SCHEDULES)}"
+                f"config world_model.train.beta_schedule = {self.beta_schedule!r} is not allowed; allowed: {', '.join(BETA_SCHEDULES)}"
             )
         _check_int("train.checkpoint_every", self.checkpoint_every, 1)
         _check_int("train.log_every", self.log_every, 1)
-
-    @classmethod
-    def from_dict(cls, section: dict[str, Any] | None) -> "WorldModelConfig":
-        return _from_dict(cls, section or {}, "world_model.train")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        self.reject_unknown()
 
     def resume_free_fields(self) -> tuple[str, ...]:
         """Fields a checkpoint may differ in and still resume (``steps`` only at constant lr)."""
@@ -190,7 +188,7 @@ class WorldModelConfig:
 
 
 @dataclass
-class FidelityConfig:
+class FidelityConfig(ConfigSection):
     """How the caption fidelity of a model is measured (``world_model.fidelity``).
 
     Single-object captions ``"a {colour} {shape}"`` cycle through the 12 fine classes;
@@ -214,6 +212,14 @@ class FidelityConfig:
     """Rows of the sample grid figure (each row: single-object then two-object samples)."""
     grid_cols: int = 12
     """Columns of the sample grid figure."""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    SECTION = "world_model.fidelity"
+    #: world_fidelity samples and judges; world_samples_figure only lays the samples out.
+    JOBS = {
+        "sample": ("n_single", "n_two", "num_inference_steps", "guidance_scale", "seed", "batch_size"),
+        "figure": ("grid_rows", "grid_cols"),
+    }
 
     def __post_init__(self) -> None:
         _check_int("fidelity.n_single", self.n_single, 1)
@@ -224,23 +230,4 @@ class FidelityConfig:
         _check_int("fidelity.batch_size", self.batch_size, 1)
         _check_int("fidelity.grid_rows", self.grid_rows, 1, 32)
         _check_int("fidelity.grid_cols", self.grid_cols, 1, 32)
-
-    @classmethod
-    def from_dict(cls, section: dict[str, Any] | None) -> "FidelityConfig":
-        return _from_dict(cls, section or {}, "world_model.fidelity")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _from_dict(cls, section: dict[str, Any], where: str):
-    if not isinstance(section, dict):
-        raise UserError(f"{where} must be a mapping, got {section!r}")
-    allowed = sorted(f.name for f in dataclasses.fields(cls))
-    unknown = sorted(set(section) - set(allowed))
-    if unknown:
-        raise UserError(f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; allowed keys: {', '.join(allowed)}")
-    try:
-        return cls(**section)
-    except UserError as err:
-        raise UserError(str(err).replace("world_model: ", f"{where.rsplit('.', 1)[0]}.", 1)) from None
+        self.reject_unknown()

@@ -42,6 +42,7 @@ import torch
 
 from diffatlas.errors import UserError
 from diffatlas.io import atomic_dir, read_json
+from diffatlas.models.diffusion import add_noise, images_to_tensor
 from diffatlas.world.config import WorldModelConfig
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,7 @@ def sample_batch(cfg: WorldModelConfig, step: int, batch_size: int | None = None
 
 def to_model_space(images: np.ndarray) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1] (the pipeline's pixel space)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
+    return images_to_tensor(images)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -330,12 +330,6 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.clamp(snr, max=gamma) / snr
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Forward process ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise``.  x0, noise [B, C, H, W]; t [B] long."""
-    a = alphas_cumprod[t].view(-1, *([1] * (x0.ndim - 1)))
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-
 @torch.no_grad()
 def _ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
@@ -418,7 +412,7 @@ def train_world_model(
             t = torch.randint(0, T, (x0.shape[0],), generator=g)
             noise = torch.randn(x0.shape, generator=g)
             x0, t, noise = x0.to(device), t.to(device), noise.to(device)
-            x_t = add_noise(x0, noise, t, alphas_cumprod)
+            x_t = add_noise(x0, noise, alphas_cumprod[t].view(-1, 1, 1, 1))
             if cfg.channels_last and device.type == "cpu":
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
             ids = _tokenize(pipe.tokenizer, captions, tok_cache).to(device)
