@@ -257,6 +257,10 @@ class BackgroundWriter:
             except queue.Full:
                 continue
 
+    def write(self, layer: str, t_index: int, start: int, pooled: Any, spatial: Any = None) -> None:
+        """Queue rows of one layer (see :meth:`ActivationWriter.write`)."""
+        self.submit(t_index, start, {layer: (pooled, spatial)})
+
     def finish(self) -> None:
         """Wait until every queued batch is written; raise the worker's error, if any."""
         self._queue.put(None)
