@@ -10,6 +10,7 @@
 # later job would trust.
 
 from diffatlas.activations.config import ExtractConfig
+from diffatlas.models.diffusion import timesteps_for
 
 EXTRACT_STORE = str(Path(RESULTS, "activations", "{model}", "{dataset}", "t{timestep}.zarr"))
 # The section less the job grid (ExtractConfig.JOB_FREE_KEYS); the job's timestep comes as
@@ -51,9 +52,17 @@ rule extract:
         " > {log:q} 2>&1"
 
 
-ALL_TARGETS.extend(
-    EXTRACT_STORE.format(model=m, dataset=d, timestep=t)
-    for m in config["extract"]["models"]
-    for d in config["extract"]["datasets"]
-    for t in config["extract"]["timesteps"]
-)
+# A model's own time list (models.<name>.timesteps) replaces extract.timesteps for it. Stores
+# are named by training step (t{timestep}); extraction noises with ᾱ, so sigma times (flow
+# matching) are refused here rather than skipped.
+for _m in config["extract"]["models"]:
+    _times = timesteps_for(config, _m, "extract")
+    _sigmas = [str(t) for t in _times if t.kind != "step"]
+    if _sigmas:
+        raise WorkflowError(
+            f"model {_m}: extraction times {_sigmas} are flow-matching sigmas; extraction supports "
+            "training steps (DDPM-family models) only: drop the model from extract.models"
+        )
+    ALL_TARGETS.extend(
+        EXTRACT_STORE.format(model=_m, dataset=d, timestep=t.value) for d in config["extract"]["datasets"] for t in _times
+    )
