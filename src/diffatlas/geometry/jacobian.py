@@ -342,10 +342,11 @@ def top_singular(
         if init is not None:
             y = init.reshape(N, init.shape[1], -1).to(dev, dt)[:, :k]
             if y.shape[1] < k:  # top up a short warm start with random columns
-                extra = torch.randn(N, k - y.shape[1], D, generator=generator).to(dev, dt)
+                extra = torch.randn(N, k - y.shape[1], D, generator=generator, device="cpu").to(dev, dt)
                 y = torch.cat([y, extra], dim=1)
         else:
-            y = torch.randn(N, k, D, generator=generator).to(dev, dt)
+            # Drawn on the CPU (the generator's device) whatever x's device: same start everywhere.
+            y = torch.randn(N, k, D, generator=generator, device="cpu").to(dev, dt)
         it, converged = 0, False
         for it in range(1, max_iters + 1):
             q = torch.linalg.qr(y.transpose(1, 2)).Q.transpose(1, 2)  # [N, k, D], orthonormal rows

@@ -1,0 +1,61 @@
+"""Device correctness without a GPU: every tensor a stage makes lives on its inputs' device.
+
+CI has no GPU, so the CUDA failure mode ("Expected all tensors to be on the same device":
+a tensor built on the default device inside code that receives tensors on another one) is
+reproduced the other way round: the model and its inputs live on the CPU while the *default*
+device is ``meta``. A factory call without ``device=`` (``torch.linspace(...)``,
+``torch.ones(...)``) then makes a meta tensor, and the first op that mixes it with the CPU
+tensors raises, exactly where it would have raised on CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+torch.set_num_threads(1)
+
+CFG = {
+    "n_samples": 2, "n_directions": 2, "oversample": 1, "tol": 0.05, "ddim_steps": 2,
+    "edit_strengths": [-3.0, 3.0], "edit_directions": 1, "edit_samples": 1,
+    "iterative_substeps": 1, "iterative_directions": 1, "iterative_timesteps": [999],
+    "global_samples": 2, "path_pairs": 1, "path_segments": 3, "max_iters": 3,
+}
+
+
+def test_default_device_trap_catches_a_stray_factory_call():
+    """The trap itself: a tensor made without device= does not mix with CPU inputs."""
+    x = torch.ones(3)
+    with torch.device("meta"), pytest.raises((RuntimeError, NotImplementedError)):
+        _ = x * torch.linspace(0, 1, 3)
+
+
+def test_geometry_stage_makes_no_tensor_on_the_default_device(tmp_path):
+    from diffatlas.geometry.config import GeometryConfig
+    from diffatlas.geometry.run import run_global, run_measures, run_paths, run_timestep
+    from diffatlas.models.loader import load_model
+    from diffatlas.models.tiny import make_tiny_model
+
+    model = make_tiny_model("pixel", tmp_path / "model")
+    handle = load_model(model, device="cpu")
+    cfg = GeometryConfig.from_dict(CFG)
+    tokenize = handle._tokenize
+
+    def host_tokenize(*args, **kwargs):  # the tokenizer makes host tensors by design (then moved)
+        with torch.device("cpu"):
+            return tokenize(*args, **kwargs)
+
+    handle._tokenize = host_tokenize
+    with torch.device("meta"):  # any tensor created without device= lands here and clashes
+        meta = run_timestep(handle, cfg, 999, tmp_path / "t999", "tiny")
+        run_global(handle, cfg, tmp_path / "t999", tmp_path / "global", "tiny")
+        paths = run_paths(handle, cfg, tmp_path / "path_lengths.csv", "tiny")
+        run_measures([str(tmp_path / "t999")], tmp_path / "psd.csv", tmp_path / "dist.csv")
+    assert load_file(str(tmp_path / "t999" / "basis.safetensors"))["v"].device.type == "cpu"
+    # Artifacts say where and in what precision they were computed.
+    assert (meta["device"], meta["dtype"]) == ("cpu", "float32")
+    assert json.loads((tmp_path / "t999" / "meta.json").read_text())["device"] == "cpu"
+    assert (paths["device"], paths["dtype"]) == ("cpu", "float32")
