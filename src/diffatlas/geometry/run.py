@@ -55,7 +55,7 @@ def _pullback(handle, cfg: GeometryConfig, timestep: int) -> PullbackMap:
 
 def _basis_kwargs(cfg: GeometryConfig) -> dict[str, Any]:
     return dict(oversample=cfg.oversample, tol=cfg.tol, max_iters=cfg.max_iters, batching=cfg.batching,
-                chunk_size=cfg.chunk_size)
+                chunk_size=cfg.chunk_size, attention_chunk=cfg.attention_chunk)
 
 
 def _provenance(handle, cfg: GeometryConfig, model_name: str, fmap: PullbackMap | None, timestep: int | None) -> dict[str, Any]:
