@@ -11,8 +11,11 @@ tensors raises, exactly where it would have raised on CUDA.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -26,20 +29,14 @@ CFG = {
 }
 
 
-def test_default_device_trap_catches_a_stray_factory_call():
-    """The trap itself: a tensor made without device= does not mix with CPU inputs."""
-    x = torch.ones(3)
-    with torch.device("meta"), pytest.raises((RuntimeError, NotImplementedError)):
-        _ = x * torch.linspace(0, 1, 3)
-
-
-def test_geometry_stage_makes_no_tensor_on_the_default_device(tmp_path):
+def _geometry_under_the_trap(root: Path) -> None:
     from diffatlas.geometry.config import GeometryConfig
     from diffatlas.geometry.run import run_global, run_measures, run_paths, run_timestep
     from diffatlas.models.loader import load_model
     from diffatlas.models.tiny import make_tiny_model
 
-    model = make_tiny_model("pixel", tmp_path / "model")
+    torch.set_num_threads(1)
+    model = make_tiny_model("pixel", root / "model")
     handle = load_model(model, device="cpu")
     cfg = GeometryConfig.from_dict(CFG)
     tokenize = handle._tokenize
@@ -49,13 +46,40 @@ def test_geometry_stage_makes_no_tensor_on_the_default_device(tmp_path):
             return tokenize(*args, **kwargs)
 
     handle._tokenize = host_tokenize
-    with torch.device("meta"):  # any tensor created without device= lands here and clashes
-        meta = run_timestep(handle, cfg, 999, tmp_path / "t999", "tiny")
-        run_global(handle, cfg, tmp_path / "t999", tmp_path / "global", "tiny")
-        paths = run_paths(handle, cfg, tmp_path / "path_lengths.csv", "tiny")
-        run_measures([str(tmp_path / "t999")], tmp_path / "psd.csv", tmp_path / "dist.csv")
+    torch.set_default_device("meta")  # the trap works: a stray factory call gives a tensor without data
+    stray = torch.ones(3)
+    torch.set_default_device(None)
+    assert stray.device.type == "meta", stray.device
+    try:
+        stray.cpu()
+        raise AssertionError("a meta tensor was copied to the CPU")
+    except NotImplementedError:
+        pass
+    torch.set_default_device("meta")  # any tensor created without device= lands here and clashes
+    try:
+        meta = run_timestep(handle, cfg, 999, root / "t999", "tiny")
+        run_global(handle, cfg, root / "t999", root / "global", "tiny")
+        paths = run_paths(handle, cfg, root / "path_lengths.csv", "tiny")
+        run_measures([str(root / "t999")], root / "psd.csv", root / "dist.csv")
+    finally:
+        torch.set_default_device(None)
+    (root / "result.json").write_text(json.dumps({"meta": meta, "paths": paths}))
+
+
+def test_geometry_stage_makes_no_tensor_on_the_default_device(tmp_path):
+    # A fresh interpreter: the default-device mode must not depend on what ran before in this one.
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((tmp_path / "result.json").read_text())
+    meta, paths = out["meta"], out["paths"]
     assert load_file(str(tmp_path / "t999" / "basis.safetensors"))["v"].device.type == "cpu"
     # Artifacts say where and in what precision they were computed.
     assert (meta["device"], meta["dtype"]) == ("cpu", "float32")
+    assert meta["precision"] == {"weights": "float32", "denoise": "float32", "jacobian": "float32"}
     assert json.loads((tmp_path / "t999" / "meta.json").read_text())["device"] == "cpu"
     assert (paths["device"], paths["dtype"]) == ("cpu", "float32")
+
+
+if __name__ == "__main__":
+    _geometry_under_the_trap(Path(sys.argv[1]))

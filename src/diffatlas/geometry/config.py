@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffatlas.accel import DTYPES
 from diffatlas.errors import UserError
 from diffatlas.sections import ConfigSection
 
@@ -68,6 +69,9 @@ class GeometryConfig(ConfigSection):
     """Queries per block of the Jacobian's exact attention (null = the whole attention matrix per
     tangent at once: fastest on small models, but 4096x4096 per head at SD1.5's 512 px); lower it
     when memory is tight."""
+    dtype: str = "auto"
+    """Compute dtype of the no-grad denoiser passes (DDIM sampling, edits): auto = float16 autocast
+    on CUDA, float32 on CPU; float32 | float16 | bfloat16. The Jacobian is always float32."""
     n_samples: int = 3
     """Samples (x_T ~ N(0, I), DDIM to t) whose local basis is computed per timestep."""
     seed: int = 0
@@ -118,6 +122,8 @@ class GeometryConfig(ConfigSection):
                 raise _bad(name, value, "an integer >= 0")
         if self.chunk_size is not None and (not _is_int(self.chunk_size) or self.chunk_size < 1):
             raise _bad("chunk_size", self.chunk_size, "null or an integer >= 1")
+        if self.dtype not in DTYPES:
+            raise _bad("dtype", self.dtype, ", ".join(DTYPES))
         if self.attention_chunk is not None and (not _is_int(self.attention_chunk) or self.attention_chunk < 1):
             raise _bad("attention_chunk", self.attention_chunk, "null or an integer >= 1")
         if self.edit_samples is not None and (not _is_int(self.edit_samples) or self.edit_samples < 1):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from diffatlas.accel import amp_dtype, describe_precision, out_of_memory_hint
 from diffatlas.errors import UserError
 from diffatlas.geometry.artifacts import load_basis
 from diffatlas.geometry.config import GeometryConfig
@@ -51,6 +52,11 @@ PATH_SAMPLE_OFFSET = 100_000
 
 def _pullback(handle, cfg: GeometryConfig, timestep: int) -> PullbackMap:
     return PullbackMap.from_handle(handle, timestep, layer=cfg.layer, pooling=cfg.pooling, prompt=cfg.prompt)
+
+
+def _denoiser(handle, cfg: GeometryConfig) -> Denoiser:
+    """The no-grad denoiser passes, autocast by ``cfg.dtype`` (see :mod:`diffatlas.accel`)."""
+    return Denoiser(handle, cfg.prompt, cfg.guidance_scale, amp=amp_dtype(cfg.dtype, handle.device, "geometry"))
 
 
 def _basis_kwargs(cfg: GeometryConfig) -> dict[str, Any]:
@@ -70,6 +76,8 @@ def _provenance(handle, cfg: GeometryConfig, model_name: str, fmap: PullbackMap 
         "seed": cfg.seed,
         "device": str(handle.device),
         "dtype": str(handle.dtype).removeprefix("torch."),
+        "precision": describe_precision(handle.dtype, denoise=amp_dtype(cfg.dtype, handle.device, "geometry"),
+                                        jacobian="float32"),
         "config": cfg.to_dict(),
     }
     if timestep is not None:
@@ -136,7 +144,7 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
     timestep = check_timestep(timestep, handle.num_train_timesteps)
     timings: dict[str, float] = {}
     fmap = _pullback(handle, cfg, timestep)
-    den = Denoiser(handle, cfg.prompt, cfg.guidance_scale)
+    den = _denoiser(handle, cfg)
     tic = time.perf_counter()
     x_T, x_t = sample_points(handle, den, cfg, timestep)
     timings["sample_s"] = time.perf_counter() - tic
@@ -144,7 +152,12 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
     tic = time.perf_counter()
     # A CPU generator on every device: the start vectors (and so the bases) do not depend on it.
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + timestep)
-    basis = top_singular(fmap, x_t, cfg.n_directions, generator=gen, **_basis_kwargs(cfg))
+    k = cfg.n_directions + cfg.oversample
+    tried = (f"{x_t.shape[0]} samples x {k} directions (n_directions + oversample), x_t {tuple(x_t.shape[1:])}, "
+             f"chunk_size {cfg.chunk_size}, attention_chunk {cfg.attention_chunk}")
+    lower = "geometry.chunk_size (directions per pass), geometry.attention_chunk or geometry.n_samples"
+    with out_of_memory_hint(f"geometry basis (t={timestep})", tried, lower):
+        basis = top_singular(fmap, x_t, cfg.n_directions, generator=gen, **_basis_kwargs(cfg))
     timings["basis_s"] = time.perf_counter() - tic
     log.info("t=%d: %d samples, %d directions in %d rounds (%.1fs); sigma_1 %.3g, max residual %.2e",
              timestep, x_t.shape[0], cfg.n_directions, basis.iterations, timings["basis_s"],
@@ -173,7 +186,8 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
     it_info: dict[str, Any] = {}
     if mi and any(g != 0 for g in strengths):
         tic = time.perf_counter()
-        pts, sig, coss = _iterative_edits(fmap, basis.sample(0), x_t[:1], strengths, mi, cfg, gen)
+        with out_of_memory_hint(f"geometry iterative edits (t={timestep})", tried, lower):
+            pts, sig, coss = _iterative_edits(fmap, basis.sample(0), x_t[:1], strengths, mi, cfg, gen)
         tensors["iterative"] = torch.from_numpy(np.ascontiguousarray(_denoise_images(handle, den, pts, timestep, cfg)))
         tensors["iterative_strengths"] = torch.tensor(sig, dtype=torch.float32, device="cpu")
         tensors["transport_cos"] = coss.float().cpu()
@@ -238,7 +252,7 @@ def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_di
     strengths = cfg.strengths
     x = x_t[:G].to(handle.device, handle.dtype)
     edited = torch.stack([linear_edits(x[s], projected_t[s], strengths) for s in range(G)])  # [G, m, S, C, h, w]
-    den = Denoiser(handle, cfg.prompt, cfg.guidance_scale)
+    den = _denoiser(handle, cfg)
     tic = time.perf_counter()
     images = _denoise_images(handle, den, edited, timestep, cfg)
     meta = _provenance(handle, cfg, model_name, None, timestep)

@@ -88,11 +88,14 @@ class Denoiser:
     """Noise / x0 predictions of a model at one prompt, with optional CFG, in batches.
 
     ``cond`` / ``uncond`` come from ``handle.conditioning``; ``guidance_scale <= 1`` runs the
-    conditional pass only.
+    conditional pass only. ``amp``: autocast dtype of the passes (None = the weights' own);
+    outputs come back in the input's dtype, so the DDIM arithmetic stays in float32.
     """
 
-    def __init__(self, handle, prompt: str = "", guidance_scale: float = 1.0, batch_size: int = 64) -> None:
+    def __init__(self, handle, prompt: str = "", guidance_scale: float = 1.0, batch_size: int = 64,
+                 amp: torch.dtype | None = None) -> None:
         self.handle = handle
+        self.amp = amp
         self.cond = handle.conditioning([prompt])
         self.guidance = float(guidance_scale)
         self.uncond = handle.conditioning([""]) if self.guidance > 1.0 else None
@@ -101,11 +104,15 @@ class Denoiser:
     @torch.no_grad()
     def output(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """Raw model output for ``x`` [B, C, h, w] at training timestep ``t`` (CFG combined)."""
+        from diffatlas.accel import autocast
+
         outs = []
         for chunk in x.split(self.batch_size):
-            out = self.handle.predict_noise(chunk, int(t), self.cond)
+            with autocast(x.device, self.amp):
+                out = self.handle.predict_noise(chunk, int(t), self.cond).to(x.dtype)
+                if self.uncond is not None:
+                    out_u = self.handle.predict_noise(chunk, int(t), self.uncond).to(x.dtype)
             if self.uncond is not None:
-                out_u = self.handle.predict_noise(chunk, int(t), self.uncond)
                 out = out_u + self.guidance * (out - out_u)
             outs.append(out)
         return torch.cat(outs)
