@@ -139,8 +139,8 @@ run model 120 diffatlas make-tiny-model sd "$MODEL" --size "$SIZE" --dtype "$MOD
 
 # -- 4. the benches, one line per measure
 # bench_geometry: pullback basis; peak memory of the chunked forward-AD attention (item 4).
-run bench_geometry 90 "$PY" bench/bench_geometry.py --model "$MODEL" --device "$DEV" --threads "$THREADS" \
-    --n 8 --iters 2 --repeats 1 $(flags bench_geometry --memory 1) && show bench_geometry
+run bench_geometry 120 "$PY" bench/bench_geometry.py --model "$MODEL" --device "$DEV" --threads "$THREADS" \
+    --n 8 --iters 2 --repeats 1 --memory && show bench_geometry
 # bench_extract: extraction vs the bare forward (its --device/--model/--size when it has them).
 run bench_extract 90 "$PY" bench/bench_extract.py --threads "$THREADS" \
     $(flags bench_extract --device "$DEV" --model "$MODEL" --size "$SIZE" --n 64) && show bench_extract
