@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffatlas.accel import amp_dtype, describe_precision
 from diffatlas.activations.config import ExtractConfig
 from diffatlas.activations.hooks import ActivationCapture, Captured
 from diffatlas.activations.layers import ResolvedLayer, resolve_layers
@@ -42,8 +43,6 @@ from diffatlas.logs import progress
 from diffatlas.models.diffusion import cfg_combine, images_to_tensor  # noqa: F401 (re-exported for callers)
 
 log = logging.getLogger(__name__)
-
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -235,7 +234,8 @@ def extract_activations(
     runner = _Runner(handle, cfg, layers, spatial_names, prompts, ids, device, stop_early)
 
     alpha_bar = [float(handle.alphas_cumprod[int(t)]) for t in cfg.timesteps]
-    attrs = _attrs(handle, cfg, layers, extra_attrs or {})
+    where = {"device": str(device), "precision": describe_precision(handle.dtype, forward=runner.amp_dtype)}
+    attrs = _attrs(handle, cfg, layers, {**where, **(extra_attrs or {})})
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-", dir=out.parent) as scratch:
         total = len(cfg.timesteps) * -(-n // cfg.batch_size)
         gen = runner.iterate(images, Path(scratch))
@@ -337,10 +337,7 @@ class _Runner:
         self.spatial_names, self.prompts, self.sample_ids = spatial_names, prompts, sample_ids
         self.stop_early = stop_early
         self.ab = torch.as_tensor(handle.alphas_cumprod).detach().cpu().to(torch.float64)
-        dtype = cfg.dtype
-        if dtype == "auto":
-            dtype = "float16" if device.type == "cuda" else "float32"
-        self.amp_dtype = AMP_DTYPES.get(dtype)
+        self.amp_dtype = amp_dtype(cfg.dtype, device, "extract")  # auto: see diffatlas.accel
         # Conditioning is computed once per distinct prompt when prompts repeat (empty prompt,
         # class template) and gathered per batch; captions are encoded per batch.
         self._unique: list[str] | None = None
