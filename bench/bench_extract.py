@@ -37,7 +37,6 @@ directory, a tiny family (``sd``, ``sdxl``, ``dit``, ``pixel``), or a size of
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -119,10 +118,10 @@ class Clock:
 
 
 def autocast(cfg, device: torch.device):
-    from diffatlas.activations.extract import amp_dtype
+    """Extraction's autocast for ``cfg.dtype`` on ``device`` (the same resolver extraction uses)."""
+    from diffatlas.accel import amp_dtype, autocast
 
-    dt = amp_dtype(cfg.dtype, device)
-    return torch.autocast(device_type=device.type, dtype=dt) if dt is not None else contextlib.nullcontext()
+    return autocast(device, amp_dtype(cfg.dtype, device, "extract"))
 
 
 def bare_forward(handle, images, cfg, device, clock: Clock) -> float:
@@ -382,7 +381,10 @@ def main() -> int:
               f"{cfg.batch_size}, layers {', '.join(f'{x.name}={x.module_path}' for x in layers)}, spatial maps capped "
               f"at {cfg.spatial_max_size}")
 
-        small = images[: cfg.batch_size]
+        # The short job of the slope: one batch, or half the images when --n is under two batches.
+        small = images[: min(cfg.batch_size, args.n // 2)]
+        if args.n < 2 or len(small) == 0:
+            raise SystemExit("--n must be at least 2 (the rate is a slope between two job sizes)")
         extraction(handle, small, replace(cfg, timesteps=cfg.timesteps[:1]), tmp / "warm", device, clock)  # warm-up
         bare_forward(handle, small, replace(cfg, timesteps=cfg.timesteps[:1]), device, clock)
         create_s = store_creation(handle, cfg, args.n, tmp, device)

@@ -96,7 +96,7 @@ def test_attention_processors_restored_even_on_error(micro):
     before = {k: type(v) for k, v in unet.attn_processors.items()}
     with pytest.raises(RuntimeError):
         with forward_ad_safe_attention(unet):
-            assert {type(v).__name__ for v in unet.attn_processors.values()} == {"AttnProcessor"}
+            assert {type(v).__name__ for v in unet.attn_processors.values()} == {"ChunkedAttnProcessor"}
             raise RuntimeError("boom")
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
 

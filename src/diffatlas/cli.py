@@ -42,3 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         sys.stderr.write(f"diffatlas {name}: error: {err}\n")
         return 2
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and type(err).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError
+            raise
+        first = (str(err).strip().splitlines() or ["out of memory"])[0]
+        msg = (f"out of memory ({first}); lower this stage's batch_size or chunk settings in the config "
+               "(config.schema.yaml lists them), or use a device with more memory")
+        log.error("%s", msg)
+        sys.stderr.write(f"diffatlas {name}: error: {msg}\n")
+        return 2

@@ -119,7 +119,10 @@ def pick_device(requested: str = "auto") -> "torch.device":  # noqa: F821
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {requested!r} requested but no CUDA GPU is available (allowed: auto, cpu, cuda)")
+        raise UserError(
+            f"device {requested!r} requested (config key device / --device) but torch sees no CUDA GPU "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); set device: auto or cpu"
+        )
     if requested not in ("cpu",) and not requested.startswith("cuda"):
         raise UserError(f"device {requested!r} is not one of: auto, cpu, cuda, cuda:N")
     return torch.device(requested)

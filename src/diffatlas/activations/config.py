@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffatlas.accel import DTYPES
 from diffatlas.errors import UserError
 from diffatlas.sections import ConfigSection
 
 POOLINGS = ("mean", "sum")
 NOISE_MODES = ("forward", "inversion")
 CONDITIONINGS = ("empty", "class_template", "caption")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def _is_int(x: Any) -> bool:

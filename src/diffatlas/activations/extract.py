@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffatlas.accel import amp_dtype, describe_precision
 from diffatlas.activations.config import ExtractConfig
 from diffatlas.activations.hooks import ActivationCapture, Captured
 from diffatlas.activations.layers import ResolvedLayer, resolve_layers
@@ -53,21 +54,8 @@ from diffatlas.models.diffusion import cfg_combine, images_to_tensor  # noqa: F4
 
 log = logging.getLogger(__name__)
 
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 # -- small helpers ------------------------------------------------------------------------------
-def amp_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype of the forwards for config ``extract.dtype`` (None: plain float32).
-
-    ``auto`` is float16 on CUDA (the speed of tensor cores; activations are stored in float16
-    anyway) and float32 elsewhere (CPU float16 kernels are slow).
-    """
-    if dtype == "auto":
-        dtype = "float16" if device.type == "cuda" else "float32"
-    return AMP_DTYPES.get(dtype)
-
-
 def take_rows(cond: Any, index: torch.Tensor, n_rows: int) -> Any:
     """Select rows ``index`` of every tensor with leading size ``n_rows`` in a (nested) dict."""
     if isinstance(cond, torch.Tensor):
@@ -258,7 +246,8 @@ def extract_activations(
     runner = _Runner(handle, cfg, layers, spatial_names, prompts, ids, device, stop_early)
 
     alpha_bar = [float(handle.alphas_cumprod[int(t)]) for t in cfg.timesteps]
-    attrs = _attrs(handle, cfg, layers, extra_attrs or {})
+    where = {"device": str(device), "precision": describe_precision(handle.dtype, forward=runner.amp_dtype)}
+    attrs = _attrs(handle, cfg, layers, {**where, **(extra_attrs or {})})
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-", dir=out.parent) as scratch:
         total = len(cfg.timesteps) * -(-n // cfg.batch_size)
         gen = runner.iterate(images, Path(scratch))
@@ -384,7 +373,7 @@ class _Runner:
         self.spatial_names, self.prompts, self.sample_ids = spatial_names, prompts, sample_ids
         self.stop_early = stop_early
         self.ab = torch.as_tensor(handle.alphas_cumprod).detach().cpu().to(torch.float64)
-        self.amp_dtype = amp_dtype(cfg.dtype, device)
+        self.amp_dtype = amp_dtype(cfg.dtype, device, "extract")  # auto: see diffatlas.accel
         # Conditioning is computed once per distinct prompt when prompts repeat (empty prompt,
         # class template) and gathered per batch; captions are encoded per batch.
         self._unique: list[str] | None = None

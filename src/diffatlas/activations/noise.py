@@ -45,11 +45,11 @@ def sample_noise(
     draw: int = 0,
 ) -> torch.Tensor:
     """Standard normal noise [B, *shape] float32 on CPU, one generator per sample."""
-    out = torch.empty((len(sample_ids), *shape), dtype=torch.float32)
+    out = torch.empty((len(sample_ids), *shape), dtype=torch.float32, device="cpu")
     gen = torch.Generator(device="cpu")
     for i, sid in enumerate(sample_ids):
         gen.manual_seed(noise_seed(seed, sid, timestep, draw))
-        torch.randn(tuple(shape), generator=gen, dtype=torch.float32, out=out[i])
+        torch.randn(tuple(shape), generator=gen, dtype=torch.float32, device="cpu", out=out[i])
     return out
 
 

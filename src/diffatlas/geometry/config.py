@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffatlas.accel import DTYPES
 from diffatlas.errors import UserError
 from diffatlas.sections import ConfigSection
 
@@ -41,7 +42,7 @@ class GeometryConfig(ConfigSection):
     """Settings of the pullback-geometry stage (defaults: the CPU demo)."""
 
     SECTION = "geometry"
-    _PULLBACK = ("layer", "pooling", "prompt", "seed")
+    _PULLBACK = ("layer", "pooling", "prompt", "seed", "dtype", "attention_chunk")
     _SAMPLING = ("n_samples", "guidance_scale", "ddim_steps")
     _BASIS = ("n_directions", "oversample", "tol", "max_iters", "batching", "chunk_size")
     _EDITS = ("edit_strengths", "edit_directions", "kappa")
@@ -77,6 +78,13 @@ class GeometryConfig(ConfigSection):
     """vmap: one batched JVP and one batched VJP per round (fast); loop: one per direction (reference)."""
     chunk_size: int | None = None
     """Directions per vmapped chunk (null = all at once); lower it when memory is tight."""
+    attention_chunk: int | None = 256
+    """Queries per block of the Jacobian's exact attention (null = the whole attention matrix per
+    tangent at once: fastest on small models, but 4096x4096 per head at SD1.5's 512 px); lower it
+    when memory is tight."""
+    dtype: str = "auto"
+    """Compute dtype of the no-grad denoiser passes (DDIM sampling, edits): auto = float16 autocast
+    on CUDA, float32 on CPU; float32 | float16 | bfloat16. The Jacobian is always float32."""
     n_samples: int = 3
     """Samples (x_T ~ N(0, I), DDIM to t) whose local basis is computed per timestep."""
     seed: int = 0
@@ -127,6 +135,10 @@ class GeometryConfig(ConfigSection):
                 raise _bad(name, value, "an integer >= 0")
         if self.chunk_size is not None and (not _is_int(self.chunk_size) or self.chunk_size < 1):
             raise _bad("chunk_size", self.chunk_size, "null or an integer >= 1")
+        if self.dtype not in DTYPES:
+            raise _bad("dtype", self.dtype, ", ".join(DTYPES))
+        if self.attention_chunk is not None and (not _is_int(self.attention_chunk) or self.attention_chunk < 1):
+            raise _bad("attention_chunk", self.attention_chunk, "null or an integer >= 1")
         if self.edit_samples is not None and (not _is_int(self.edit_samples) or self.edit_samples < 1):
             raise _bad("edit_samples", self.edit_samples, "null or an integer >= 1")
         if not isinstance(self.models, (list, tuple)) or not all(isinstance(m, str) for m in self.models):

@@ -41,9 +41,10 @@ samples independently.
 reference the benchmark compares against).
 
 Forward-mode AD is not implemented for PyTorch's CPU scaled-dot-product-attention kernel,
-so :func:`forward_ad_safe_attention` switches every attention module to diffusers' classic
-``AttnProcessor`` for the computation and restores the original processors afterwards, even
-on error.
+so :func:`forward_ad_safe_attention` switches every attention module to
+:class:`ChunkedAttnProcessor` (plain matmuls, one block of queries at a time: exact, and never
+a full attention matrix per tangent, which at SD1.5 size is what does not fit a 24 GB card)
+for the computation and restores the original processors afterwards, even on error.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from torch import nn
 from diffatlas.activations.hooks import first_tensor
 from diffatlas.activations.layers import ResolvedLayer, resolve_layers
 from diffatlas.errors import UserError
+from diffatlas.geometry.config import GeometryConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +70,86 @@ class _StopAtLayer(Exception):
     """Raised by the capture hook to skip everything after the pulled-back layer."""
 
 
-@contextlib.contextmanager
-def forward_ad_safe_attention(denoiser: nn.Module) -> Iterator[None]:
-    """Use diffusers' classic ``AttnProcessor`` in every attention module for the block.
+DEFAULT_ATTENTION_CHUNK: int | None = GeometryConfig.attention_chunk
+"""Queries per block of :class:`ChunkedAttnProcessor` when a caller gives none (the config's default)."""
 
-    The classic processor computes softmax(QKᵀ)V with plain matmuls, which support JVP on
-    every device; the default ``AttnProcessor2_0`` calls SDPA, whose CPU kernel has no
-    forward-mode derivative. Every diffusers ``Attention`` module under ``denoiser`` is
-    switched (U-Nets and DiTs alike, whether or not the model exposes
-    ``set_attn_processor``), and each module's original processor (possibly a custom one,
-    e.g. a DAAM tracer's) is put back on exit, error or not.
+
+class ChunkedAttnProcessor:
+    """Exact ``softmax(QKᵀ)V`` a block of queries at a time, with plain (forward-AD-safe) ops.
+
+    Each query row's attention weights depend only on that row, so cutting the queries into
+    blocks of ``query_chunk`` changes no value: the result is the classic processor's up to
+    float rounding, and so are its JVPs and VJPs. What changes is memory. Under
+    ``vmap(jvp)`` over ``k`` tangents the classic processor holds scores and probabilities of
+    shape ``[k, B·heads, N_q, N_k]`` - at SD1.5's 64x64 self-attention that is 4096x4096 per
+    head and per tangent. Here only ``[k, B·heads, query_chunk, N_k]`` is alive at once; the
+    reverse pass keeps the probabilities of one forward (no tangent axis) for its VJP.
+
+    The scores of a block come from the module's own ``get_attention_scores`` (its scale,
+    mask, ``upcast_attention`` / ``upcast_softmax``), so every diffusers ``Attention``
+    variant the classic processor serves is served the same way.
+    """
+
+    def __init__(self, query_chunk: int = DEFAULT_ATTENTION_CHUNK) -> None:
+        if not isinstance(query_chunk, int) or isinstance(query_chunk, bool) or query_chunk < 1:
+            raise UserError(f"attention query chunk {query_chunk!r} is not allowed; allowed: an integer >= 1")
+        self.query_chunk = query_chunk
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+        if image_shape is not None:  # [B, C, H, W] -> tokens [B, H·W, C]
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        mask = attn.prepare_attention_mask(attention_mask, context.shape[1], context.shape[0])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            context = hidden_states
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))  # [B·heads, N_q, d_head]
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        blocks = []
+        for start in range(0, query.shape[1], self.query_chunk):
+            rows = slice(start, start + self.query_chunk)
+            block_mask = None if mask is None else (mask[:, rows] if mask.shape[1] > 1 else mask)
+            probs = attn.get_attention_scores(query[:, rows], key, block_mask)
+            blocks.append(torch.bmm(probs, value))
+        out = attn.batch_to_head_dim(torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0])
+        out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
+        if image_shape is not None:
+            out = out.transpose(1, 2).reshape(image_shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def forward_ad_safe_attention(denoiser: nn.Module, query_chunk: int | None = DEFAULT_ATTENTION_CHUNK) -> Iterator[None]:
+    """Use an attention processor made of plain matmuls in every attention module for the block.
+
+    The default ``AttnProcessor2_0`` calls SDPA, whose CPU kernel has no forward-mode
+    derivative. ``query_chunk`` (an int) installs :class:`ChunkedAttnProcessor` - exact,
+    never a full attention matrix per tangent; ``None`` installs diffusers' classic
+    ``AttnProcessor`` (the whole matrix at once; kept as the reference the bench measures
+    against). Every diffusers ``Attention`` module under ``denoiser`` is switched (U-Nets and
+    DiTs alike, whether or not the model exposes ``set_attn_processor``), and each module's
+    original processor (possibly a custom one, e.g. a DAAM tracer's) is put back on exit,
+    error or not.
     """
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
+    processor = AttnProcessor() if query_chunk is None else ChunkedAttnProcessor(query_chunk)
     saved = [(m, m.processor) for m in denoiser.modules() if isinstance(m, Attention)]
     try:
         for module, _ in saved:
-            module.set_processor(AttnProcessor())
+            module.set_processor(processor)
         yield
     finally:
         for module, processor in saved:
@@ -292,6 +357,7 @@ def top_singular(
     max_iters: int = 40,
     batching: str = "vmap",
     chunk_size: int | None = None,
+    attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK,
     init: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> PullbackBasis:
@@ -307,6 +373,8 @@ def top_singular(
         max_iters: round cap; a run that hits it returns ``converged=False`` (logged).
         batching: ``vmap`` (batched) or ``loop`` (one call per direction; for reference).
         chunk_size: vmap chunk (directions per batched pass); None = all.
+        attention_chunk: queries per block of the forward-AD-safe attention
+            (:class:`ChunkedAttnProcessor`); None = the classic whole-matrix processor.
         init: optional start block [N, m, D] or [N, m, C, H, W] (e.g. the previous V when shooting).
         generator: RNG of the random start block (CPU generator).
 
@@ -329,7 +397,7 @@ def top_singular(
             f"(x_t has shape {tuple(x.shape[1:])})"
         )
     fmap.check(x)
-    with forward_ad_safe_attention(fmap.denoiser):
+    with forward_ad_safe_attention(fmap.denoiser, attention_chunk):
         prod = _Products(fmap, x, batching, chunk_size)
         d = prod.d
         if n > d:
@@ -342,10 +410,11 @@ def top_singular(
         if init is not None:
             y = init.reshape(N, init.shape[1], -1).to(dev, dt)[:, :k]
             if y.shape[1] < k:  # top up a short warm start with random columns
-                extra = torch.randn(N, k - y.shape[1], D, generator=generator).to(dev, dt)
+                extra = torch.randn(N, k - y.shape[1], D, generator=generator, device="cpu").to(dev, dt)
                 y = torch.cat([y, extra], dim=1)
         else:
-            y = torch.randn(N, k, D, generator=generator).to(dev, dt)
+            # Drawn on the CPU (the generator's device) whatever x's device: same start everywhere.
+            y = torch.randn(N, k, D, generator=generator, device="cpu").to(dev, dt)
         it, converged = 0, False
         for it in range(1, max_iters + 1):
             q = torch.linalg.qr(y.transpose(1, 2)).Q.transpose(1, 2)  # [N, k, D], orthonormal rows
@@ -376,7 +445,7 @@ def top_singular(
     )
 
 
-def full_jacobian(fmap: PullbackMap, x: torch.Tensor) -> torch.Tensor:
+def full_jacobian(fmap: PullbackMap, x: torch.Tensor, attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK) -> torch.Tensor:
     """The dense ``J`` [d, D] at one point ``x`` [1, C, H, W] by reverse mode (``torch.func.jacrev``).
 
     An oracle for tests: it costs d backward passes, so only for small models.
@@ -386,7 +455,7 @@ def full_jacobian(fmap: PullbackMap, x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] != 1:
         raise UserError(f"full_jacobian takes one point x [1, C, H, W]; got a batch of {x.shape[0]}")
     fmap.check(x)
-    with forward_ad_safe_attention(fmap.denoiser):
+    with forward_ad_safe_attention(fmap.denoiser, attention_chunk):
         jac = torch.func.jacrev(lambda z: fmap(z)[0])(x.detach())
     return jac.reshape(jac.shape[0], -1)
 

@@ -41,7 +41,7 @@ def grassmann_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- interpolation
 def lerp(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Linear interpolation; a, b: [...]; s: [S] -> [S, ...]."""
-    s = s.to(a.dtype).view(-1, *([1] * a.ndim))
+    s = s.to(a.device, a.dtype).view(-1, *([1] * a.ndim))
     return (1 - s) * a[None] + s * b[None]
 
 
@@ -51,7 +51,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     a, b: [...]; s: [S] in [0, 1] -> [S, ...]. ``||slerp(s)|| = (1-s)||a|| + s||b||`` exactly,
     so the path keeps the norm of its (Gaussian) endpoints.
     """
-    s = s.to(torch.float64)
+    s = s.to(a.device, torch.float64)
     na, nb = a.norm().double(), b.norm().double()
     ua, ub = a.double() / na, b.double() / nb
     omega = torch.arccos((ua * ub).sum().clamp(-1.0, 1.0))
@@ -86,21 +86,21 @@ def radial_psd(v: torch.Tensor) -> torch.Tensor:
     H, W = v.shape[-2:]
     f = torch.fft.fft2(v.to(torch.float64), norm="ortho")
     power = (f.real**2 + f.imag**2).sum(dim=-3)  # [..., H, W]
-    fy = torch.fft.fftfreq(H, d=1.0 / H).abs()
-    fx = torch.fft.fftfreq(W, d=1.0 / W).abs()
+    fy = torch.fft.fftfreq(H, d=1.0 / H, device=v.device).abs()
+    fx = torch.fft.fftfreq(W, d=1.0 / W, device=v.device).abs()
     r = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2).round().long()  # [H, W]
     n_bins = min(H, W) // 2 + 1
     keep = (r < n_bins).reshape(-1)
     flat = power.reshape(*power.shape[:-2], H * W)[..., keep]
     idx = r.reshape(-1)[keep]
-    sums = torch.zeros(*flat.shape[:-1], n_bins, dtype=flat.dtype).index_add_(-1, idx, flat)
+    sums = torch.zeros(*flat.shape[:-1], n_bins, dtype=flat.dtype, device=flat.device).index_add_(-1, idx, flat)
     counts = torch.bincount(idx, minlength=n_bins).to(flat.dtype)
     return sums / counts
 
 
 def mean_frequency(psd: torch.Tensor) -> torch.Tensor:
     """Spectral centroid of ring-averaged spectra [..., R]: ``Σ_r r P(r) / Σ_r P(r)``."""
-    r = torch.arange(psd.shape[-1], dtype=psd.dtype)
+    r = torch.arange(psd.shape[-1], dtype=psd.dtype, device=psd.device)
     return (psd * r).sum(-1) / psd.sum(-1).clamp_min(1e-300)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from diffatlas.accel import amp_dtype, describe_precision, out_of_memory_hint
 from diffatlas.errors import UserError
 from diffatlas.geometry.artifacts import load_basis
 from diffatlas.geometry.config import GeometryConfig
@@ -53,9 +54,14 @@ def _pullback(handle, cfg: GeometryConfig, timestep: int) -> PullbackMap:
     return PullbackMap.from_handle(handle, timestep, layer=cfg.layer, pooling=cfg.pooling, prompt=cfg.prompt)
 
 
+def _denoiser(handle, cfg: GeometryConfig) -> Denoiser:
+    """The no-grad denoiser passes, autocast by ``cfg.dtype`` (see :mod:`diffatlas.accel`)."""
+    return Denoiser(handle, cfg.prompt, cfg.guidance_scale, amp=amp_dtype(cfg.dtype, handle.device, "geometry"))
+
+
 def _basis_kwargs(cfg: GeometryConfig) -> dict[str, Any]:
     return dict(oversample=cfg.oversample, tol=cfg.tol, max_iters=cfg.max_iters, batching=cfg.batching,
-                chunk_size=cfg.chunk_size)
+                chunk_size=cfg.chunk_size, attention_chunk=cfg.attention_chunk)
 
 
 def _provenance(handle, cfg: GeometryConfig, model_name: str, fmap: PullbackMap | None, timestep: int | None) -> dict[str, Any]:
@@ -68,6 +74,10 @@ def _provenance(handle, cfg: GeometryConfig, model_name: str, fmap: PullbackMap 
         "prompt": cfg.prompt,
         "guidance_scale": cfg.guidance_scale,
         "seed": cfg.seed,
+        "device": str(handle.device),
+        "dtype": str(handle.dtype).removeprefix("torch."),
+        "precision": describe_precision(handle.dtype, denoise=amp_dtype(cfg.dtype, handle.device, "geometry"),
+                                        jacobian="float32"),
         "config": cfg.to_dict(),
     }
     if timestep is not None:
@@ -118,7 +128,8 @@ def _iterative_edits(fmap: PullbackMap, b0, x0: torch.Tensor, strengths: list[fl
                               init=b0.v.expand(P, *b0.v.shape[1:]), generator=gen)
         for j, sg in enumerate(signs):
             by_sign[sg] = (shot.points[j * mi:(j + 1) * mi], shot.transport_cos[j * mi:(j + 1) * mi])
-    sig, pts, coss = [0.0], [x0.expand(mi, *x0.shape[1:])[:, None]], [torch.ones(mi, 1)]
+    sig, pts = [0.0], [x0.expand(mi, *x0.shape[1:])[:, None]]
+    coss = [torch.ones(mi, 1, dtype=b0.u.dtype, device=b0.u.device)]
     if 1.0 in by_sign:
         sig, pts, coss = sig + pos, pts + [by_sign[1.0][0]], coss + [by_sign[1.0][1]]
     if -1.0 in by_sign:
@@ -133,14 +144,20 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
     timestep = check_timestep(timestep, handle.num_train_timesteps)
     timings: dict[str, float] = {}
     fmap = _pullback(handle, cfg, timestep)
-    den = Denoiser(handle, cfg.prompt, cfg.guidance_scale)
+    den = _denoiser(handle, cfg)
     tic = time.perf_counter()
     x_T, x_t = sample_points(handle, den, cfg, timestep)
     timings["sample_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + timestep)
-    basis = top_singular(fmap, x_t, cfg.n_directions, generator=gen, **_basis_kwargs(cfg))
+    # A CPU generator on every device: the start vectors (and so the bases) do not depend on it.
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + timestep)
+    k = cfg.n_directions + cfg.oversample
+    tried = (f"{x_t.shape[0]} samples x {k} directions (n_directions + oversample), x_t {tuple(x_t.shape[1:])}, "
+             f"chunk_size {cfg.chunk_size}, attention_chunk {cfg.attention_chunk}")
+    lower = "geometry.chunk_size (directions per pass), geometry.attention_chunk or geometry.n_samples"
+    with out_of_memory_hint(f"geometry basis (t={timestep})", tried, lower):
+        basis = top_singular(fmap, x_t, cfg.n_directions, generator=gen, **_basis_kwargs(cfg))
     timings["basis_s"] = time.perf_counter() - tic
     log.info("t=%d: %d samples, %d directions in %d rounds (%.1fs); sigma_1 %.3g, max residual %.2e",
              timestep, x_t.shape[0], cfg.n_directions, basis.iterations, timings["basis_s"],
@@ -159,7 +176,7 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
     timings["edits_s"] = time.perf_counter() - tic
 
     tensors: dict[str, torch.Tensor] = {
-        "strengths": torch.tensor(strengths, dtype=torch.float32),
+        "strengths": torch.tensor(strengths, dtype=torch.float32, device="cpu"),
         "linear": torch.from_numpy(np.ascontiguousarray(both[0])),
         "normalised": torch.from_numpy(np.ascontiguousarray(both[1])),
     }
@@ -169,10 +186,11 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
     it_info: dict[str, Any] = {}
     if mi and any(g != 0 for g in strengths):
         tic = time.perf_counter()
-        pts, sig, coss = _iterative_edits(fmap, basis.sample(0), x_t[:1], strengths, mi, cfg, gen)
+        with out_of_memory_hint(f"geometry iterative edits (t={timestep})", tried, lower):
+            pts, sig, coss = _iterative_edits(fmap, basis.sample(0), x_t[:1], strengths, mi, cfg, gen)
         tensors["iterative"] = torch.from_numpy(np.ascontiguousarray(_denoise_images(handle, den, pts, timestep, cfg)))
-        tensors["iterative_strengths"] = torch.tensor(sig, dtype=torch.float32)
-        tensors["transport_cos"] = coss.float()
+        tensors["iterative_strengths"] = torch.tensor(sig, dtype=torch.float32, device="cpu")
+        tensors["transport_cos"] = coss.float().cpu()
         timings["iterative_s"] = time.perf_counter() - tic
         it_info = {"directions": mi, "substeps": cfg.iterative_substeps, "strengths": sig,
                    "min_transport_cos": float(coss.min())}
@@ -205,7 +223,7 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
             str(Path(tmp, "basis.safetensors")),
             metadata={"model": model_name, "layer": cfg.layer, "timestep": str(timestep), "pooling": cfg.pooling},
         )
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp, "edits.safetensors")))
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(Path(tmp, "edits.safetensors")))
         write_json(Path(tmp, "meta.json"), meta)
     return meta
 
@@ -234,7 +252,7 @@ def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_di
     strengths = cfg.strengths
     x = x_t[:G].to(handle.device, handle.dtype)
     edited = torch.stack([linear_edits(x[s], projected_t[s], strengths) for s in range(G)])  # [G, m, S, C, h, w]
-    den = Denoiser(handle, cfg.prompt, cfg.guidance_scale)
+    den = _denoiser(handle, cfg)
     tic = time.perf_counter()
     images = _denoise_images(handle, den, edited, timestep, cfg)
     meta = _provenance(handle, cfg, model_name, None, timestep)
@@ -260,7 +278,7 @@ def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_di
                 "perm": g.perm.contiguous(),
                 "signs": g.signs.contiguous(),
                 "kept": torch.stack(kept).float().contiguous(),
-                "strengths": torch.tensor(strengths, dtype=torch.float32),
+                "strengths": torch.tensor(strengths, dtype=torch.float32, device="cpu"),
                 "images": torch.from_numpy(np.ascontiguousarray(images)),
             },
             str(Path(tmp, "global.safetensors")),
@@ -282,7 +300,7 @@ def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_nam
     timestep = check_timestep(cfg.global_timestep, handle.num_train_timesteps)
     fmap = _pullback(handle, cfg, timestep)
     ends = initial_noise(handle, 2 * cfg.path_pairs, cfg.seed, first_id=PATH_SAMPLE_OFFSET)
-    s = torch.linspace(0, 1, cfg.path_segments + 1)
+    s = torch.linspace(0, 1, cfg.path_segments + 1, device=ends.device)
     rows = []
     for p in range(cfg.path_pairs):
         a, b = ends[2 * p], ends[2 * p + 1]
@@ -303,6 +321,7 @@ def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_nam
     summary = {
         "model": model_name, "timestep": timestep, "alpha_bar": alpha_at(handle, timestep), "layer": cfg.layer,
         "module_path": fmap.layer.module_path, "pooling": cfg.pooling, "prompt": cfg.prompt, "seed": cfg.seed,
+        "device": str(handle.device), "dtype": str(handle.dtype).removeprefix("torch."),
         "pairs": cfg.path_pairs, "segments": cfg.path_segments,
         "h_length_mean": df.groupby("method")["h_length"].mean().to_dict(),
         "h_length_std": df.groupby("method")["h_length"].std(ddof=0).to_dict(),

@@ -59,11 +59,14 @@ class Denoiser:
     """Noise / x0 predictions of a model at one prompt, with optional CFG, in batches.
 
     ``cond`` / ``uncond`` come from ``handle.conditioning``; ``guidance_scale <= 1`` runs the
-    conditional pass only.
+    conditional pass only. ``amp``: autocast dtype of the passes (None = the weights' own);
+    outputs come back in the input's dtype, so the DDIM arithmetic stays in float32.
     """
 
-    def __init__(self, handle, prompt: str = "", guidance_scale: float = 1.0, batch_size: int = 64) -> None:
+    def __init__(self, handle, prompt: str = "", guidance_scale: float = 1.0, batch_size: int = 64,
+                 amp: torch.dtype | None = None) -> None:
         self.handle = handle
+        self.amp = amp
         self.cond = handle.conditioning([prompt])
         self.guidance = float(guidance_scale)
         self.uncond = handle.conditioning([""]) if uses_cfg(self.guidance) else None
@@ -72,11 +75,16 @@ class Denoiser:
     @torch.no_grad()
     def output(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """Raw model output for ``x`` [B, C, h, w] at training timestep ``t`` (CFG combined)."""
+        from diffatlas.accel import autocast
+
         outs = []
         for chunk in x.split(self.batch_size):
-            out = self.handle.model_output(chunk, int(t), self.cond)
+            with autocast(x.device, self.amp):
+                out = self.handle.model_output(chunk, int(t), self.cond).to(x.dtype)
+                if self.uncond is not None:
+                    out_u = self.handle.model_output(chunk, int(t), self.uncond).to(x.dtype)
             if self.uncond is not None:
-                out = cfg_combine(self.handle.model_output(chunk, int(t), self.uncond), out, self.guidance)
+                out = cfg_combine(out_u, out, self.guidance)
             outs.append(out)
         return torch.cat(outs)
 

@@ -212,7 +212,7 @@ class NoiseSchedule:
                 f"model {model or '(unnamed)'}: scheduler uses dynamic thresholding, which diffatlas' DDIM does "
                 f"not implement; allowed: thresholding false"
             )
-        ab = torch.as_tensor(alphas).detach().to("cpu", torch.float64).clone()
+        ab = torch.as_tensor(alphas, device="cpu").detach().to(torch.float64).clone()  # host copy, whatever the default device
         final = 1.0 if getattr(cfg, "set_alpha_to_one", True) else float(ab[0])
         clip = float(getattr(cfg, "clip_sample_range", 1.0)) if getattr(cfg, "clip_sample", False) else None
         return cls(ab, final, prediction_type_of(scheduler, model), clip)

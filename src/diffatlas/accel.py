@@ -1,0 +1,106 @@
+"""Running on an accelerator: compute precision per stage, and out-of-memory as a clear error.
+
+Precision
+---------
+Weights are loaded in float32 everywhere. What runs in lower precision is chosen per stage by
+its ``dtype`` setting; ``auto`` means:
+
+=====================  ============================  =========================================
+stage (config key)     ``auto`` on CUDA              always float32 (the maths needs it)
+=====================  ============================  =========================================
+extract.dtype          float16 autocast (forwards)   stored statistics are accumulated in float32
+geometry.dtype         float16 autocast (DDIM        the Jacobian: JVP/VJP passes, subspace
+                       sampling, edits)              iteration, QR/SVD, residuals
+daam, sae, diffc,      float32                       -
+world fidelity
+=====================  ============================  =========================================
+
+On the CPU ``auto`` is float32 (CPU half-precision kernels are slow or missing). Forward-mode
+derivatives in float16 lose the small singular values the subspace iteration needs (its
+residual ``tol`` of 1e-2..1e-3 is near float16's resolution), so the Jacobian ignores
+``dtype``. ``bfloat16`` keeps float32's range (no overflow on random or badly scaled
+weights) at lower precision. Every artifact records the resolved dtypes
+(:func:`describe_precision`).
+
+Out of memory
+-------------
+:func:`out_of_memory_hint` turns a ``torch.OutOfMemoryError`` inside a stage into a
+:class:`~diffatlas.errors.UserError` naming the stage, the size it tried and the settings to
+lower; callers write outputs atomically, so nothing half-written is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from diffatlas.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used: configs import DTYPES without it
+    import torch
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+"""Allowed values of every stage's ``dtype`` setting."""
+
+AUTO_ON_CUDA = {"extract": "float16", "geometry": "float16"}
+"""What ``dtype: auto`` means on CUDA for the stages that autocast (others: float32)."""
+
+
+
+def resolve_dtype(requested: str, device: "torch.device | str", stage: str) -> str:
+    """The compute dtype name of ``stage`` on ``device`` for the setting ``requested``."""
+    import torch
+
+    if requested not in DTYPES:
+        raise UserError(f"config {stage}.dtype = {requested!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    if requested != "auto":
+        return requested
+    return AUTO_ON_CUDA.get(stage, "float32") if torch.device(device).type == "cuda" else "float32"
+
+
+def amp_dtype(requested: str, device: "torch.device | str", stage: str) -> "torch.dtype | None":
+    """The autocast dtype of ``stage`` (None: no autocast, float32)."""
+    import torch
+
+    name = resolve_dtype(requested, device, stage)
+    return None if name == "float32" else getattr(torch, name)
+
+
+def autocast(device: "torch.device | str", dtype: "torch.dtype | None") -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device`` in ``dtype``; a no-op for ``None``."""
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def describe_precision(weights: "torch.dtype", **compute: "torch.dtype | str | None") -> dict[str, str]:
+    """JSON-able record: the weights' dtype and each named computation's (None = float32)."""
+    def name(d) -> str:
+        if d is None:
+            return "float32"
+        return d if isinstance(d, str) else str(d).removeprefix("torch.")
+
+    return {"weights": name(weights), **{k: name(v) for k, v in compute.items()}}
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(stage: str, tried: str, lower: str) -> Iterator[None]:
+    """Re-raise out-of-memory inside the block as a UserError naming what to change.
+
+    stage: e.g. ``"geometry basis (t=999)"``; tried: the size, e.g. ``"3 samples x 6
+    directions, x_t (4, 64, 64)"``; lower: the settings, e.g. ``"geometry.chunk_size"``.
+    """
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+        raise UserError(
+            f"{stage}: out of memory with {tried} ({first}); lower {lower}, or use a device with more memory"
+        ) from None
