@@ -183,6 +183,11 @@ def test_analyse_against_brute_force_pooled_and_spatial():
         assert n_top == min(5, len(ranked))
         assert metrics["labels"]["purity_fine"] == pytest.approx(ranked["purity_fine"].head(n_top).mean())
         assert metrics["labels"]["sigma_label_fine"] == pytest.approx(ranked["sigma_label_fine"].head(n_top).mean())
+        # bootstrap over the top latents: brackets their mean, inside their range
+        for key in ("purity_fine", "sigma_label_coarse"):
+            head = ranked[key].head(n_top)
+            low, high = metrics["labels"][f"{key}_ci95"]
+            assert head.min() - 1e-12 <= low <= head.mean() <= high <= head.max() + 1e-12
 
 
 # -- figures ------------------------------------------------------------------------------------
