@@ -220,6 +220,12 @@ def test_label_stats_figure_plots_the_summary_values():
     np.testing.assert_allclose(line.get_ydata(), [2.05, 2.5])
     with pytest.raises(Exception, match="allowed: layer, timestep"):
         plot_label_stats(one, by="model")
+    # with intervals in the summary, each point gets its bar, spanning exactly the interval
+    one = one.assign(purity_fine_ci_low=one["purity_fine"] - 0.05, purity_fine_ci_high=one["purity_fine"] + 0.1)
+    fig = plot_label_stats(one, by="layer")
+    spans = sorted(tuple(np.round(seg[:, 1], 6)) for c in fig.axes[1].containers for seg in c.lines[2][0].get_segments())
+    expected = sorted((round(p - 0.05, 6), round(p + 0.1, 6)) for p in one["purity_fine"])
+    assert spans == expected
 
 
 def test_across_models_figure_averages_layers():

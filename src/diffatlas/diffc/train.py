@@ -4,9 +4,11 @@ For each requested label granularity (coarse, fine) the job trains a Diff-C clas
 the stored spatial maps and a logistic-regression probe on the pooled features, on the same
 stratified train / validation / test split, and writes to ``out_dir``::
 
-    metrics.json        accuracy, macro-F1, per-class accuracy, confusion matrix, warnings,
-                        per granularity and method, plus model, layer, timestep, ᾱ_t, seed,
-                        prompt, pooling and the split sizes
+    metrics.json        accuracy (with its 95% Wilson interval over the test samples and,
+                        with ``seeds`` > 1, every seed's accuracy and their spread), macro-F1,
+                        per-class accuracy, confusion matrix, warnings, per granularity and
+                        method, plus model, layer, timestep, ᾱ_t, seed, prompt, pooling and
+                        the split sizes
     diffc.safetensors   Diff-C weights per granularity (architecture + classes in metadata)
     probe.safetensors   probe weights per granularity (no pickle)
     predictions.csv     sample_id, split, granularity, true, diffc, probe (class names)
