@@ -139,6 +139,11 @@ def test_budget_from_the_runs_benchmark_files(tiny_run):
     assert 0 < b.span_s
     table = format_budget(b, per_rule=True)
     assert "| stage | jobs | job-seconds |" in table and "| train_diffc |" in table
+    from diffatlas.budget import format_comparison
+
+    both = format_comparison(b, b)
+    total = sum(per_rule.values())
+    assert f"| total | {len(files)} | {total:.1f} |" in both and both.count(f"{total:.1f}") == 2
 
 
 def test_single_figure_target_rebuilds_alone(tiny_run):

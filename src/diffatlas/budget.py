@@ -9,6 +9,8 @@ The demo (``snakemake --cores all`` on config.yaml, 2 CPU cores) must finish in
 :data:`DEMO_BUDGET_S` seconds; :data:`STAGE_BUDGET_S` is each stage's share, in job-seconds
 (the sum of its jobs' ``s``). On 2 cores two jobs overlap, so the run's wall time is below the
 sum of its job-seconds; the shares add up to more than the budget by about that overlap.
+Job-seconds are wall time, so they grow when other processes share the cores; CPU seconds
+(``cpu_time``) are printed beside them as the load-independent view.
 A stage added later brings a demo size that fits a share here and takes it from ``reserve``.
 """
 
@@ -107,15 +109,17 @@ def budget(results: str | os.PathLike, rules_dir: str | os.PathLike) -> Budget:
 def format_budget(b: Budget, per_rule: bool = False) -> str:
     """The budget as a Markdown table (the README's), optionally followed by the per-rule times."""
     lines = [
-        "| stage | jobs | job-seconds | share of the run | budget (s) | within |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| stage | jobs | job-seconds | CPU seconds | share of the run | budget (s) | within |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in b.stages.itertuples(index=False):
         budget_s = "" if pd.isna(r.budget_s) else f"{r.budget_s:.0f}"
         within = "" if pd.isna(r.budget_s) else ("yes" if r.within else "**no**")
-        lines.append(f"| {r.stage} | {r.jobs} | {r.seconds:.1f} | {r.share:.0%} | {budget_s} | {within} |")
+        lines.append(f"| {r.stage} | {r.jobs} | {r.seconds:.1f} | {r.cpu_seconds:.1f} | {r.share:.0%} | {budget_s} | {within} |")
     total = b.stages["seconds"].sum()
-    lines.append(f"| total | {b.stages['jobs'].sum()} | {total:.1f} | 100% | {DEMO_BUDGET_S} (wall) | |")
+    lines.append(
+        f"| total | {b.stages['jobs'].sum()} | {total:.1f} | {b.stages['cpu_seconds'].sum():.1f} | 100% | {DEMO_BUDGET_S} (wall) | |"
+    )
     lines.append("")
     lines.append(
         f"Span of the benchmarked jobs (first start to last end, from the files' times): {b.span_s:.0f} s; "
@@ -125,4 +129,34 @@ def format_budget(b: Budget, per_rule: bool = False) -> str:
         lines += ["", "| stage | rule | jobs | job-seconds | CPU seconds |", "| --- | --- | ---: | ---: | ---: |"]
         for r in b.rules.itertuples(index=False):
             lines.append(f"| {r.stage} | {r.rule} | {r.jobs} | {r.seconds:.1f} | {r.cpu_seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def format_comparison(before: Budget, after: Budget, names: tuple[str, str] = ("before", "after")) -> str:
+    """Two runs side by side per stage (job-seconds and CPU seconds), as a Markdown table."""
+    b = before.stages.set_index("stage")
+    a = after.stages.set_index("stage")
+    order = list(dict.fromkeys([*STAGE_BUDGET_S, *b.index, *a.index]))
+    n0, n1 = names
+    lines = [
+        f"| stage | {n0}: jobs | {n0}: job-s | {n0}: CPU s | {n1}: jobs | {n1}: job-s | {n1}: CPU s | budget (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def cells(t: pd.DataFrame, stage: str) -> str:
+        if stage not in t.index:
+            return "0 | 0 | 0"
+        r = t.loc[stage]
+        return f"{int(r['jobs'])} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f}"
+
+    for stage in order:
+        if stage in b.index or stage in a.index:
+            budget_s = STAGE_BUDGET_S.get(stage, "")
+            lines.append(f"| {stage} | {cells(b, stage)} | {cells(a, stage)} | {budget_s} |")
+    tb, ta = before.stages, after.stages
+    lines.append(
+        f"| total | {tb['jobs'].sum()} | {tb['seconds'].sum():.1f} | {tb['cpu_seconds'].sum():.1f} | "
+        f"{ta['jobs'].sum()} | {ta['seconds'].sum():.1f} | {ta['cpu_seconds'].sum():.1f} | {DEMO_BUDGET_S} (wall) |"
+    )
+    lines.append(f"| span of the jobs (wall) | | {before.span_s:.0f} | | | {after.span_s:.0f} | | |")
     return "\n".join(lines)
