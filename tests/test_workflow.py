@@ -59,7 +59,7 @@ def test_dry_run_lists_every_stage(tmp_path):
     # The shipped model carries its fidelity record: the demo does not sample it again...
     assert "world_fidelity " not in listed, listed[-3000:]
     # ...unless asked, by the named target.
-    proc = _snakemake("-n", "--quiet", "rules", "world_fidelity")
+    proc = _snakemake("-n", "world_fidelity", "--quiet", "rules")
     assert "world_fidelity" in proc.stdout + proc.stderr
 
 
