@@ -26,3 +26,18 @@ rule all:
     default_target: True
     input:
         ALL_TARGETS,
+
+
+# The end of a run says what was made: stages, key numbers with their intervals, the files to
+# open and the time per stage (diffatlas.run_summary reads existing files only). A failure
+# here is reported and never fails the finished run.
+onsuccess:
+    import subprocess
+
+    _summary = ["diffatlas", "summary", "--results", RESULTS, "--rules", str(Path(workflow.basedir) / "rules")]
+    if WORLD_FIDELITY_RECORD is not None:
+        _summary += ["--fidelity-record", WORLD_FIDELITY_RECORD[0]]
+    try:
+        subprocess.run(_summary, check=False)
+    except OSError as _err:
+        print(f"end-of-run summary not printed ({_err}); run: {' '.join(_summary)}")

@@ -2,8 +2,8 @@
 # trained on the activation store, then a summary across the grid and its figures.
 #
 #   results/diffc/{model}/{dataset}/{layer}/t{timestep}/
-#       metrics.json        per granularity (coarse, fine) and method (diffc, probe): accuracy,
-#                           macro-F1, per-class accuracy, confusion matrix, warnings; model, layer,
+#       metrics.json        per granularity (coarse, fine) and method (diffc, probe): accuracy with
+#                           its 95% Wilson interval, every seed's accuracy and their spread, macro-F1, per-class accuracy, confusion matrix, warnings; model, layer,
 #                           timestep, alpha_bar, seed, prompt, pooling, split sizes
 #       diffc.safetensors   Diff-C weights, one classifier per granularity (arch in metadata)
 #       probe.safetensors   logistic-regression probe weights per granularity (no pickle)
@@ -86,7 +86,7 @@ rule train_diffc:
     resources:
         gpu=1,
         mem_mb=lambda wc, attempt: 2000 * attempt,
-        runtime=lambda wc, attempt: 15 * attempt,
+        runtime=lambda wc, attempt: 15 * attempt * DIFFC["seeds"],  # diffc.seeds trains each job that many times
     shell:
         "diffatlas train-diffc --store {input.store:q} --layer {wildcards.layer:q} --timestep {wildcards.timestep}"
         " --out {params.out:q} --model-name {wildcards.model} --dataset-name {wildcards.dataset}"

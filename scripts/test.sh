@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export PATH="$PWD/.venv/bin:$PATH"
-.venv/bin/python -m pytest -q "$@"
+# --durations: every slow test's time is in the CI log, so the 20-minute budget stays visible.
+.venv/bin/python -m pytest -q --durations=25 "$@"
 if [ "${DIFFATLAS_SLURM_TEST:-1}" = 1 ]; then
     if [ "$(id -u)" = 0 ]; then
         timeout -k 30 1200 bash scripts/slurm_test.sh

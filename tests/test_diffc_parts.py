@@ -170,6 +170,7 @@ def test_adamw_matches_torch_adamw(fused):
         ({"val_fraction": 0.5, "test_fraction": 0.5}, r"leaves no training samples"),
         ({"early_stopping": True, "val_fraction": 0.0}, r"early_stopping needs validation"),
         ({"dropout": 1.0}, r"diffc.dropout"),
+        ({"seeds": 0}, r"diffc.seeds = 0 .*integer >= 1"),
     ],
 )
 def test_config_rejects_bad_values(bad, match):
@@ -222,23 +223,45 @@ def test_summary_table(summary):
     assert row["n_test"].item() == 4 and row["n_classes"].item() == 2
 
 
+def _curves(ax):
+    """{label: (x, y)} of an axes' error-bar series (the data line of each container)."""
+    return {c.get_label(): (c.lines[0].get_xdata(), c.lines[0].get_ydata()) for c in ax.containers}
+
+
 def test_figures_plot_the_summary_values(summary):
     fig = plot_vs_layer(summary, "m1", "ds")
     coarse_ax = fig.axes[0]
     assert coarse_ax.get_title().startswith("coarse")
-    lines = {ln.get_label(): ln.get_ydata() for ln in coarse_ax.lines}
+    lines = {k: y for k, (_, y) in _curves(coarse_ax).items()}
     np.testing.assert_allclose(lines["Diff-C, t=50"], [0.9, 0.8])
     np.testing.assert_allclose(lines["linear probe, t=500"], [0.6, 0.5])
     fig = plot_vs_timestep(summary, "m2", "ds")
-    lines = {ln.get_label(): (ln.get_xdata(), ln.get_ydata()) for ln in fig.axes[1].lines}
+    lines = _curves(fig.axes[1])
     np.testing.assert_allclose(lines["Diff-C, mid"][0], [50, 500])
     np.testing.assert_allclose(lines["Diff-C, mid"][1], [0.85, 0.65])
     fig = plot_models(summary, "ds")
-    lines = {ln.get_label(): ln.get_ydata() for ln in fig.axes[0].lines}
+    lines = {k: y for k, (_, y) in _curves(fig.axes[0]).items()}
     np.testing.assert_allclose(lines["Diff-C, m1"], [0.9, 0.7])  # best layer (mid) at each timestep
     np.testing.assert_allclose(lines["linear probe, m2"], [0.75, 0.55])
     with pytest.raises(UserError, match="no rows for model = 'm3'; it has: m1, m2"):
         plot_vs_layer(summary, "m3", "ds")
+
+
+def test_figure_error_bars_are_the_wilson_intervals(tmp_path):
+    """One job, 50 of 100 test images right: the bar spans Wilson's 0.404-0.596 (hand-computed)."""
+    m = _fake_metrics("m", "mid", 50, 0.5)
+    m["split"]["n_test"] = 100
+    p = tmp_path / "metrics.json"
+    p.write_text(json.dumps(m))
+    table = build_summary([p])
+    row = table[(table.granularity == "coarse") & (table.method == "diffc")].iloc[0]
+    assert (row["n_correct"], row["n_test"]) == (50, 100)
+    assert (row["accuracy_ci_low"], row["accuracy_ci_high"]) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    fig = plot_vs_layer(table, "m", "ds")
+    container = next(c for c in fig.axes[0].containers if c.get_label() == "Diff-C, t=50")
+    (bars,) = container.lines[2]
+    (segment,) = bars.get_segments()
+    np.testing.assert_allclose(segment[:, 1], [0.4038, 0.5962], atol=1e-4)
 
 
 def test_cli_summary_and_figure(tmp_path, summary):

@@ -183,6 +183,11 @@ def test_analyse_against_brute_force_pooled_and_spatial():
         assert n_top == min(5, len(ranked))
         assert metrics["labels"]["purity_fine"] == pytest.approx(ranked["purity_fine"].head(n_top).mean())
         assert metrics["labels"]["sigma_label_fine"] == pytest.approx(ranked["sigma_label_fine"].head(n_top).mean())
+        # bootstrap over the top latents: brackets their mean, inside their range
+        for key in ("purity_fine", "sigma_label_coarse"):
+            head = ranked[key].head(n_top)
+            low, high = metrics["labels"][f"{key}_ci95"]
+            assert head.min() - 1e-12 <= low <= head.mean() <= high <= head.max() + 1e-12
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -215,6 +220,12 @@ def test_label_stats_figure_plots_the_summary_values():
     np.testing.assert_allclose(line.get_ydata(), [2.05, 2.5])
     with pytest.raises(Exception, match="allowed: layer, timestep"):
         plot_label_stats(one, by="model")
+    # with intervals in the summary, each point gets its bar, spanning exactly the interval
+    one = one.assign(purity_fine_ci_low=one["purity_fine"] - 0.05, purity_fine_ci_high=one["purity_fine"] + 0.1)
+    fig = plot_label_stats(one, by="layer")
+    spans = sorted(tuple(np.round(seg[:, 1], 6)) for c in fig.axes[1].containers for seg in c.lines[2][0].get_segments())
+    expected = sorted((round(p - 0.05, 6), round(p + 0.1, 6)) for p in one["purity_fine"])
+    assert spans == expected
 
 
 def test_across_models_figure_averages_layers():

@@ -171,6 +171,7 @@ def test_summary_and_figures(store, run_dir, tmp_path):
     m = json.loads((run_dir / "metrics.json").read_text())
     assert table.loc[0, "fve"] == pytest.approx(m["fve"])
     assert table.loc[0, "purity_fine"] == pytest.approx(m["labels"]["purity_fine"])
+    assert [table.loc[0, "purity_fine_ci_low"], table.loc[0, "purity_fine_ci_high"]] == pytest.approx(m["labels"]["purity_fine_ci95"])
 
     for sub, extra in (("vs-layer", ["--summary", str(summary)]),
                        ("across-models", ["--summary", str(summary), str(summary)]),

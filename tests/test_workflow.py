@@ -57,8 +57,8 @@ def tiny_run():
     cfg["models"] = {"shapesworld": {"path": HUB_ID, "revision": REVISION}}
     cfg_path = tmp / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    _snakemake("--configfile", str(cfg_path))
-    yield tmp / "results", cfg_path
+    proc = _snakemake("--configfile", str(cfg_path))
+    yield tmp / "results", cfg_path, proc
     HUB_CACHE.clear()
     holder.cleanup()
 
@@ -66,12 +66,17 @@ def tiny_run():
 def test_dry_run_lists_every_stage(tmp_path):
     proc = _snakemake("-n", "--quiet", "rules")
     listed = proc.stdout + proc.stderr
-    for rule in ("make_dataset", "extract", "train_sae", "train_diffc", "daam_generate", "world_fidelity"):
+    for rule in ("make_dataset", "extract", "train_sae", "train_diffc", "daam_generate", "world_samples_figure"):
         assert rule in listed, f"rule {rule} missing from the planned DAG:\n{listed[-3000:]}"
+    # The shipped model carries its fidelity record: the demo does not sample it again...
+    assert "world_fidelity " not in listed, listed[-3000:]
+    # ...unless asked, by the named target.
+    proc = _snakemake("-n", "world_fidelity", "--quiet", "rules")
+    assert "world_fidelity" in proc.stdout + proc.stderr
 
 
 def test_end_to_end_outputs(tiny_run):
-    results, _ = tiny_run
+    results, _, _ = tiny_run
     # data
     meta = pd.read_parquet(results / "data" / "shapesworld" / "metadata.parquet")
     assert len(meta) == 48
@@ -111,8 +116,59 @@ def test_end_to_end_outputs(tiny_run):
     assert not [p for p in results.rglob(".*.tmp-*")]
 
 
+def test_end_of_run_summary_names_what_was_made(tiny_run):
+    results, _, proc = tiny_run
+    from diffatlas.run_summary import paths_to_open
+
+    out = proc.stdout
+    assert f"diffatlas: what this run made ({results}/)" in out, out[-3000:]
+    # a random tiny model has no fidelity record: this run measured it
+    assert "stages with output: data, world_model, activations, sae, diffc, daam, geometry" in out
+    assert f"measured by this run ({results / 'world_model' / 'fidelity.json'})" in out
+    assert "Diff-C and linear probe:" in out and "[" in out.split("Diff-C and linear probe:")[1].splitlines()[2]
+    # every figure that exists, and nothing else, under its folder
+    figures = paths_to_open(results)
+    assert figures == sorted((results / "figures").rglob("*.png")) and figures
+    for fig in figures:
+        assert fig.name in out
+    assert f"open ({len(figures)} files):" in out
+
+
+def test_budget_from_the_runs_benchmark_files(tiny_run):
+    """The budget table sums Snakemake's own benchmark files (read here with the csv module)."""
+    import csv
+
+    results, _, _ = tiny_run
+    from diffatlas.budget import budget, format_budget
+
+    files = sorted((results / "benchmarks").rglob("*.tsv"))
+    per_rule: dict[str, float] = {}
+    for f in files:
+        rel = f.relative_to(results / "benchmarks")
+        rule = rel.parts[0] if len(rel.parts) > 1 else f.stem
+        with open(f) as fh:
+            (row,) = list(csv.DictReader(fh, delimiter="\t"))
+        per_rule[rule] = per_rule.get(rule, 0.0) + float(row["s"])
+    b = budget(results, ROOT / "rules")
+    assert b.stages["jobs"].sum() == len(files)
+    assert set(b.stages["stage"]) == {"data", "world_model", "extract", "sae", "diffc", "daam", "geometry"}
+    stage_of = {"make_dataset": "data", "world_fidelity": "world_model", "extract": "extract", "train_diffc": "diffc"}
+    for rule, stage in stage_of.items():
+        assert b.rules.set_index("rule").loc[rule, "stage"] == stage
+        assert b.rules.set_index("rule").loc[rule, "seconds"] == pytest.approx(per_rule[rule])
+    assert b.stages["seconds"].sum() == pytest.approx(sum(per_rule.values()))
+    assert 0 < b.span_s
+    table = format_budget(b, per_rule=True)
+    assert "| stage | jobs | job-seconds |" in table and "| train_diffc |" in table
+    from diffatlas.budget import format_comparison
+
+    both = format_comparison(b, b)
+    total = sum(per_rule.values())
+    assert f"| total | {len(files)} | {total:.1f} |" in both and both.count(f"{total:.1f}") == 2
+
+
 def test_single_figure_target_rebuilds_alone(tiny_run):
-    results, cfg_path = tiny_run
+    results, cfg_path, _ = tiny_run
     fig = results / "figures" / "data" / "shapesworld_preview.png"
     fig.unlink()
     proc = _snakemake(str(fig), "--configfile", str(cfg_path))

@@ -4,14 +4,15 @@ Example::
 
     diffatlas diffc-summary --out results/diffc/summary.csv results/diffc/*/*/*/t*/metrics.json
 
-One row per (model, dataset, layer, timestep, granularity, method); see
-diffatlas.diffc.summary.COLUMNS.
+One row per (model, dataset, layer, timestep, granularity, method), accuracies with 95%
+Wilson intervals; see diffatlas.diffc.summary.COLUMNS. Prints the best layer x timestep of
+each granularity and method.
 """
 
 from __future__ import annotations
 
 
-from diffatlas.diffc.summary import build_summary
+from diffatlas.diffc.summary import best_cells, build_summary
 from diffatlas.io import atomic_file
 from diffatlas.logs import result
 from diffatlas.runner import Runner
@@ -28,4 +29,9 @@ def main(argv: list[str]) -> int:
     with atomic_file(args.out) as tmp:
         table.to_csv(tmp, index=False)
     result(f"wrote {args.out}: {len(table)} rows from {len(args.metrics)} jobs")
+    for r in best_cells(table).itertuples(index=False):
+        result(
+            f"best {r.model}/{r.dataset} {r.granularity} {r.method}: {r.layer} t={r.timestep} accuracy {r.accuracy:.3f} "
+            f"[{r.accuracy_ci_low:.2f}, {r.accuracy_ci_high:.2f}] (n={r.n_test}; {r.n_tied} other cells inside the interval)"
+        )
     return 0

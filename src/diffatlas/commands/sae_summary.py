@@ -2,7 +2,8 @@
 
 Reads each run directory's ``metrics.json`` (or the file itself) and writes a CSV (or
 Parquet, by suffix) with the reconstruction metrics, the label statistics of the top latents
-(σ_label, purity, entropy; fine and coarse) and their chance levels.
+(σ_label, purity, entropy; fine and coarse), each with its 95% bootstrap interval over
+latents, and their chance levels.
 
 Example::
 
@@ -37,6 +38,9 @@ def main(argv: list[str]) -> int:
     table = summary_table(args.runs)
     with atomic_file(out) as tmp:
         table.to_csv(tmp, index=False) if out.suffix == ".csv" else table.to_parquet(tmp, index=False)
-    cols = ["layer", "timestep", "fve", "l0", "dead_fraction", "purity_fine", "purity_coarse", "sigma_label_fine"]
-    result(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    show = table[["layer", "timestep", "fve", "l0", "dead_fraction"]].copy()
+    for col in ("purity_fine", "purity_coarse", "sigma_label_fine"):
+        show[col] = [f"{v:.3f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in
+                     zip(table[col], table[f"{col}_ci_low"], table[f"{col}_ci_high"])]  # fmt: skip
+    result(show.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0

@@ -38,10 +38,16 @@ def main(argv: list[str]) -> int:
         args.store, args.layer, args.timestep, args.out, cfg, device=str(device), model_name=args.model_name,
         dataset_name=args.dataset_name,
     )
+    def acc(m: dict) -> str:
+        lo, hi = m["accuracy_ci95"]
+        seeds = m["seeds"]
+        over = f", {seeds['n']} seeds {seeds['mean']:.3f} ± {seeds['std']:.3f}" if seeds["n"] > 1 else ""
+        return f"{m['accuracy']:.3f} [{lo:.2f}, {hi:.2f}]{over}"
+
     for gran, entry in job.metrics["results"].items():
         result(
-            f"{args.layer} t={args.timestep} {gran}: Diff-C {entry['diffc']['accuracy']:.3f}  "
-            f"probe {entry['probe']['accuracy']:.3f}  chance {entry['diffc']['chance_uniform']:.3f}"
+            f"{args.layer} t={args.timestep} {gran}: Diff-C {acc(entry['diffc'])}  "
+            f"probe {acc(entry['probe'])}  chance {entry['diffc']['chance_uniform']:.3f}"
         )
     for w in job.metrics["warnings"]:
         result(f"warning: {w}")

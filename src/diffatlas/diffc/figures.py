@@ -2,7 +2,9 @@
 
 Every figure has one panel per label granularity (coarse, fine: the paper's coarse vs
 fine-grained datasets) and draws Diff-C (solid, circles) and the linear probe (dashed,
-squares) on the same axes, with uniform chance as a dotted grey line.
+squares) on the same axes, with uniform chance as a dotted grey line. Error bars are the 95%
+Wilson intervals over the test images (columns ``accuracy_ci_low/high`` of the summary): two
+points whose bars overlap are not told apart by this test set.
 
 - :func:`plot_vs_layer`: accuracy against layer (in the order of the table), a line per timestep.
 - :func:`plot_vs_timestep`: accuracy against timestep, a line per layer.
@@ -25,6 +27,16 @@ from diffatlas.errors import UserError  # noqa: E402
 GRAN_ORDER = ["coarse", "fine"]
 STYLE = {"diffc": dict(ls="-", marker="o"), "probe": dict(ls="--", marker="s", alpha=0.8)}
 LABEL = {"diffc": "Diff-C", "probe": "linear probe"}
+
+
+def _errorbar(ax: plt.Axes, x, s: pd.DataFrame, **kw) -> None:
+    """Accuracy of ``s`` against ``x`` with its 95% interval as error bars."""
+    acc = s["accuracy"].to_numpy(dtype=float)
+    yerr = None
+    if {"accuracy_ci_low", "accuracy_ci_high"} <= set(s.columns):
+        low, high = s["accuracy_ci_low"].to_numpy(dtype=float), s["accuracy_ci_high"].to_numpy(dtype=float)
+        yerr = np.stack([acc - low, high - acc])
+    ax.errorbar(x, acc, yerr=yerr, capsize=2, elinewidth=0.8, **kw)
 
 
 def _select(df: pd.DataFrame, **where: str) -> pd.DataFrame:
@@ -60,7 +72,7 @@ def _finish(ax: plt.Axes, sub: pd.DataFrame, gran: str, xlabel: str) -> None:
 
 def _legend(fig: plt.Figure, axes: list[tuple[str, plt.Axes]], colour_title: str) -> None:
     handles, labels = axes[0][1].get_legend_handles_labels()
-    axes[0][1].set_ylabel("test accuracy")
+    axes[0][1].set_ylabel("test accuracy (bars: 95% Wilson interval)")
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), title=colour_title, fontsize=8)
     fig.tight_layout()
 
@@ -77,7 +89,7 @@ def plot_vs_layer(df: pd.DataFrame, model: str, dataset: str) -> plt.Figure:
         for t, colour in zip(timesteps, colours):
             for method in ("diffc", "probe"):
                 s = sub[(sub["timestep"] == t) & (sub["method"] == method)].set_index("layer").reindex(layers)
-                ax.plot(range(len(layers)), s["accuracy"], color=colour, label=f"{LABEL[method]}, t={t}", **STYLE[method])
+                _errorbar(ax, np.arange(len(layers)), s, color=colour, label=f"{LABEL[method]}, t={t}", **STYLE[method])
         ax.set_xticks(range(len(layers)), layers, rotation=30, ha="right")
         _finish(ax, sub, gran, "layer")
     fig.suptitle(f"Diff-C vs linear probe by layer: {model} on {dataset}")
@@ -96,7 +108,7 @@ def plot_vs_timestep(df: pd.DataFrame, model: str, dataset: str) -> plt.Figure:
         for layer, colour in zip(layers, colours):
             for method in ("diffc", "probe"):
                 s = sub[(sub["layer"] == layer) & (sub["method"] == method)].sort_values("timestep")
-                ax.plot(s["timestep"], s["accuracy"], color=colour, label=f"{LABEL[method]}, {layer}", **STYLE[method])
+                _errorbar(ax, s["timestep"].to_numpy(), s, color=colour, label=f"{LABEL[method]}, {layer}", **STYLE[method])
         _finish(ax, sub, gran, "timestep t (training scale; noisier to the right)")
     fig.suptitle(f"Diff-C vs linear probe by timestep: {model} on {dataset}")
     _legend(fig, axes, "method, layer")
@@ -117,7 +129,7 @@ def plot_models(df: pd.DataFrame, dataset: str, models: list[str] | None = None)
             for method in ("diffc", "probe"):
                 s = sub[(sub["model"] == model) & (sub["method"] == method)]
                 best = s.loc[s.groupby("timestep")["accuracy"].idxmax()].sort_values("timestep")
-                ax.plot(best["timestep"], best["accuracy"], color=colour, label=f"{LABEL[method]}, {model}", **STYLE[method])
+                _errorbar(ax, best["timestep"].to_numpy(), best, color=colour, label=f"{LABEL[method]}, {model}", **STYLE[method])
                 if method == "diffc":
                     for _, row in best.iterrows():
                         ax.annotate(row["layer"], (row["timestep"], row["accuracy"]), fontsize=6, color=colour,

@@ -2,7 +2,9 @@
 
 Everything derives from one confusion matrix (rows: true class, columns: predicted class,
 both in the order of ``classes``), so accuracy, per-class accuracy and macro-F1 can never
-disagree with each other. A class with no test sample has no per-class accuracy (``None``)
+disagree with each other. Accuracy comes with its 95% Wilson interval over the test samples
+(``accuracy_ci95``): at ~100 test images it is about ±0.1 wide, which is what separates a
+real layer ordering from noise. A class with no test sample has no per-class accuracy (``None``)
 and is left out of macro-F1; both facts are written into ``warnings`` instead of being
 hidden behind a number.
 """
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from diffatlas.errors import UserError
+from diffatlas.intervals import wilson
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ def classification_metrics(
         log.warning("%s: %s", where, w)
     return {
         "accuracy": float(tp.sum() / n),
+        "n_correct": int(tp.sum()),
+        "accuracy_ci95": wilson(int(tp.sum()), int(n)),
         "macro_f1": float(np.mean(f1s)),
         "macro_f1_classes": int(len(f1s)),
         "per_class_accuracy": per_class,

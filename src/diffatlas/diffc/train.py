@@ -4,9 +4,11 @@ For each requested label granularity (coarse, fine) the job trains a Diff-C clas
 the stored spatial maps and a logistic-regression probe on the pooled features, on the same
 stratified train / validation / test split, and writes to ``out_dir``::
 
-    metrics.json        accuracy, macro-F1, per-class accuracy, confusion matrix, warnings,
-                        per granularity and method, plus model, layer, timestep, ᾱ_t, seed,
-                        prompt, pooling and the split sizes
+    metrics.json        accuracy (with its 95% Wilson interval over the test samples and,
+                        with ``seeds`` > 1, every seed's accuracy and their spread), macro-F1,
+                        per-class accuracy, confusion matrix, warnings, per granularity and
+                        method, plus model, layer, timestep, ᾱ_t, seed, prompt, pooling and
+                        the split sizes
     diffc.safetensors   Diff-C weights per granularity (architecture + classes in metadata)
     probe.safetensors   probe weights per granularity (no pickle)
     predictions.csv     sample_id, split, granularity, true, diffc, probe (class names)
@@ -20,6 +22,7 @@ to float32 on the fly. No per-sample zarr read happens during training.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,6 +41,7 @@ from diffatlas.diffc.model import DiffC, DiffCArch, save_diffc
 from diffatlas.diffc.probe import fit_probe, probe_predict, save_probes
 from diffatlas.diffc.split import Split, stratified_split
 from diffatlas.errors import UserError
+from diffatlas.intervals import spread
 from diffatlas.io import atomic_dir, pick_device, write_json
 from diffatlas.optim import Adam
 
@@ -235,6 +239,34 @@ def _majority_baseline(y: np.ndarray, split: Split, n_classes: int) -> float:
     return float((y[split.test] == majority).mean())
 
 
+def _repeat_seeds(
+    maps: torch.Tensor, pooled: np.ndarray, y: np.ndarray, strata: list[np.ndarray], n_classes: int,
+    cfg: DiffCConfig, timings: JobTimings,
+) -> dict[str, list[dict[str, Any]]]:
+    """Test accuracy of Diff-C and the probe retrained with seeds ``seed + 1 .. seed + seeds - 1``.
+
+    Each run draws its own split, initialisation and batch order, so the spread over runs shows
+    how much of a difference between layers the training itself can make. Weights are not kept.
+    """
+    out: dict[str, list[dict[str, Any]]] = {"diffc": [], "probe": []}
+    for seed in range(cfg.seed + 1, cfg.seed + cfg.seeds):
+        run_cfg = dataclasses.replace(cfg, seed=seed)
+        split = stratified_split(strata, cfg.val_fraction, cfg.test_fraction, seed)
+        t0 = time.perf_counter()
+        model, _, seen = train_diffc(maps, y, split, n_classes, run_cfg)
+        d_pred = predict(model, maps, split.test, EVAL_BATCH)
+        timings.diffc_s += time.perf_counter() - t0
+        timings.train_samples += seen
+        t0 = time.perf_counter()
+        probe = fit_probe(pooled, y, split.train, cfg.probe_c, cfg.probe_max_iter, seed)
+        p_pred = probe_predict(probe, pooled[split.test])
+        timings.probe_s += time.perf_counter() - t0
+        for method, pred in (("diffc", d_pred), ("probe", p_pred)):
+            out[method].append({"seed": seed, "accuracy": float((pred == y[split.test]).mean()), "n_test": len(split.test)})
+        log.info("seed %d: Diff-C %.3f, probe %.3f", seed, out["diffc"][-1]["accuracy"], out["probe"][-1]["accuracy"])
+    return out
+
+
 def run_diffc_job(
     store_path: str | Path,
     layer: str,
@@ -255,7 +287,8 @@ def run_diffc_job(
         raise UserError(f"layer {layer!r} is not in {store.path}; stored layers: {', '.join(store.layers)}")
 
     labels = {g: _label_codes(store, g) for g in cfg.granularities}
-    split = stratified_split([labels[g][0] for g in cfg.granularities], cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    strata = [labels[g][0] for g in cfg.granularities]
+    split = stratified_split(strata, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     if len(split.test) == 0 or len(split.train) < 2:
         raise UserError(
             f"{store.path} has {len(store)} samples: too few for a train/test split "
@@ -297,8 +330,11 @@ def run_diffc_job(
         timings.probe_s += time.perf_counter() - t0
 
         entry: dict[str, Any] = {"classes": names, "majority_baseline": _majority_baseline(y, split, len(names))}
+        repeats = _repeat_seeds(maps, pooled, y, strata, len(names), cfg, timings)
         for method, pred, extra in (("diffc", d_pred, info), ("probe", p_pred, {"n_iter": probe.n_iter})):
             m = classification_metrics(y[split.test], pred[split.test], names, where=f"{where}, {method}")
+            runs = [{"seed": cfg.seed, "accuracy": m["accuracy"], "n_test": m["n_test"]}] + repeats[method]
+            m["seeds"] = {"runs": runs, **spread([r["accuracy"] for r in runs])}
             m["train_accuracy"] = float((pred[split.train] == y[split.train]).mean())
             m["val_accuracy"] = float((pred[split.val] == y[split.val]).mean()) if len(split.val) else None
             if method == "probe":

@@ -31,6 +31,9 @@ Meaning of latents (on the samples of ``mine_on``; Revelio used the whole datase
   ``purity`` (share of the majority label among the top samples) and ``entropy`` (Shannon
   entropy of the labels, bits). Both for fine and coarse labels. ``chance_*`` gives the
   expected value for ``top_n`` samples drawn at random (no replacement), the floor to beat.
+* Each summary statistic (the mean over the top ``top_latents`` latents) comes with a 95%
+  bootstrap interval over those latents (``{stat}_{gran}_ci95``): with 100 latents or fewer a
+  difference between layers can be sampling noise of which latents ranked on top.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from diffatlas.intervals import bootstrap_mean
 from diffatlas.sae.config import SAEConfig
 from diffatlas.sae.model import TopKSAE
 from diffatlas.sae.stats import (  # noqa: F401  (re-exported: the label statistics live there)
@@ -241,6 +245,8 @@ def analyse(sae: TopKSAE, data, cfg: SAEConfig, device: torch.device | str = "cp
         for name in STATS:
             key = f"{name}_{gran}"
             labels[key] = float(cur[key].iloc[n_top - 1]) if n_top > 0 else float("nan")
+            top = latents.loc[(latents["rank"] >= 0) & (latents["rank"] < n_top), key]
+            labels[f"{key}_ci95"] = bootstrap_mean(top.to_numpy(dtype=np.float64), seed=cfg.seed)
             labels[f"{key}_all"] = float(latents.loc[latents["eligible"], key].mean()) if n_eligible else float("nan")
             labels[f"chance_{key}"] = chance[name]
     # The paper's grid of N (every 100 latents), for a like-for-like curve.

@@ -2,8 +2,8 @@
 
 Every function returns a matplotlib Figure (save with :func:`diffatlas.plotting.save_figure`):
 
-* :func:`plot_label_stats` — σ_label, purity (fine solid, coarse dashed, chance dotted) and
-  FVE against layer (one line per timestep) or against timestep (one line per layer);
+* :func:`plot_label_stats` — σ_label, purity (fine solid, coarse dashed, chance dotted; bars:
+  95% bootstrap interval over the top latents) and FVE against layer (one line per timestep) or against timestep (one line per layer);
 * :func:`plot_across_models` — the same statistics per model against timestep (mean over the
   model's layers, band = min..max over layers);
 * :func:`plot_label_curves` — mean statistic over the top-N ranked latents as N grows
@@ -54,6 +54,11 @@ def plot_label_stats(summary: pd.DataFrame, by: str = "layer", title: str | None
             for gran, style in GRANS:
                 ax.plot(rows["_x"], rows[f"{stat}_{gran}"], style, marker="o", color=colour,
                         label=f"{other} {group} ({gran})")
+                lo, hi = f"{stat}_{gran}_ci_low", f"{stat}_{gran}_ci_high"
+                if lo in rows and hi in rows:  # 95% bootstrap over the top latents
+                    y = rows[f"{stat}_{gran}"].to_numpy(dtype=float)
+                    yerr = np.stack([y - rows[lo].to_numpy(dtype=float), rows[hi].to_numpy(dtype=float) - y])
+                    ax.errorbar(rows["_x"], y, yerr=yerr, fmt="none", ecolor=colour, elinewidth=0.8, capsize=2)
         for gran, style in GRANS:
             chance = summary[f"chance_{stat}_{gran}"].mean() if f"chance_{stat}_{gran}" in summary else np.nan
             if np.isfinite(chance):
@@ -73,7 +78,7 @@ def plot_label_stats(summary: pd.DataFrame, by: str = "layer", title: str | None
     axes[1].legend(fontsize=7, loc="best")
     n_top = summary["n_top_latents"].min() if "n_top_latents" in summary else "?"
     where = f"{summary['model'].iloc[0]} / {summary['dataset'].iloc[0]}" if "model" in summary else ""
-    fig.suptitle(title or f"SAE latents vs {by} — {where} (top {n_top} latents; solid fine, dashed coarse labels)")
+    fig.suptitle(title or f"SAE latents vs {by} — {where} (top {n_top} latents; solid fine, dashed coarse labels; bars 95% bootstrap over latents)")
     fig.tight_layout()
     return fig
 

@@ -10,7 +10,8 @@ Rows are latents, columns a latent's top samples (their integer class ids):
 * :func:`rank_latents` — Revelio's ranking: latents firing on more than ``min_active``
   samples, by mean activation when active (or max), descending; :func:`curves` — mean
   statistic over the first N ranked latents for every N;
-* :func:`summary_table` — one row per trained SAE (metrics.json) of a grid.
+* :func:`summary_table` — one row per trained SAE (metrics.json) of a grid, each top-latent
+  statistic with its 95% bootstrap interval over latents (``{stat}_{gran}_ci_low/high``).
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def summary_row(metrics: dict[str, Any]) -> dict[str, Any]:
         for name in STATS:
             for prefix in ("", "chance_"):
                 row[f"{prefix}{name}_{gran}"] = labels.get(f"{prefix}{name}_{gran}")
+            ci = labels.get(f"{name}_{gran}_ci95") or [None, None]
+            row[f"{name}_{gran}_ci_low"], row[f"{name}_{gran}_ci_high"] = ci
     row["train_seconds"] = metrics.get("train_seconds")
     return row
 

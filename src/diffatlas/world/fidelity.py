@@ -20,7 +20,6 @@ Rates come with 95% Wilson intervals, since the default check uses few samples.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from diffatlas.errors import UserError
+from diffatlas.intervals import wilson
 from diffatlas.world.config import FidelityConfig
 from diffatlas.world.judge import judge_images, matches_caption
 
@@ -81,20 +81,9 @@ def generate(pipe, captions: list[str], cfg: FidelityConfig, device: torch.devic
     return np.concatenate(out) if out else np.zeros((0, s, s, 3), np.uint8)
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval of a rate k/n (the normal interval fails near 0 and 1)."""
-    if n == 0:
-        return [float("nan"), float("nan")]
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return [round(max(0.0, mid - half), 4), round(min(1.0, mid + half), 4)]
-
-
 def _rate(flags: list[bool]) -> dict[str, Any]:
     k, n = int(sum(flags)), len(flags)
-    return {"rate": round(k / n, 4) if n else None, "k": k, "n": n, "ci95": wilson(k, n)}
+    return {"rate": round(k / n, 4) if n else None, "k": k, "n": n, "ci95": [round(x, 4) for x in wilson(k, n)]}
 
 
 def score(single: list[dict[str, Any]], two: list[dict[str, Any]], verdicts_single: list[dict[str, Any]],
