@@ -193,7 +193,7 @@ def _planned_jobs(text: str) -> list[tuple[str, dict[str, str]]]:
 def test_new_timestep_plans_only_its_jobs(tiny_run):
     """Adding a timestep plans one extraction job, its SAE/Diff-C jobs and the summaries and
     figures that read them: no finished extraction, SAE or Diff-C job re-runs."""
-    _, cfg_path = tiny_run
+    cfg_path = tiny_run[1]
     cfg = yaml.safe_load(cfg_path.read_text())
     layers, new = cfg["extract"]["layers"], 350
     assert new not in cfg["extract"]["timesteps"]
