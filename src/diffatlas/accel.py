@@ -104,3 +104,39 @@ def out_of_memory_hint(stage: str, tried: str, lower: str) -> Iterator[None]:
         raise UserError(
             f"{stage}: out of memory with {tried} ({first}); lower {lower}, or use a device with more memory"
         ) from None
+
+
+HOST_MMAP_THRESHOLD = 1 << 20
+"""Host allocations from this size up (bytes) get their own pages, returned to the OS when freed."""
+
+_host_allocator_set = False
+
+
+def return_large_host_blocks() -> bool:
+    """Make glibc give freed large host blocks back to the OS at once (Linux; once per process).
+
+    PyTorch's CPU tensors come from ``malloc``. glibc serves a large block by ``mmap`` only
+    while it is above a threshold that grows to the size of every such block freed (up to
+    32 MiB), so after the first few a pass's many short-lived tensors of 1-32 MiB are carved
+    from the heap, where interleaved longer-lived tensors fragment it and freed space is kept:
+    in a chunked forward-mode pass the resident set grew to ~3x the memory ever live at once.
+    A fixed threshold (``M_MMAP_THRESHOLD``, which also stops the growth) keeps blocks of
+    :data:`HOST_MMAP_THRESHOLD` and more out of the heap. It changes no value. Returns whether
+    it could be set (False off glibc; then nothing changes).
+    """
+    global _host_allocator_set
+    if _host_allocator_set:
+        return True
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold = -3  # <malloc.h>
+        _host_allocator_set = bool(libc.mallopt(m_mmap_threshold, HOST_MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        return False
+    return _host_allocator_set

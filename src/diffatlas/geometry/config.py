@@ -78,10 +78,10 @@ class GeometryConfig(ConfigSection):
     """vmap: one batched JVP and one batched VJP per round (fast); loop: one per direction (reference)."""
     chunk_size: int | None = None
     """Directions per vmapped chunk (null = all at once); lower it when memory is tight."""
-    attention_chunk: int | None = 256
-    """Queries per block of the Jacobian's exact attention (null = the whole attention matrix per
-    tangent at once: fastest on small models, but 4096x4096 per head at SD1.5's 512 px); lower it
-    when memory is tight."""
+    attention_chunk: int | None = 64
+    """Tokens per block of the Jacobian's exact attention and transformer feed-forward (null = the
+    whole attention matrix per tangent at once, 4096x4096 per head at SD1.5's 512 px, and the
+    feed-forward over all tokens); lower it when memory is tight."""
     dtype: str = "auto"
     """Compute dtype of the no-grad denoiser passes (DDIM sampling, edits): auto = float16 autocast
     on CUDA, float32 on CPU; float32 | float16 | bfloat16. The Jacobian is always float32."""

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from diffatlas.activations.hooks import first_tensor
+from diffatlas.accel import return_large_host_blocks
 from diffatlas.activations.layers import ResolvedLayer, resolve_layers
 from diffatlas.errors import UserError
 from diffatlas.geometry.config import GeometryConfig
@@ -143,17 +144,41 @@ def forward_ad_safe_attention(denoiser: nn.Module, query_chunk: int | None = DEF
     original processor (possibly a custom one, e.g. a DAAM tracer's) is put back on exit,
     error or not.
     """
+    from diffusers.models.attention import FeedForward
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     processor = AttnProcessor() if query_chunk is None else ChunkedAttnProcessor(query_chunk)
     saved = [(m, m.processor) for m in denoiser.modules() if isinstance(m, Attention)]
+    feed_forwards = [] if query_chunk is None else [m for m in denoiser.modules() if isinstance(m, FeedForward)]
     try:
         for module, _ in saved:
             module.set_processor(processor)
+        for module in feed_forwards:  # an instance attribute shadows the class's forward until deleted
+            module.forward = _TokenChunkedForward(module.forward, query_chunk)
         yield
     finally:
         for module, processor in saved:
             module.set_processor(processor)
+        for module in feed_forwards:
+            module.__dict__.pop("forward", None)
+
+
+class _TokenChunkedForward:
+    """A transformer feed-forward run on ``chunk`` tokens at a time (exact: it acts per token).
+
+    Under ``vmap(jvp)`` over ``k`` tangents a GEGLU feed-forward holds its widened hidden
+    states (``[k, B, N, 8·C]`` for the projection, several ``[k, B, N, 4·C]`` for the gate's
+    product rule): at SD1.5's first block that is the largest tensor of the pass once the
+    attention is chunked. Token blocks keep only ``[k, B, chunk, ·]`` alive.
+    """
+
+    def __init__(self, forward: Callable[..., torch.Tensor], chunk: int) -> None:
+        self.forward, self.chunk = forward, chunk
+
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if hidden_states.ndim != 3 or hidden_states.shape[1] <= self.chunk:  # [B, N, C] tokens, or nothing to cut
+            return self.forward(hidden_states, *args, **kwargs)
+        return torch.cat([self.forward(block, *args, **kwargs) for block in hidden_states.split(self.chunk, dim=1)], dim=1)
 
 
 def _pool(x: torch.Tensor, pooling: str, name: str) -> torch.Tensor:
@@ -397,6 +422,8 @@ def top_singular(
             f"(x_t has shape {tuple(x.shape[1:])})"
         )
     fmap.check(x)
+    if x.device.type == "cpu":
+        return_large_host_blocks()  # else the heap keeps what the chunked passes free (see there)
     with forward_ad_safe_attention(fmap.denoiser, attention_chunk):
         prod = _Products(fmap, x, batching, chunk_size)
         d = prod.d
