@@ -142,8 +142,9 @@ run model 120 diffatlas make-tiny-model sd "$MODEL" --size "$SIZE" --dtype "$MOD
 run bench_geometry 120 "$PY" bench/bench_geometry.py --model "$MODEL" --device "$DEV" --threads "$THREADS" \
     --n 8 --iters 2 --repeats 1 --memory && show bench_geometry
 # bench_extract: extraction vs the bare forward (its --device/--model/--size when it has them).
-run bench_extract 90 "$PY" bench/bench_extract.py --threads "$THREADS" \
-    $(flags bench_extract --device "$DEV" --model "$MODEL" --size "$SIZE" --n 64) && show bench_extract
+# --quick: the rate ÷ bare forward with and without maps, fixed costs apart (no diagnostic rows).
+run bench_extract 120 "$PY" bench/bench_extract.py --threads "$THREADS" --device "$DEV" --model "$MODEL" \
+    $( [ "$MODE" = gpu ] && echo --n 128 --batch-size 32 || echo --n 16 ) --repeats 2 --quick && show bench_extract
 # bench_daam: tracing vs plain generation.
 run bench_daam 90 "$PY" bench/bench_daam.py --model "$MODEL" --device "$DEV" --threads "$THREADS" \
     --prompts 8 --steps 10 --batch 8 --repeats 2 && show bench_daam
