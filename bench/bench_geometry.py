@@ -12,7 +12,7 @@ same architecture with random weights):
   pass of the truncated map ``f`` (stops at the layer) and of the full denoiser, batch 1;
 * with ``--memory``: peak memory of one basis round (one batched JVP pass, one batched VJP
   pass), pooling ``sum`` and ``none``, with the chunked forward-AD-safe attention
-  (``--attention-chunk`` queries per block) vs the whole attention matrix per tangent
+  and feed-forward (``--attention-chunk`` tokens per block) vs the whole attention matrix per tangent
   (diffusers' classic processor, the path before issue 16), and the relative difference of
   their singular values. Peak = CUDA ``max_memory_allocated`` (in process, reset between
   variants) or, on CPU, the peak resident set of a fresh process per variant, counted from
@@ -162,7 +162,7 @@ def _memory(args, handle, fmap, x) -> list[str]:
         s_c, s_w = torch.tensor(c["s"], dtype=torch.float64), torch.tensor(w["s"], dtype=torch.float64)
         rel = float(((s_c - s_w).abs() / s_w.abs()).max())
         lines.append(
-            f"memory, pooling {pooling:4s}: one round (n = {args.n}) chunked attention ({args.attention_chunk} queries) "
+            f"memory, pooling {pooling:4s}: one round (n = {args.n}) chunked attention+FF ({args.attention_chunk} tokens) "
             f"{dc / 2**30:6.2f} GiB ({c['seconds']:.1f} s) vs whole matrix per tangent {dw / 2**30:6.2f} GiB "
             f"({w['seconds']:.1f} s): {dw / max(dc, 1):.1f}x lower (target >= 4x); peak incl. model "
             f"{c['peak'] / 2**30:.2f} vs {w['peak'] / 2**30:.2f} GiB ({where}"
@@ -188,7 +188,7 @@ def main() -> None:
                     help="side of the denoiser input x_t (default: the model's; 32 = SD1.5 at 256 px)")
     ap.add_argument("--memory", action="store_true", help="also measure the peak memory of one basis round")
     ap.add_argument("--no-speed", action="store_true", help="skip the batched-vs-loop timing")
-    ap.add_argument("--attention-chunk", type=int, default=None, help="queries per attention block (default: the config's)")
+    ap.add_argument("--attention-chunk", type=int, default=None, help="tokens per attention and feed-forward block (default: the config's)")
     ap.add_argument("--pooling", default="sum", help=argparse.SUPPRESS)
     ap.add_argument("--chunk-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

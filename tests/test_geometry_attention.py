@@ -110,3 +110,46 @@ def test_bad_chunk_is_a_clear_error():
     with pytest.raises(UserError):
         with forward_ad_safe_attention(unet, query_chunk=-1):
             pass
+
+
+def test_feed_forward_in_token_blocks_equals_written_out_geglu():
+    """Inside the context a transformer feed-forward runs on blocks of tokens (here 3 of 10:
+    a short last block); values and JVPs equal GEGLU written out, and the module is restored."""
+    from diffusers.models.attention import FeedForward
+
+    torch.manual_seed(0)
+    ff = FeedForward(16, activation_fn="geglu").eval().requires_grad_(False).double()
+    holder = torch.nn.Sequential(ff)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 10, 16, generator=g, dtype=torch.float64)
+    tangents = torch.randn(4, *x.shape, generator=g, dtype=torch.float64)
+
+    def reference(z):
+        hidden, gate = ff.net[0].proj(z).chunk(2, dim=-1)
+        return ff.net[2](hidden * torch.nn.functional.gelu(gate))
+
+    calls = []
+    inner = ff.net[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    with forward_ad_safe_attention(holder, query_chunk=3):
+        value = ff(x)
+        jvps = torch.func.vmap(lambda t: torch.func.jvp(ff, (x,), (t,))[1])(tangents)
+    assert calls[:4] == [3, 3, 3, 1]  # the blocks the projection saw
+    ref_jvps = torch.func.vmap(lambda t: torch.func.jvp(reference, (x,), (t,))[1])(tangents)
+    torch.testing.assert_close(value, reference(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jvps, ref_jvps, rtol=1e-12, atol=1e-12)
+    calls.clear()
+    ff(x)
+    inner.remove()
+    assert "forward" not in ff.__dict__ and calls == [10]  # restored: all tokens at once again
+
+
+def test_large_host_blocks_are_returned_on_linux():
+    """The allocator setting the Jacobian makes on the CPU takes on glibc (and is idempotent)."""
+    import platform
+
+    from diffatlas.accel import return_large_host_blocks
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert return_large_host_blocks() is True
+    assert return_large_host_blocks() is True

@@ -109,6 +109,10 @@ def out_of_memory_hint(stage: str, tried: str, lower: str) -> Iterator[None]:
 HOST_MMAP_THRESHOLD = 1 << 20
 """Host allocations from this size up (bytes) get their own pages, returned to the OS when freed."""
 
+HOST_MMAP_MIN_PARAMS = 100_000_000
+"""Denoiser size (parameters) from which the Jacobian fixes the threshold: below it (ShapesWorld,
+1.7M) the page faults of fresh pages cost ~40% of a round and the heap's excess is small."""
+
 _host_allocator_set = False
 
 

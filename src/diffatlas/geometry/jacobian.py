@@ -44,7 +44,11 @@ Forward-mode AD is not implemented for PyTorch's CPU scaled-dot-product-attentio
 so :func:`forward_ad_safe_attention` switches every attention module to
 :class:`ChunkedAttnProcessor` (plain matmuls, one block of queries at a time: exact, and never
 a full attention matrix per tangent, which at SD1.5 size is what does not fit a 24 GB card)
-for the computation and restores the original processors afterwards, even on error.
+for the computation and restores the original processors afterwards, even on error. It also
+runs each transformer feed-forward on the same blocks of tokens (its widened GEGLU states are
+the next largest tensors per tangent). On the CPU, for SD-class models, glibc is told to return
+large freed blocks to the OS at once (:func:`~diffatlas.accel.return_large_host_blocks`): else
+its heap keeps ~3x what the chunked passes ever hold at once.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ import torch
 from torch import nn
 
 from diffatlas.activations.hooks import first_tensor
-from diffatlas.accel import return_large_host_blocks
+from diffatlas.accel import HOST_MMAP_MIN_PARAMS, return_large_host_blocks
 from diffatlas.activations.layers import ResolvedLayer, resolve_layers
 from diffatlas.errors import UserError
 from diffatlas.geometry.config import GeometryConfig
@@ -422,7 +426,7 @@ def top_singular(
             f"(x_t has shape {tuple(x.shape[1:])})"
         )
     fmap.check(x)
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and sum(p.numel() for p in fmap.denoiser.parameters()) >= HOST_MMAP_MIN_PARAMS:
         return_large_host_blocks()  # else the heap keeps what the chunked passes free (see there)
     with forward_ad_safe_attention(fmap.denoiser, attention_chunk):
         prod = _Products(fmap, x, batching, chunk_size)
