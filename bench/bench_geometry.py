@@ -92,11 +92,11 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _one_round(fmap, x, n: int, chunk: int | None):
+def _one_round(fmap, x, n: int, chunk: int | None, conv_tf32: bool):
     from diffatlas.geometry.jacobian import top_singular
 
     return top_singular(fmap, x, n, oversample=0, tol=1e-30, max_iters=1, attention_chunk=chunk,
-                        generator=torch.Generator().manual_seed(0))
+                        conv_tf32=conv_tf32, generator=torch.Generator().manual_seed(0))
 
 
 def _setup(args):
@@ -121,7 +121,7 @@ def _memory_child(args) -> None:
     exact = _reset_peak_rss()
     base = _proc_status("VmRSS")
     t0 = time.perf_counter()
-    b = _one_round(fmap, x, args.n, None if args.chunk_child == 0 else args.chunk_child)
+    b = _one_round(fmap, x, args.n, None if args.chunk_child == 0 else args.chunk_child, not args.strict_fp32)
     dt = time.perf_counter() - t0
     peak = _proc_status("VmHWM")  # since the reset (or, where none was possible, since start)
     print(json.dumps({"base": base, "peak": peak, "exact": exact, "seconds": dt, "s": b.s[0].tolist()}))
@@ -141,7 +141,7 @@ def _memory(args, handle, fmap, x) -> list[str]:
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
                 t0 = time.perf_counter()
-                b = _one_round(fmap, x, args.n, chunk)
+                b = _one_round(fmap, x, args.n, chunk, not args.strict_fp32)
                 torch.cuda.synchronize()
                 r = {"base": base, "peak": torch.cuda.max_memory_allocated(), "exact": True,
                      "seconds": time.perf_counter() - t0, "s": b.s[0].tolist()}
@@ -156,6 +156,8 @@ def _memory(args, handle, fmap, x) -> list[str]:
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
             results[pooling, chunk] = r
     where = "CUDA max_memory_allocated" if handle.device.type == "cuda" else "peak RSS of a fresh process"
+    if handle.device.type == "cuda":
+        where += ", cuDNN convolutions " + ("strict float32" if args.strict_fp32 else "TF32 (geometry.conv_tf32)")
     for pooling in ("sum", "none"):
         c, w = results[pooling, args.attention_chunk], results[pooling, None]
         dc, dw = c["peak"] - c["base"], w["peak"] - w["base"]
@@ -188,6 +190,8 @@ def main() -> None:
                     help="side of the denoiser input x_t (default: the model's; 32 = SD1.5 at 256 px)")
     ap.add_argument("--memory", action="store_true", help="also measure the peak memory of one basis round")
     ap.add_argument("--no-speed", action="store_true", help="skip the batched-vs-loop timing")
+    ap.add_argument("--strict-fp32", action="store_true",
+                    help="memory runs with geometry.conv_tf32 false (CUDA: no TF32 in cuDNN convolutions)")
     ap.add_argument("--attention-chunk", type=int, default=None, help="tokens per attention and feed-forward block (default: the config's)")
     ap.add_argument("--pooling", default="sum", help=argparse.SUPPRESS)
     ap.add_argument("--chunk-child", type=int, default=None, help=argparse.SUPPRESS)

@@ -153,7 +153,7 @@ run bench_sae 60 "$PY" bench/bench_sae.py --device "$DEV" --threads "$THREADS" -
     $( [ "$MODE" = cpu ] && echo --batch 256 --steps 2 ) && show bench_sae
 # bench_diffc: Diff-C training vs store reads at SD1.5's map sizes.
 run bench_diffc 60 "$PY" bench/bench_diffc.py --threads "$THREADS" \
-    $( [ "$MODE" = gpu ] && echo --sizes 1280x8x8 640x32x32 || echo --sizes 64x4x4 --samples 64 --epochs 1 ) \
+    $( [ "$MODE" = gpu ] && echo --sizes 1280x8x8 || echo --sizes 64x4x4 --samples 64 --epochs 1 ) \
     $(flags bench_diffc --device "$DEV") && show bench_diffc
 # bench_world_train: ShapesWorld training throughput (the world model, not SD-sized).
 run bench_world_train 60 "$PY" bench/bench_world_train.py --threads "$THREADS" --steps 2 --variants default,no_attention \

@@ -12,14 +12,16 @@ README's budget tables are this command's output.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("budget", __doc__)
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="diffatlas budget", description=__doc__.split("\n\n")[0])
+    p = RUNNER.parser()
     p.add_argument("--results", default="results", help="results directory of a run (holds benchmarks/)")
     p.add_argument("--rules", default=str(Path(__file__).resolve().parents[3] / "rules"),
                    help="the workflow's rules/ folder (rule -> stage by file name)")  # fmt: skip

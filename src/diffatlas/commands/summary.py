@@ -10,14 +10,16 @@ existing files under ``--results`` (see diffatlas.run_summary) and prints to std
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from diffatlas.logs import result
+from diffatlas.runner import Runner
+
+RUNNER = Runner("summary", __doc__)
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="diffatlas summary", description=__doc__.split("\n\n")[0])
+    p = RUNNER.parser()
     p.add_argument("--results", default="results", help="results directory of the run")
     p.add_argument("--fidelity-record", default=None, help="fidelity.json shipped with the model, when the run used it")
     p.add_argument("--rules", default=str(Path(__file__).resolve().parents[3] / "rules"),

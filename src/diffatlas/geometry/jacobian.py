@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from diffatlas.activations.hooks import first_tensor
-from diffatlas.accel import HOST_MMAP_MIN_PARAMS, return_large_host_blocks
+from diffatlas.accel import HOST_MMAP_MIN_PARAMS, return_large_host_blocks, strict_float32
 from diffatlas.activations.layers import ResolvedLayer, resolve_layers
 from diffatlas.errors import UserError
 from diffatlas.geometry.config import GeometryConfig
@@ -387,6 +387,7 @@ def top_singular(
     batching: str = "vmap",
     chunk_size: int | None = None,
     attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK,
+    conv_tf32: bool = GeometryConfig.conv_tf32,
     init: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> PullbackBasis:
@@ -428,7 +429,7 @@ def top_singular(
     fmap.check(x)
     if x.device.type == "cpu" and sum(p.numel() for p in fmap.denoiser.parameters()) >= HOST_MMAP_MIN_PARAMS:
         return_large_host_blocks()  # else the heap keeps what the chunked passes free (see there)
-    with forward_ad_safe_attention(fmap.denoiser, attention_chunk):
+    with strict_float32(convolutions=not conv_tf32), forward_ad_safe_attention(fmap.denoiser, attention_chunk):
         prod = _Products(fmap, x, batching, chunk_size)
         d = prod.d
         if n > d:

@@ -61,7 +61,7 @@ def _denoiser(handle, cfg: GeometryConfig) -> Denoiser:
 
 def _basis_kwargs(cfg: GeometryConfig) -> dict[str, Any]:
     return dict(oversample=cfg.oversample, tol=cfg.tol, max_iters=cfg.max_iters, batching=cfg.batching,
-                chunk_size=cfg.chunk_size, attention_chunk=cfg.attention_chunk)
+                chunk_size=cfg.chunk_size, attention_chunk=cfg.attention_chunk, conv_tf32=cfg.conv_tf32)
 
 
 def _provenance(handle, cfg: GeometryConfig, model_name: str, fmap: PullbackMap | None, timestep: int | None) -> dict[str, Any]:
