@@ -102,7 +102,8 @@ class GeometryConfig(ConfigSection):
     edit_samples: int | None = 2
     """Samples edited per timestep (null = all n_samples)."""
     kappa: float = 0.99
-    """Strength of the x0 normalisation of edits: 0 = none, 1 = the predicted x0 takes the unedited per-channel mean/std."""
+    """κ of the x0-normalised edit x' = x + sqrt(ᾱ)/(1 - κ sqrt(1-ᾱ)) (x0' - x0(x)): the slope taken for the noise
+    prediction in the first-order update, in [0, 1) (Park et al.: 0.99)."""
     iterative_substeps: int = 1
     """Geodesic-shooting steps between consecutive positive strengths (0 = no iterative edits)."""
     iterative_directions: int = 1
@@ -165,8 +166,8 @@ class GeometryConfig(ConfigSection):
             raise _bad("tol", self.tol, "a number > 0")
         if not _is_num(self.guidance_scale) or self.guidance_scale < 0:
             raise _bad("guidance_scale", self.guidance_scale, "a number >= 0 (<= 1 means no guidance)")
-        if not _is_num(self.kappa) or not 0 <= self.kappa <= 1:
-            raise _bad("kappa", self.kappa, "a number in [0, 1]")
+        if not _is_num(self.kappa) or not 0 <= self.kappa < 1:
+            raise _bad("kappa", self.kappa, "a number in [0, 1) (the noise prediction's slope in the x0 update)")
         if not isinstance(self.prompt, str):
             raise _bad("prompt", self.prompt, "a string")
         if not isinstance(self.edit_strengths, (list, tuple)) or not self.edit_strengths:
