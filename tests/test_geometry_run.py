@@ -80,7 +80,7 @@ def test_cross_timestep_outputs_and_figures(runs):
     assert cli(["geometry-global", "--model", str(model), "--model-name", "tiny", "--basis", str(out[999]),
                 "--out", str(g / "global"), "--config-json", cfg, "--device", "cpu"]) == 0
     gl = load_file(str(g / "global" / "global.safetensors"))
-    assert gl["directions"].shape == (2, 3, 32, 32) and gl["images"].shape == (2, 1, 3, 32, 32, 3)
+    assert gl["directions"].shape == (2, 1, 3, 32, 32) and gl["directions_h"].shape == (2, 32) and gl["images"].shape == (2, 1, 3, 32, 32, 3)
     assert (gl["kept"] > 0).all() and (gl["kept"] <= 1 + 1e-5).all()
 
     assert cli(["geometry-paths", "--model", str(model), "--model-name", "tiny", "--out", str(g / "paths.csv"),

@@ -9,14 +9,15 @@ Path grammar (``results/geometry/{model}/``)::
                                     transport_cos [m_i, S_i]
     t{timestep}/meta.json           model, layer, module path, timestep, ᾱ_t, seed, pooling, prompt,
                                     config, convergence, timings
-    global/global.safetensors       directions [n, C, h, w], aligned [N, n, C, h, w], cos [N, n],
-                                    perm, signs [N, n], kept [G, n], strengths [S],
+    global/global.safetensors       directions_h [n, d] (ū, averaged in H), aligned_h [N, n, d],
+                                    directions [G, m, C, h, w] (v̄ of each edited sample), cos [N, n],
+                                    perm, signs [N, n], kept [G, m], strengths [S],
                                     images [G, m, S, H, W, 3] (uint8)
     global/meta.json
     path_lengths.csv                one row per (pair, method): H length, X length, norm range
     path_lengths.json               summary (mean, std, slerp/lerp ratio)
     psd.csv                         timestep, rank, frequency, power (mean over samples)
-    tangent_distances.csv           geodesic distances between tangent spaces
+    tangent_distances.csv           D_geo between tangent spaces in H (u bases)
     meaning.csv, meaning_summary.csv    (ShapesWorld models; see :mod:`diffatlas.geometry.meaning`)
 
 Sample ``i`` of every timestep starts from the same ``x_T`` (seeded per sample id) and is
@@ -230,23 +231,27 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
 
 def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_dir: str | os.PathLike,
                model_name: str) -> dict[str, Any]:
-    """Global directions from the local bases at ``cfg.global_timestep`` (read from ``basis_dir``)."""
-    from diffatlas.geometry.global_directions import global_directions, project_to_tangent
+    """Global directions from the local bases at ``cfg.global_timestep`` (read from ``basis_dir``).
+
+    Park et al.'s recipe (:mod:`diffatlas.geometry.global_directions`): the samples' tangent
+    vectors ``u`` are matched and averaged in H into ``ū``; for each edited sample ``ū`` is
+    projected onto its tangent space and mapped to X through its Jacobian (``v̄``).
+    """
+    from diffatlas.geometry.global_directions import global_directions, global_to_x
 
     tensors, meta_t = load_basis(basis_dir, torch=True)
     timestep = int(meta_t["timestep"])
     if timestep != cfg.global_timestep:
         raise UserError(f"{basis_dir} holds timestep {timestep}, not geometry.global_timestep = {cfg.global_timestep}")
-    v, x_t = tensors["v"], tensors["x_t"]
+    v, u, sv, x_t = tensors["v"], tensors["u"], tensors["s"], tensors["x_t"]
     N, n = v.shape[:2]
-    g = global_directions(v)
+    g = global_directions(u)  # ū [n, d]: matched and averaged in H
     G = min(cfg.global_samples, N)
     m = min(cfg.edit_directions, n)
-    flat_g = g.directions[:m].reshape(m, -1)
     projected, kept = [], []
     for s in range(G):
-        p, k = project_to_tangent(flat_g, v[s])
-        projected.append(p.reshape(m, *v.shape[2:]))
+        vb, k = global_to_x(g.directions[:m], u[s], sv[s], v[s])
+        projected.append(vb)
         kept.append(k)
     projected_t = torch.stack(projected).to(handle.device, handle.dtype)  # [G, m, C, h, w]
     strengths = cfg.strengths
@@ -260,6 +265,7 @@ def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_di
         module_path=meta_t.get("module_path"),
         n_samples=int(N),
         n_directions=int(n),
+        averaged_in="H (u vectors; Park et al.)",
         matching_rounds=g.rounds,
         mean_cos=g.cos.mean(0).tolist(),
         mean_kept=torch.stack(kept).mean(0).tolist(),
@@ -272,8 +278,9 @@ def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_di
     with atomic_dir(out_dir) as tmp:
         save_file(
             {
-                "directions": g.directions.reshape(n, *v.shape[2:]).float().contiguous(),
-                "aligned": g.aligned.reshape(N, n, *v.shape[2:]).float().contiguous(),
+                "directions_h": g.directions.float().contiguous(),
+                "aligned_h": g.aligned.float().contiguous(),
+                "directions": torch.stack(projected).float().contiguous().cpu(),
                 "cos": g.cos.float().contiguous(),
                 "perm": g.perm.contiguous(),
                 "signs": g.signs.contiguous(),
@@ -284,7 +291,7 @@ def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_di
             str(Path(tmp, "global.safetensors")),
         )
         write_json(Path(tmp, "meta.json"), meta)
-    log.info("global directions at t=%d from %d samples: mean |cos| to global %s", timestep, N,
+    log.info("global directions at t=%d from %d samples: mean |cos| of local u to global ū %s", timestep, N,
              [round(c, 3) for c in meta["mean_cos"]])
     return meta
 
@@ -334,7 +341,12 @@ def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_nam
 
 
 def run_measures(run_dirs: list[str], psd_csv: str | os.PathLike, dist_csv: str | os.PathLike) -> dict[str, Any]:
-    """PSD of directions per timestep and geodesic distances between tangent spaces (no model needed)."""
+    """PSD of directions per timestep and geodesic distances between tangent spaces (no model needed).
+
+    The distances are Park et al.'s D_geo between the n-dimensional tangent spaces in H
+    (spans of the ``u`` bases), across samples at one timestep and along each sample's
+    trajectory between consecutive timesteps (the same layer, so the same H).
+    """
     import itertools
 
     import pandas as pd
@@ -349,7 +361,7 @@ def run_measures(run_dirs: list[str], psd_csv: str | os.PathLike, dist_csv: str 
     runs.sort(key=lambda r: -r[0])
     psd_rows, dist_rows = [], []
     for t, tensors, meta in runs:
-        v = tensors["v"]  # [N, n, C, h, w]
+        v, u = tensors["v"], tensors["u"]  # [N, n, C, h, w], [N, n, d]
         psd = radial_psd(v)  # [N, n, R]
         mean = psd.mean(0)
         for rank in range(mean.shape[0]):
@@ -359,12 +371,12 @@ def run_measures(run_dirs: list[str], psd_csv: str | os.PathLike, dist_csv: str 
         N = v.shape[0]
         for a, b in itertools.combinations(range(N), 2):
             dist_rows.append({"model": meta["model"], "kind": "across_samples", "timestep_a": t, "timestep_b": t,
-                              "sample_a": a, "sample_b": b, "distance": grassmann_distance(v[a], v[b])})
+                              "sample_a": a, "sample_b": b, "distance": grassmann_distance(u[a], u[b])})
         log.info("t=%d: mean frequency of directions %.2f", t, float(mean_frequency(mean).mean()))
     for (t1, r1, m1), (t2, r2, _) in zip(runs[:-1], runs[1:]):
-        for s in range(min(r1["v"].shape[0], r2["v"].shape[0])):
+        for s in range(min(r1["u"].shape[0], r2["u"].shape[0])):
             dist_rows.append({"model": m1["model"], "kind": "across_timesteps", "timestep_a": t1, "timestep_b": t2,
-                              "sample_a": s, "sample_b": s, "distance": grassmann_distance(r1["v"][s], r2["v"][s])})
+                              "sample_a": s, "sample_b": s, "distance": grassmann_distance(r1["u"][s], r2["u"][s])})
     with atomic_file(psd_csv) as tmp:
         pd.DataFrame(psd_rows).to_csv(tmp, index=False)
     dist = pd.DataFrame(dist_rows, columns=["model", "kind", "timestep_a", "timestep_b", "sample_a", "sample_b", "distance"])
