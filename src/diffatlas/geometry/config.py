@@ -54,7 +54,7 @@ class GeometryConfig(ConfigSection):
         "basis": _PULLBACK + _SAMPLING + _BASIS + _EDITS
         + ("edit_samples", "iterative_substeps", "iterative_directions", "iterative_timesteps"),
         "global": _PULLBACK + _SAMPLING + _EDITS + ("n_directions", "global_timestep", "global_samples"),
-        "paths": _PULLBACK + ("global_timestep", "path_pairs", "path_segments"),
+        "paths": _PULLBACK + _BASIS + ("global_timestep", "path_pairs", "path_segments"),
     }
 
     models: list[str] = field(default_factory=lambda: ["shapesworld"])
@@ -116,10 +116,11 @@ class GeometryConfig(ConfigSection):
     """Samples a global direction is applied to in the global-direction figure."""
     global_direction: int = 0
     """Which global direction (rank) the figure shows."""
-    path_pairs: int = 6
-    """Sample pairs of the lerp-vs-slerp path-length table."""
-    path_segments: int = 30
-    """Segments of each interpolation path (Park et al.: 30)."""
+    path_pairs: int = 2
+    """Pairs of Gaussian latents of the semantic path-length table (Park et al.: 50). Each pair costs a
+    tangent basis at every path point: 3 (path_segments - 1) + 3 bases."""
+    path_segments: int = 6
+    """Segments of each path, lerp, slerp and geodesic shooting (Park et al.: 30)."""
     meaning_models: list[str] = field(default_factory=lambda: ["shapesworld"])
     """Models whose edits are judged with the ShapesWorld detector (which factor each direction changes)."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)

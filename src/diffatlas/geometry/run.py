@@ -14,8 +14,10 @@ Path grammar (``results/geometry/{model}/``)::
                                     perm, signs [N, n], kept [G, m], strengths [S],
                                     images [G, m, S, H, W, 3] (uint8)
     global/meta.json
-    path_lengths.csv                one row per (pair, method): H length, X length, norm range
-    path_lengths.json               summary (mean, std, slerp/lerp ratio)
+    path_lengths.csv                one row per (pair, method in lerp/slerp/geodesic): semantic length
+                                    (Σ D_geo), Euclidean H length, X length, norm range, noise floor
+    path_segments.csv               D_geo (and ||Δh||) of every segment of every path
+    path_lengths.json               summary with 95% intervals (slerp < lerp, geodesic shortest, ...)
     psd.csv                         timestep, rank, frequency, power (mean over samples)
     tangent_distances.csv           D_geo between tangent spaces in H (u bases)
     meaning.csv, meaning_summary.csv    (ShapesWorld models; see :mod:`diffatlas.geometry.meaning`)
@@ -296,47 +298,96 @@ def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_di
     return meta
 
 
-@torch.no_grad()
-def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_name: str) -> dict[str, Any]:
-    """Semantic path lengths of lerp vs slerp between pairs of Gaussian latents at t = global_timestep."""
+def _end_over_middle(seg: np.ndarray) -> np.ndarray:
+    """Per path: mean segment length in the outer quarters over that in the middle half ([P, L] -> [P])."""
+    L = seg.shape[1]
+    q = max(1, L // 4)
+    middle = seg[:, q:L - q] if L - 2 * q > 0 else seg
+    ends = np.concatenate([seg[:, :q], seg[:, L - q:]], axis=1)
+    return ends.mean(1) / np.maximum(middle.mean(1), 1e-300)
+
+
+def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_name: str,
+              segments_csv: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Semantic path lengths (Park et al.) of lerp, slerp and geodesic shooting between pairs of
+    Gaussian latents at t = global_timestep (:mod:`diffatlas.geometry.paths`).
+
+    Writes one row per (pair, method) to ``out_csv``, the per-segment D_geo to
+    ``segments_csv`` (default: ``path_segments.csv`` beside it) and a summary with 95%
+    intervals to ``out_csv`` with suffix ``.json``.
+    """
     import pandas as pd
 
-    from diffatlas.geometry.measures import lerp, path_length, slerp
+    from diffatlas.geometry.paths import METHODS, semantic_paths
+    from diffatlas.intervals import bootstrap_mean, wilson
     from diffatlas.io import atomic_file
 
     timestep = check_timestep(cfg.global_timestep, handle.num_train_timesteps)
     fmap = _pullback(handle, cfg, timestep)
     ends = initial_noise(handle, 2 * cfg.path_pairs, cfg.seed, first_id=PATH_SAMPLE_OFFSET)
-    s = torch.linspace(0, 1, cfg.path_segments + 1, device=ends.device)
-    rows = []
-    for p in range(cfg.path_pairs):
-        a, b = ends[2 * p], ends[2 * p + 1]
-        for method, fn in (("lerp", lerp), ("slerp", slerp)):
-            pts = fn(a, b, s)  # [S+1, C, h, w]
-            h = torch.cat([fmap(c) for c in pts.split(64)])
-            norms = pts.reshape(len(s), -1).norm(dim=1)
-            ref = 0.5 * (float(norms[0]) + float(norms[-1]))
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + PATH_SAMPLE_OFFSET)
+    tic = time.perf_counter()
+    tried = (f"{3 * cfg.path_pairs} path points x {cfg.n_directions + cfg.oversample} directions per basis call, "
+             f"x_t {tuple(ends.shape[1:])}")
+    with out_of_memory_hint("geometry path lengths", tried, "geometry.path_pairs, geometry.chunk_size or geometry.attention_chunk"):
+        res = semantic_paths(fmap, ends[0::2], ends[1::2], cfg.path_segments, cfg.n_directions,
+                             basis_kwargs=_basis_kwargs(cfg), generator=gen)
+    seconds = time.perf_counter() - tic
+    rows, seg_rows = [], []
+    P, L = cfg.path_pairs, cfg.path_segments
+    for m in METHODS:
+        pts = res.points[m].reshape(P, L + 1, -1).to(torch.float64)
+        norms = pts.norm(dim=-1)
+        ref = 0.5 * (norms[:, 0] + norms[:, -1])
+        x_len = (pts[:, 1:] - pts[:, :-1]).norm(dim=-1).sum(1)
+        for p in range(P):
             rows.append({
-                "model": model_name, "timestep": timestep, "pair": p, "method": method,
-                "segments": cfg.path_segments, "h_length": path_length(h), "x_length": path_length(pts),
-                "min_norm_ratio": float(norms.min()) / ref, "max_norm_ratio": float(norms.max()) / ref,
+                "model": model_name, "timestep": timestep, "pair": p, "method": m, "segments": L,
+                "semantic_length": float(res.lengths[m][p]), "h_euclid_length": float(res.h_steps[m][p].sum()),
+                "x_length": float(x_len[p]), "min_norm_ratio": float(norms[p].min() / ref[p]),
+                "max_norm_ratio": float(norms[p].max() / ref[p]), "floor": float(res.floor[p]),
             })
+            for k, d in enumerate(res.segment_lengths[m][p].tolist()):
+                seg_rows.append({"model": model_name, "timestep": timestep, "pair": p, "method": m, "segment": k,
+                                 "d_geo": d, "h_step": float(res.h_steps[m][p, k])})
     df = pd.DataFrame(rows)
+    seg_df = pd.DataFrame(seg_rows)
+    segments_csv = Path(out_csv).with_name("path_segments.csv") if segments_csv is None else Path(segments_csv)
     with atomic_file(out_csv) as tmp:
         df.to_csv(tmp, index=False)
-    wide = df.pivot(index="pair", columns="method", values="h_length")
+    with atomic_file(segments_csv) as tmp:
+        seg_df.to_csv(tmp, index=False)
+    wide = df.pivot(index="pair", columns="method", values="semantic_length")
+
+    def rate(mask) -> dict[str, Any]:
+        k = int(np.sum(mask))
+        return {"k": k, "n": int(len(mask)), "rate": k / len(mask), "ci95": wilson(k, len(mask))}
+
+    lengths = {m: wide[m].to_numpy() for m in METHODS}
+    lerp_seg = res.segment_lengths["lerp"].cpu().numpy()
     summary = {
         "model": model_name, "timestep": timestep, "alpha_bar": alpha_at(handle, timestep), "layer": cfg.layer,
         "module_path": fmap.layer.module_path, "pooling": cfg.pooling, "prompt": cfg.prompt, "seed": cfg.seed,
         "device": str(handle.device), "dtype": str(handle.dtype).removeprefix("torch."),
-        "pairs": cfg.path_pairs, "segments": cfg.path_segments,
-        "h_length_mean": df.groupby("method")["h_length"].mean().to_dict(),
-        "h_length_std": df.groupby("method")["h_length"].std(ddof=0).to_dict(),
+        "pairs": P, "segments": L, "n_directions": cfg.n_directions, "tol": cfg.tol,
+        "measure": "semantic path length = sum of D_geo between consecutive tangent spaces in H (Park et al.)",
+        "semantic_length_mean": {m: float(lengths[m].mean()) for m in METHODS},
+        "semantic_length_ci95": {m: bootstrap_mean(lengths[m]) for m in METHODS},
+        "segment_profile_mean": {m: res.segment_lengths[m].mean(0).tolist() for m in METHODS},
+        "h_euclid_length_mean": df.groupby("method")["h_euclid_length"].mean().to_dict(),
         "min_norm_ratio_mean": df.groupby("method")["min_norm_ratio"].mean().to_dict(),
-        "slerp_over_lerp_mean": float((wide["slerp"] / wide["lerp"]).mean()),
-        "slerp_shorter_fraction": float((wide["slerp"] < wide["lerp"]).mean()),
+        "slerp_over_lerp_mean": float((lengths["slerp"] / lengths["lerp"]).mean()),
+        "slerp_shorter": rate(lengths["slerp"] < lengths["lerp"]),
+        "geodesic_shortest": rate((lengths["geodesic"] < lengths["lerp"]) & (lengths["geodesic"] < lengths["slerp"])),
+        "lerp_end_over_middle_mean": float(_end_over_middle(lerp_seg).mean()),
+        "lerp_end_over_middle_ci95": bootstrap_mean(_end_over_middle(lerp_seg)),
+        "segment_floor_mean": float(res.floor.mean()),
+        "converged": res.converged,
+        "timings": {"paths_s": seconds},
     }
     write_json(Path(out_csv).with_suffix(".json"), summary)
+    log.info("semantic path length over %d pairs x %d segments: %s (segment noise floor %.3g)", P, L,
+             {m: round(v, 4) for m, v in summary["semantic_length_mean"].items()}, summary["segment_floor_mean"])
     return summary
 
 
