@@ -54,7 +54,8 @@ class GeometryConfig(ConfigSection):
         "basis": _PULLBACK + _SAMPLING + _BASIS + _EDITS
         + ("edit_samples", "iterative_substeps", "iterative_directions", "iterative_timesteps"),
         "global": _PULLBACK + _SAMPLING + _EDITS + ("n_directions", "global_timestep", "global_samples"),
-        "paths": _PULLBACK + _BASIS + ("global_timestep", "path_pairs", "path_segments"),
+        # edit_directions rides along only because it is validated against n_directions.
+        "paths": _PULLBACK + _BASIS + ("global_timestep", "path_pairs", "path_segments", "edit_directions"),
     }
 
     models: list[str] = field(default_factory=lambda: ["shapesworld"])
