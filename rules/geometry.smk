@@ -6,7 +6,7 @@
 #       edits.safetensors   one-step / x0-normalised / iterative edits, denoised (uint8)
 #       meta.json           model, layer, module path, timestep, ᾱ_t, seed, pooling, prompt, config
 #   results/geometry/{model}/global/{global.safetensors, meta.json}     global directions (t = T-1)
-#   results/geometry/{model}/path_lengths.{csv,json}                    lerp vs slerp in H
+#   results/geometry/{model}/path_lengths.{csv,json}, path_segments.csv semantic path length (Σ D_geo) of lerp, slerp, geodesic
 #   results/geometry/{model}/psd.csv, tangent_distances.csv             across timesteps
 #   results/geometry/{model}/meaning.csv, meaning_summary.csv           ShapesWorld factors per direction
 #   results/figures/geometry/{model}/spectra.png
@@ -131,6 +131,7 @@ rule geometry_paths:
         lambda wc: model_input(wc.model),
     output:
         table=str(Path(GEO_ROOT, "path_lengths.csv")),
+        segments=str(Path(GEO_ROOT, "path_segments.csv")),
         summary=str(Path(GEO_ROOT, "path_lengths.json")),
     params:
         model=lambda wc: model_path(wc.model),
@@ -148,7 +149,7 @@ rule geometry_paths:
         runtime=lambda wc, attempt: 20 * attempt,
     shell:
         "diffatlas geometry-paths --model {params.model:q} --model-name {wildcards.model} --out {output.table:q}"
-        " --config-json {params.cfg:q} --device {params.device:q} --threads {threads} {params.model_args:q} > {log:q} 2>&1"
+        " --segments {output.segments:q} --config-json {params.cfg:q} --device {params.device:q} --threads {threads} {params.model_args:q} > {log:q} 2>&1"
 
 
 rule geometry_measures:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,58 +58,67 @@ def test_linear_edits_shape_and_length():
     assert torch.allclose((out[:, 2] - x).reshape(2, -1).norm(dim=1), torch.full((2,), 5.0), atol=1e-5)
 
 
-class _FakeHandle:
-    """Just what x0_normalise needs: ᾱ and an epsilon-prediction scheduler config."""
+class _ToyHandle:
+    """A model whose noise prediction is the linear toy ε(x) = κ x + c (issue 18's oracle),
+    reported in the model's own ``prediction_type`` so the diffusion core has to convert it."""
 
-    def __init__(self):
-        from types import SimpleNamespace
-
-        self.alphas_cumprod = torch.linspace(0.999, 0.01, 1000)
-        self.scheduler = SimpleNamespace(config=SimpleNamespace(prediction_type="epsilon", clip_sample=True,
-                                                                clip_sample_range=1.0, set_alpha_to_one=True))
-        self.num_train_timesteps = 1000
+    def __init__(self, kappa, c, prediction_type):
         from diffatlas.models.diffusion import NoiseSchedule
 
-        self.schedule = NoiseSchedule(self.alphas_cumprod.double(), 1.0, "epsilon", 1.0)
+        self.kappa, self.c = kappa, c
+        self.num_train_timesteps = 1000
+        self.schedule = NoiseSchedule(torch.linspace(0.999, 0.01, 1000, dtype=torch.float64), 1.0, prediction_type, 1.0)
+
+    def conditioning(self, prompts):
+        return None
+
+    def model_output(self, x, t, cond):
+        a = self.schedule.alpha_bar(t)
+        eps = self.kappa * x + self.c
+        x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+        return {"epsilon": eps, "sample": x0, "v_prediction": a**0.5 * eps - (1 - a) ** 0.5 * x0}[self.schedule.prediction_type]
 
 
-class _FakeDenoiser:
-    """A fixed nonlinear noise predictor eps(x) = tanh(W x)."""
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("t", [999, 400, 20])
+def test_x0_normalise_is_exact_for_a_linear_noise_predictor(prediction_type, t):
+    from diffatlas.geometry.sampling import Denoiser
 
-    def __init__(self):
-        self.handle = _FakeHandle()
-        self.w = torch.randn(48, 48, generator=torch.Generator().manual_seed(0)) / 7
-
-    def eps_x0(self, x, t, clip=True):
-        from diffatlas.geometry.sampling import alpha_at, split_prediction
-
-        eps = torch.tanh(x.reshape(len(x), -1) @ self.w.T).reshape(x.shape)
-        return split_prediction(self.handle, eps, x, alpha_at(self.handle, t))
-
-
-def test_x0_normalise_matches_reference_stats():
-    from diffatlas.geometry.editing import channel_stats
-    from diffatlas.geometry.sampling import alpha_at
-
-    den = _FakeDenoiser()
+    kappa = 0.99
     g = torch.Generator().manual_seed(1)
-    x_ref = torch.randn(1, 3, 4, 4, generator=g)
-    x_edit = x_ref + 3.0 * torch.randn(5, 3, 4, 4, generator=g)
-    t = 400
-    # kappa = 0: nothing changes.
-    assert torch.allclose(x0_normalise(den, x_ref, x_edit, t, kappa=0.0), x_edit, atol=1e-5)
-    # kappa = 1: with the predicted noise held fixed, x0 takes the reference's per-channel stats.
-    out = x0_normalise(den, x_ref, x_edit, t, kappa=1.0)
-    a = alpha_at(den.handle, t)
-    eps_e, _ = den.eps_x0(x_edit, t, clip=False)
-    x0_out = (out - (1 - a) ** 0.5 * eps_e) / a**0.5
-    mu_o, sd_o = channel_stats(x0_out)
-    mu_r, sd_r = channel_stats(den.eps_x0(x_ref, t, clip=False)[1])
-    assert torch.allclose(mu_o, mu_r.expand_as(mu_o), atol=1e-4)
-    assert torch.allclose(sd_o, sd_r.expand_as(sd_o), atol=1e-4)
-    # kappa = 0.99 lies 99% of the way.
-    part = x0_normalise(den, x_ref, x_edit, t, kappa=0.99)
-    assert torch.allclose(part, x_edit + 0.99 * (out - x_edit), atol=1e-4)
+    c = torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64)
+    den = Denoiser(_ToyHandle(kappa, c, prediction_type))
+    x_ref = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    x_edit = x_ref + 8.0 * torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    out = x0_normalise(den, x_ref, x_edit, t, kappa=kappa)
+
+    # Hand oracle: x0(x) = (x - sqrt(1-ᾱ)(κx + c)) / sqrt(ᾱ) for ε(x) = κx + c; x0' = x0(x_edit)
+    # with each image's and channel's mean and std replaced by those of x0(x_ref).
+    a = float(torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)[t])
+    x0 = lambda x: (x - (1 - a) ** 0.5 * (kappa * x + c)) / a**0.5  # noqa: E731
+    e, r = x0(x_edit).numpy(), x0(x_ref).numpy()
+    mu_e, sd_e = e.mean(axis=(2, 3), keepdims=True), e.std(axis=(2, 3), keepdims=True)
+    mu_r, sd_r = r.mean(axis=(2, 3), keepdims=True), r.std(axis=(2, 3), keepdims=True)
+    x0_prime = (e - mu_e) / sd_e * sd_r + mu_r
+    assert np.abs(x0(out).numpy() - x0_prime).max() < 1e-9  # the first-order update is exact here
+    # The paper's text writes the update from the unedited x_t; for this ε it lands on the same point.
+    from_xt = x_ref + a**0.5 / (1 - kappa * (1 - a) ** 0.5) * (torch.from_numpy(x0_prime) - x0(x_ref))
+    assert torch.allclose(out, from_xt, atol=1e-9)
+
+
+def test_x0_normalise_rejects_kappa_outside_0_1():
+    from diffatlas.errors import UserError
+    from diffatlas.geometry.sampling import Denoiser
+
+    den = Denoiser(_ToyHandle(0.5, 0.0, "epsilon"))
+    x = torch.randn(1, 3, 4, 4)
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(UserError, match=r"geometry\.kappa.*\[0, 1\)"):
+            x0_normalise(den, x, x, 500, kappa=bad)
+    from diffatlas.geometry.config import GeometryConfig
+
+    with pytest.raises(UserError, match="geometry.kappa"):
+        GeometryConfig(kappa=1.0)
 
 
 def test_geodesic_shoot_on_a_micro_unet():

@@ -1,11 +1,13 @@
-"""Global directions: matching of permuted, sign-flipped local bases; projection onto tangent spaces."""
+"""Global directions: matching of permuted, sign-flipped local bases; ū in H mapped to X per sample."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from diffatlas.geometry.global_directions import global_directions, match_directions, project_to_tangent
+from diffatlas.geometry.global_directions import global_directions, global_to_x, match_directions
+from diffatlas.geometry.jacobian import top_singular
+from geometry_oracles import LinearMap, matrix, orthonormal_columns
 
 
 def test_recovers_shared_directions_from_permuted_noisy_bases():
@@ -43,15 +45,41 @@ def test_match_directions_simple_case():
     assert signs.tolist() == [1, 1, -1]
 
 
-def test_projection_is_unit_and_tangent():
+def test_global_direction_on_linear_maps_matches_the_closed_form():
+    """f_s(x) = A_s x with A_s = U_s diag(σ_s) V_sᵀ of rank n: J = A_s, T_h = span(U_s).
+
+    The samples' tangent spaces are noisy copies of one space, with the shared directions in a
+    different order (σ ranks them differently) per sample. Oracles: ū_c = normalised mean of
+    the samples' (sign-aligned) c-th shared direction; v̄ = pinv(A_s) ū normalised (the
+    minimum-norm x with A_s x = the projection of ū onto span(U_s)); kept = ||U_sᵀ ū||.
+    """
+    n, d, D, N = 3, 10, 30, 5
+    u0 = orthonormal_columns(d, n, 0)
     g = torch.Generator().manual_seed(1)
-    basis = torch.linalg.qr(torch.randn(50, 3, generator=g)).Q.T  # [3, 50]
-    vecs = torch.randn(4, 50, generator=g)
-    proj, kept = project_to_tangent(vecs, basis)
-    assert torch.allclose(proj.norm(dim=1), torch.ones(4), atol=1e-5)
-    resid = proj - (proj @ basis.T) @ basis
-    assert resid.abs().max().item() < 1e-5
-    assert (kept <= 1 + 1e-6).all()
-    inside, kept_in = project_to_tangent(basis[:2] * 2.0, basis)
-    assert torch.allclose(kept_in, torch.ones(2), atol=1e-5)
-    assert torch.allclose(inside, basis[:2], atol=1e-5)
+    a, u_true = [], []
+    for s in range(N):
+        u_s = torch.linalg.qr(u0 + 0.1 * torch.randn(d, n, generator=g, dtype=torch.float64)).Q
+        u_s = u_s * torch.sign((u_s * u0).sum(0))  # column c stays near u0[:, c]
+        sig = torch.tensor([4.0, 2.5, 1.0], dtype=torch.float64)[torch.randperm(n, generator=g)]
+        a.append(matrix(u_s, sig, orthonormal_columns(D, n, 10 + s)))
+        u_true.append(u_s)
+    a = torch.stack(a)
+    x = torch.randn(N, 1, 5, 6, generator=g, dtype=torch.float64)
+    basis = top_singular(LinearMap(a), x, n, oversample=2, tol=1e-9, max_iters=50, generator=g)
+    assert basis.converged
+
+    res = global_directions(basis.u)
+    oracle = torch.stack(u_true).mean(0)
+    oracle = oracle / oracle.norm(dim=0)  # [d, n]
+    cos = (res.directions @ oracle).abs()  # rows: global directions in the code's order
+    assert sorted(cos.argmax(dim=1).tolist()) == list(range(n))
+    assert cos.max(dim=1).values.min().item() > 1 - 1e-9
+
+    for s in range(N):
+        vb, kept = global_to_x(res.directions, basis.u[s], basis.s[s], basis.v[s])
+        assert vb.shape == (n, 1, 5, 6)
+        want = (torch.linalg.pinv(a[s]) @ res.directions.T).T
+        want = want / want.norm(dim=1, keepdim=True)
+        assert torch.allclose(vb.reshape(n, -1), want, atol=1e-8)
+        assert torch.allclose(kept, (res.directions @ u_true[s]).norm(dim=1), atol=1e-8)
+        assert (kept < 1).all() and (kept > 0.9).all()  # nearly, but not exactly, in each tangent space

@@ -79,3 +79,34 @@ def test_radial_psd_peaks_at_the_frequency():
         psd = radial_psd(v)
         assert psd.shape == (H // 2 + 1,)
         assert int(psd.argmax()) == k
+
+
+# ----------------------------------------------------------------------------- Park et al.'s D_geo and path length
+def test_d_geo_of_linear_maps_is_the_chosen_principal_angles():
+    """Tangent spaces of f_k(x) = A_k x are span(U_k); built with principal angles θ, D_geo = sqrt(Σ θ²)."""
+    from diffatlas.geometry.jacobian import top_singular
+    from geometry_oracles import LinearMap, matrix, orthonormal_columns, subspaces_with_angles
+
+    thetas = [0.05, 0.4, 1.3]
+    u1, u2 = subspaces_with_angles(12, thetas, 0)
+    sig = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    a = torch.stack([matrix(u1, sig, orthonormal_columns(20, 3, 1)), matrix(u2, sig, orthonormal_columns(20, 3, 2))])
+    x = torch.randn(2, 20, dtype=torch.float64)
+    b = top_singular(LinearMap(a), x, 3, oversample=2, tol=1e-10, max_iters=50, generator=torch.Generator().manual_seed(0))
+    want = math.sqrt(sum(t * t for t in thetas))
+    assert grassmann_distance(b.u[0], b.u[1]) == pytest.approx(want, abs=1e-8)
+    from diffatlas.geometry.measures import grassmann_distances
+
+    assert float(grassmann_distances(b.u[:1], b.u[1:])[0]) == pytest.approx(want, abs=1e-8)
+
+
+def test_semantic_path_length_of_a_rotating_plane():
+    """span{cos φ e1 + sin φ e2, e3}: consecutive D_geo = |Δφ|, length = total rotation."""
+    from diffatlas.geometry.measures import semantic_path_length
+
+    phis = torch.tensor([0.0, 0.1, 0.35, 0.5, 0.9], dtype=torch.float64)
+    e = torch.eye(5, dtype=torch.float64)
+    u = torch.stack([torch.stack([torch.cos(p) * e[0] + torch.sin(p) * e[1], e[2]]) for p in phis])  # [5, 2, 5]
+    total, seg = semantic_path_length(u[None])
+    assert seg[0].tolist() == pytest.approx([0.1, 0.25, 0.15, 0.4], abs=1e-10)
+    assert float(total[0]) == pytest.approx(0.9, abs=1e-10)

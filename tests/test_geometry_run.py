@@ -80,13 +80,20 @@ def test_cross_timestep_outputs_and_figures(runs):
     assert cli(["geometry-global", "--model", str(model), "--model-name", "tiny", "--basis", str(out[999]),
                 "--out", str(g / "global"), "--config-json", cfg, "--device", "cpu"]) == 0
     gl = load_file(str(g / "global" / "global.safetensors"))
-    assert gl["directions"].shape == (2, 3, 32, 32) and gl["images"].shape == (2, 1, 3, 32, 32, 3)
+    assert gl["directions"].shape == (2, 1, 3, 32, 32) and gl["directions_h"].shape == (2, 32) and gl["images"].shape == (2, 1, 3, 32, 32, 3)
     assert (gl["kept"] > 0).all() and (gl["kept"] <= 1 + 1e-5).all()
 
     assert cli(["geometry-paths", "--model", str(model), "--model-name", "tiny", "--out", str(g / "paths.csv"),
                 "--config-json", cfg, "--device", "cpu"]) == 0
     paths = pd.read_csv(g / "paths.csv")
-    assert len(paths) == 4 and set(paths["method"]) == {"lerp", "slerp"}
+    assert len(paths) == 6 and set(paths["method"]) == {"lerp", "slerp", "geodesic"}
+    assert (paths["semantic_length"] > 0).all() and (paths["floor"] >= 0).all()
+    segs = pd.read_csv(g / "path_segments.csv")
+    assert len(segs) == 2 * 3 * 4 and (segs["d_geo"] >= 0).all()
+    # The semantic length is the sum of the segments' D_geo.
+    sums = segs.groupby(["pair", "method"])["d_geo"].sum()
+    for _, row in paths.iterrows():
+        assert sums[(row["pair"], row["method"])] == pytest.approx(row["semantic_length"], rel=1e-6)
     assert (paths[paths.method == "slerp"]["min_norm_ratio"] > 0.95).all()
     assert (paths[paths.method == "lerp"]["min_norm_ratio"] < 0.8).all()
 

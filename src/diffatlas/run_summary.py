@@ -13,7 +13,7 @@ single target, or a run on another config:
 * the k-SAE: the layer x timestep whose top latents are purest, with the bootstrap interval
   over latents, against chance;
 * DAAM: mIoU at τ with its 95% interval, next to the baselines (whole image, centre prior);
-* geometry: lerp vs slerp path lengths in h-space at T-1;
+* geometry: semantic path lengths (Σ D_geo) of lerp, slerp and geodesic shooting at T-1;
 * where to look: every figure, the report and the atlas when they exist;
 * the time per stage, from the benchmark files (:mod:`diffatlas.budget`).
 """
@@ -136,12 +136,12 @@ def geometry_lines(results: Path) -> list[str]:
     lines = []
     for path in sorted(results.glob("geometry/*/path_lengths.json")):
         rec = json.loads(path.read_text())
-        mean = rec.get("h_length_mean", {})
-        if "lerp" in mean and "slerp" in mean:
+        mean = rec.get("semantic_length_mean", {})
+        if {"lerp", "slerp", "geodesic"} <= set(mean):
             lines.append(
-                f"    {rec.get('model')}: h-space path length at t={rec.get('timestep')}, lerp {mean['lerp']:.1f} vs "
-                f"slerp {mean['slerp']:.1f} ({rec.get('pairs')} pairs; slerp shorter in "
-                f"{rec.get('slerp_shorter_fraction', float('nan')):.0%})"
+                f"    {rec.get('model')}: semantic path length (Σ D_geo) at t={rec.get('timestep')}, lerp {mean['lerp']:.3f}, "
+                f"slerp {mean['slerp']:.3f}, geodesic {mean['geodesic']:.3f} ({rec.get('pairs')} pairs x "
+                f"{rec.get('segments')} segments; slerp shorter in {rec['slerp_shorter']['k']}/{rec['slerp_shorter']['n']})"
             )
     if lines:
         lines.insert(0, "  pullback geometry:")

@@ -54,7 +54,8 @@ class GeometryConfig(ConfigSection):
         "basis": _PULLBACK + _SAMPLING + _BASIS + _EDITS
         + ("edit_samples", "iterative_substeps", "iterative_directions", "iterative_timesteps"),
         "global": _PULLBACK + _SAMPLING + _EDITS + ("n_directions", "global_timestep", "global_samples"),
-        "paths": _PULLBACK + ("global_timestep", "path_pairs", "path_segments"),
+        # edit_directions rides along only because it is validated against n_directions.
+        "paths": _PULLBACK + _BASIS + ("global_timestep", "path_pairs", "path_segments", "edit_directions"),
     }
 
     models: list[str] = field(default_factory=lambda: ["shapesworld"])
@@ -106,7 +107,8 @@ class GeometryConfig(ConfigSection):
     edit_samples: int | None = 2
     """Samples edited per timestep (null = all n_samples)."""
     kappa: float = 0.99
-    """Strength of the x0 normalisation of edits: 0 = none, 1 = the predicted x0 takes the unedited per-channel mean/std."""
+    """κ of the x0-normalised edit x' = x + sqrt(ᾱ)/(1 - κ sqrt(1-ᾱ)) (x0' - x0(x)): the slope taken for the noise
+    prediction in the first-order update, in [0, 1) (Park et al.: 0.99)."""
     iterative_substeps: int = 1
     """Geodesic-shooting steps between consecutive positive strengths (0 = no iterative edits)."""
     iterative_directions: int = 1
@@ -119,10 +121,11 @@ class GeometryConfig(ConfigSection):
     """Samples a global direction is applied to in the global-direction figure."""
     global_direction: int = 0
     """Which global direction (rank) the figure shows."""
-    path_pairs: int = 6
-    """Sample pairs of the lerp-vs-slerp path-length table."""
-    path_segments: int = 30
-    """Segments of each interpolation path (Park et al.: 30)."""
+    path_pairs: int = 2
+    """Pairs of Gaussian latents of the semantic path-length table (Park et al.: 50). Each pair costs a
+    tangent basis at every path point: 3 (path_segments - 1) + 3 bases."""
+    path_segments: int = 6
+    """Segments of each path, lerp, slerp and geodesic shooting (Park et al.: 30)."""
     meaning_models: list[str] = field(default_factory=lambda: ["shapesworld"])
     """Models whose edits are judged with the ShapesWorld detector (which factor each direction changes)."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -169,8 +172,8 @@ class GeometryConfig(ConfigSection):
             raise _bad("tol", self.tol, "a number > 0")
         if not _is_num(self.guidance_scale) or self.guidance_scale < 0:
             raise _bad("guidance_scale", self.guidance_scale, "a number >= 0 (<= 1 means no guidance)")
-        if not _is_num(self.kappa) or not 0 <= self.kappa <= 1:
-            raise _bad("kappa", self.kappa, "a number in [0, 1]")
+        if not _is_num(self.kappa) or not 0 <= self.kappa < 1:
+            raise _bad("kappa", self.kappa, "a number in [0, 1) (the noise prediction's slope in the x0 update)")
         if not isinstance(self.prompt, str):
             raise _bad("prompt", self.prompt, "a string")
         if not isinstance(self.edit_strengths, (list, tuple)) or not self.edit_strengths:

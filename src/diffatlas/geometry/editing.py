@@ -4,17 +4,23 @@ Three ways to move a point ``x_t`` along a direction, each followed by DDIM to `
 
 * **one step**: ``x' = x_t + γ v_i`` (``v_i`` unit norm in x_t space, so ``γ`` is the
   Euclidean length of the move);
-* **x0-normalised**: the one-step edit, then the predicted clean sample of ``x'`` is given
-  back the per-channel mean and standard deviation of the *unedited* prediction (blended by
-  ``κ``: 0 = untouched, 1 = fully normalised; 0.99 by default), and ``x'`` is solved for
-  with the first-order DDIM relation, the predicted noise held fixed::
+* **x0-normalised** (Park et al.'s normalised edit, the one their edit figures use): the one-step edit ``x = x_t + γ v``, then its predicted clean sample ``x0(x)`` is
+  normalised, per image and per channel (RGB channels for pixel models, latent channels for
+  latent models), to the mean and standard deviation of the *unedited* prediction
+  ``x0(x_t)``, giving ``x0'``; the point is moved so that its prediction becomes ``x0'``::
 
-      ε̂', x0̂' = prediction at x'            x0̂_n = (x0̂' - μ') / s' · s + μ
-      x0̂* = x0̂' + κ (x0̂_n - x0̂')           x'' = sqrt(ᾱ_t) x0̂* + sqrt(1 - ᾱ_t) ε̂'
+      x' = x + sqrt(ᾱ_t) / (1 - κ sqrt(1 - ᾱ_t)) · (x0' - x0(x))          (κ = 0.99)
 
-  This keeps a large edit from washing out or saturating the image (a global shift of
-  brightness or contrast is the cheapest way to move h) while the structure of the edit
-  stays. With κ = 0, ``x'' = x'`` exactly.
+  This is the first-order Taylor solution of ``x0(x') = x0'`` with the noise prediction's
+  Jacobian taken as ``κ I``: ``x0(x + δ) = x0(x) + δ (1 - κ sqrt(1 - ᾱ_t)) / sqrt(ᾱ_t)``.
+  For a noise predictor that *is* ``ε(x) = κ x + c`` the update is exact, and then it is the
+  same whether it is written from the edited point ``x`` (as here) or from ``x_t`` (as the
+  paper's text writes it, ``x_t' = x_t + ... (x0' - x0(x_t))`` with ``x0(x_t)`` the unedited
+  prediction): the two differ by ``γ v - sqrt(ᾱ)/(1 - κ sqrt(1-ᾱ)) (x0(x) - x0(x_t))``, which
+  is zero for that ε. From the edited point the Taylor step is the shortest one, so it is the
+  more accurate where ε is not linear. It keeps a large edit from washing out or saturating
+  the image (a global shift of brightness or contrast is the cheapest way to move h) while the
+  structure of the edit stays. ``κ`` must lie in [0, 1).
 * **iterative (geodesic shooting)**: many small steps; after each, the basis is recomputed
   at the new point and the H-space direction ``u`` is parallel-transported: projected onto
   the new tangent space ``span(U')`` and renormalised; it is mapped back to X as the
@@ -26,14 +32,15 @@ Three ways to move a point ``x_t`` along a direction, each followed by DDIM to `
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from diffatlas.errors import UserError
 from diffatlas.geometry.jacobian import PullbackBasis, PullbackMap, top_singular
 from diffatlas.geometry.sampling import Denoiser, alpha_at
-from diffatlas.models.diffusion import add_noise
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +61,39 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, sd
 
 
+def check_kappa(kappa: float) -> float:
+    """``κ`` as a float in [0, 1), or a UserError naming ``geometry.kappa``."""
+    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not 0 <= kappa < 1:
+        raise UserError(f"config geometry.kappa = {kappa!r} is not allowed; allowed: a number in [0, 1) "
+                        "(the slope of the noise prediction in the first-order x0 update; Park et al. use 0.99)")
+    return float(kappa)
+
+
+def normalise_to(x0: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``x0`` [B, C, H, W] given, per image and channel, the mean and std of ``ref`` [B or 1, C, H, W]."""
+    mu, sd = channel_stats(x0)
+    mu_r, sd_r = channel_stats(ref)
+    return (x0 - mu) / sd.clamp_min(1e-8) * sd_r + mu_r
+
+
+def x0_update_gain(alpha_bar: float, kappa: float) -> float:
+    """``sqrt(ᾱ) / (1 - κ sqrt(1 - ᾱ))``: the move in x_t per unit change of x0 (first order)."""
+    return math.sqrt(alpha_bar) / (1.0 - check_kappa(kappa) * math.sqrt(1.0 - alpha_bar))
+
+
 @torch.no_grad()
 def x0_normalise(den: Denoiser, x_ref: torch.Tensor, x_edit: torch.Tensor, t: int, kappa: float = 0.99) -> torch.Tensor:
-    """x0-normalised edit (module docstring).
+    """x0-normalised edit (module docstring; Park et al.'s).
 
     x_ref: [B, C, H, W] unedited points (or [1, ...], broadcast); x_edit: [B, C, H, W] edited
-    points at timestep ``t``. Returns the corrected points [B, C, H, W].
+    points at timestep ``t``. Returns the corrected points [B, C, H, W]. The predictions
+    ``x0(.)`` come from the diffusion core (:meth:`Denoiser.eps_x0`, unclipped), whatever the
+    model's prediction type.
     """
-    a = alpha_at(den.handle, t)
+    gain = x0_update_gain(alpha_at(den.handle, t), kappa)
     _, x0_ref = den.eps_x0(x_ref, t, clip=False)
-    eps_e, x0_e = den.eps_x0(x_edit, t, clip=False)
-    mu_r, sd_r = channel_stats(x0_ref)
-    mu_e, sd_e = channel_stats(x0_e)
-    x0_n = (x0_e - mu_e) / sd_e.clamp_min(1e-8) * sd_r + mu_r
-    target = x0_e + float(kappa) * (x0_n - x0_e)
-    return add_noise(target, eps_e, a)
+    _, x0_e = den.eps_x0(x_edit, t, clip=False)
+    return x_edit + gain * (normalise_to(x0_e, x0_ref) - x0_e)
 
 
 def parallel_transport(u: torch.Tensor, u_basis: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,28 @@
-"""Global semantic directions: local bases of many samples, matched and averaged (t = T-1).
+"""Global semantic directions (Park et al., NeurIPS 2023): averaged in H, mapped to X per sample.
 
 Park et al. observe that at the start of generation (t = T-1) the tangent spaces of
-different samples nearly coincide, so one set of directions can edit every sample. Local
-singular vectors are defined only up to sign and, where singular values are close, up to
-order, so before averaging each sample's directions are *matched* to a reference set:
+different samples nearly coincide, so one direction can edit every sample. Following the
+paper, the averaging happens in H, on the tangent vectors ``u`` (the left singular vectors,
+``u_i = J v_i / σ_i``), and each sample gets its own direction in X through its Jacobian:
 
-1. reference = sample 0's directions;
-2. for every sample, the permutation and signs that maximise ``Σ_i |<g_i, v_π(i)>|`` (a
-   linear assignment on the ``n × n`` matrix of absolute cosines), then the sign that makes
-   each matched cosine positive;
-3. global direction ``g_i`` = the normalised mean of the matched ``±v_π(i)``;
-4. repeat 2-3 with the global directions as reference until the matching is stable.
+1. **ū** - every sample's local directions ``u`` are *matched* to a reference set (its
+   nearest directions: local singular vectors are defined only up to sign and, where singular
+   values are close, up to order): the permutation and signs that maximise
+   ``Σ_i |<g_i, u_π(i)>|`` (a linear assignment on the ``n × n`` matrix of absolute cosines);
+   ``ū_i`` = the normalised mean of the matched ``±u_π(i)``; repeated with ``ū`` as the
+   reference (sample 0's directions first) until the matching is stable
+   (:func:`global_directions`, which matches any set of unit vectors);
+2. **projection onto T_h** - ``ū`` is projected onto each sample's tangent space
+   ``span(u_1..u_n)`` and renormalised; the norm before renormalising (``kept``) says how much
+   of ``ū`` the sample's tangent space holds;
+3. **v̄ through the Jacobian** - ``v̄ = Σ_i (ū·u_i)/σ_i v_i``, renormalised: the minimum-norm
+   X direction whose image under ``J`` (restricted to the top-n subspace) is the projected
+   ``ū`` (:func:`global_to_x`; the same map as the iterative edit's
+   :func:`~diffatlas.geometry.editing.h_to_x`).
 
-A global direction is applied to a sample after projecting it onto that sample's tangent
-space ``span(v_1..v_n)`` and renormalising (:func:`project_to_tangent`); the norm of the
-projection before renormalising says how much of ``g_i`` the sample's local basis holds.
+An earlier variant averaged and projected the ``v``'s in X; it is not the paper's and is gone
+(the X directions of different samples need not line up even where their tangent spaces in H
+do, since each ``v`` is shaped by its own Jacobian).
 """
 
 from __future__ import annotations
@@ -95,15 +103,21 @@ def global_directions(v: torch.Tensor, max_rounds: int = 10) -> GlobalDirections
     )
 
 
-def project_to_tangent(g: torch.Tensor, basis_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Project directions onto a sample's tangent space and renormalise.
+def global_to_x(u_bar: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global H directions ``ū`` [m, d] as one sample's X directions (module docstring, steps 2-3).
 
-    g: [m, D] directions; basis_v: [n, D] (or [n, C, H, W]) orthonormal local directions.
-    Returns ``(projected [m, D] unit, kept [m])`` where ``kept`` is the norm of the projection
-    of each unit ``g_i`` (1 = entirely inside the tangent space).
+    u: [n, d] the sample's orthonormal tangent basis in H; s: [n] its singular values;
+    v: [n, C, H, W] (or [n, D]) its right singular vectors. Returns ``(v̄ [m, *v.shape[1:]]``
+    unit, ``kept [m])``: ``kept`` the norm of each unit ``ū_j``'s projection onto ``span(u)``.
     """
-    b = basis_v.reshape(basis_v.shape[0], -1).to(g.dtype)
-    gu = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    proj = (gu @ b.T) @ b
-    kept = proj.norm(dim=1)
-    return proj / kept.clamp_min(1e-30)[:, None], kept
+    from diffatlas.geometry.editing import h_to_x, parallel_transport
+    from diffatlas.geometry.jacobian import PullbackBasis
+
+    m = u_bar.shape[0]
+    ub = (u_bar / u_bar.norm(dim=1, keepdim=True).clamp_min(1e-30)).to(u.dtype)
+    kept = (ub @ u.T).norm(dim=1)
+    projected = parallel_transport(ub, u.expand(m, *u.shape))
+    expand = lambda t: t.expand(m, *t.shape)  # noqa: E731 - one sample's basis for each of the m directions
+    basis = PullbackBasis(v=expand(v), s=expand(s), u=expand(u), residuals=torch.zeros_like(expand(s)),
+                          iterations=0, converged=True)
+    return h_to_x(projected, basis), kept

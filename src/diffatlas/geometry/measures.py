@@ -1,13 +1,17 @@
 """Geometry measures: distances between tangent spaces, path lengths, spatial spectra.
 
-* **Geodesic distance between tangent spaces** (points of a Grassmannian): with principal
-  angles ``θ_k = arccos σ_k(A Bᵀ)`` between the orthonormalised row spaces of ``A`` and
-  ``B``, ``d(A, B) = sqrt(Σ θ_k²)`` (0 for the same space, symmetric, at most
-  ``sqrt(n) π/2``).
-* **Semantic path length**: a path ``x(s)`` between two latents, cut into ``segments``
-  pieces, measured in H: ``Σ_k ||f(x_{k+1}) − f(x_k)||``. Linear interpolation of two
-  Gaussian latents cuts through the low-norm interior of the Gaussian shell (the midpoint
-  has norm ~ ``1/√2`` of the ends); spherical interpolation (:func:`slerp`) stays on it.
+* **Geodesic distance between tangent spaces** (Park et al.'s D_geo, points of a
+  Grassmannian): with principal angles ``θ_k = arccos σ_k(A Bᵀ)`` between the orthonormalised
+  row spaces of ``A`` and ``B`` - in the paper, the n-dimensional tangent spaces ``T_h`` in H,
+  spanned by the ``u`` bases - ``D_geo(A, B) = sqrt(Σ_k θ_k²)`` (0 for the same space,
+  symmetric, at most ``sqrt(n) π/2``).
+* **Semantic path length** (Park et al.): a path between two latents cut into L segments
+  (30 in the paper), ``Σ_l D_geo(T_h(l), T_h(l+1))`` over its points
+  (:func:`semantic_path_length`; the paths and their bases: :mod:`diffatlas.geometry.paths`).
+  Linear interpolation of two Gaussian latents cuts through the low-norm interior of the
+  Gaussian shell (the midpoint has norm ~ ``1/√2`` of the ends); spherical interpolation
+  (:func:`slerp`) stays on it. :func:`path_length` (``Σ ||h_{l+1} − h_l||``, Euclidean steps
+  in H) is kept beside it as a plain reference; it is not the paper's measure.
 * **Power spectral density** of directions: the radially averaged ``|FFT2|²`` of a
   direction's spatial map (summed over channels), per integer spatial frequency. Park et al.
   find low-frequency directions early in generation (large t) and high-frequency ones late.
@@ -24,6 +28,27 @@ import torch
 def _orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
     a = a.reshape(a.shape[0], -1).to(torch.float64)
     return torch.linalg.qr(a.T).Q.T
+
+
+def grassmann_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """D_geo between row spaces, batched: a [..., p, D], b [..., q, D] -> [...] (float64).
+
+    ``sqrt(Σ_k θ_k²)`` over the min(p, q) principal angles of each pair of spaces.
+    """
+    qa = torch.linalg.qr(a.to(torch.float64).transpose(-1, -2)).Q.transpose(-1, -2)
+    qb = torch.linalg.qr(b.to(torch.float64).transpose(-1, -2)).Q.transpose(-1, -2)
+    cos = torch.linalg.svdvals(qa @ qb.transpose(-1, -2)).clamp(0.0, 1.0)
+    return torch.arccos(cos).norm(dim=-1)
+
+
+def semantic_path_length(u_path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Park et al.'s semantic path length of paths given by their tangent bases.
+
+    u_path: [..., L+1, n, d] the tangent basis in H at each of a path's L+1 points. Returns
+    ``(length [...], segment lengths [..., L])`` with segment ``l`` = D_geo(T_h(l), T_h(l+1)).
+    """
+    seg = grassmann_distances(u_path[..., :-1, :, :], u_path[..., 1:, :, :])
+    return seg.sum(-1), seg
 
 
 def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -9,14 +9,17 @@ Path grammar (``results/geometry/{model}/``)::
                                     transport_cos [m_i, S_i]
     t{timestep}/meta.json           model, layer, module path, timestep, ᾱ_t, seed, pooling, prompt,
                                     config, convergence, timings
-    global/global.safetensors       directions [n, C, h, w], aligned [N, n, C, h, w], cos [N, n],
-                                    perm, signs [N, n], kept [G, n], strengths [S],
+    global/global.safetensors       directions_h [n, d] (ū, averaged in H), aligned_h [N, n, d],
+                                    directions [G, m, C, h, w] (v̄ of each edited sample), cos [N, n],
+                                    perm, signs [N, n], kept [G, m], strengths [S],
                                     images [G, m, S, H, W, 3] (uint8)
     global/meta.json
-    path_lengths.csv                one row per (pair, method): H length, X length, norm range
-    path_lengths.json               summary (mean, std, slerp/lerp ratio)
+    path_lengths.csv                one row per (pair, method in lerp/slerp/geodesic): semantic length
+                                    (Σ D_geo), Euclidean H length, X length, norm range, noise floor
+    path_segments.csv               D_geo (and ||Δh||) of every segment of every path
+    path_lengths.json               summary with 95% intervals (slerp < lerp, geodesic shortest, ...)
     psd.csv                         timestep, rank, frequency, power (mean over samples)
-    tangent_distances.csv           geodesic distances between tangent spaces
+    tangent_distances.csv           D_geo between tangent spaces in H (u bases)
     meaning.csv, meaning_summary.csv    (ShapesWorld models; see :mod:`diffatlas.geometry.meaning`)
 
 Sample ``i`` of every timestep starts from the same ``x_T`` (seeded per sample id) and is
@@ -230,23 +233,27 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
 
 def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_dir: str | os.PathLike,
                model_name: str) -> dict[str, Any]:
-    """Global directions from the local bases at ``cfg.global_timestep`` (read from ``basis_dir``)."""
-    from diffatlas.geometry.global_directions import global_directions, project_to_tangent
+    """Global directions from the local bases at ``cfg.global_timestep`` (read from ``basis_dir``).
+
+    Park et al.'s recipe (:mod:`diffatlas.geometry.global_directions`): the samples' tangent
+    vectors ``u`` are matched and averaged in H into ``ū``; for each edited sample ``ū`` is
+    projected onto its tangent space and mapped to X through its Jacobian (``v̄``).
+    """
+    from diffatlas.geometry.global_directions import global_directions, global_to_x
 
     tensors, meta_t = load_basis(basis_dir, torch=True)
     timestep = int(meta_t["timestep"])
     if timestep != cfg.global_timestep:
         raise UserError(f"{basis_dir} holds timestep {timestep}, not geometry.global_timestep = {cfg.global_timestep}")
-    v, x_t = tensors["v"], tensors["x_t"]
+    v, u, sv, x_t = tensors["v"], tensors["u"], tensors["s"], tensors["x_t"]
     N, n = v.shape[:2]
-    g = global_directions(v)
+    g = global_directions(u)  # ū [n, d]: matched and averaged in H
     G = min(cfg.global_samples, N)
     m = min(cfg.edit_directions, n)
-    flat_g = g.directions[:m].reshape(m, -1)
     projected, kept = [], []
     for s in range(G):
-        p, k = project_to_tangent(flat_g, v[s])
-        projected.append(p.reshape(m, *v.shape[2:]))
+        vb, k = global_to_x(g.directions[:m], u[s], sv[s], v[s])
+        projected.append(vb)
         kept.append(k)
     projected_t = torch.stack(projected).to(handle.device, handle.dtype)  # [G, m, C, h, w]
     strengths = cfg.strengths
@@ -260,6 +267,7 @@ def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_di
         module_path=meta_t.get("module_path"),
         n_samples=int(N),
         n_directions=int(n),
+        averaged_in="H (u vectors; Park et al.)",
         matching_rounds=g.rounds,
         mean_cos=g.cos.mean(0).tolist(),
         mean_kept=torch.stack(kept).mean(0).tolist(),
@@ -272,8 +280,9 @@ def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_di
     with atomic_dir(out_dir) as tmp:
         save_file(
             {
-                "directions": g.directions.reshape(n, *v.shape[2:]).float().contiguous(),
-                "aligned": g.aligned.reshape(N, n, *v.shape[2:]).float().contiguous(),
+                "directions_h": g.directions.float().contiguous(),
+                "aligned_h": g.aligned.float().contiguous(),
+                "directions": torch.stack(projected).float().contiguous().cpu(),
                 "cos": g.cos.float().contiguous(),
                 "perm": g.perm.contiguous(),
                 "signs": g.signs.contiguous(),
@@ -284,57 +293,111 @@ def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_di
             str(Path(tmp, "global.safetensors")),
         )
         write_json(Path(tmp, "meta.json"), meta)
-    log.info("global directions at t=%d from %d samples: mean |cos| to global %s", timestep, N,
+    log.info("global directions at t=%d from %d samples: mean |cos| of local u to global ū %s", timestep, N,
              [round(c, 3) for c in meta["mean_cos"]])
     return meta
 
 
-@torch.no_grad()
-def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_name: str) -> dict[str, Any]:
-    """Semantic path lengths of lerp vs slerp between pairs of Gaussian latents at t = global_timestep."""
+def _end_over_middle(seg: np.ndarray) -> np.ndarray:
+    """Per path: mean segment length in the outer quarters over that in the middle half ([P, L] -> [P])."""
+    L = seg.shape[1]
+    q = max(1, L // 4)
+    middle = seg[:, q:L - q] if L - 2 * q > 0 else seg
+    ends = np.concatenate([seg[:, :q], seg[:, L - q:]], axis=1)
+    return ends.mean(1) / np.maximum(middle.mean(1), 1e-300)
+
+
+def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_name: str,
+              segments_csv: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Semantic path lengths (Park et al.) of lerp, slerp and geodesic shooting between pairs of
+    Gaussian latents at t = global_timestep (:mod:`diffatlas.geometry.paths`).
+
+    Writes one row per (pair, method) to ``out_csv``, the per-segment D_geo to
+    ``segments_csv`` (default: ``path_segments.csv`` beside it) and a summary with 95%
+    intervals to ``out_csv`` with suffix ``.json``.
+    """
     import pandas as pd
 
-    from diffatlas.geometry.measures import lerp, path_length, slerp
+    from diffatlas.geometry.paths import METHODS, semantic_paths
+    from diffatlas.intervals import bootstrap_mean, wilson
     from diffatlas.io import atomic_file
 
     timestep = check_timestep(cfg.global_timestep, handle.num_train_timesteps)
     fmap = _pullback(handle, cfg, timestep)
     ends = initial_noise(handle, 2 * cfg.path_pairs, cfg.seed, first_id=PATH_SAMPLE_OFFSET)
-    s = torch.linspace(0, 1, cfg.path_segments + 1, device=ends.device)
-    rows = []
-    for p in range(cfg.path_pairs):
-        a, b = ends[2 * p], ends[2 * p + 1]
-        for method, fn in (("lerp", lerp), ("slerp", slerp)):
-            pts = fn(a, b, s)  # [S+1, C, h, w]
-            h = torch.cat([fmap(c) for c in pts.split(64)])
-            norms = pts.reshape(len(s), -1).norm(dim=1)
-            ref = 0.5 * (float(norms[0]) + float(norms[-1]))
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + PATH_SAMPLE_OFFSET)
+    tic = time.perf_counter()
+    tried = (f"{3 * cfg.path_pairs} path points x {cfg.n_directions + cfg.oversample} directions per basis call, "
+             f"x_t {tuple(ends.shape[1:])}")
+    with out_of_memory_hint("geometry path lengths", tried, "geometry.path_pairs, geometry.chunk_size or geometry.attention_chunk"):
+        res = semantic_paths(fmap, ends[0::2], ends[1::2], cfg.path_segments, cfg.n_directions,
+                             basis_kwargs=_basis_kwargs(cfg), generator=gen)
+    seconds = time.perf_counter() - tic
+    rows, seg_rows = [], []
+    P, L = cfg.path_pairs, cfg.path_segments
+    for m in METHODS:
+        pts = res.points[m].reshape(P, L + 1, -1).to(torch.float64)
+        norms = pts.norm(dim=-1)
+        ref = 0.5 * (norms[:, 0] + norms[:, -1])
+        x_len = (pts[:, 1:] - pts[:, :-1]).norm(dim=-1).sum(1)
+        for p in range(P):
             rows.append({
-                "model": model_name, "timestep": timestep, "pair": p, "method": method,
-                "segments": cfg.path_segments, "h_length": path_length(h), "x_length": path_length(pts),
-                "min_norm_ratio": float(norms.min()) / ref, "max_norm_ratio": float(norms.max()) / ref,
+                "model": model_name, "timestep": timestep, "pair": p, "method": m, "segments": L,
+                "semantic_length": float(res.lengths[m][p]), "h_euclid_length": float(res.h_steps[m][p].sum()),
+                "x_length": float(x_len[p]), "min_norm_ratio": float(norms[p].min() / ref[p]),
+                "max_norm_ratio": float(norms[p].max() / ref[p]), "floor": float(res.floor[p]),
             })
+            for k, d in enumerate(res.segment_lengths[m][p].tolist()):
+                seg_rows.append({"model": model_name, "timestep": timestep, "pair": p, "method": m, "segment": k,
+                                 "d_geo": d, "h_step": float(res.h_steps[m][p, k])})
     df = pd.DataFrame(rows)
+    seg_df = pd.DataFrame(seg_rows)
+    segments_csv = Path(out_csv).with_name("path_segments.csv") if segments_csv is None else Path(segments_csv)
     with atomic_file(out_csv) as tmp:
         df.to_csv(tmp, index=False)
-    wide = df.pivot(index="pair", columns="method", values="h_length")
+    with atomic_file(segments_csv) as tmp:
+        seg_df.to_csv(tmp, index=False)
+    wide = df.pivot(index="pair", columns="method", values="semantic_length")
+
+    def rate(mask) -> dict[str, Any]:
+        k = int(np.sum(mask))
+        return {"k": k, "n": int(len(mask)), "rate": k / len(mask), "ci95": wilson(k, len(mask))}
+
+    lengths = {m: wide[m].to_numpy() for m in METHODS}
+    lerp_seg = res.segment_lengths["lerp"].cpu().numpy()
     summary = {
         "model": model_name, "timestep": timestep, "alpha_bar": alpha_at(handle, timestep), "layer": cfg.layer,
         "module_path": fmap.layer.module_path, "pooling": cfg.pooling, "prompt": cfg.prompt, "seed": cfg.seed,
         "device": str(handle.device), "dtype": str(handle.dtype).removeprefix("torch."),
-        "pairs": cfg.path_pairs, "segments": cfg.path_segments,
-        "h_length_mean": df.groupby("method")["h_length"].mean().to_dict(),
-        "h_length_std": df.groupby("method")["h_length"].std(ddof=0).to_dict(),
+        "pairs": P, "segments": L, "n_directions": cfg.n_directions, "tol": cfg.tol,
+        "measure": "semantic path length = sum of D_geo between consecutive tangent spaces in H (Park et al.)",
+        "semantic_length_mean": {m: float(lengths[m].mean()) for m in METHODS},
+        "semantic_length_ci95": {m: bootstrap_mean(lengths[m]) for m in METHODS},
+        "segment_profile_mean": {m: res.segment_lengths[m].mean(0).tolist() for m in METHODS},
+        "h_euclid_length_mean": df.groupby("method")["h_euclid_length"].mean().to_dict(),
         "min_norm_ratio_mean": df.groupby("method")["min_norm_ratio"].mean().to_dict(),
-        "slerp_over_lerp_mean": float((wide["slerp"] / wide["lerp"]).mean()),
-        "slerp_shorter_fraction": float((wide["slerp"] < wide["lerp"]).mean()),
+        "slerp_over_lerp_mean": float((lengths["slerp"] / lengths["lerp"]).mean()),
+        "slerp_shorter": rate(lengths["slerp"] < lengths["lerp"]),
+        "geodesic_shortest": rate((lengths["geodesic"] < lengths["lerp"]) & (lengths["geodesic"] < lengths["slerp"])),
+        "lerp_end_over_middle_mean": float(_end_over_middle(lerp_seg).mean()),
+        "lerp_end_over_middle_ci95": bootstrap_mean(_end_over_middle(lerp_seg)),
+        "segment_floor_mean": float(res.floor.mean()),
+        "converged": res.converged,
+        "timings": {"paths_s": seconds},
     }
     write_json(Path(out_csv).with_suffix(".json"), summary)
+    log.info("semantic path length over %d pairs x %d segments: %s (segment noise floor %.3g)", P, L,
+             {m: round(v, 4) for m, v in summary["semantic_length_mean"].items()}, summary["segment_floor_mean"])
     return summary
 
 
 def run_measures(run_dirs: list[str], psd_csv: str | os.PathLike, dist_csv: str | os.PathLike) -> dict[str, Any]:
-    """PSD of directions per timestep and geodesic distances between tangent spaces (no model needed)."""
+    """PSD of directions per timestep and geodesic distances between tangent spaces (no model needed).
+
+    The distances are Park et al.'s D_geo between the n-dimensional tangent spaces in H
+    (spans of the ``u`` bases), across samples at one timestep and along each sample's
+    trajectory between consecutive timesteps (the same layer, so the same H).
+    """
     import itertools
 
     import pandas as pd
@@ -349,7 +412,7 @@ def run_measures(run_dirs: list[str], psd_csv: str | os.PathLike, dist_csv: str 
     runs.sort(key=lambda r: -r[0])
     psd_rows, dist_rows = [], []
     for t, tensors, meta in runs:
-        v = tensors["v"]  # [N, n, C, h, w]
+        v, u = tensors["v"], tensors["u"]  # [N, n, C, h, w], [N, n, d]
         psd = radial_psd(v)  # [N, n, R]
         mean = psd.mean(0)
         for rank in range(mean.shape[0]):
@@ -359,12 +422,12 @@ def run_measures(run_dirs: list[str], psd_csv: str | os.PathLike, dist_csv: str 
         N = v.shape[0]
         for a, b in itertools.combinations(range(N), 2):
             dist_rows.append({"model": meta["model"], "kind": "across_samples", "timestep_a": t, "timestep_b": t,
-                              "sample_a": a, "sample_b": b, "distance": grassmann_distance(v[a], v[b])})
+                              "sample_a": a, "sample_b": b, "distance": grassmann_distance(u[a], u[b])})
         log.info("t=%d: mean frequency of directions %.2f", t, float(mean_frequency(mean).mean()))
     for (t1, r1, m1), (t2, r2, _) in zip(runs[:-1], runs[1:]):
-        for s in range(min(r1["v"].shape[0], r2["v"].shape[0])):
+        for s in range(min(r1["u"].shape[0], r2["u"].shape[0])):
             dist_rows.append({"model": m1["model"], "kind": "across_timesteps", "timestep_a": t1, "timestep_b": t2,
-                              "sample_a": s, "sample_b": s, "distance": grassmann_distance(r1["v"][s], r2["v"][s])})
+                              "sample_a": s, "sample_b": s, "distance": grassmann_distance(r1["u"][s], r2["u"][s])})
     with atomic_file(psd_csv) as tmp:
         pd.DataFrame(psd_rows).to_csv(tmp, index=False)
     dist = pd.DataFrame(dist_rows, columns=["model", "kind", "timestep_a", "timestep_b", "sample_a", "sample_b", "distance"])
