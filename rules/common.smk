@@ -100,3 +100,45 @@ except UserError as _err:
 
 def dataset_dir(name):
     return str(Path(RESULTS, "data", name))
+
+
+def step_times(model, section, stage, drop_from):
+    """The training steps ``stage`` runs ``model`` at: ``models.<model>.timesteps`` if set, else
+    ``<section>.timesteps`` (diffatlas.models.diffusion.timesteps_for). Results are named by
+    training step (t{timestep}) and these stages noise with ᾱ, so a flow-matching sigma is
+    refused naming the model rather than skipped; ``drop_from`` is the key to remove it from.
+    """
+    from diffatlas.models.diffusion import timesteps_for
+
+    times = timesteps_for(config, model, section)
+    sigmas = [str(t) for t in times if t.kind != "step"]
+    if sigmas:
+        raise WorkflowError(
+            f"model {model}: {stage} times {sigmas} are flow-matching sigmas; {stage} supports "
+            f"training steps (DDPM-family models) only: drop the model from {drop_from}"
+        )
+    return [t.value for t in times]
+
+
+def trained_times(model, section):
+    """The times ``section`` (sae or diffc) trains ``model`` at: ``<section>.timesteps`` when set
+    (each must be extracted for the model), else the model's extraction times
+    (models.<model>.timesteps, else extract.timesteps)."""
+    extracted = step_times(model, "extract", section, "extract.models")
+    own = config[section].get("timesteps")
+    if not own:
+        return extracted
+    missing = [t for t in own if t not in extracted]
+    if missing:
+        raise WorkflowError(
+            f"config {section}.timesteps = {missing} are not extracted for model {model}; allowed: its "
+            f"extraction times {extracted} (models.{model}.timesteps, else extract.timesteps)"
+        )
+    return own
+
+
+def geometry_times(model):
+    """The geometry timesteps of ``model``, latest first: its own models.<model>.timesteps, else
+    geometry.timesteps, plus geometry.global_timestep."""
+    times = step_times(model, "geometry", "geometry", "geometry.models")
+    return sorted(set(times) | {config["geometry"]["global_timestep"]}, reverse=True)

@@ -14,9 +14,10 @@
 #   results/figures/diffc/{dataset}/models_accuracy_vs_timestep.png   (when several models)
 #
 # The grid is extract.models x extract.datasets x diffc.layers (default extract.layers) x
-# diffc.timesteps (default extract.timesteps). One job trains both label granularities: they
-# share the expensive part (reading the maps) and the split, so coarse and fine are scored on
-# the same test samples, and the job count stays at one per (layer, timestep).
+# diffc.timesteps (default: the model's own models.<name>.timesteps, else extract.timesteps).
+# One job trains both label granularities: they share the expensive part (reading the maps)
+# and the split, so coarse and fine are scored on the same test samples, and the job count
+# stays at one per (layer, timestep).
 
 from snakemake.exceptions import WorkflowError
 
@@ -24,17 +25,15 @@ DIFFC = config["diffc"]
 DIFFC_MODELS = config["extract"]["models"]
 DIFFC_DATASETS = config["extract"]["datasets"]
 DIFFC_LAYERS = DIFFC.get("layers") or config["extract"]["layers"]
-DIFFC_TIMESTEPS = DIFFC.get("timesteps") or config["extract"]["timesteps"]
+_missing = [v for v in DIFFC_LAYERS if v not in config["extract"]["layers"]]
+if _missing:
+    raise WorkflowError(
+        f"config diffc.layers = {_missing} are not extracted; allowed: values of extract.layers {config['extract']['layers']}"
+    )
 
-for _key, _values, _known in (
-    ("layers", DIFFC_LAYERS, config["extract"]["layers"]),
-    ("timesteps", DIFFC_TIMESTEPS, config["extract"]["timesteps"]),
-):
-    _missing = [v for v in _values if v not in _known]
-    if _missing:
-        raise WorkflowError(
-            f"config diffc.{_key} = {_missing} are not extracted; allowed: values of extract.{_key} {_known}"
-        )
+
+DIFFC_TIMESTEPS = {m: trained_times(m, "diffc") for m in DIFFC_MODELS}
+
 if not config["extract"].get("spatial", True):
     raise WorkflowError(
         "config extract.spatial = false, but Diff-C trains on spatial maps; set extract.spatial: true"
@@ -50,7 +49,7 @@ DIFFC_METRICS = [
     for m in DIFFC_MODELS
     for d in DIFFC_DATASETS
     for l in DIFFC_LAYERS
-    for t in DIFFC_TIMESTEPS
+    for t in DIFFC_TIMESTEPS[m]
 ]
 # Summary and figures: seconds of CPU each, run on the submitting host (SLURM profile).
 localrules:

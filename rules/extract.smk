@@ -10,7 +10,6 @@
 # later job would trust.
 
 from diffatlas.activations.config import ExtractConfig
-from diffatlas.models.diffusion import timesteps_for
 
 EXTRACT_STORE = str(Path(RESULTS, "activations", "{model}", "{dataset}", "t{timestep}.zarr"))
 # The section less the job grid (ExtractConfig.JOB_FREE_KEYS); the job's timestep comes as
@@ -56,13 +55,5 @@ rule extract:
 # are named by training step (t{timestep}); extraction noises with ᾱ, so sigma times (flow
 # matching) are refused here rather than skipped.
 for _m in config["extract"]["models"]:
-    _times = timesteps_for(config, _m, "extract")
-    _sigmas = [str(t) for t in _times if t.kind != "step"]
-    if _sigmas:
-        raise WorkflowError(
-            f"model {_m}: extraction times {_sigmas} are flow-matching sigmas; extraction supports "
-            "training steps (DDPM-family models) only: drop the model from extract.models"
-        )
-    ALL_TARGETS.extend(
-        EXTRACT_STORE.format(model=_m, dataset=d, timestep=t.value) for d in config["extract"]["datasets"] for t in _times
-    )
+    _times = step_times(_m, "extract", "extraction", "extract.models")
+    ALL_TARGETS.extend(EXTRACT_STORE.format(model=_m, dataset=d, timestep=t) for d in config["extract"]["datasets"] for t in _times)

@@ -15,14 +15,14 @@
 #   results/figures/geometry/{model}/psd.png
 #   results/figures/geometry/{model}/meaning.png
 #
-# The grid is geometry.models x (geometry.timesteps + global_timestep).
+# The grid is geometry.models x (the model's times + global_timestep); a model's times are its
+# own models.<name>.timesteps, else geometry.timesteps.
 
 import shlex
 
 from snakemake.exceptions import WorkflowError
 
 GEO_MODELS = config["geometry"]["models"]
-GEO_TIMESTEPS = sorted(set(config["geometry"]["timesteps"]) | {config["geometry"]["global_timestep"]}, reverse=True)
 GEO_MEANING = [m for m in config["geometry"]["meaning_models"] if m in GEO_MODELS]
 
 _geo_unknown = [m for m in GEO_MODELS if m not in config["models"]]
@@ -59,8 +59,11 @@ geo_basis_cfg = lambda wc: GeometryConfig.job_json(
     "basis",
     iterative_timesteps=GeometryConfig.iterative_slice(config["geometry"]["iterative_timesteps"], wc.timestep),
 )
-# Every timestep directory of one model, as patterns with the {model} wildcard.
-GEO_RUNS = [GEO_DIR.replace("{timestep}", str(_t)) for _t in GEO_TIMESTEPS]
+GEO_TIMESTEPS = {_m: geometry_times(_m) for _m in GEO_MODELS}  # checked at parse time
+
+
+# Every timestep directory of the job's model.
+geo_runs = lambda wc: [GEO_DIR.format(model=wc.model, timestep=t) for t in geometry_times(wc.model)]
 
 
 rule geometry_basis:
@@ -156,12 +159,12 @@ rule geometry_measures:
     conda:
         "../envs/analysis.yaml"
     input:
-        [str(Path(_d, "basis.safetensors")) for _d in GEO_RUNS],
+        lambda wc: [str(Path(_d, "basis.safetensors")) for _d in geo_runs(wc)],
     output:
         psd=str(Path(GEO_ROOT, "psd.csv")),
         distances=str(Path(GEO_ROOT, "tangent_distances.csv")),
     params:
-        runs=lambda wc: " ".join(shlex.quote(d.format(model=wc.model)) for d in GEO_RUNS),
+        runs=lambda wc: " ".join(shlex.quote(d) for d in geo_runs(wc)),
     log:
         log_path("geometry_measures", "{model}"),
     benchmark:
@@ -178,12 +181,12 @@ rule geometry_meaning:
     conda:
         "../envs/analysis.yaml"
     input:
-        [str(Path(_d, "edits.safetensors")) for _d in GEO_RUNS],
+        lambda wc: [str(Path(_d, "edits.safetensors")) for _d in geo_runs(wc)],
     output:
         table=str(Path(GEO_ROOT, "meaning.csv")),
         summary=str(Path(GEO_ROOT, "meaning_summary.csv")),
     params:
-        runs=lambda wc: " ".join(shlex.quote(d.format(model=wc.model)) for d in GEO_RUNS),
+        runs=lambda wc: " ".join(shlex.quote(d) for d in geo_runs(wc)),
     log:
         log_path("geometry_meaning", "{model}"),
     benchmark:
@@ -200,11 +203,11 @@ rule geometry_figure_spectra:
     conda:
         "../envs/analysis.yaml"
     input:
-        [str(Path(_d, "basis.safetensors")) for _d in GEO_RUNS],
+        lambda wc: [str(Path(_d, "basis.safetensors")) for _d in geo_runs(wc)],
     output:
         str(Path(GEO_FIGURES, "spectra.png")),
     params:
-        runs=lambda wc: " ".join(shlex.quote(d.format(model=wc.model)) for d in GEO_RUNS),
+        runs=lambda wc: " ".join(shlex.quote(d) for d in geo_runs(wc)),
     log:
         log_path("geometry_figure_spectra", "{model}"),
     benchmark:
@@ -314,6 +317,6 @@ for _m in GEO_MODELS:
             str(Path(_figs, "psd.png")),
         ]
     )
-    ALL_TARGETS.extend(str(Path(_figs, f"edits_t{_t}.png")) for _t in GEO_TIMESTEPS)
+    ALL_TARGETS.extend(str(Path(_figs, f"edits_t{_t}.png")) for _t in GEO_TIMESTEPS[_m])
     if _m in GEO_MEANING:
         ALL_TARGETS.extend([str(Path(_root, "meaning_summary.csv")), str(Path(_figs, "meaning.png"))])

@@ -13,7 +13,7 @@
 #   results/figures/sae/{dataset}/label_stats_across_models.png
 #
 # The grid is extract.models x extract.datasets x sae.layers (default extract.layers) x
-# sae.timesteps (default extract.timesteps).
+# sae.timesteps (default: the model's own models.<name>.timesteps, else extract.timesteps).
 
 import shlex
 
@@ -22,17 +22,15 @@ from snakemake.exceptions import WorkflowError
 SAE_MODELS = config["extract"]["models"]
 SAE_DATASETS = config["extract"]["datasets"]
 SAE_LAYERS = config["sae"].get("layers") or config["extract"]["layers"]
-SAE_TIMESTEPS = config["sae"].get("timesteps") or config["extract"]["timesteps"]
 
-for _key, _values, _known in (
-    ("layers", SAE_LAYERS, config["extract"]["layers"]),
-    ("timesteps", SAE_TIMESTEPS, config["extract"]["timesteps"]),
-):
-    _unknown = [v for v in _values if v not in _known]
-    if _unknown:
-        raise WorkflowError(
-            f"config sae.{_key} = {_unknown} are not extracted; allowed: values of extract.{_key} {_known}"
-        )
+_unknown = [v for v in SAE_LAYERS if v not in config["extract"]["layers"]]
+if _unknown:
+    raise WorkflowError(
+        f"config sae.layers = {_unknown} are not extracted; allowed: values of extract.layers {config['extract']['layers']}"
+    )
+
+
+SAE_TIMESTEPS = {m: trained_times(m, "sae") for m in SAE_MODELS}
 
 
 # Path templates of the stage (filled by Snakemake wildcards or str.format).
@@ -51,8 +49,8 @@ localrules:
     sae_gallery,
 
 
-# Every (layer, timestep) of one model x dataset, as wildcards for SAE_DIR.
-SAE_GRID = [dict(layer=l, timestep=t) for l in SAE_LAYERS for t in SAE_TIMESTEPS]
+# Every (layer, timestep) of one model x dataset, as wildcards for SAE_DIR (the model's times).
+sae_grid = lambda model: [dict(layer=l, timestep=t) for l in SAE_LAYERS for t in SAE_TIMESTEPS[model]]
 
 
 rule train_sae:
@@ -90,11 +88,11 @@ rule sae_summary:
     conda:
         "../envs/analysis.yaml"
     input:
-        lambda wc: [str(Path(SAE_DIR.format(**wc, **g), "metrics.json")) for g in SAE_GRID],
+        lambda wc: [str(Path(SAE_DIR.format(**wc, **g), "metrics.json")) for g in sae_grid(wc.model)],
     output:
         SAE_SUMMARY,
     params:
-        runs=lambda wc: " ".join(shlex.quote(SAE_DIR.format(**wc, **g)) for g in SAE_GRID),
+        runs=lambda wc: " ".join(shlex.quote(SAE_DIR.format(**wc, **g)) for g in sae_grid(wc.model)),
     log:
         log_path("sae_summary", "{model}", "{dataset}"),
     benchmark:
@@ -149,11 +147,11 @@ rule sae_figure_curves:
     conda:
         "../envs/analysis.yaml"
     input:
-        lambda wc: [str(Path(SAE_DIR.format(**wc, **g), "latents.parquet")) for g in SAE_GRID],
+        lambda wc: [str(Path(SAE_DIR.format(**wc, **g), "latents.parquet")) for g in sae_grid(wc.model)],
     output:
         str(Path(SAE_FIGURES, "{model}", "{dataset}", "label_curves.png")),
     params:
-        runs=lambda wc: " ".join(shlex.quote(SAE_DIR.format(**wc, **g)) for g in SAE_GRID),
+        runs=lambda wc: " ".join(shlex.quote(SAE_DIR.format(**wc, **g)) for g in sae_grid(wc.model)),
     log:
         log_path("sae_figure_curves", "{model}", "{dataset}"),
     benchmark:
@@ -215,6 +213,6 @@ for _m in SAE_MODELS:
         for _name in ("label_stats_vs_layer", "label_stats_vs_timestep", "label_curves"):
             ALL_TARGETS.append(str(Path(SAE_FIGURES, _m, _d, f"{_name}.png")))
         if config["sae"]["gallery"]:
-            ALL_TARGETS.extend(SAE_GALLERY.format(model=_m, dataset=_d, **g) for g in SAE_GRID)
+            ALL_TARGETS.extend(SAE_GALLERY.format(model=_m, dataset=_d, **g) for g in sae_grid(_m))
 for _d in SAE_DATASETS:
     ALL_TARGETS.append(str(Path(SAE_FIGURES, _d, "label_stats_across_models.png")))

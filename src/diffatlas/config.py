@@ -236,7 +236,9 @@ def check_timesteps(config: dict[str, Any], model_paths: dict[str, str]) -> None
         for name in models:
             if name not in model_paths:
                 continue  # unknown model names are reported by the reference check
-            if section == "extract" and ((config.get("models") or {}).get(name) or {}).get("timesteps") is not None:
+            if (section, key) in (("extract", "timesteps"), ("geometry", "timesteps")) and (
+                ((config.get("models") or {}).get(name) or {}).get("timesteps") is not None
+            ):
                 continue  # the model's own list replaces the global one
             conv, T = model_time(name)
             for i, t in enumerate(values):

@@ -1,0 +1,112 @@
+"""A model's own time list (models.<name>.timesteps) drives its extract, SAE, Diff-C and
+geometry jobs; the global lists stay the default for the others (issue 14, item 1).
+
+Dry runs only: the planned jobs' wildcards are read from Snakemake's own output and compared
+with the lists written into the config by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dry_run(cfg: dict, tmp: Path) -> subprocess.CompletedProcess:
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, DIFFATLAS_NO_PROGRESS="1")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(path)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _planned_jobs(text: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job a dry run lists."""
+    jobs: list[tuple[str, dict[str, str]]] = []
+    for line in text.splitlines():
+        head = line.strip()
+        if head.startswith(("rule ", "localrule ")) and head.endswith(":"):
+            jobs.append((head.split()[1].rstrip(":"), {}))
+        elif head.startswith("wildcards:") and jobs:
+            pairs = (kv.split("=", 1) for kv in head[len("wildcards:"):].split(","))
+            jobs[-1][1].update({k.strip(): v.strip() for k, v in pairs})
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """The tiny workflow config with two tiny models: 'own' sets its own times, 'plain' not."""
+    from diffatlas.models.tiny import make_tiny_model
+
+    tmp = tmp_path_factory.mktemp("model_times")
+    model = make_tiny_model("pixel", tmp / "tiny_model", seed=0)
+    cfg = yaml.safe_load((ROOT / "tests" / "workflow" / "tiny_config.yaml").read_text())
+    cfg["results"] = str(tmp / "results")
+    cfg["models"] = {"own": {"path": str(model), "timesteps": [100]}, "plain": {"path": str(model)}}
+    cfg["extract"].update(models=["own", "plain"], timesteps=[300, 600])
+    cfg["geometry"].update(models=["own", "plain"], timesteps=[800, 500], global_timestep=999, meaning_models=[])
+    cfg["daam"]["models"] = ["plain"]
+    return cfg, tmp
+
+
+def test_a_models_own_times_drive_its_jobs(two_models):
+    cfg, tmp = two_models
+    proc = _dry_run(cfg, tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    planned: dict[tuple[str, str], set[str]] = {}
+    for rule, wc in _planned_jobs(proc.stdout + proc.stderr):
+        if rule in ("extract", "train_sae", "train_diffc", "geometry_basis"):
+            planned.setdefault((rule, wc["model"]), set()).add(wc["timestep"])
+    # own: [100] for every stage (+ global_timestep 999 for geometry); plain: the global lists
+    assert planned == {
+        ("extract", "own"): {"100"},
+        ("train_sae", "own"): {"100"},
+        ("train_diffc", "own"): {"100"},
+        ("geometry_basis", "own"): {"100", "999"},
+        ("extract", "plain"): {"300", "600"},
+        ("train_sae", "plain"): {"300", "600"},
+        ("train_diffc", "plain"): {"300", "600"},
+        ("geometry_basis", "plain"): {"800", "500", "999"},
+    }, planned
+
+
+def test_section_list_wins_and_must_be_extracted_for_the_model(two_models):
+    cfg, tmp = two_models
+    cfg = yaml.safe_load(yaml.safe_dump(cfg))
+    cfg["sae"]["timesteps"] = [600]  # extracted for plain, not for own (whose list is [100])
+    proc = _dry_run(cfg, tmp)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "sae.timesteps = [600] are not extracted for model own" in out, out[-3000:]
+
+
+def _flow_matching_copy(model: str, tmp: Path) -> str:
+    """The tiny model with a flow-matching scheduler config, whose times are sigmas (the
+    config check accepts them; the stages must refuse them)."""
+    flow = tmp / "tiny_flow_model"
+    if not flow.exists():
+        shutil.copytree(model, flow)
+        sched = flow / "scheduler" / "scheduler_config.json"
+        sched.write_text(json.dumps({**json.loads(sched.read_text()), "_class_name": "FlowMatchEulerDiscreteScheduler"}))
+    return str(flow)
+
+
+def test_sigma_time_for_an_sae_model_is_refused_naming_it(two_models):
+    cfg, tmp = two_models
+    cfg = yaml.safe_load(yaml.safe_dump(cfg))
+    cfg["models"]["own"] = {"path": _flow_matching_copy(cfg["models"]["own"]["path"], tmp), "timesteps": ["s0.500"]}
+    cfg["geometry"]["models"] = ["plain"]  # geometry's global_timestep is a step: refused earlier
+    proc = _dry_run(cfg, tmp)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "model own:" in out and "s0.500" in out and "flow-matching sigmas" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
