@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dryrun import planned_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,18 +29,6 @@ def _dry_run(cfg: dict, tmp: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(path)]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
-
-def _planned_jobs(text: str) -> list[tuple[str, dict[str, str]]]:
-    """(rule, wildcards) of every job a dry run lists."""
-    jobs: list[tuple[str, dict[str, str]]] = []
-    for line in text.splitlines():
-        head = line.strip()
-        if head.startswith(("rule ", "localrule ")) and head.endswith(":"):
-            jobs.append((head.split()[1].rstrip(":"), {}))
-        elif head.startswith("wildcards:") and jobs:
-            pairs = (kv.split("=", 1) for kv in head[len("wildcards:"):].split(","))
-            jobs[-1][1].update({k.strip(): v.strip() for k, v in pairs})
-    return jobs
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +52,7 @@ def test_a_models_own_times_drive_its_jobs(two_models):
     proc = _dry_run(cfg, tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     planned: dict[tuple[str, str], set[str]] = {}
-    for rule, wc in _planned_jobs(proc.stdout + proc.stderr):
+    for rule, wc in planned_jobs(proc.stdout + proc.stderr):
         if rule in ("extract", "train_sae", "train_diffc", "geometry_basis"):
             planned.setdefault((rule, wc["model"]), set()).add(wc["timestep"])
     # own: [100] for every stage (+ global_timestep 999 for geometry); plain: the global lists

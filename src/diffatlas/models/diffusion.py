@@ -135,7 +135,10 @@ def check_time(time: Time | str | int, convention: str, num_train_timesteps: int
 
     ``where`` names the config key, ``model`` the model, in the error.
     """
-    t = Time.parse(time)
+    try:
+        t = Time.parse(time)
+    except UserError as err:
+        raise UserError(f"config {where} (model {model!r}): {err}") from None
     if convention == "sigma":
         if t.kind != "sigma":
             raise UserError(
