@@ -326,11 +326,13 @@ def store_parts(path: str | Path | Sequence[str | Path]) -> list[Path]:
 
 def _extraction_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """Root attributes that say what was extracted, less those that may differ between the
-    per-time parts of one logical store (their timesteps; the package version, since a part
-    added later may come from a newer release)."""
-    out = {k: v for k, v in attrs.items() if k != "diffatlas_version"}
+    per-time parts of one logical store: their timesteps; the package version (a part added
+    later may come from a newer release); the device and the batch size, which change how the
+    values were computed, not what they are (a time re-extracted on a GPU still joins; the
+    precision, which does change them, is still compared)."""
+    out = {k: v for k, v in attrs.items() if k not in ("diffatlas_version", "device")}
     if isinstance(out.get("extract_config"), dict):
-        out["extract_config"] = {k: v for k, v in out["extract_config"].items() if k != "timesteps"}
+        out["extract_config"] = {k: v for k, v in out["extract_config"].items() if k not in ("timesteps", "batch_size")}
     return out
 
 

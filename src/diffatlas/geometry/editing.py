@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from diffatlas.errors import UserError
+from diffatlas.geometry.config import GeometryConfig
 from diffatlas.geometry.jacobian import PullbackBasis, PullbackMap, top_singular
 from diffatlas.geometry.sampling import Denoiser, alpha_at
 
@@ -82,7 +83,8 @@ def x0_update_gain(alpha_bar: float, kappa: float) -> float:
 
 
 @torch.no_grad()
-def x0_normalise(den: Denoiser, x_ref: torch.Tensor, x_edit: torch.Tensor, t: int, kappa: float = 0.99) -> torch.Tensor:
+def x0_normalise(den: Denoiser, x_ref: torch.Tensor, x_edit: torch.Tensor, t: int,
+                 kappa: float = GeometryConfig.kappa) -> torch.Tensor:
     """x0-normalised edit (module docstring; Park et al.'s).
 
     x_ref: [B, C, H, W] unedited points (or [1, ...], broadcast); x_edit: [B, C, H, W] edited

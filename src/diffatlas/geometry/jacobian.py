@@ -154,17 +154,23 @@ def forward_ad_safe_attention(denoiser: nn.Module, query_chunk: int | None = DEF
     processor = AttnProcessor() if query_chunk is None else ChunkedAttnProcessor(query_chunk)
     saved = [(m, m.processor) for m in denoiser.modules() if isinstance(m, Attention)]
     feed_forwards = [] if query_chunk is None else [m for m in denoiser.modules() if isinstance(m, FeedForward)]
+    # An instance attribute shadows the class's forward; one set before us (a hook library's,
+    # or an outer use of this context) is put back afterwards, not deleted.
+    own_forwards = [(m, m.__dict__.get("forward")) for m in feed_forwards]
     try:
         for module, _ in saved:
             module.set_processor(processor)
-        for module in feed_forwards:  # an instance attribute shadows the class's forward until deleted
+        for module in feed_forwards:
             module.forward = _TokenChunkedForward(module.forward, query_chunk)
         yield
     finally:
         for module, processor in saved:
             module.set_processor(processor)
-        for module in feed_forwards:
-            module.__dict__.pop("forward", None)
+        for module, previous in own_forwards:
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
 
 
 class _TokenChunkedForward:

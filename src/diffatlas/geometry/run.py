@@ -80,7 +80,8 @@ def _provenance(handle, cfg: GeometryConfig, model_name: str, fmap: PullbackMap 
         "device": str(handle.device),
         "dtype": str(handle.dtype).removeprefix("torch."),
         "precision": describe_precision(handle.dtype, denoise=amp_dtype(cfg.dtype, handle.device, "geometry"),
-                                        jacobian="float32"),
+                                        jacobian=("float32 (cuDNN convolutions TF32)" if handle.device.type == "cuda"
+                                                  and cfg.conv_tf32 else "float32")),
         "config": cfg.to_dict(),
     }
     if timestep is not None:
