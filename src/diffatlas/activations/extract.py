@@ -245,7 +245,7 @@ def extract_activations(
     prompts = prompts_for(cfg, labels, captions if captions is not None else [""] * n, str(getattr(handle, "family", "")))
     runner = _Runner(handle, cfg, layers, spatial_names, prompts, ids, device, stop_early)
 
-    alpha_bar = [float(handle.alphas_cumprod[int(t)]) for t in cfg.timesteps]
+    alpha_bar = [float(handle.ddpm_alphas("extraction")[int(t)]) for t in cfg.timesteps]
     where = {"device": str(device), "precision": describe_precision(handle.dtype, forward=runner.amp_dtype)}
     attrs = _attrs(handle, cfg, layers, {**where, **(extra_attrs or {})})
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-", dir=out.parent) as scratch:
@@ -372,7 +372,7 @@ class _Runner:
         self.handle, self.cfg, self.layers, self.device = handle, cfg, layers, device
         self.spatial_names, self.prompts, self.sample_ids = spatial_names, prompts, sample_ids
         self.stop_early = stop_early
-        self.ab = torch.as_tensor(handle.alphas_cumprod).detach().cpu().to(torch.float64)
+        self.ab = torch.as_tensor(handle.ddpm_alphas("extraction")).detach().cpu().to(torch.float64)
         self.amp_dtype = amp_dtype(cfg.dtype, device, "extract")  # auto: see diffatlas.accel
         # Conditioning is computed once per distinct prompt when prompts repeat (empty prompt,
         # class template) and gathered per batch; captions are encoded per batch.

@@ -47,7 +47,10 @@ def main(argv: list[str]) -> int:
             raise UserError("daam-figure overlays takes exactly one --inputs directory")
         n_items = RUNNER.config(args, {"overlay_items": args.items}).overlay_items
         # τ of the outline: the one the run was scored at (recorded from the config in eval.json).
-        tau = float(read_json(Path(args.inputs[0], "eval.json"))["tau"])
+        record = read_json(Path(args.inputs[0], "eval.json"))
+        if "tau" not in record:
+            raise UserError(f"{args.inputs[0]}/eval.json records no tau (made by an older diffatlas): re-run its DAAM job")
+        tau = float(record["tau"])
         figures.overlay_grid(TracedRun.load(Path(args.inputs[0], "run")), args.out, tau, n_items, args.title)
     elif args.kind == "miou":
         figures.miou_figure(figures.read_tables(args.inputs, "summary.csv"), figures.read_tables(args.inputs, "threshold_curve.csv"), args.out, args.title)

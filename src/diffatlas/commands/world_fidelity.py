@@ -61,7 +61,8 @@ def main(argv: list[str]) -> int:
     from diffatlas.world.fidelity import run_fidelity
 
     device = RUNNER.setup(args)
-    record = run_fidelity(args.model, cfg, args.out_json, args.out_samples, device=device, revision=args.revision)
+    record = run_fidelity(args.model, cfg, args.out_json, args.out_samples, device=device, revision=args.revision,
+                          allow_pickle_weights=args.allow_pickle_weights)
     gate = record["gate"]
     values = "  ".join(f"{k} {v:.3f} (>= {gate['thresholds'][k]})" for k, v in gate["values"].items() if v is not None)
     verdict = {True: "PASS", False: "FAIL", None: "n/a"}[gate["passed"]]

@@ -56,7 +56,7 @@ def invert_to_start(handle: Any, x0: torch.Tensor, ts: Sequence[int], cond: dict
     The core's inversion (:func:`diffatlas.models.diffusion.ddim_invert`), with the model's
     true noise prediction under the caption (v- and x0-predicting models converted).
     """
-    return ddim_invert(lambda z, t: handle.predict_noise(z, t, cond), x0, sorted(ts), handle.alphas_cumprod)
+    return ddim_invert(lambda z, t: handle.predict_noise(z, t, cond), x0, sorted(ts), handle.ddpm_alphas("DAAM real-image mode"))
 
 
 def trace_real_images(
@@ -142,9 +142,9 @@ def trace_real_images(
         "mode": f"real-{mode}",
         "model": handle.describe(),
         "t_start": int(t_start),
-        "alpha_bar_start": float(handle.alphas_cumprod[t_start]),
+        "alpha_bar_start": float(handle.ddpm_alphas("DAAM real-image mode")[t_start]),
         "timesteps": ts,
-        "alpha_bar": [float(handle.alphas_cumprod[t]) for t in ts],
+        "alpha_bar": [float(handle.ddpm_alphas("DAAM real-image mode")[t]) for t in ts],
         "steps": steps,
         "guidance": float(guidance),
         "cfg": do_cfg,

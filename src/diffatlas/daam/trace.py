@@ -402,7 +402,7 @@ def trace_generation(
         "aggregation": "sum over heads, layers, timesteps per resolution; bicubic upsampling; clamp >= 0; sum over resolutions",
         "trace": describe(last_raw),
         "timesteps": [int(round(t)) for t in last_raw.timesteps],
-        "alpha_bar": [float(handle.alphas_cumprod[int(round(t))]) for t in last_raw.timesteps],
+        "alpha_bar": [float(handle.ddpm_alphas("DAAM")[int(round(t))]) for t in last_raw.timesteps],
         "time_resolved": bool(time_resolved),
     }
     return TracedRun(np.concatenate(images), maps, items, info, per_step)

@@ -277,6 +277,16 @@ class ModelHandle:
         """``"step"`` (integer training steps with ᾱ) or ``"sigma"`` (flow matching)."""
         return time_convention(self.scheduler)
 
+    def ddpm_alphas(self, stage: str) -> torch.Tensor:
+        """``alphas_cumprod`` for a stage that noises with ᾱ; a flow-matching model (none) is a
+        UserError naming the model and the stage, not a TypeError further down."""
+        if self.alphas_cumprod is None:
+            raise UserError(
+                f"model {self.model_id}: {stage} needs a DDPM-family scheduler with alphas_cumprod "
+                f"(DDIM, DDPM, PNDM, Euler, ...); {type(self.scheduler).__name__} has none (flow matching)"
+            )
+        return self.alphas_cumprod
+
     @functools.cached_property
     def schedule(self) -> NoiseSchedule:
         """The scheduler's noise levels, prediction type and clipping (the diffusion core's view).

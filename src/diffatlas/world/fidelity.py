@@ -193,12 +193,12 @@ def sample_grid(images: np.ndarray, record: dict[str, Any], path: str | os.PathL
 
 def run_fidelity(model_path: str | os.PathLike, cfg: FidelityConfig, out_json: str | os.PathLike,
                  out_samples: str | os.PathLike | None = None, device: torch.device | str = "cpu",
-                 revision: str | None = None) -> dict[str, Any]:
+                 revision: str | None = None, allow_pickle_weights: bool = False) -> dict[str, Any]:
     """Load the model, run the check, write the JSON (and the images, uint8 .npy).  -> the JSON dict."""
     from diffatlas.io import atomic_file, write_json
     from diffatlas.models.loader import load_model
 
-    handle = load_model(str(model_path), device=device, revision=revision)
+    handle = load_model(str(model_path), device=device, revision=revision, allow_pickle_weights=allow_pickle_weights)
     pipe = handle.pipeline
     pipe.set_progress_bar_config(disable=True)
     result = evaluate_pipeline(pipe, cfg, handle.device)
