@@ -319,7 +319,10 @@ def ddim_step(
     x_prev = math.sqrt(alpha_bar_prev) * x0 + math.sqrt(max(1.0 - alpha_bar_prev - std**2, 0.0)) * eps
     if eta > 0:
         if noise is None:
-            noise = torch.randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)
+            # drawn where the generator lives (a CPU generator with CUDA tensors, as diffusers'
+            # randn_tensor does), then moved: the same generator gives the same sample anywhere
+            where = generator.device if generator is not None else output.device
+            noise = torch.randn(output.shape, generator=generator, device=where, dtype=output.dtype)
         x_prev = x_prev + std * noise.to(x_prev.device, x_prev.dtype)
     return x_prev
 
