@@ -14,6 +14,7 @@
 #   results/figures/geometry/{model}/global_direction.png
 #   results/figures/geometry/{model}/psd.png
 #   results/figures/geometry/{model}/meaning.png
+#   results/figures/geometry/{model}/path_lengths.png   D_geo per segment along lerp / slerp / geodesic, totals
 #
 # The grid is geometry.models x (the model's times + global_timestep); a model's times are its
 # own models.<name>.timesteps, else geometry.timesteps.
@@ -47,6 +48,7 @@ localrules:
     geometry_figure_global,
     geometry_figure_psd,
     geometry_figure_meaning,
+    geometry_figure_paths,
 
 GEO_DIR = str(Path(GEO_ROOT, "t{timestep}"))
 GEO_GLOBAL = str(Path(GEO_ROOT, "global"))
@@ -304,6 +306,26 @@ rule geometry_figure_meaning:
         "diffatlas geometry-figures meaning --summary {input:q} --out {output:q} > {log:q} 2>&1"
 
 
+rule geometry_figure_paths:
+    conda:
+        "../envs/analysis.yaml"
+    input:
+        segments=str(Path(GEO_ROOT, "path_segments.csv")),
+        summary=str(Path(GEO_ROOT, "path_lengths.json")),
+    output:
+        str(Path(GEO_FIGURES, "path_lengths.png")),
+    log:
+        log_path("geometry_figure_paths", "{model}"),
+    benchmark:
+        bench_path("geometry_figure_paths", "{model}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "diffatlas geometry-figures paths --segments {input.segments:q} --summary {input.summary:q} --out {output:q} > {log:q} 2>&1"
+
+
 for _m in GEO_MODELS:
     _root = GEO_ROOT.format(model=_m)
     _figs = GEO_FIGURES.format(model=_m)
@@ -315,6 +337,7 @@ for _m in GEO_MODELS:
             str(Path(_figs, "spectra.png")),
             str(Path(_figs, "global_direction.png")),
             str(Path(_figs, "psd.png")),
+            str(Path(_figs, "path_lengths.png")),
         ]
     )
     ALL_TARGETS.extend(str(Path(_figs, f"edits_t{_t}.png")) for _t in GEO_TIMESTEPS[_m])

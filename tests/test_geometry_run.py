@@ -114,7 +114,8 @@ def test_cross_timestep_outputs_and_figures(runs):
     for args in (["spectra", "--runs", *runs_args], ["edits", "--run", str(out[400])],
                  ["global", "--global-dir", str(g / "global")],
                  ["psd", "--psd", str(g / "psd.csv"), "--distances", str(g / "dist.csv")],
-                 ["meaning", "--summary", str(g / "meaning_summary.csv")]):
+                 ["meaning", "--summary", str(g / "meaning_summary.csv")],
+                 ["paths", "--segments", str(g / "path_segments.csv"), "--summary", str(g / "paths.json")]):
         path = figs / f"{args[0]}.png"
         assert cli(["geometry-figures", *args, "--out", str(path)]) == 0
         assert path.stat().st_size > 1000

@@ -7,6 +7,7 @@ Kinds::
     global   --global-dir DIR --out PNG [--direction I]   one global direction on several samples
     psd      --psd CSV [--distances CSV] --out PNG        power spectra of directions across timesteps
     meaning  --summary CSV --out PNG            which ShapesWorld factor each direction changes
+    paths    --segments CSV [--summary JSON] --out PNG   D_geo per segment along lerp / slerp / geodesic, totals
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def main(argv: list[str]) -> int:
     p = sub.add_parser("meaning")
     p.add_argument("--summary", required=True)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("paths")
+    p.add_argument("--segments", required=True, help="path_segments.csv of geometry-paths")
+    p.add_argument("--summary", default=None, help="path_lengths.json of geometry-paths (intervals, noise floor)")
+    p.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
     from diffatlas.geometry import figures
@@ -50,6 +55,8 @@ def main(argv: list[str]) -> int:
         path = figures.global_figure(args.global_dir, args.out, direction=args.direction)
     elif args.kind == "psd":
         path = figures.psd_figure(args.psd, args.out, args.distances)
+    elif args.kind == "paths":
+        path = figures.path_lengths_figure(args.segments, args.out, args.summary)
     else:
         path = figures.meaning_figure(args.summary, args.out)
     result(path)

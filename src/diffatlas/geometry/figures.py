@@ -8,6 +8,8 @@
 * :func:`psd_figure` - radially averaged power spectrum of the directions per timestep, and
   the distances between tangent spaces.
 * :func:`meaning_figure` - share of edits that change each ShapesWorld factor, per direction.
+* :func:`path_lengths_figure` - D_geo of each segment along the lerp, slerp and
+  geodesic-shooting paths, and each path's total semantic length (Park et al., Fig. 7).
 """
 
 from __future__ import annotations
@@ -173,3 +175,104 @@ def meaning_figure(summary_csv: str | os.PathLike, out: str | os.PathLike) -> Pa
     model = df["model"].iloc[0] if len(df) else ""
     fig.suptitle(f"{model}: what each direction changes (judged on ShapesWorld)", fontsize=9)
     return save_figure(fig, out)
+
+
+PATH_SEGMENT_COLUMNS = ("pair", "method", "segment", "d_geo")
+"""Columns of ``path_segments.csv`` (:func:`diffatlas.geometry.run.run_paths`) the path figure reads."""
+
+FEW_PAIRS = 5
+"""Below this many pairs the path figure draws every pair's profile; from it on, a 95% band of the mean."""
+
+
+def read_path_segments(segments_csv: str | os.PathLike):
+    """``path_segments.csv`` as a DataFrame; UserError when a column the figure reads is missing or it is empty."""
+    import pandas as pd
+
+    from diffatlas.errors import UserError
+
+    df = pd.read_csv(segments_csv)
+    missing = [c for c in PATH_SEGMENT_COLUMNS if c not in df.columns]
+    if missing or not len(df):
+        raise UserError(f"{segments_csv}: {'columns ' + str(missing) + ' missing' if missing else 'no rows'}; "
+                        f"allowed: the path_segments.csv of geometry-paths, with columns {list(PATH_SEGMENT_COLUMNS)}")
+    dup = df.duplicated(["pair", "method", "segment"])
+    if dup.any():
+        first = df[dup].iloc[0]
+        raise UserError(f"{segments_csv}: segment {first['segment']} of pair {first['pair']}, method {first['method']!r} "
+                        "appears more than once; allowed: one row per (pair, method, segment), i.e. one model and "
+                        "timestep per file")
+    return df
+
+
+def path_lengths_plot(segments, summary: dict | None = None):
+    """The path-length figure (not saved): left, D_geo of segment l = 1..L per path (mean over
+    pairs, with a 95% bootstrap band from :data:`FEW_PAIRS` pairs on, else every pair's line);
+    right, each path's semantic length Σ_l D_geo (mean, pairs as dots, the summary's 95%
+    interval where it has one). segments: the DataFrame of ``path_segments.csv``; summary:
+    ``path_lengths.json`` (intervals and the segment noise floor), or None.
+
+    Each method's mean line has ``gid = "mean:<method>"``, each pair's ``"pair:<method>:<p>"``,
+    and each bar ``"total:<method>"``, so the plotted values can be read back.
+    """
+    from diffatlas.geometry.paths import METHODS
+    from diffatlas.intervals import bootstrap_mean
+
+    summary = summary or {}
+    present = list(dict.fromkeys(segments["method"]))
+    methods = [m for m in METHODS if m in present] + [m for m in present if m not in METHODS]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [2.2, 1]})
+    colours = dict(zip(methods, _colours(len(methods))))
+    ci = summary.get("semantic_length_ci95", {})
+    n_pairs = {}
+    for i, m in enumerate(methods):
+        # [P, L] segment lengths of method m, one row per pair, one column per segment index.
+        wide = segments[segments["method"] == m].pivot(index="pair", columns="segment", values="d_geo").sort_index(axis=1)
+        P = len(wide)
+        n_pairs[m] = P
+        idx = wide.columns.to_numpy() + 1  # segment l = 1..L
+        mean = wide.mean(axis=0).to_numpy()
+        colour = colours[m]
+        ax.plot(idx, mean, "o-", ms=3, lw=1.8, color=colour, label=f"{m} (n={P} pairs)", gid=f"mean:{m}")
+        if P >= FEW_PAIRS:
+            band = np.array([bootstrap_mean(wide[c].to_numpy()) for c in wide.columns])
+            ax.fill_between(idx, band[:, 0], band[:, 1], color=colour, alpha=0.2, lw=0)
+        else:
+            for p, row in wide.iterrows():
+                ax.plot(idx, row.to_numpy(), "-", lw=0.7, alpha=0.5, color=colour, gid=f"pair:{m}:{p}")
+        totals = wide.sum(axis=1).to_numpy()  # semantic length of each pair's path
+        lo_hi = ci.get(m)
+        yerr = None
+        if lo_hi is not None and np.all(np.isfinite(lo_hi)):
+            yerr = [[totals.mean() - lo_hi[0]], [lo_hi[1] - totals.mean()]]
+        ax2.bar(i, totals.mean(), color=colour, alpha=0.6, yerr=yerr, capsize=4, gid=f"total:{m}")
+        jitter = np.linspace(-0.15, 0.15, P) if P > 1 else np.zeros(1)
+        ax2.plot(i + jitter, totals, "k.", ms=4, gid=f"totals:{m}")
+    floor = summary.get("segment_floor_mean")
+    if floor is not None and np.isfinite(floor):
+        ax.axhline(floor, color="0.4", ls=":", lw=1, label=f"noise floor {floor:.2g} (two solves at x(2))")
+    band_note = "band: 95% bootstrap of the mean" if min(n_pairs.values()) >= FEW_PAIRS else "thin lines: each pair"
+    ax.set_xlabel("segment l along the path")
+    ax.set_ylabel("D_geo(T_h(l-1), T_h(l))")
+    ax.set_title(f"segment lengths along the path ({band_note})", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax2.set_xticks(range(len(methods)), methods)
+    ax2.set_ylabel("semantic length Σ_l D_geo")
+    ax2.set_title("per path: mean" + (", 95% interval" if ci else "") + "; dots: pairs", fontsize=8)
+    ax2.grid(alpha=0.3, axis="y")
+    model = summary.get("model") or (segments["model"].iloc[0] if "model" in segments.columns else "")
+    t = summary.get("timestep", segments["timestep"].iloc[0] if "timestep" in segments.columns else "?")
+    L = int(segments["segment"].max()) + 1
+    fig.suptitle(f"{model}: semantic path length at t={t}, {max(n_pairs.values())} pairs x {L} segments "
+                 "(Park et al.: slerp < lerp, lerp longest near the ends, geodesic shortest)", fontsize=9)
+    return fig
+
+
+def path_lengths_figure(segments_csv: str | os.PathLike, out: str | os.PathLike,
+                        summary_json: str | os.PathLike | None = None) -> Path:
+    """:func:`path_lengths_plot` of ``path_segments.csv`` (and ``path_lengths.json`` when given), saved to ``out``."""
+    from diffatlas.io import read_json
+
+    segments = read_path_segments(segments_csv)
+    summary = read_json(summary_json) if summary_json is not None else None
+    return save_figure(path_lengths_plot(segments, summary), out)
