@@ -9,6 +9,7 @@
 #   results/geometry/{model}/path_lengths.{csv,json}, path_segments.csv semantic path length (Σ D_geo) of lerp, slerp, geodesic
 #   results/geometry/{model}/psd.csv, tangent_distances.csv             across timesteps
 #   results/geometry/{model}/meaning.csv, meaning_summary.csv           ShapesWorld factors per direction
+#   results/geometry/{model}/meaning_random.csv      semantic vs random directions (Wilson 95%)
 #   results/figures/geometry/{model}/spectra.png
 #   results/figures/geometry/{model}/edits_t{timestep}.png
 #   results/figures/geometry/{model}/global_direction.png
@@ -187,6 +188,7 @@ rule geometry_meaning:
     output:
         table=str(Path(GEO_ROOT, "meaning.csv")),
         summary=str(Path(GEO_ROOT, "meaning_summary.csv")),
+        ablation=str(Path(GEO_ROOT, "meaning_random.csv")),
     params:
         runs=lambda wc: " ".join(shlex.quote(d) for d in geo_runs(wc)),
     log:
@@ -198,7 +200,7 @@ rule geometry_meaning:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "diffatlas geometry-meaning --runs {params.runs} --out {output.table:q} --summary {output.summary:q} > {log:q} 2>&1"
+        "diffatlas geometry-meaning --runs {params.runs} --out {output.table:q} --summary {output.summary:q} --ablation {output.ablation:q} > {log:q} 2>&1"
 
 
 rule geometry_figure_spectra:

@@ -63,6 +63,20 @@ def test_basis_and_edit_artifacts(runs):
     # One-step and iterative edits at the first strength coincide (the first step is the one-step edit).
     assert torch.equal(e["iterative"][0], e["linear"][0, 0])
     assert "iterative" not in load_file(str(out[999] / "edits.safetensors"))  # only at iterative_timesteps
+    # The ablation's control: one random unit direction per edited v, the same one-step edit.
+    assert e["random"].shape == e["linear"].shape and e["random"].dtype == torch.uint8
+    assert torch.equal(e["random"][:, :, 1], e["linear"][:, :, 1])  # γ = 0: the same unedited image
+    assert not torch.equal(e["random"][:, :, 0], e["linear"][:, :, 0])
+    r = e["random_directions"]
+    assert r.shape == (2, 1, 3, 32, 32) and r.dtype == torch.float32
+    r = r.reshape(2, 1, -1).double()
+    assert torch.allclose(r.norm(dim=-1), torch.ones(2, 1, dtype=torch.float64), atol=1e-6)
+    # Not in the span of the basis beyond chance: a uniform unit vector in D = 3072 dimensions has
+    # E||P r||² = n / D onto an n-dim subspace (D·||P r||² ~ χ²_n); 40 n / D is exceeded with p < 1e-15.
+    D = r.shape[-1]
+    proj = (r @ v.double().transpose(1, 2)).pow(2).sum(-1)  # [E, m]: ||P_span(v) r||²
+    assert (proj < 40 * 2 / D).all(), proj
+    assert not torch.equal(r[0], r[1])  # one draw per edited direction
 
 
 def test_bad_timestep_is_a_clear_error(runs, capsys):
@@ -108,7 +122,14 @@ def test_cross_timestep_outputs_and_figures(runs):
     assert cli(["geometry-meaning", "--runs", *runs_args, "--out", str(g / "meaning.csv"),
                 "--summary", str(g / "meaning_summary.csv")]) == 0
     summary = pd.read_csv(g / "meaning_summary.csv")
-    assert set(summary["mode"]) == {"linear", "normalised", "iterative"}
+    assert set(summary["mode"]) == {"linear", "normalised", "iterative", "random"}
+    abl = pd.read_csv(g / "meaning_random.csv")
+    table = pd.read_csv(g / "meaning.csv")
+    assert set(abl["mode"]) <= {"linear", "random"} and set(abl["strength"]) <= {-3.0, 3.0}
+    for _, row in abl.iterrows():  # n counts the judged edits whose reference shows an object
+        sel = table[(table["mode"] == row["mode"]) & (table["timestep"] == row["timestep"])
+                    & (table["strength"] == row["strength"]) & (table["n_ref"] > 0)]
+        assert row["n"] == len(sel) and row["lost_k"] == int((sel["n_edit"] == 0).sum())
 
     figs = root / "figures"
     for args in (["spectra", "--runs", *runs_args], ["edits", "--run", str(out[400])],

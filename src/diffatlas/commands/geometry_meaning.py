@@ -2,8 +2,8 @@
 
 Judges every edited image of every ``--runs`` directory against the unedited result of the
 same sample with the world's judge (position, size, colour, shape, object count) and writes
-the per-edit table (``--out``) and the per-direction summary (``--summary``). No model is
-loaded.
+the per-edit table (``--out``), the per-direction summary (``--summary``) and the
+semantic-vs-random-direction ablation (``--ablation``). No model is loaded.
 
 Example::
 
@@ -25,11 +25,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--runs", nargs="+", required=True, help="geometry output directories (one per timestep)")
     ap.add_argument("--out", required=True, help="output CSV, one row per edit")
     ap.add_argument("--summary", required=True, help="output CSV, one row per (timestep, mode, direction)")
+    ap.add_argument("--ablation", default=None,
+                    help="output CSV, semantic vs random directions per (timestep, strength); "
+                         "default meaning_random.csv beside --summary")
     args = ap.parse_args(argv)
 
     from diffatlas.geometry.meaning import run_meaning
 
-    summary = run_meaning(args.runs, args.out, args.summary)
+    summary = run_meaning(args.runs, args.out, args.summary, args.ablation)
     for row in summary.itertuples():
         result(f"t={row.timestep} {row.mode:<10} v{row.direction + 1}: {row.dominant:<8} "
               f"(position {row.position_changed:.2f} size {row.size_changed:.2f} colour {row.colour_changed:.2f} "

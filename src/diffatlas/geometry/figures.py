@@ -83,12 +83,14 @@ def edits_figure(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         for d in range(lin.shape[1]):
             rows.append((f"s{e} v{d + 1}", lin[e, d]))
             rows.append((f"s{e} v{d + 1} x0-norm", nor[e, d]))
+            if "random" in edits:
+                rows.append((f"s{e} random {d + 1}", edits["random"][e, d]))
             if e == 0 and "iterative" in edits and d < edits["iterative"].shape[0]:
                 it_strengths = [float(g) for g in edits["iterative_strengths"]]
                 if it_strengths == strengths:
                     rows.append((f"s{e} v{d + 1} iterative", edits["iterative"][d]))
     title = (f"{meta['model']} t={meta['timestep']} (ᾱ={meta['alpha_bar']:.3f}): x' = x_t + γ v_i, then DDIM; "
-             f"x0-norm κ={meta['config']['kappa']}")
+             f"x0-norm κ={meta['config']['kappa']}; random: a random unit direction")
     return _grid(rows, strengths, title, out)
 
 

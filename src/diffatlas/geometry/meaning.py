@@ -17,6 +17,16 @@ of the same sample (strength 0, denoised along the same DDIM path), object by ob
 A factor is undefined (NaN) when the reference or the edit has no object. The summary gives,
 per (timestep, edit mode, direction), the share of edits that changed each factor and the
 dominant factor.
+
+Park et al.'s ablation (:func:`ablation`): the one-step edits along the semantic directions
+(mode ``linear``) against the same edits along random unit directions (mode ``random``), per
+(timestep, strength), over the edits whose reference shows an object:
+
+* ``factor``: the edited image still shows an object and at least one known factor changed;
+* ``lost``: the edited image shows no object at all (the judge finds nothing: damage);
+* ``pixel_change``: mean absolute pixel change against the reference (a damage proxy, no interval).
+
+Rates carry 95% Wilson intervals; n is stated.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -127,8 +138,44 @@ def summarise(df) -> "pd.DataFrame":  # noqa: F821
     return out
 
 
-def run_meaning(run_dirs: list[str], out_csv: str | os.PathLike, summary_csv: str | os.PathLike) -> "pd.DataFrame":  # noqa: F821
-    """Judge the edits of every timestep directory; write the per-edit table and the summary."""
+ABLATION_MODES = ("linear", "random")
+"""Semantic one-step edits and their control: the same edits along random unit directions."""
+
+
+def ablation(df) -> "pd.DataFrame":  # noqa: F821
+    """Semantic vs random directions per (model, timestep, strength, mode): see the module docstring.
+
+    Columns: ``n`` (edits whose reference shows an object), ``factor_k``, ``factor_rate``,
+    ``factor_low``, ``factor_high``, ``lost_k``, ``lost_rate``, ``lost_low``, ``lost_high``,
+    ``pixel_change``.
+    """
+    import pandas as pd
+
+    from diffatlas.intervals import wilson
+
+    cols = [f"{f}_changed" for f in FACTORS]
+    sub = df[df["mode"].isin(ABLATION_MODES) & (df["n_ref"] > 0)]
+    rows = []
+    for (model, t, g, mode), grp in sub.groupby(["model", "timestep", "strength", "mode"], sort=True):
+        found = grp["n_edit"].to_numpy() > 0
+        changed = (grp[cols].fillna(0.0).to_numpy() > 0).any(axis=1)
+        n = len(grp)
+        kf, kl = int((found & changed).sum()), int((~found).sum())
+        fl, fh = wilson(kf, n)
+        ll, lh = wilson(kl, n)
+        rows.append({"model": model, "timestep": int(t), "strength": float(g), "mode": mode, "n": n,
+                     "factor_k": kf, "factor_rate": kf / n, "factor_low": fl, "factor_high": fh,
+                     "lost_k": kl, "lost_rate": kl / n, "lost_low": ll, "lost_high": lh,
+                     "pixel_change": float(grp["pixel_change"].mean())})
+    return pd.DataFrame(rows, columns=["model", "timestep", "strength", "mode", "n", "factor_k", "factor_rate",
+                                       "factor_low", "factor_high", "lost_k", "lost_rate", "lost_low", "lost_high",
+                                       "pixel_change"])
+
+
+def run_meaning(run_dirs: list[str], out_csv: str | os.PathLike, summary_csv: str | os.PathLike,
+                ablation_csv: str | os.PathLike | None = None) -> "pd.DataFrame":  # noqa: F821
+    """Judge the edits of every timestep directory; write the per-edit table, the summary and
+    the semantic-vs-random ablation (``ablation_csv``, default ``meaning_random.csv`` beside the summary)."""
     import pandas as pd
 
     from diffatlas.geometry.artifacts import load_basis, load_edits
@@ -139,6 +186,8 @@ def run_meaning(run_dirs: list[str], out_csv: str | os.PathLike, summary_csv: st
         _, meta = load_basis(d)
         edits = load_edits(d)
         modes = [("linear", edits["linear"], edits["strengths"]), ("normalised", edits["normalised"], edits["strengths"])]
+        if "random" in edits:
+            modes.append(("random", edits["random"], edits["strengths"]))
         if "iterative" in edits:
             modes.append(("iterative", edits["iterative"][None], edits["iterative_strengths"]))
         for mode, images, strengths in modes:
@@ -154,6 +203,14 @@ def run_meaning(run_dirs: list[str], out_csv: str | os.PathLike, summary_csv: st
     summary = summarise(table)
     with atomic_file(summary_csv) as tmp:
         summary.to_csv(tmp, index=False)
+    abl = ablation(table)
+    ablation_csv = Path(summary_csv).with_name("meaning_random.csv") if ablation_csv is None else Path(ablation_csv)
+    with atomic_file(ablation_csv) as tmp:
+        abl.to_csv(tmp, index=False)
+    for r in abl.itertuples():
+        log.info("t=%d γ=%+g %-6s n=%d: factor changed %.2f [%.2f, %.2f], no object %.2f [%.2f, %.2f], pixel change %.3f",
+                 r.timestep, r.strength, r.mode, r.n, r.factor_rate, r.factor_low, r.factor_high,
+                 r.lost_rate, r.lost_low, r.lost_high, r.pixel_change)
     log.info("meaning: %d edits judged; dominant factors %s", len(table),
              summary.groupby("dominant").size().to_dict())
     return summary

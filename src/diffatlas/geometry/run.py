@@ -4,7 +4,8 @@ Path grammar (``results/geometry/{model}/``)::
 
     t{timestep}/basis.safetensors   v [N, n, C, h, w], u [N, n, d], s [N, n], residuals [N, n],
                                     x_t [N, C, h, w], x_T [N, C, h, w]      (float32)
-    t{timestep}/edits.safetensors   strengths [S]; linear, normalised [E, m, S, H, W, 3] (uint8);
+    t{timestep}/edits.safetensors   strengths [S]; linear, normalised, random [E, m, S, H, W, 3] (uint8);
+                                    random_directions [E, m, C, h, w] (unit norm, float32);
                                     iterative [m_i, S_i, H, W, 3] (uint8), iterative_strengths [S_i],
                                     transport_cos [m_i, S_i]
     t{timestep}/meta.json           model, layer, module path, timestep, ᾱ_t, seed, pooling, prompt,
@@ -51,6 +52,20 @@ log = logging.getLogger(__name__)
 
 PATH_SAMPLE_OFFSET = 100_000
 """Sample ids of the path-length endpoints start here (disjoint from the analysed samples)."""
+RANDOM_SEED_OFFSET = 200_000
+"""Offset of the random-direction generator's seed (disjoint from the basis and path seeds)."""
+
+
+def random_directions(cfg: GeometryConfig, timestep: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Unit vectors [*shape[:-3], C, h, w] in X, uniform on the sphere, seeded by (seed, timestep).
+
+    The control of Park et al.'s ablation: the edits take random directions of the same norm as
+    the semantic v's (unit). Drawn on a CPU generator, then moved, so they do not depend on the device.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + RANDOM_SEED_OFFSET + timestep)
+    r = torch.randn(shape, generator=gen, dtype=torch.float64)
+    r = r / r.flatten(-3).norm(dim=-1)[..., None, None, None]
+    return r.to(like.device, like.dtype)
 
 
 def _pullback(handle, cfg: GeometryConfig, timestep: int) -> PullbackMap:
@@ -176,13 +191,18 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
         x0_normalise(den, x_t[i:i + 1], edited[i].reshape(-1, *x_t.shape[1:]), timestep, cfg.kappa).reshape(edited[i].shape)
         for i in range(E)
     ])
-    both = _denoise_images(handle, den, torch.stack([edited, normalised]), timestep, cfg)
+    # The same one-step edit along random unit directions (one per edited v): the ablation's control.
+    rand = random_directions(cfg, timestep, (E, m, *x_t.shape[1:]), x_t)
+    randomised = torch.stack([linear_edits(x_t[i], rand[i], strengths) for i in range(E)])
+    both = _denoise_images(handle, den, torch.stack([edited, normalised, randomised]), timestep, cfg)
     timings["edits_s"] = time.perf_counter() - tic
 
     tensors: dict[str, torch.Tensor] = {
         "strengths": torch.tensor(strengths, dtype=torch.float32, device="cpu"),
         "linear": torch.from_numpy(np.ascontiguousarray(both[0])),
         "normalised": torch.from_numpy(np.ascontiguousarray(both[1])),
+        "random": torch.from_numpy(np.ascontiguousarray(both[2])),
+        "random_directions": rand.float().contiguous().cpu(),
     }
 
     # -- iterative edits (geodesic shooting with parallel transport) for sample 0
@@ -210,7 +230,8 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
         converged=basis.converged,
         max_residual=float(basis.residuals.max()),
         singular_values_mean=basis.s.mean(0).tolist(),
-        edit={"samples": E, "directions": m, "strengths": strengths, "kappa": cfg.kappa},
+        edit={"samples": E, "directions": m, "strengths": strengths, "kappa": cfg.kappa,
+              "random": "one unit direction per edited v, Gaussian then normalised, one-step linear edit"},
         iterative=it_info,
         timings=timings,
     )
