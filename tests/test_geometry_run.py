@@ -65,7 +65,7 @@ def test_basis_and_edit_artifacts(runs):
     assert "iterative" not in load_file(str(out[999] / "edits.safetensors"))  # only at iterative_timesteps
     # The ablation's control: one random unit direction per edited v, the same one-step edit.
     assert e["random"].shape == e["linear"].shape and e["random"].dtype == torch.uint8
-    assert torch.equal(e["random"][:, :, 1], e["linear"][:, :, 1])  # γ = 0: the same unedited image
+    assert torch.equal(e["random"][:, :, 1], e["linear"][:, :, 1])  # γ = 0: the unedited image (shared)
     assert not torch.equal(e["random"][:, :, 0], e["linear"][:, :, 0])
     r = e["random_directions"]
     assert r.shape == (2, 1, 3, 32, 32) and r.dtype == torch.float32

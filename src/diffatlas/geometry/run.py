@@ -192,16 +192,21 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
         for i in range(E)
     ])
     # The same one-step edit along random unit directions (one per edited v): the ablation's control.
+    # γ = 0 is the unedited image the semantic edits already denoised, so only γ != 0 is denoised.
     rand = random_directions(cfg, timestep, (E, m, *x_t.shape[1:]), x_t)
-    randomised = torch.stack([linear_edits(x_t[i], rand[i], strengths) for i in range(E)])
-    both = _denoise_images(handle, den, torch.stack([edited, normalised, randomised]), timestep, cfg)
+    moved = [g for g in strengths if g != 0]
+    randomised = torch.stack([linear_edits(x_t[i], rand[i], moved) for i in range(E)])  # [E, m, S-1, C, h, w]
+    both = _denoise_images(handle, den, torch.stack([edited, normalised]), timestep, cfg)
+    rand_imgs = both[0].copy()
+    if moved:
+        rand_imgs[:, :, [j for j, g in enumerate(strengths) if g != 0]] = _denoise_images(handle, den, randomised, timestep, cfg)
     timings["edits_s"] = time.perf_counter() - tic
 
     tensors: dict[str, torch.Tensor] = {
         "strengths": torch.tensor(strengths, dtype=torch.float32, device="cpu"),
         "linear": torch.from_numpy(np.ascontiguousarray(both[0])),
         "normalised": torch.from_numpy(np.ascontiguousarray(both[1])),
-        "random": torch.from_numpy(np.ascontiguousarray(both[2])),
+        "random": torch.from_numpy(np.ascontiguousarray(rand_imgs)),
         "random_directions": rand.float().contiguous().cpu(),
     }
 
