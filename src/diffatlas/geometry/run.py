@@ -63,7 +63,7 @@ def random_directions(cfg: GeometryConfig, timestep: int, shape: tuple[int, ...]
     the semantic v's (unit). Drawn on a CPU generator, then moved, so they do not depend on the device.
     """
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + RANDOM_SEED_OFFSET + timestep)
-    r = torch.randn(shape, generator=gen, dtype=torch.float64)
+    r = torch.randn(shape, generator=gen, dtype=torch.float64, device="cpu")
     r = r / r.flatten(-3).norm(dim=-1)[..., None, None, None]
     return r.to(like.device, like.dtype)
 
