@@ -299,7 +299,7 @@ def to_host(results: dict[str, Captured]) -> tuple[dict[str, tuple[torch.Tensor,
     def host(x: torch.Tensor | None) -> torch.Tensor | None:
         if x is None or x.device.type != "cuda":
             return None if x is None else x.detach()
-        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)  # the host buffer
         buf.copy_(x, non_blocking=True)
         return buf
 
