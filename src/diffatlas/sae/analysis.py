@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -449,7 +451,9 @@ def analyse(sae: TopKSAE, data, cfg: SAEConfig, device: torch.device | str = "cp
     sae.eval()
     data = as_samples(data)
     mine = mine_mask(data.is_val, cfg.mine_on)
+    t0 = time.perf_counter()
     acc, tracker = stream(sae, data, val=data.is_val, mine=mine, top_n=cfg.top_n, device=device)
+    seconds = time.perf_counter() - t0
     rec = acc.metrics(sae.k, cfg.dense_threshold)
     val_freq = rec.pop("_freq")
     n_mined = int(mine.sum())
@@ -488,6 +492,13 @@ def analyse(sae: TopKSAE, data, cfg: SAEConfig, device: torch.device | str = "cp
         "metrics_on": "validation split; post-TopK codes",
         **rec,
         "labels": labels,
+        "analysis": {
+            "passes": 1,
+            "samples": len(data.sample_ids),
+            "rows_per_read": getattr(data, "rows_per_read", None),
+            "seconds": seconds,
+            "samples_per_second": len(data.sample_ids) / seconds if seconds > 0 else float("nan"),
+        },
     }
     log.info(
         "val nmse %.4f fve %.4f l0 %.2f dead %.3f dense %.3f; purity fine %.3f coarse %.3f (chance %.3f / %.3f)",
@@ -495,3 +506,49 @@ def analyse(sae: TopKSAE, data, cfg: SAEConfig, device: torch.device | str = "cp
         labels["purity_fine"], labels["purity_coarse"], labels["chance_purity_fine"], labels["chance_purity_coarse"],
     )
     return metrics, latents
+
+
+def analyse_saved(
+    sae_dir: str | os.PathLike,
+    store_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    overrides: dict[str, Any] | None = None,
+    *,
+    layer: str | None = None,
+    timestep: int | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Analyse the SAE saved in ``sae_dir`` on a store, streaming; write ``metrics.json`` and
+    ``latents.parquet`` into ``out_dir`` (atomically). Settings: the SAE's recorded ``sae``
+    config, then ``overrides``; the input scale and split are the SAE's own."""
+    from pathlib import Path
+
+    from diffatlas.activations.store import ActivationStore
+    from diffatlas.io import atomic_dir, write_json
+    from diffatlas.sae.train import split_samples
+
+    sae, meta = TopKSAE.load(sae_dir, device=device)
+    cfg = SAEConfig.from_dict({**meta.get("sae_config", {}), **(overrides or {})})
+    layer = layer or meta.get("layer")
+    timestep = int(timestep if timestep is not None else meta.get("timestep"))
+    split = meta.get("split", {})
+    if "input_scale" not in meta or "seed" not in split or "val_fraction" not in split:
+        raise UserError(f"{Path(sae_dir) / 'cfg.json'} lacks input_scale or split (seed, val_fraction); re-train the SAE")
+    store = ActivationStore(store_path)
+    samples = StoreSamples(
+        store, layer, timestep, cfg.samples, scale=float(meta["input_scale"]),
+        is_val=split_samples(len(store), float(split["val_fraction"]), int(split["seed"])),
+    )
+    if samples.d != sae.arch.d_in:
+        raise UserError(f"{samples.where} has {samples.d} channels; the SAE in {sae_dir} reads {sae.arch.d_in}")
+    metrics, latents = analyse(sae, samples, cfg, device=device)
+    provenance = {k: meta.get(k) for k in ("model", "dataset", "module_path", "pooling", "prompt", "conditioning", "noise")}
+    metrics = {
+        **provenance, "store": str(store.path), "layer": layer, "timestep": timestep,
+        "alpha_bar": float(store.alpha_bar[store.t_index(timestep)]), "samples": cfg.samples, "seed": cfg.seed,
+        "sae": str(sae_dir), **metrics,
+    }
+    with atomic_dir(out_dir) as tmp:
+        write_json(Path(tmp) / "metrics.json", metrics)
+        latents.to_parquet(Path(tmp) / "latents.parquet", index=False)
+    return metrics
