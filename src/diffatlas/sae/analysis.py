@@ -80,8 +80,11 @@ from diffatlas.sae.stats import (  # noqa: F401  (re-exported: the label statist
 
 log = logging.getLogger(__name__)
 
-#: Vectors encoded at once while streaming (bounds the [vectors, n] code tensor).
+#: Vectors per read when the samples are already in memory.
 CHUNK_VECTORS = 2048
+#: Elements of the dense [vectors, latents] code tensor of one step (32 MB in float32): the
+#: vectors encoded at once are as many as fit, at most one read chunk.
+CODE_BUDGET = 1 << 23
 GRANULARITIES = ("fine", "coarse")
 
 
@@ -332,7 +335,7 @@ def stream(
     rec = Reconstruction(sae.arch.d_in, n, device=device)
     tracker = TopTracker(n, top_n, device=device, n_classes=n_classes)
     p = data.positions
-    per = max(1, CHUNK_VECTORS // p)  # samples encoded at once
+    per = max(1, CODE_BUDGET // (n * p))  # samples encoded at once
     n_chunks = None
     if hasattr(data, "rows_per_read"):
         n_chunks = math.ceil(len(data.sample_ids) / data.rows_per_read)
