@@ -186,8 +186,9 @@ def main() -> int:
                 res["inner"] = f"one pass {inner['seconds']:.0f} s, {inner['samples_per_second']:.0f} samples/s ({n * args.size**2} vectors)"
             rows.append(res)
             status = "ok" if res["rc"] == 0 else f"FAILED (exit {res['rc']}): {res['last_error']}"
-            print(f"  {status}; wall {res['wall_s']:.1f} s; peak RSS {res['peak_rss_mb']:.0f} MB; "
-                  f"{res['throughput']:.0f} {unit}/s" + (f"; {res['inner']}" if "inner" in res else ""), flush=True)
+            speed = f"{res['throughput']:.0f} {unit}/s" if res["rc"] == 0 else "no throughput (failed)"
+            print(f"  {status}; wall {res['wall_s']:.1f} s; peak RSS {res['peak_rss_mb']:.0f} MB; {speed}"
+                  + (f"; {res['inner']}" if "inner" in res else ""), flush=True)
     finally:
         if args.keep:
             print(f"kept: {work}")
@@ -195,8 +196,8 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     print("\nphase        status  wall_s  peak_RSS_MB  throughput")
     for r in rows:
-        print(f"{r['phase']:12s} {'ok' if r['rc'] == 0 else 'FAILED':7s} {r['wall_s']:6.1f}  {r['peak_rss_mb']:11.0f}  "
-              f"{r['throughput']:.0f} {r['unit']}/s")
+        speed = f"{r['throughput']:.0f} {r['unit']}/s" if r["rc"] == 0 else "-"
+        print(f"{r['phase']:12s} {'ok' if r['rc'] == 0 else 'FAILED':7s} {r['wall_s']:6.1f}  {r['peak_rss_mb']:11.0f}  {speed}")
     under = all(r["rc"] == 0 and r["peak_rss_mb"] < 2048 for r in rows)
     print(f"\nall phases completed with peak RSS < 2 GB: {'yes' if under else 'no'}")
     return 0 if under else 1
