@@ -6,7 +6,9 @@ Rows are latents, columns a latent's top samples (their integer class ids):
 * :func:`sigma_label` — Revelio's σ_label: the unbiased (ddof = 1) standard deviation of the
   class ids, as their released code computes it (``torch.std`` default). It depends on how
   classes are numbered (our ids: indices of the sorted class names).
-* :func:`purity` (share of the majority label) and :func:`label_entropy` (bits): order-free.
+* :func:`purity` (share of the majority label) and :func:`label_entropy` (bits): order-free,
+  functions of a row's label counts (``*_of_counts``), so the same formulas serve the labels
+  of every sample a latent fires on, counted while streaming.
 * :func:`rank_latents` — Revelio's ranking: latents firing on more than ``min_active``
   samples, by mean activation when active (or max), descending; :func:`curves` — mean
   statistic over the first N ranked latents for every N;
@@ -34,32 +36,55 @@ def sigma_label(codes: np.ndarray) -> np.ndarray:
     return codes.std(axis=1, ddof=1)
 
 
-def _counts(codes: np.ndarray) -> np.ndarray:
+def label_counts(codes: np.ndarray, n_classes: int | None = None) -> np.ndarray:
+    """Per-row label counts: [m, t] integer class ids -> [m, n_classes] (default max id + 1)."""
     codes = np.asarray(codes, dtype=np.int64)
-    n_cls = int(codes.max()) + 1 if codes.size else 1
-    out = np.zeros((codes.shape[0], n_cls), dtype=np.int64)
+    if n_classes is None:
+        n_classes = int(codes.max()) + 1 if codes.size else 1
+    out = np.zeros((codes.shape[0], n_classes), dtype=np.int64)
     np.add.at(out, (np.repeat(np.arange(codes.shape[0]), codes.shape[1]), codes.ravel()), 1)
     return out
 
 
+# The order-free statistics are functions of a row's label counts: the top samples' labels
+# (counted by label_counts) and the labels of every sample a latent fires on (counted while
+# streaming, see analysis.TopTracker) go through the same formulas.
+def purity_of_counts(counts: np.ndarray) -> np.ndarray:
+    """Share of the majority label per row of counts [m, C] -> [m] (NaN for an all-zero row)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, counts.max(axis=1, initial=0) / total, np.nan)
+
+
+def majority_of_counts(counts: np.ndarray) -> np.ndarray:
+    """Majority class id per row of counts [m, C] (lowest id on ties) -> [m]."""
+    return np.asarray(counts).argmax(axis=1)
+
+
+def entropy_of_counts(counts: np.ndarray) -> np.ndarray:
+    """Shannon entropy (bits) of the label distribution per row of counts [m, C] -> [m]."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(total > 0, counts / total, 0.0)
+        terms = np.where(p > 0, -p * np.log2(np.where(p > 0, p, 1.0)), 0.0)
+    return np.where(total[:, 0] > 0, terms.sum(axis=1), np.nan)
+
+
 def purity(codes: np.ndarray) -> np.ndarray:
     """Share of the majority label per row (order-free). [m, t] -> [m]."""
-    codes = np.asarray(codes)
-    return _counts(codes).max(axis=1) / codes.shape[1]
+    return purity_of_counts(label_counts(codes))
 
 
 def majority(codes: np.ndarray) -> np.ndarray:
     """Majority class id per row (lowest id on ties). [m, t] -> [m]."""
-    return _counts(codes).argmax(axis=1)
+    return majority_of_counts(label_counts(codes))
 
 
 def label_entropy(codes: np.ndarray) -> np.ndarray:
     """Shannon entropy (bits) of the labels per row (order-free). [m, t] -> [m]."""
-    codes = np.asarray(codes)
-    p = _counts(codes) / codes.shape[1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, -p * np.log2(np.where(p > 0, p, 1.0)), 0.0)
-    return terms.sum(axis=1)
+    return entropy_of_counts(label_counts(codes))
 
 
 STATS = {"sigma_label": sigma_label, "purity": purity, "entropy": label_entropy}
