@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -69,3 +70,20 @@ def test_cuda_without_gpu_is_a_clear_error():
         pytest.skip("a GPU is present")
     with pytest.raises(UserError, match="device 'cuda' requested.*config key device.*set device: auto or cpu"):
         pick_device("cuda")
+
+
+def test_cpu_allocator_failure_is_a_clear_error(monkeypatch, capsys):
+    """torch's CPU allocator raises a plain RuntimeError, not OutOfMemoryError: the CLI still names it."""
+    import types
+
+    import diffatlas.cli as cli_mod
+
+    def allocate(argv):  # a real allocation far past any machine's memory (2**62 bytes)
+        return torch.empty(2**59, dtype=torch.float64, device="cpu").sum()
+
+    monkeypatch.setattr(cli_mod, "available_commands", lambda: ["huge"])
+    monkeypatch.setitem(sys.modules, "diffatlas.commands.huge", types.SimpleNamespace(main=allocate))
+    rc = cli_mod.main(["huge"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "out of memory" in err and "batch_size" in err

@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"diffatlas {name}: error: {err}\n")
         return 2
     except (MemoryError, RuntimeError) as err:
-        if not isinstance(err, MemoryError) and type(err).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError
+        # torch.OutOfMemoryError (devices) and the CPU allocator's RuntimeError ("can't allocate memory")
+        cpu_oom = "can't allocate memory" in str(err)
+        if not isinstance(err, MemoryError) and type(err).__name__ != "OutOfMemoryError" and not cpu_oom:
             raise
         first = (str(err).strip().splitlines() or ["out of memory"])[0]
         msg = (f"out of memory ({first}); lower this stage's batch_size or chunk settings in the config "
