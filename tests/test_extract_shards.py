@@ -196,8 +196,8 @@ def test_a_changed_manifest_changes_only_the_digests_of_its_shards(tmp_path):
 def _snakemake(cwd: Path, *args: str) -> str:
     env = dict(os.environ, DIFFATLAS_NO_PROGRESS="1")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(ROOT / "Snakefile"), "-d", str(cwd),
-                           "--configfile", str(cwd / "config.yaml"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "snakemake", *args, "--cores", "2", "-s", str(ROOT / "Snakefile"), "-d", str(cwd),
+                           "--configfile", str(cwd / "config.yaml")], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
@@ -216,18 +216,22 @@ def _config(cwd: Path, n: int) -> None:
 @pytest.mark.workflow
 def test_snakemake_reruns_a_missing_shard_alone_and_adds_shards_without_redoing_others(tmp_path):
     make_tiny_model("pixel", tmp_path / "model", seed=0)
-    target = "results/activations/shapesworld/shapesworld/t300.zarr"
+    target, index = "results/activations/shapesworld/shapesworld/t300.zarr", "results/data/shapesworld/index.json"
     _config(tmp_path, 16)
-    _snakemake(tmp_path, target)
+    _snakemake(tmp_path, target, index)
     shards = tmp_path / "results" / "activations" / "shapesworld" / "shapesworld" / "shards" / "t300"
     assert sorted(p.name for p in shards.iterdir()) == ["00000.zarr", "00001.zarr"]
     assert ActivationStore(tmp_path / target).sample_ids.tolist() == list(range(16))
 
-    # a lost shard store: its job and the gather, nothing else
-    shutil.rmtree(shards / "00001.zarr")
+    # a failed shard (its store absent, so the gather never ran): its job and the gather, nothing else
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    os.replace(shards / "00001.zarr", aside / "00001.zarr")
+    os.replace(tmp_path / target, aside / "t300.zarr")
     jobs = planned_jobs(_snakemake(tmp_path, target, "-n"))
     assert sorted((r, w.get("shard", "")) for r, w in jobs) == [("extract_shard", "00001"), ("gather_extract", "")]
-    _snakemake(tmp_path, target)
+    os.replace(aside / "00001.zarr", shards / "00001.zarr")  # back as they were (saves a run)
+    os.replace(aside / "t300.zarr", tmp_path / target)
 
     # more images: one new data shard and its extraction; the finished shards stay as they are
     data = tmp_path / "results" / "data" / "shapesworld"
@@ -235,10 +239,10 @@ def test_snakemake_reruns_a_missing_shard_alone_and_adds_shards_without_redoing_
                shards / "00000.zarr" / "zarr.json", shards / "00001.zarr" / "pooled__mid" / "c" / "0" / "0" / "0"]
     before = [p.stat().st_mtime_ns for p in watched]
     _config(tmp_path, 20)
-    jobs = planned_jobs(_snakemake(tmp_path, target, "-n"))
+    jobs = planned_jobs(_snakemake(tmp_path, target, index, "-n"))
     assert sorted((r, w.get("shard", "")) for r, w in jobs) == [
         ("dataset_index", ""), ("extract_shard", "00002"), ("gather_extract", ""), ("make_dataset_shard", "00002")]
-    _snakemake(tmp_path, target)
+    _snakemake(tmp_path, target, index)
     assert [p.stat().st_mtime_ns for p in watched] == before
     store = ActivationStore(tmp_path / target)
     assert store.sample_ids.tolist() == list(range(20))
