@@ -102,6 +102,35 @@ def dataset_dir(name):
     return str(Path(RESULTS, "data", name))
 
 
+# Datasets larger than extract.shard_size are written and extracted in shards
+# (diffatlas.data.shards): planned here, from the config (ShapesWorld) or a listing of the
+# source (image folder, manifest; no image is opened). A dataset with one shard keeps the plain
+# layout and today's jobs.
+from diffatlas.data.shards import INDEX as DATASET_INDEX, SHARDS as DATASET_SHARDS_DIR, plan_shards, shard_section
+
+SHARD_SIZE = config["extract"].get("shard_size")
+try:
+    DATASET_SHARDS = {name: plan_shards(section, name, SHARD_SIZE) or [] for name, section in config["datasets"].items()}
+except UserError as _err:
+    raise WorkflowError(str(_err)) from None
+SHARD_PLAN = {(name, p.name): p for name, plans in DATASET_SHARDS.items() for p in plans}
+
+
+def names_pattern(names):
+    """A wildcard constraint matching exactly ``names`` (none: a pattern that matches nothing)."""
+    return "|".join(names) or "(?!)"
+
+
+SHARDED_DATASETS = names_pattern([n for n, plans in DATASET_SHARDS.items() if plans])
+PLAIN_DATASETS = names_pattern([n for n, plans in DATASET_SHARDS.items() if not plans])
+
+
+def dataset_input(name):
+    """What a rule reading dataset ``name`` depends on, and passes as its path: the dataset
+    directory, or a sharded dataset's index.json (diffatlas.data.dataset.load_dataset reads both)."""
+    return str(Path(dataset_dir(name), DATASET_INDEX)) if DATASET_SHARDS[name] else dataset_dir(name)
+
+
 def step_times(model, section, stage, drop_from):
     """The training steps ``stage`` runs ``model`` at: ``models.<model>.timesteps`` if set, else
     ``<section>.timesteps`` (diffatlas.models.diffusion.timesteps_for). Results are named by

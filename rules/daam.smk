@@ -79,7 +79,7 @@ rule daam_real:
         "../envs/torch.yaml"
     input:
         model=lambda wc: model_input(wc.model),
-        dataset=lambda wc: dataset_dir(wc.dataset),
+        dataset=lambda wc: dataset_input(wc.dataset),
     output:
         directory(daam_dir("{model}", "real", "{dataset}")),
     params:

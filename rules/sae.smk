@@ -188,7 +188,7 @@ rule sae_gallery:
         "../envs/analysis.yaml"
     input:
         latents=str(Path(SAE_DIR, "latents.parquet")),
-        dataset=lambda wc: dataset_dir(wc.dataset),
+        dataset=lambda wc: dataset_input(wc.dataset),
     output:
         SAE_GALLERY,
     params:

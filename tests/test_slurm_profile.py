@@ -159,10 +159,14 @@ def test_dry_run_through_the_slurm_profile(tmp_path):
     for rule, body in _JOB.findall(out):
         res = re.search(r"^\s+resources: (.*)$", body, re.M)
         jobs[rule] = dict(kv.split("=", 1) for kv in res.group(1).split(", ")) if res else {}
-    assert set(jobs) >= {"make_dataset", "extract"}, out[-3000:]
-    # extract runs the model: GPU; make_dataset renders images: CPU
-    assert jobs["extract"].get("gpu") == "1"
-    assert "gpu" not in jobs["make_dataset"]
+    # the tiny config shards its dataset: one data job and one extraction job per shard, a
+    # gather, and an SAE on the gathered store
+    assert set(jobs) >= {"make_dataset_shard", "dataset_index", "extract_shard", "gather_extract", "train_sae"}, out[-3000:]
+    # extraction and SAE training run the model: GPU; rendering images and gathering: CPU
+    assert jobs["extract_shard"].get("gpu") == "1" and jobs["train_sae"].get("gpu") == "1"
+    assert "gpu" not in jobs["make_dataset_shard"] and "gpu" not in jobs["gather_extract"]
+    planned = [rule for rule, _ in _JOB.findall(out)]
+    assert planned.count("make_dataset_shard") == 3 and planned.count("extract_shard") == 3, planned
     for rule, res in jobs.items():
         assert "slurm_partition" not in res and "slurm_account" not in res, rule
         assert int(res["mem_mb"]) > 0 and int(res["runtime"]) > 0, rule

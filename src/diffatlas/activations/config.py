@@ -35,7 +35,8 @@ class ExtractConfig(ConfigSection):
     SECTION = "extract"
     # The workflow grid: a job extracts one (model, dataset, timestep), given as paths and
     # ``--timestep``, so adding a timestep re-runs no finished job.
-    JOB_FREE_KEYS = ("models", "datasets", "timesteps")
+    # shard_size cuts the grid further (which samples a job gets, as its dataset shard).
+    JOB_FREE_KEYS = ("models", "datasets", "timesteps", "shard_size")
 
     models: list[str] = field(default_factory=lambda: ["shapesworld"])
     """Names from ``models`` to extract (workflow grid)."""
@@ -55,6 +56,10 @@ class ExtractConfig(ConfigSection):
     """Cap on each side of a stored map (average pooling); null keeps full size."""
     batch_size: int = 64
     """Images per forward pass."""
+    shard_size: int | None = None
+    """Samples per shard: a larger dataset is ingested in shards of this many candidates and
+    extracted one job per (model, dataset, timestep, shard), then gathered into one store; a
+    multiple of batch_size lets the gather link chunks instead of copying them. null = one shard."""
     seed: int = 0
     """Seed of the per-(image, timestep) noise."""
     noise: str = "forward"
@@ -104,6 +109,8 @@ class ExtractConfig(ConfigSection):
             value = getattr(self, key)
             if not _is_int(value) or value < low:
                 raise _bad(key, value, f"an integer >= {low}")
+        if self.shard_size is not None and (not _is_int(self.shard_size) or self.shard_size < 1):
+            raise _bad("shard_size", self.shard_size, "null (one shard) or an integer >= 1")
         if self.noise not in NOISE_MODES:
             raise _bad("noise", self.noise, ", ".join(NOISE_MODES))
         if self.noise == "inversion" and self.noise_ensemble != 1:

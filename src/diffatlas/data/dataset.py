@@ -9,6 +9,9 @@ Layout::
                        words, relations, ...; ingested images: path)
     info.json          name, kind, config, counts, classes, skipped files, checksums
 
+A dataset larger than ``extract.shard_size`` is a directory of such directories, one per
+shard, with an index (:mod:`diffatlas.data.shards`); :func:`load_dataset` reads both layouts.
+
 Writers build the directory under a temporary name and rename it into place when complete
 (:func:`diffatlas.io.atomic_dir`), so a failed job never leaves a dataset that looks whole.
 """
@@ -206,8 +209,14 @@ def load_dataset(path: str | os.PathLike, mmap: bool = False) -> Dataset:
     """Read a dataset directory written by :func:`write_dataset` or the ingestion.
 
     ``mmap=True`` maps the arrays read-only instead of loading them (large real datasets).
-    Raises :class:`UserError` naming the missing or inconsistent file.
+    A sharded dataset (:mod:`diffatlas.data.shards`: its directory or its index.json) reads
+    as one, rows in shard order. Raises :class:`UserError` naming the missing or
+    inconsistent file.
     """
+    from diffatlas.data.shards import is_sharded, load_sharded
+
+    if is_sharded(path):
+        return load_sharded(path, mmap=mmap)
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"dataset directory not found: {path} (make it with `diffatlas make-dataset` or the make_dataset rule)")

@@ -31,6 +31,7 @@ an error naming its row or folder.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -280,14 +281,47 @@ def _handle_duplicates(cands: list[Candidate], cfg: ManifestConfig, file: Path, 
 # ----------------------------------------------------------------------------- ingestion
 
 
-def ingest(cfg: ImageFolderConfig | ManifestConfig, out: str | os.PathLike, name: str = "dataset", threads: int = 1) -> dict[str, Any]:
+def candidates_of(cfg: ImageFolderConfig | ManifestConfig, notes: dict[str, Any] | None = None) -> list[Candidate]:
+    """Every candidate of the source, in sample order (no image is opened)."""
+    return list_image_folder(cfg, notes) if isinstance(cfg, ImageFolderConfig) else read_manifest(cfg, notes)
+
+
+def ingest(
+    cfg: ImageFolderConfig | ManifestConfig,
+    out: str | os.PathLike,
+    name: str = "dataset",
+    threads: int = 1,
+    rows: tuple[int, int] | None = None,
+    digest: str | None = None,
+) -> dict[str, Any]:
     """Decode every candidate of ``cfg`` and write the dataset directory ``out``.
 
-    Returns the info dict written to info.json. Decoding runs on ``threads`` threads (PIL
-    releases the GIL) in fixed-size chunks whose results are consumed in order.
+    ``rows = (start, stop)`` ingests only candidates ``start:stop`` (one shard, see
+    :mod:`diffatlas.data.shards`); ``digest``, the shard's fingerprint from planning, must
+    still match, so a source edited after the workflow was planned is an error, not a shard
+    of other images under the old name. Returns the info dict written to info.json. Decoding
+    runs on ``threads`` threads (PIL releases the GIL) in fixed-size chunks whose results are
+    consumed in order.
     """
     notes: dict[str, Any] = {}
-    candidates = list_image_folder(cfg, notes) if isinstance(cfg, ImageFolderConfig) else read_manifest(cfg, notes)
+    candidates = candidates_of(cfg, notes)
+    if rows is not None:
+        start, stop = rows
+        if not 0 <= start < stop <= len(candidates):
+            raise UserError(
+                f"dataset {name}: shard rows {start}:{stop} are outside the {len(candidates)} candidates of {cfg.path}; "
+                "the source shrank since the workflow was planned: run snakemake again"
+            )
+        candidates = candidates[start:stop]
+        if digest is not None:
+            from diffatlas.data.shards import digest_lines
+
+            now = digest_lines([json.dumps([c.sample_id, c.path, c.label, c.coarse_label, c.caption, c.bad]) for c in candidates])
+            if now != digest:
+                raise UserError(
+                    f"dataset {name}: the candidates {start}:{stop} of {cfg.path} changed since the workflow was planned "
+                    f"(digest {now}, planned {digest}): run snakemake again"
+                )
     skipped: list[dict[str, str]] = []
     named_bad = [c for c in candidates if c.bad]
     if named_bad and cfg.on_bad_image == "error":  # known before decoding anything
@@ -333,6 +367,7 @@ def ingest(cfg: ImageFolderConfig | ManifestConfig, out: str | os.PathLike, name
                 "config": asdict(cfg),
                 "source": str(Path(cfg.path).resolve()),
                 "n_candidates": len(candidates),
+                **({"rows": list(rows), "digest": digest} if rows is not None else {}),
                 "n_skipped": len(skipped),
                 "skipped": skipped,
                 # what was dropped, merged or defaulted, and the rule that decided it

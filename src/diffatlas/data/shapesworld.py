@@ -332,12 +332,13 @@ def sample_scene(rng: np.random.Generator, first_class: str, cfg: ShapesWorldCon
     return [first]
 
 
-def generate_shapesworld(cfg: ShapesWorldConfig | dict[str, Any]) -> ShapesWorldData:
+def generate_shapesworld(cfg: ShapesWorldConfig | dict[str, Any], rows: range | None = None) -> ShapesWorldData:
     """Render the dataset described by ``cfg``; a pure function of the config.
 
     Sample ``i`` draws from its own generator seeded with ``(seed, i)``, so the first k
-    images are the same whatever ``n_samples`` is. The first-named object cycles through
-    the 12 fine classes, so fine and coarse labels are balanced.
+    images are the same whatever ``n_samples`` is, and ``rows`` (default: all ``n_samples``)
+    renders any range of sample ids alone (one shard of a sharded dataset). The first-named
+    object cycles through the 12 fine classes, so fine and coarse labels are balanced.
 
     meta columns: sample_id, label ("{colour} {shape}" of the first object), coarse_label
     (its shape), shape, colour, size (of the first object), caption, n_objects, and JSON
@@ -345,21 +346,22 @@ def generate_shapesworld(cfg: ShapesWorldConfig | dict[str, Any]) -> ShapesWorld
     """
     if isinstance(cfg, dict):
         cfg = ShapesWorldConfig(**cfg)
-    n, s = cfg.n_samples, cfg.image_size
+    ids = range(cfg.n_samples) if rows is None else rows
+    n, s = len(ids), cfg.image_size
     images = np.empty((n, s, s, 3), dtype=np.uint8)
     masks = np.zeros((n, MAX_OBJECTS, s, s), dtype=bool)
-    rows = []
-    for i in range(n):
+    table = []
+    for row, i in enumerate(ids):
         rng = np.random.default_rng([cfg.seed, i])
         objects = sample_scene(rng, FINE_CLASSES[i % len(FINE_CLASSES)], cfg)
         size_flags = [bool(f) for f in rng.random(len(objects)) < cfg.size_word_prob]
         colour_flags = [bool(f) for f in rng.random(len(objects)) < cfg.colour_word_prob]
         caption = caption_for(objects, size_flags, colour_flags)
         image, obj_masks = render_scene(objects, s)
-        images[i] = image
-        masks[i, : len(objects)] = obj_masks
+        images[row] = image
+        masks[row, : len(objects)] = obj_masks
         first = objects[0]
-        rows.append(
+        table.append(
             {
                 "sample_id": i,
                 "label": f"{first['colour']} {first['shape']}",
@@ -374,7 +376,7 @@ def generate_shapesworld(cfg: ShapesWorldConfig | dict[str, Any]) -> ShapesWorld
                 "relations": json.dumps(caption.relations),
             }
         )
-    meta = pd.DataFrame(rows)
+    meta = pd.DataFrame(table)
     meta["sample_id"] = meta["sample_id"].astype("int64")
     meta["n_objects"] = meta["n_objects"].astype("int64")
     return ShapesWorldData(images=images, masks=masks, meta=meta)
