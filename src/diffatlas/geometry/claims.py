@@ -3,7 +3,7 @@
 Each claim becomes one or two rows of ``claims.csv`` / ``claims.md``: the measure, its value,
 a 95% interval, n (the units the interval resamples), the criterion and the verdict. A claim
 is **supported** when the interval lies entirely on the claimed side of the no-effect value
-(a difference > 0, a ratio > 1, an agreement rate > 0.5); otherwise it is **not supported**,
+(a difference > 0, a ratio > 1, an agreement rate above chance and 0.5); otherwise it is **not supported**,
 and ``direction`` says whether the point estimate at least points the claimed way (``as
 claimed``), the other way (``opposite``) or neither (``none``). A claim whose inputs are
 missing is ``not measured``. Small demo runs leave most intervals wide: read n.
@@ -20,7 +20,8 @@ semantic_vs_random        meaning.csv: over every γ != 0, "an object is kept an
                           sample, direction, γ) where the reference shows an object; and from
                           edit_quality.csv the share of damaged (not plausible) images of random
                           minus semantic edits.
-global_agreement          global_agreement.csv: pooled judge agreement (Wilson) > 0.5.
+global_agreement          global_agreement.csv: pooled judge agreement (Wilson) above 0.5 and
+                          above the chance agreement of shuffled samples.
 slerp_shorter             path_lengths.csv: lerp minus slerp semantic length, per pair.
 lerp_ends_highest         path_segments.csv: lerp's mean segment D_geo in the outer quarters
                           over the middle half, per pair (> 1).
@@ -170,11 +171,14 @@ def global_claims(agreement) -> list[dict[str, Any]]:
     pooled = agreement[agreement["direction"].astype(str) == "all"].iloc[0]
     per = agreement[agreement["direction"].astype(str) != "all"]
     majority = per.groupby("majority_factor")["n"].count().sort_values(ascending=False)
-    detail = "majority factors over (direction, γ): " + ", ".join(f"{f} {c}" for f, c in majority.items())
+    chance = float(pooled["chance"])
+    detail = (f"chance (samples shuffled across (direction, γ)) {chance:.3f}; majority factors over (direction, γ): "
+              + ", ".join(f"{f} {c}" for f, c in majority.items()))
     return [_row("global_agreement", stmt, "share of samples whose edit changed the majority factor",
                  float(pooled["agreement"]), float(pooled["low"]), float(pooled["high"]), int(pooled["n"]),
-                 "edit (sample, global direction, γ != 0)", 0.5, "agreement > 0.5 (95% Wilson interval above 0.5)",
-                 "global_agreement.csv", detail)]
+                 "edit (sample, global direction, γ != 0)", max(0.5, chance),
+                 f"agreement > max(0.5, chance {chance:.3f}) (95% Wilson interval above it)", "global_agreement.csv",
+                 detail)]
 
 
 def path_claims(lengths, segments) -> list[dict[str, Any]]:
@@ -199,7 +203,7 @@ def path_claims(lengths, segments) -> list[dict[str, Any]]:
              "difference > 0 (95% interval above 0)", "path_lengths.csv", f"mean semantic length: {means}"),
         _row("lerp_ends_highest", s2, "lerp segment D_geo, outer quarters / middle half", *_mean_ci(ratio), len(ratio),
              unit, 1.0, "ratio > 1 (95% interval above 1)", "path_segments.csv",
-             "mean lerp profile: " + " ".join(f"{x:.3f}" for x in lerp_seg.mean(0))),
+             "mean lerp profile: " + " ".join(f"{x:.3f}" for x in lerp_seg.mean(axis=0))),
         _row("geodesic_shortest", s3, "semantic length, min(lerp, slerp) - geodesic", *_mean_ci(geo), len(geo), unit,
              0.0, "difference > 0 (95% interval above 0)", "path_lengths.csv", f"mean semantic length: {means}"),
     ]

@@ -46,7 +46,11 @@ each (direction, strength) the judge says which factors each sample's edit chang
 that sample's strength-0 image); the *majority factor* is the one changed in the most samples
 (ties: the first in :data:`FACTORS`), and the agreement is the share of samples whose edit
 changed it (a lost object changes no factor). Pooled over directions and strengths with a
-Wilson interval.
+Wilson interval. The majority of a few samples agrees with itself by construction (with 3
+samples, two alike make 2/3), so the pooled row also carries the *chance* agreement
+(:func:`chance_agreement`): the same statistic after shuffling, per sample, which
+(direction, strength) each of its edits belongs to - what samples whose changes have nothing
+to do with the direction would score.
 """
 
 from __future__ import annotations
@@ -258,6 +262,28 @@ def agreement(changed: np.ndarray) -> tuple[int, int, int]:
     return f, int(counts[f]), int(c.shape[0])
 
 
+CHANCE_PERMUTATIONS = 500
+"""Shuffles behind :func:`chance_agreement` (seeded: the same table on every run)."""
+
+
+def chance_agreement(changed: np.ndarray, n_perm: int = CHANCE_PERMUTATIONS, seed: int = 0) -> float:
+    """Pooled agreement expected when samples' changes are unrelated to the direction.
+
+    changed: [G, K, F] (sample, (direction, strength) group, factor; 0/1, NaN = 0). Each
+    permutation shuffles every sample's K groups independently and pools :func:`agreement`
+    over the groups; returns the mean over ``n_perm`` permutations.
+    """
+    c = np.nan_to_num(np.asarray(changed, dtype=np.float64), nan=0.0) > 0
+    G, K, _ = c.shape
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for _ in range(n_perm):
+        perm = np.stack([rng.permutation(K) for _ in range(G)])  # [G, K]
+        shuffled = c[np.arange(G)[:, None], perm]  # [G, K, F]
+        total += sum(agreement(shuffled[:, k])[1] for k in range(K)) / (G * K)
+    return total / n_perm
+
+
 def global_agreement(images: np.ndarray, strengths, *, describe_fn: Callable[[np.ndarray], list] = describe):
     """Judge agreement of global directions across samples (module docstring).
 
@@ -276,6 +302,14 @@ def global_agreement(images: np.ndarray, strengths, *, describe_fn: Callable[[np
     return edits, pd.DataFrame(rows, columns=["direction", "strength", "majority_factor", "k", "n", "agreement"])
 
 
+def changed_cube(edits) -> np.ndarray:
+    """The per-edit table of :func:`global_agreement` as changed [G, K, F] (K = (direction, strength) groups)."""
+    cols = [f"{f}_changed" for f in FACTORS]
+    e = edits.sort_values(["sample", "direction", "strength"])
+    G = e["sample"].nunique()
+    return e[cols].to_numpy(dtype=np.float64).reshape(G, -1, len(FACTORS))
+
+
 def run_global_agreement(global_dir: str | os.PathLike, out_csv: str | os.PathLike) -> "pd.DataFrame":  # noqa: F821
     """Judge the global-direction edits of ``global_dir``; write one row per (direction, strength)
     and a pooled row (direction ``all``) with its 95% Wilson interval."""
@@ -286,20 +320,21 @@ def run_global_agreement(global_dir: str | os.PathLike, out_csv: str | os.PathLi
     from diffatlas.io import atomic_file
 
     tensors, meta = load_global(global_dir)
-    _, table = global_agreement(tensors["images"], tensors["strengths"])
+    edits, table = global_agreement(tensors["images"], tensors["strengths"])
     table.insert(0, "timestep", int(meta["timestep"]))
     table.insert(0, "model", meta["model"])
     table["direction"] = table["direction"].astype(str)
     k, n = int(table["k"].sum()), int(table["n"].sum())
     pooled = {"model": meta["model"], "timestep": int(meta["timestep"]), "direction": "all", "strength": float("nan"),
-              "majority_factor": "", "k": k, "n": n, "agreement": k / n if n else float("nan")}
+              "majority_factor": "", "k": k, "n": n, "agreement": k / n if n else float("nan"),
+              "chance": chance_agreement(changed_cube(edits)) if n else float("nan")}
     table = pd.concat([table, pd.DataFrame([pooled])], ignore_index=True)
     ci = [wilson(int(r.k), int(r.n)) for r in table.itertuples()]
     table["low"], table["high"] = [c[0] for c in ci], [c[1] for c in ci]
     with atomic_file(out_csv) as tmp:
         table.to_csv(tmp, index=False)
-    log.info("global directions at t=%s: judge agreement %d/%d = %.2f [%.2f, %.2f]", meta["timestep"], k, n,
-             pooled["agreement"], table["low"].iloc[-1], table["high"].iloc[-1])
+    log.info("global directions at t=%s: judge agreement %d/%d = %.2f [%.2f, %.2f] (chance %.2f)", meta["timestep"], k, n,
+             pooled["agreement"], table["low"].iloc[-1], table["high"].iloc[-1], pooled["chance"])
     return table
 
 
