@@ -125,7 +125,9 @@ def normalised_claims(quality) -> list[dict[str, Any]]:
     return [
         _row("normalised_plausible", stmt, f"plausible rate, normalised - plain, |γ| = {gmax:g}", *_mean_ci(plaus),
              len(plaus), unit, 0.0, "difference > 0 (95% interval above 0)", src, detail_p),
-        _row("normalised_plausible", stmt, f"saturation of x0, plain - normalised, |γ| = {gmax:g}", *_mean_ci(sat),
+        _row("normalised_plausible", stmt,
+             f"saturation of the denoised x0 (share of RGB values at 0 or 255), plain - normalised, |γ| = {gmax:g}",
+             *_mean_ci(sat),
              len(sat), unit, 0.0, "difference > 0 (95% interval above 0)", src, detail_s),
     ]
 
