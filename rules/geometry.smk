@@ -8,8 +8,13 @@
 #   results/geometry/{model}/global/{global.safetensors, meta.json}     global directions (t = T-1)
 #   results/geometry/{model}/path_lengths.{csv,json}, path_segments.csv semantic path length (Σ D_geo) of lerp, slerp, geodesic
 #   results/geometry/{model}/psd.csv, tangent_distances.csv             across timesteps
+#   results/geometry/{model}/spectra_samples.csv, spectra_trend.csv     flatness, PSD centroid vs t (95% CIs)
 #   results/geometry/{model}/meaning.csv, meaning_summary.csv           ShapesWorld factors per direction
 #   results/geometry/{model}/meaning_random.csv      semantic vs random directions (Wilson 95%)
+#   results/geometry/{model}/edit_quality.csv, edit_quality_summary.csv  plain vs x0-normalised vs random:
+#                                                    objects found, background blobs, saturation (95%)
+#   results/geometry/{model}/global_agreement.csv    judge agreement of global directions across samples
+#   results/geometry/{model}/claims.{csv,md}         Park et al.'s claims: value, 95% interval, n, verdict
 #   results/figures/geometry/{model}/spectra.png
 #   results/figures/geometry/{model}/edits_t{timestep}.png
 #   results/figures/geometry/{model}/global_direction.png
@@ -44,6 +49,7 @@ GEO_ROOT = str(Path(RESULTS, "geometry", "{model}"))
 localrules:
     geometry_measures,
     geometry_meaning,
+    geometry_claims,
     geometry_figure_spectra,
     geometry_figure_edits,
     geometry_figure_global,
@@ -166,6 +172,8 @@ rule geometry_measures:
     output:
         psd=str(Path(GEO_ROOT, "psd.csv")),
         distances=str(Path(GEO_ROOT, "tangent_distances.csv")),
+        samples=str(Path(GEO_ROOT, "spectra_samples.csv")),
+        trend=str(Path(GEO_ROOT, "spectra_trend.csv")),
     params:
         runs=lambda wc: " ".join(shlex.quote(d) for d in geo_runs(wc)),
     log:
@@ -177,20 +185,26 @@ rule geometry_measures:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "diffatlas geometry-measures --runs {params.runs} --psd {output.psd:q} --distances {output.distances:q} > {log:q} 2>&1"
+        "diffatlas geometry-measures --runs {params.runs} --psd {output.psd:q} --distances {output.distances:q}"
+        " --samples {output.samples:q} --trend {output.trend:q} > {log:q} 2>&1"
 
 
 rule geometry_meaning:
     conda:
         "../envs/analysis.yaml"
     input:
-        lambda wc: [str(Path(_d, "edits.safetensors")) for _d in geo_runs(wc)],
+        edits=lambda wc: [str(Path(_d, "edits.safetensors")) for _d in geo_runs(wc)],
+        global_=str(Path(GEO_GLOBAL, "global.safetensors")),
     output:
         table=str(Path(GEO_ROOT, "meaning.csv")),
         summary=str(Path(GEO_ROOT, "meaning_summary.csv")),
         ablation=str(Path(GEO_ROOT, "meaning_random.csv")),
+        quality=str(Path(GEO_ROOT, "edit_quality.csv")),
+        quality_summary=str(Path(GEO_ROOT, "edit_quality_summary.csv")),
+        agreement=str(Path(GEO_ROOT, "global_agreement.csv")),
     params:
         runs=lambda wc: " ".join(shlex.quote(d) for d in geo_runs(wc)),
+        global_dir=lambda wc: GEO_GLOBAL.format(**wc),
     log:
         log_path("geometry_meaning", "{model}"),
     benchmark:
@@ -200,7 +214,37 @@ rule geometry_meaning:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
     shell:
-        "diffatlas geometry-meaning --runs {params.runs} --out {output.table:q} --summary {output.summary:q} --ablation {output.ablation:q} > {log:q} 2>&1"
+        "diffatlas geometry-meaning --runs {params.runs} --out {output.table:q} --summary {output.summary:q} --ablation {output.ablation:q}"
+        " --quality {output.quality:q} --quality-summary {output.quality_summary:q} --global-dir {params.global_dir:q}"
+        " --agreement {output.agreement:q} > {log:q} 2>&1"
+
+
+# The claims need the judge's tables, so they exist for the meaning models (ShapesWorld).
+rule geometry_claims:
+    conda:
+        "../envs/analysis.yaml"
+    input:
+        meaning=str(Path(GEO_ROOT, "meaning.csv")),
+        quality=str(Path(GEO_ROOT, "edit_quality.csv")),
+        agreement=str(Path(GEO_ROOT, "global_agreement.csv")),
+        lengths=str(Path(GEO_ROOT, "path_lengths.csv")),
+        segments=str(Path(GEO_ROOT, "path_segments.csv")),
+        samples=str(Path(GEO_ROOT, "spectra_samples.csv")),
+    output:
+        table=str(Path(GEO_ROOT, "claims.csv")),
+        md=str(Path(GEO_ROOT, "claims.md")),
+    log:
+        log_path("geometry_claims", "{model}"),
+    benchmark:
+        bench_path("geometry_claims", "{model}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "diffatlas geometry-claims --meaning {input.meaning:q} --quality {input.quality:q} --agreement {input.agreement:q}"
+        " --lengths {input.lengths:q} --segments {input.segments:q} --samples {input.samples:q}"
+        " --out {output.table:q} --md {output.md:q} > {log:q} 2>&1"
 
 
 rule geometry_figure_spectra:
@@ -344,4 +388,5 @@ for _m in GEO_MODELS:
     )
     ALL_TARGETS.extend(str(Path(_figs, f"edits_t{_t}.png")) for _t in GEO_TIMESTEPS[_m])
     if _m in GEO_MEANING:
-        ALL_TARGETS.extend([str(Path(_root, "meaning_summary.csv")), str(Path(_figs, "meaning.png"))])
+        ALL_TARGETS.extend([str(Path(_root, "meaning_summary.csv")), str(Path(_figs, "meaning.png")),
+                            str(Path(_root, "claims.md"))])

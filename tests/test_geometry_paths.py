@@ -71,3 +71,44 @@ def test_bad_path_input_is_a_clear_error():
         semantic_paths(LinearMap(a), x1, x2, 3, 5, basis_kwargs=KW)
     with pytest.raises(UserError, match="path methods"):
         semantic_paths(LinearMap(a), x1, x2, 3, 2, basis_kwargs=KW, methods=("spline",))
+
+
+class GraphMap(LinearMap):
+    """The non-linear map ``f(x) = (x, g(x))`` (x flattened, D values), ``g(x) = sin(a·x) + (b·x)²/2``.
+
+    ``J = [I; ∇gᵀ]`` has full rank D, so T_h = col(J) is the tangent hyperplane of the graph of g,
+    with normal ``ν = (-∇g, 1)``; two such D-dimensional hyperplanes of R^{D+1} meet in D - 1
+    dimensions, so their only non-zero principal angle is the angle between the normals.
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__(torch.eye(a.numel(), dtype=torch.float64))
+        self.register_buffer("va", a)
+        self.register_buffer("vb", b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        g = torch.sin(flat @ self.va) + 0.5 * (flat @ self.vb) ** 2
+        return torch.cat([flat, g[:, None]], dim=1)
+
+    def normal(self, x: torch.Tensor) -> torch.Tensor:
+        """ν(x) = (-∇g(x), 1) by hand: ∇g = cos(a·x) a + (b·x) b.  x [P, D] -> [P, D+1]."""
+        grad = torch.cos(x @ self.va)[:, None] * self.va + (x @ self.vb)[:, None] * self.vb
+        return torch.cat([-grad, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+
+
+def test_semantic_length_on_a_curved_graph_is_the_turning_of_its_normal():
+    """Non-linear oracle: every segment's D_geo (lerp, slerp and geodesic shooting alike) equals the
+    angle between the graph's normals at the segment's two points, computed by hand from ∇g."""
+    D, L = 3, 5
+    fmap = GraphMap(torch.tensor([1.3, -0.4, 0.8], dtype=torch.float64), torch.tensor([0.2, 0.9, -0.5], dtype=torch.float64))
+    x1, x2 = _ends(2, (1, 1, D), 4)
+    res = semantic_paths(fmap, x1, x2, L, D, basis_kwargs=dict(oversample=0, tol=1e-10, max_iters=50),
+                         generator=torch.Generator().manual_seed(0))
+    for m in ("lerp", "slerp", "geodesic"):
+        for p in range(2):
+            nu = fmap.normal(res.points[m][p].reshape(L + 1, D))
+            nu = nu / nu.norm(dim=1, keepdim=True)
+            want = torch.arccos((nu[:-1] * nu[1:]).sum(1).abs().clamp(max=1.0))
+            assert torch.allclose(res.segment_lengths[m][p], want, atol=1e-6), m
+        assert res.lengths[m].min() > 1e-3  # the graph is curved: the test is not a zero-equals-zero check

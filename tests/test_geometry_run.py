@@ -120,7 +120,7 @@ def test_cross_timestep_outputs_and_figures(runs):
     assert set(dist["kind"]) == {"across_samples", "across_timesteps"}
 
     assert cli(["geometry-meaning", "--runs", *runs_args, "--out", str(g / "meaning.csv"),
-                "--summary", str(g / "meaning_summary.csv")]) == 0
+                "--summary", str(g / "meaning_summary.csv"), "--global-dir", str(g / "global")]) == 0
     summary = pd.read_csv(g / "meaning_summary.csv")
     assert set(summary["mode"]) == {"linear", "normalised", "iterative", "random"}
     abl = pd.read_csv(g / "meaning_random.csv")
@@ -130,6 +130,22 @@ def test_cross_timestep_outputs_and_figures(runs):
         sel = table[(table["mode"] == row["mode"]) & (table["timestep"] == row["timestep"])
                     & (table["strength"] == row["strength"]) & (table["n_ref"] > 0)]
         assert row["n"] == len(sel) and row["lost_k"] == int((sel["n_edit"] == 0).sum())
+    # Plain vs normalised vs random: one row per edited image (2 samples x 1 direction x 3 strengths each).
+    quality = pd.read_csv(g / "edit_quality.csv")
+    assert len(quality) == 2 * 3 * 2 * 3 and set(quality["mode"]) == {"linear", "normalised", "random"}
+    qsum = pd.read_csv(g / "edit_quality_summary.csv")
+    assert (qsum["n"] == 2).all() and (qsum["found_low"] <= qsum["found_rate"]).all()
+    agree = pd.read_csv(g / "global_agreement.csv")
+    pooled = agree[agree["direction"].astype(str) == "all"].iloc[0]
+    assert pooled["n"] == 2 * 1 * 2 and pooled["k"] == agree["k"].iloc[:-1].sum()
+    assert cli(["geometry-claims", "--meaning", str(g / "meaning.csv"), "--quality", str(g / "edit_quality.csv"),
+                "--agreement", str(g / "global_agreement.csv"), "--lengths", str(g / "paths.csv"),
+                "--segments", str(g / "path_segments.csv"), "--samples", str(g / "spectra_samples.csv"),
+                "--out", str(g / "claims.csv")]) == 0
+    claims = pd.read_csv(g / "claims.csv")
+    assert set(claims["claim"]) == {"normalised_plausible", "semantic_vs_random", "global_agreement", "slerp_shorter",
+                                    "lerp_ends_highest", "geodesic_shortest", "spectra_flatten", "psd_shifts_up"}
+    assert set(claims["verdict"]) <= {"supported", "not supported"} and (g / "claims.md").is_file()
 
     figs = root / "figures"
     for args in (["spectra", "--runs", *runs_args], ["edits", "--run", str(out[400])],

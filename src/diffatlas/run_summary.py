@@ -13,7 +13,8 @@ single target, or a run on another config:
 * the k-SAE: the layer x timestep whose top latents are purest, with the bootstrap interval
   over latents, against chance;
 * DAAM: mIoU at τ with its 95% interval, next to the baselines (whole image, centre prior);
-* geometry: semantic path lengths (Σ D_geo) of lerp, slerp and geodesic shooting at T-1;
+* geometry: semantic path lengths (Σ D_geo) of lerp, slerp and geodesic shooting at T-1, and how
+  many of Park et al.'s claims (claims.csv) the model bears out;
 * where to look: every figure, the report and the atlas when they exist;
 * the time per stage, from the benchmark files (:mod:`diffatlas.budget`).
 """
@@ -143,6 +144,11 @@ def geometry_lines(results: Path) -> list[str]:
                 f"slerp {mean['slerp']:.3f}, geodesic {mean['geodesic']:.3f} ({rec.get('pairs')} pairs x "
                 f"{rec.get('segments')} segments; slerp shorter in {rec['slerp_shorter']['k']}/{rec['slerp_shorter']['n']})"
             )
+    for path in sorted(results.glob("geometry/*/claims.csv")):
+        claims = pd.read_csv(path)
+        ok = claims[claims["verdict"] == "supported"]
+        lines.append(f"    {path.parent.name}: Park et al.'s claims, {len(ok)} of {len(claims)} measures supported "
+                     f"({', '.join(dict.fromkeys(ok['claim'])) or 'none'}; see {path.with_suffix('.md').relative_to(results)})")
     if lines:
         lines.insert(0, "  pullback geometry:")
     return lines

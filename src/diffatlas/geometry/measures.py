@@ -14,7 +14,14 @@
   in H) is kept beside it as a plain reference; it is not the paper's measure.
 * **Power spectral density** of directions: the radially averaged ``|FFT2|²`` of a
   direction's spatial map (summed over channels), per integer spatial frequency. Park et al.
-  find low-frequency directions early in generation (large t) and high-frequency ones late.
+  find low-frequency directions early in generation (large t) and high-frequency ones late;
+  :func:`mean_frequency` (the spectral centroid) is the one number the trend table follows.
+* **Flatness of the pullback spectrum** (Park et al.: the singular values flatten as t -> 0):
+  :func:`spectral_flatness`, the geometric over the arithmetic mean of the energies ``σ_i²``
+  (1 for equal singular values, -> 0 when one dominates), and :func:`top_energy_fraction`,
+  the share ``Σ_{i<=k} σ_i² / Σ_i σ_i²`` of the top k.
+* **Lerp's end-heavy segments** (:func:`end_over_middle`): mean segment length in the outer
+  quarters of a path over that in its middle half.
 """
 
 from __future__ import annotations
@@ -127,6 +134,37 @@ def mean_frequency(psd: torch.Tensor) -> torch.Tensor:
     """Spectral centroid of ring-averaged spectra [..., R]: ``Σ_r r P(r) / Σ_r P(r)``."""
     r = torch.arange(psd.shape[-1], dtype=psd.dtype, device=psd.device)
     return (psd * r).sum(-1) / psd.sum(-1).clamp_min(1e-300)
+
+
+def spectral_flatness(s: torch.Tensor) -> torch.Tensor:
+    """Flatness of singular values s [..., n] (> 0): ``exp(mean log σ²) / mean σ²`` in (0, 1] -> [...].
+
+    The Wiener entropy of the energies σ_i²: 1 exactly when all σ_i are equal.
+    """
+    e = s.to(torch.float64) ** 2
+    return torch.exp(torch.log(e.clamp_min(1e-300)).mean(-1)) / e.mean(-1).clamp_min(1e-300)
+
+
+def top_energy_fraction(s: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Share of the energy in the top ``k`` singular values: s [..., n] (descending) -> [...]."""
+    e = s.to(torch.float64) ** 2
+    return e[..., :k].sum(-1) / e.sum(-1).clamp_min(1e-300)
+
+
+def end_over_middle(seg):
+    """Per path: mean segment length in the outer quarters over that in the middle half.
+
+    seg: [P, L] segment lengths (numpy or torch) -> [P]; with L < 4 the outer "quarters" are
+    the first and last segment. Above 1 when a path's segments are longest near its ends.
+    """
+    import numpy as np
+
+    seg = np.asarray(seg, dtype=np.float64)
+    L = seg.shape[1]
+    q = max(1, L // 4)
+    middle = seg[:, q:L - q] if L - 2 * q > 0 else seg
+    ends = np.concatenate([seg[:, :q], seg[:, L - q:]], axis=1)
+    return ends.mean(1) / np.maximum(middle.mean(1), 1e-300)
 
 
 def max_grassmann_distance(n: int) -> float:

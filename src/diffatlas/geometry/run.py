@@ -20,8 +20,13 @@ Path grammar (``results/geometry/{model}/``)::
     path_segments.csv               D_geo (and ||Δh||) of every segment of every path
     path_lengths.json               summary with 95% intervals (slerp < lerp, geodesic shortest, ...)
     psd.csv                         timestep, rank, frequency, power (mean over samples)
+    spectra_samples.csv, spectra_trend.csv   spectral flatness, top-1 energy share, PSD centroid per
+                                    (timestep, sample) / per timestep with 95% bootstrap intervals
     tangent_distances.csv           D_geo between tangent spaces in H (u bases)
     meaning.csv, meaning_summary.csv    (ShapesWorld models; see :mod:`diffatlas.geometry.meaning`)
+    edit_quality.csv, edit_quality_summary.csv, global_agreement.csv   (ShapesWorld models: plain vs
+                                    x0-normalised edits, global-direction agreement; same module)
+    claims.csv, claims.md           Park et al.'s claims, measured (:mod:`diffatlas.geometry.claims`)
 
 Sample ``i`` of every timestep starts from the same ``x_T`` (seeded per sample id) and is
 brought to ``t`` by DDIM, so sample ``i`` at two timesteps lies on one trajectory.
@@ -325,15 +330,6 @@ def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_di
     return meta
 
 
-def _end_over_middle(seg: np.ndarray) -> np.ndarray:
-    """Per path: mean segment length in the outer quarters over that in the middle half ([P, L] -> [P])."""
-    L = seg.shape[1]
-    q = max(1, L // 4)
-    middle = seg[:, q:L - q] if L - 2 * q > 0 else seg
-    ends = np.concatenate([seg[:, :q], seg[:, L - q:]], axis=1)
-    return ends.mean(1) / np.maximum(middle.mean(1), 1e-300)
-
-
 def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_name: str,
               segments_csv: str | os.PathLike | None = None) -> dict[str, Any]:
     """Semantic path lengths (Park et al.) of lerp, slerp and geodesic shooting between pairs of
@@ -345,6 +341,7 @@ def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_nam
     """
     import pandas as pd
 
+    from diffatlas.geometry.measures import end_over_middle
     from diffatlas.geometry.paths import METHODS, semantic_paths
     from diffatlas.intervals import bootstrap_mean, wilson
     from diffatlas.io import atomic_file
@@ -406,8 +403,8 @@ def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_nam
         "slerp_over_lerp_mean": float((lengths["slerp"] / lengths["lerp"]).mean()),
         "slerp_shorter": rate(lengths["slerp"] < lengths["lerp"]),
         "geodesic_shortest": rate((lengths["geodesic"] < lengths["lerp"]) & (lengths["geodesic"] < lengths["slerp"])),
-        "lerp_end_over_middle_mean": float(_end_over_middle(lerp_seg).mean()),
-        "lerp_end_over_middle_ci95": bootstrap_mean(_end_over_middle(lerp_seg)),
+        "lerp_end_over_middle_mean": float(end_over_middle(lerp_seg).mean()),
+        "lerp_end_over_middle_ci95": bootstrap_mean(end_over_middle(lerp_seg)),
         "segment_floor_mean": float(res.floor.mean()),
         "converged": res.converged,
         "timings": {"paths_s": seconds},
@@ -418,18 +415,49 @@ def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_nam
     return summary
 
 
-def run_measures(run_dirs: list[str], psd_csv: str | os.PathLike, dist_csv: str | os.PathLike) -> dict[str, Any]:
+SPECTRA_MEASURES = ("flatness", "top1_energy", "psd_centroid")
+"""Columns of ``spectra_samples.csv`` / ``spectra_trend.csv`` (Park et al.'s two trends as t -> 0)."""
+
+
+def spectra_trend(samples) -> "pd.DataFrame":  # noqa: F821
+    """Per (model, timestep): n samples and, per measure of :data:`SPECTRA_MEASURES`, the mean over
+    samples with a 95% bootstrap interval (``{measure}``, ``{measure}_low``, ``{measure}_high``)."""
+    import pandas as pd
+
+    from diffatlas.intervals import bootstrap_mean
+
+    rows = []
+    for (model, t), grp in samples.groupby(["model", "timestep"], sort=False):
+        row = {"model": model, "timestep": int(t), "alpha_bar": float(grp["alpha_bar"].iloc[0]), "n": len(grp)}
+        for m in SPECTRA_MEASURES:
+            low, high = bootstrap_mean(grp[m].to_numpy())
+            row.update({m: float(grp[m].mean()), f"{m}_low": low, f"{m}_high": high})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_measures(run_dirs: list[str], psd_csv: str | os.PathLike, dist_csv: str | os.PathLike,
+                 samples_csv: str | os.PathLike | None = None, trend_csv: str | os.PathLike | None = None) -> dict[str, Any]:
     """PSD of directions per timestep and geodesic distances between tangent spaces (no model needed).
 
     The distances are Park et al.'s D_geo between the n-dimensional tangent spaces in H
     (spans of the ``u`` bases), across samples at one timestep and along each sample's
     trajectory between consecutive timesteps (the same layer, so the same H).
+
+    The two trends Park et al. report as t -> 0 are written per sample (``samples_csv``,
+    default ``spectra_samples.csv`` beside ``psd_csv``) and per timestep with 95% bootstrap
+    intervals over samples (``trend_csv``, default ``spectra_trend.csv``): the flatness of the
+    pullback spectrum (:func:`~diffatlas.geometry.measures.spectral_flatness`, and the top
+    singular value's energy share) and the PSD centroid of the directions v (spatial frequency
+    in cycles per image, averaged over a sample's n directions). Sample i lies on one
+    trajectory at every timestep, so the per-sample rows pair across timesteps.
     """
     import itertools
 
     import pandas as pd
 
-    from diffatlas.geometry.measures import grassmann_distance, mean_frequency, radial_psd
+    from diffatlas.geometry.measures import (grassmann_distance, mean_frequency, radial_psd, spectral_flatness,
+                                             top_energy_fraction)
     from diffatlas.io import atomic_file
 
     runs = []
@@ -437,11 +465,17 @@ def run_measures(run_dirs: list[str], psd_csv: str | os.PathLike, dist_csv: str 
         tensors, meta = load_basis(d, torch=True)
         runs.append((int(meta["timestep"]), tensors, meta))
     runs.sort(key=lambda r: -r[0])
-    psd_rows, dist_rows = [], []
+    psd_rows, dist_rows, sample_rows = [], [], []
     for t, tensors, meta in runs:
         v, u = tensors["v"], tensors["u"]  # [N, n, C, h, w], [N, n, d]
         psd = radial_psd(v)  # [N, n, R]
         mean = psd.mean(0)
+        flat, top1 = spectral_flatness(tensors["s"]), top_energy_fraction(tensors["s"], 1)
+        centroid = mean_frequency(psd).mean(-1)  # [N]: over each sample's n directions
+        for i in range(v.shape[0]):
+            sample_rows.append({"model": meta["model"], "timestep": t, "alpha_bar": meta["alpha_bar"], "sample": i,
+                                "n_directions": int(v.shape[1]), "flatness": float(flat[i]),
+                                "top1_energy": float(top1[i]), "psd_centroid": float(centroid[i])})
         for rank in range(mean.shape[0]):
             for f, pw in enumerate(mean[rank].tolist()):
                 psd_rows.append({"model": meta["model"], "timestep": t, "alpha_bar": meta["alpha_bar"], "rank": rank,
@@ -460,5 +494,17 @@ def run_measures(run_dirs: list[str], psd_csv: str | os.PathLike, dist_csv: str 
     dist = pd.DataFrame(dist_rows, columns=["model", "kind", "timestep_a", "timestep_b", "sample_a", "sample_b", "distance"])
     with atomic_file(dist_csv) as tmp:
         dist.to_csv(tmp, index=False)
+    samples = pd.DataFrame(sample_rows)
+    trend = spectra_trend(samples)
+    samples_csv = Path(psd_csv).with_name("spectra_samples.csv") if samples_csv is None else Path(samples_csv)
+    trend_csv = Path(psd_csv).with_name("spectra_trend.csv") if trend_csv is None else Path(trend_csv)
+    with atomic_file(samples_csv) as tmp:
+        samples.to_csv(tmp, index=False)
+    with atomic_file(trend_csv) as tmp:
+        trend.to_csv(tmp, index=False)
+    for r in trend.itertuples():
+        log.info("t=%d (n=%d): spectral flatness %.3f [%.3f, %.3f], PSD centroid %.2f [%.2f, %.2f] cycles/image",
+                 r.timestep, r.n, r.flatness, r.flatness_low, r.flatness_high, r.psd_centroid,
+                 r.psd_centroid_low, r.psd_centroid_high)
     return {"timesteps": [r[0] for r in runs],
             "mean_distance": dist.groupby(["kind", "timestep_a", "timestep_b"])["distance"].mean().reset_index().to_dict("records")}
