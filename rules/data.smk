@@ -48,7 +48,7 @@ rule dataset_preview:
     input:
         dataset_dir("{dataset}"),
     output:
-        str(Path(RESULTS, "figures", "data", "{dataset}_preview.png")),
+        report(str(Path(RESULTS, "figures", "data", "{dataset}_preview.png")), caption="../report/captions/dataset_preview.rst", category="data", subcategory="{dataset}"),
     log:
         log_path("dataset_preview", "{dataset}"),
     benchmark:

@@ -136,7 +136,7 @@ rule geometry_paths:
     input:
         lambda wc: model_input(wc.model),
     output:
-        table=str(Path(GEO_ROOT, "path_lengths.csv")),
+        table=report(str(Path(GEO_ROOT, "path_lengths.csv")), caption="../report/captions/geometry_table.rst", category="geometry", subcategory="{model} tables"),
         segments=str(Path(GEO_ROOT, "path_segments.csv")),
         summary=str(Path(GEO_ROOT, "path_lengths.json")),
     params:
@@ -164,7 +164,7 @@ rule geometry_measures:
     input:
         lambda wc: [str(Path(_d, "basis.safetensors")) for _d in geo_runs(wc)],
     output:
-        psd=str(Path(GEO_ROOT, "psd.csv")),
+        psd=report(str(Path(GEO_ROOT, "psd.csv")), caption="../report/captions/geometry_table.rst", category="geometry", subcategory="{model} tables"),
         distances=str(Path(GEO_ROOT, "tangent_distances.csv")),
     params:
         runs=lambda wc: " ".join(shlex.quote(d) for d in geo_runs(wc)),
@@ -187,8 +187,8 @@ rule geometry_meaning:
         lambda wc: [str(Path(_d, "edits.safetensors")) for _d in geo_runs(wc)],
     output:
         table=str(Path(GEO_ROOT, "meaning.csv")),
-        summary=str(Path(GEO_ROOT, "meaning_summary.csv")),
-        ablation=str(Path(GEO_ROOT, "meaning_random.csv")),
+        summary=report(str(Path(GEO_ROOT, "meaning_summary.csv")), caption="../report/captions/geometry_table.rst", category="geometry", subcategory="{model} tables"),
+        ablation=report(str(Path(GEO_ROOT, "meaning_random.csv")), caption="../report/captions/geometry_table.rst", category="geometry", subcategory="{model} tables"),
     params:
         runs=lambda wc: " ".join(shlex.quote(d) for d in geo_runs(wc)),
     log:
@@ -209,7 +209,7 @@ rule geometry_figure_spectra:
     input:
         lambda wc: [str(Path(_d, "basis.safetensors")) for _d in geo_runs(wc)],
     output:
-        str(Path(GEO_FIGURES, "spectra.png")),
+        report(str(Path(GEO_FIGURES, "spectra.png")), caption="../report/captions/geometry_spectra.rst", category="geometry", subcategory="{model}"),
     params:
         runs=lambda wc: " ".join(shlex.quote(d) for d in geo_runs(wc)),
     log:
@@ -231,7 +231,7 @@ rule geometry_figure_edits:
         edits=str(Path(GEO_DIR, "edits.safetensors")),
         meta=str(Path(GEO_DIR, "meta.json")),
     output:
-        str(Path(GEO_FIGURES, "edits_t{timestep}.png")),
+        report(str(Path(GEO_FIGURES, "edits_t{timestep}.png")), caption="../report/captions/geometry_edits.rst", category="geometry", subcategory="{model}"),
     params:
         run=lambda wc: GEO_DIR.format(**wc),
     log:
@@ -252,7 +252,7 @@ rule geometry_figure_global:
     input:
         str(Path(GEO_GLOBAL, "global.safetensors")),
     output:
-        str(Path(GEO_FIGURES, "global_direction.png")),
+        report(str(Path(GEO_FIGURES, "global_direction.png")), caption="../report/captions/geometry_global.rst", category="geometry", subcategory="{model}"),
     params:
         run=lambda wc: GEO_GLOBAL.format(**wc),
         direction=config["geometry"]["global_direction"],
@@ -276,7 +276,7 @@ rule geometry_figure_psd:
         psd=str(Path(GEO_ROOT, "psd.csv")),
         distances=str(Path(GEO_ROOT, "tangent_distances.csv")),
     output:
-        str(Path(GEO_FIGURES, "psd.png")),
+        report(str(Path(GEO_FIGURES, "psd.png")), caption="../report/captions/geometry_psd.rst", category="geometry", subcategory="{model}"),
     log:
         log_path("geometry_figure_psd", "{model}"),
     benchmark:
@@ -295,7 +295,7 @@ rule geometry_figure_meaning:
     input:
         str(Path(GEO_ROOT, "meaning_summary.csv")),
     output:
-        str(Path(GEO_FIGURES, "meaning.png")),
+        report(str(Path(GEO_FIGURES, "meaning.png")), caption="../report/captions/geometry_meaning.rst", category="geometry", subcategory="{model}"),
     log:
         log_path("geometry_figure_meaning", "{model}"),
     benchmark:
@@ -315,7 +315,7 @@ rule geometry_figure_paths:
         segments=str(Path(GEO_ROOT, "path_segments.csv")),
         summary=str(Path(GEO_ROOT, "path_lengths.json")),
     output:
-        str(Path(GEO_FIGURES, "path_lengths.png")),
+        report(str(Path(GEO_FIGURES, "path_lengths.png")), caption="../report/captions/geometry_paths.rst", category="geometry", subcategory="{model}"),
     log:
         log_path("geometry_figure_paths", "{model}"),
     benchmark:
