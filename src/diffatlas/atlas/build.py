@@ -259,10 +259,12 @@ class Atlas:
                 edits = load_file(str(root / f"t{t}" / "edits.safetensors"))
                 meta = sources.read_json(root / f"t{t}" / "meta.json") or {}
                 strengths = [float(s) for s in edits["strengths"]]
-                for mode in ("linear", "normalised", "random"):
+                for mode in ("linear", "normalised", "random", "iterative"):
                     if mode not in edits:
                         continue
                     arr = edits[mode]  # [samples, directions, strengths, H, W, 3]
+                    if mode == "iterative":  # geodesic shooting: [directions, strengths, H, W, 3], sample 0
+                        arr, strengths = arr[None], [float(g) for g in edits["iterative_strengths"]]
                     for s in range(arr.shape[0]):
                         for d in range(arr.shape[1]):
                             cells = []
