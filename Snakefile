@@ -12,6 +12,11 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+# `snakemake --report results/report.zip`: every figure and summary table is marked with
+# report(...) in its rule, with a caption under report/captions/.
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/world_model.smk"
@@ -20,12 +25,13 @@ include: "rules/sae.smk"
 include: "rules/diffc.smk"
 include: "rules/daam.smk"
 include: "rules/geometry.smk"
+include: "rules/atlas.smk"  # last: the atlas reads every other target
 
 
 rule all:
     default_target: True
     input:
-        ALL_TARGETS,
+        REPORTABLE_TARGETS if REPORT_MODE else ALL_TARGETS,
 
 
 # The end of a run says what was made: stages, key numbers with their intervals, the files to

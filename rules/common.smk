@@ -26,6 +26,12 @@ config.update(_validated)
 RESULTS = config["results"]
 ALL_TARGETS = []
 
+# `snakemake --report` refuses an output marked with report() that does not exist, so on a
+# partial run (some stages not run yet) the report's default target is the targets that exist.
+# Snakemake exposes no report flag to the Snakefile at parse time: read its command line.
+REPORT_MODE = any(a == "--report" or a.startswith("--report=") for a in sys.argv)
+REPORTABLE_TARGETS = lambda wc: [t for t in ALL_TARGETS if Path(t).exists()]
+
 # Rules call the package's console script `diffatlas`, so every step also runs by hand.
 # The conda envs (envs/*.yaml, for cluster users) install this checkout from DIFFATLAS_ROOT.
 # Kept for rules written as {DIFFATLAS}; prefer the plain command (snakemake --lint).

@@ -109,7 +109,7 @@ rule daam_overlays_prompts:
     input:
         daam_dir("{model}", "prompts", "{prompt_set}"),
     output:
-        daam_figure("{model}", "overlays_prompts_{prompt_set}"),
+        report(daam_figure("{model}", "overlays_prompts_{prompt_set}"), caption="../report/captions/daam_overlays.rst", category="DAAM", subcategory="{model} prompts/{prompt_set}"),
     params:
         n_items=DAAM["overlay_items"],
     log:
@@ -133,7 +133,7 @@ rule daam_overlays_real:
     input:
         daam_dir("{model}", "real", "{dataset}"),
     output:
-        daam_figure("{model}", "overlays_real_{dataset}"),
+        report(daam_figure("{model}", "overlays_real_{dataset}"), caption="../report/captions/daam_overlays.rst", category="DAAM", subcategory="{model} real/{dataset}"),
     params:
         n_items=DAAM["overlay_items"],
     log:
@@ -155,7 +155,7 @@ rule daam_miou_figure:
     input:
         daam_scored_dirs,
     output:
-        daam_figure("{model}", "miou"),
+        report(daam_figure("{model}", "miou"), caption="../report/captions/daam_miou.rst", category="DAAM", subcategory="{model}"),
     log:
         log_path("daam_miou_figure", "{model}"),
     benchmark:
@@ -175,7 +175,7 @@ rule daam_relations_figure:
     input:
         daam_scored_dirs,
     output:
-        daam_figure("{model}", "relations"),
+        report(daam_figure("{model}", "relations"), caption="../report/captions/daam_relations.rst", category="DAAM", subcategory="{model}"),
     log:
         log_path("daam_relations_figure", "{model}"),
     benchmark:
@@ -195,7 +195,7 @@ rule daam_entanglement_figure:
     input:
         daam_dir("{model}", "prompts", "{prompt_set}"),
     output:
-        daam_figure("{model}", "entanglement_{prompt_set}"),
+        report(daam_figure("{model}", "entanglement_{prompt_set}"), caption="../report/captions/daam_entanglement.rst", category="DAAM", subcategory="{model} prompts/{prompt_set}"),
     log:
         log_path("daam_entanglement_figure", "{model}", "{prompt_set}"),
     benchmark:

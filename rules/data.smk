@@ -107,7 +107,7 @@ rule dataset_preview:
     input:
         lambda wc: dataset_input(wc.dataset),
     output:
-        str(Path(RESULTS, "figures", "data", "{dataset}_preview.png")),
+        report(str(Path(RESULTS, "figures", "data", "{dataset}_preview.png")), caption="../report/captions/dataset_preview.rst", category="data", subcategory="{dataset}"),
     log:
         log_path("dataset_preview", "{dataset}"),
     benchmark:

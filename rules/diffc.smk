@@ -98,7 +98,7 @@ rule diffc_summary:
     input:
         DIFFC_METRICS,
     output:
-        DIFFC_SUMMARY,
+        report(DIFFC_SUMMARY, caption="../report/captions/diffc_summary.rst", category="Diff-C", subcategory="all models"),
     log:
         log_path("diffc_summary", "summary"),
     benchmark:
@@ -117,7 +117,7 @@ rule diffc_figure_layer:
     input:
         DIFFC_SUMMARY,
     output:
-        str(Path(DIFFC_FIGURES, "{model}", "{dataset}", "accuracy_vs_layer.png")),
+        report(str(Path(DIFFC_FIGURES, "{model}", "{dataset}", "accuracy_vs_layer.png")), caption="../report/captions/diffc_vs_layer.rst", category="Diff-C", subcategory="{model}/{dataset}"),
     log:
         log_path("diffc_figure_layer", "{model}", "{dataset}"),
     benchmark:
@@ -137,7 +137,7 @@ rule diffc_figure_timestep:
     input:
         DIFFC_SUMMARY,
     output:
-        str(Path(DIFFC_FIGURES, "{model}", "{dataset}", "accuracy_vs_timestep.png")),
+        report(str(Path(DIFFC_FIGURES, "{model}", "{dataset}", "accuracy_vs_timestep.png")), caption="../report/captions/diffc_vs_timestep.rst", category="Diff-C", subcategory="{model}/{dataset}"),
     log:
         log_path("diffc_figure_timestep", "{model}", "{dataset}"),
     benchmark:
@@ -157,7 +157,7 @@ rule diffc_figure_models:
     input:
         DIFFC_SUMMARY,
     output:
-        str(Path(DIFFC_FIGURES, "{dataset}", "models_accuracy_vs_timestep.png")),
+        report(str(Path(DIFFC_FIGURES, "{dataset}", "models_accuracy_vs_timestep.png")), caption="../report/captions/diffc_models.rst", category="Diff-C", subcategory="all models/{dataset}"),
     params:
         models=DIFFC_MODELS,  # a list: :q quotes each name
     log:

@@ -142,7 +142,7 @@ rule geometry_paths:
     input:
         lambda wc: model_input(wc.model),
     output:
-        table=str(Path(GEO_ROOT, "path_lengths.csv")),
+        table=report(str(Path(GEO_ROOT, "path_lengths.csv")), caption="../report/captions/geometry_table.rst", category="geometry", subcategory="{model} tables"),
         segments=str(Path(GEO_ROOT, "path_segments.csv")),
         summary=str(Path(GEO_ROOT, "path_lengths.json")),
     params:
@@ -170,10 +170,10 @@ rule geometry_measures:
     input:
         lambda wc: [str(Path(_d, "basis.safetensors")) for _d in geo_runs(wc)],
     output:
-        psd=str(Path(GEO_ROOT, "psd.csv")),
+        psd=report(str(Path(GEO_ROOT, "psd.csv")), caption="../report/captions/geometry_table.rst", category="geometry", subcategory="{model} tables"),
         distances=str(Path(GEO_ROOT, "tangent_distances.csv")),
         samples=str(Path(GEO_ROOT, "spectra_samples.csv")),
-        trend=str(Path(GEO_ROOT, "spectra_trend.csv")),
+        trend=report(str(Path(GEO_ROOT, "spectra_trend.csv")), caption="../report/captions/geometry_table.rst", category="geometry", subcategory="{model} tables"),
     params:
         runs=lambda wc: " ".join(shlex.quote(d) for d in geo_runs(wc)),
     log:
@@ -197,11 +197,11 @@ rule geometry_meaning:
         global_=str(Path(GEO_GLOBAL, "global.safetensors")),
     output:
         table=str(Path(GEO_ROOT, "meaning.csv")),
-        summary=str(Path(GEO_ROOT, "meaning_summary.csv")),
-        ablation=str(Path(GEO_ROOT, "meaning_random.csv")),
+        summary=report(str(Path(GEO_ROOT, "meaning_summary.csv")), caption="../report/captions/geometry_table.rst", category="geometry", subcategory="{model} tables"),
+        ablation=report(str(Path(GEO_ROOT, "meaning_random.csv")), caption="../report/captions/geometry_table.rst", category="geometry", subcategory="{model} tables"),
         quality=str(Path(GEO_ROOT, "edit_quality.csv")),
-        quality_summary=str(Path(GEO_ROOT, "edit_quality_summary.csv")),
-        agreement=str(Path(GEO_ROOT, "global_agreement.csv")),
+        quality_summary=report(str(Path(GEO_ROOT, "edit_quality_summary.csv")), caption="../report/captions/geometry_table.rst", category="geometry", subcategory="{model} tables"),
+        agreement=report(str(Path(GEO_ROOT, "global_agreement.csv")), caption="../report/captions/geometry_table.rst", category="geometry", subcategory="{model} tables"),
     params:
         runs=lambda wc: " ".join(shlex.quote(d) for d in geo_runs(wc)),
         global_dir=lambda wc: GEO_GLOBAL.format(**wc),
@@ -231,7 +231,7 @@ rule geometry_claims:
         segments=str(Path(GEO_ROOT, "path_segments.csv")),
         samples=str(Path(GEO_ROOT, "spectra_samples.csv")),
     output:
-        table=str(Path(GEO_ROOT, "claims.csv")),
+        table=report(str(Path(GEO_ROOT, "claims.csv")), caption="../report/captions/geometry_table.rst", category="geometry", subcategory="{model} tables"),
         md=str(Path(GEO_ROOT, "claims.md")),
     log:
         log_path("geometry_claims", "{model}"),
@@ -253,7 +253,7 @@ rule geometry_figure_spectra:
     input:
         lambda wc: [str(Path(_d, "basis.safetensors")) for _d in geo_runs(wc)],
     output:
-        str(Path(GEO_FIGURES, "spectra.png")),
+        report(str(Path(GEO_FIGURES, "spectra.png")), caption="../report/captions/geometry_spectra.rst", category="geometry", subcategory="{model}"),
     params:
         runs=lambda wc: " ".join(shlex.quote(d) for d in geo_runs(wc)),
     log:
@@ -275,7 +275,7 @@ rule geometry_figure_edits:
         edits=str(Path(GEO_DIR, "edits.safetensors")),
         meta=str(Path(GEO_DIR, "meta.json")),
     output:
-        str(Path(GEO_FIGURES, "edits_t{timestep}.png")),
+        report(str(Path(GEO_FIGURES, "edits_t{timestep}.png")), caption="../report/captions/geometry_edits.rst", category="geometry", subcategory="{model}"),
     params:
         run=lambda wc: GEO_DIR.format(**wc),
     log:
@@ -296,7 +296,7 @@ rule geometry_figure_global:
     input:
         str(Path(GEO_GLOBAL, "global.safetensors")),
     output:
-        str(Path(GEO_FIGURES, "global_direction.png")),
+        report(str(Path(GEO_FIGURES, "global_direction.png")), caption="../report/captions/geometry_global.rst", category="geometry", subcategory="{model}"),
     params:
         run=lambda wc: GEO_GLOBAL.format(**wc),
         direction=config["geometry"]["global_direction"],
@@ -320,7 +320,7 @@ rule geometry_figure_psd:
         psd=str(Path(GEO_ROOT, "psd.csv")),
         distances=str(Path(GEO_ROOT, "tangent_distances.csv")),
     output:
-        str(Path(GEO_FIGURES, "psd.png")),
+        report(str(Path(GEO_FIGURES, "psd.png")), caption="../report/captions/geometry_psd.rst", category="geometry", subcategory="{model}"),
     log:
         log_path("geometry_figure_psd", "{model}"),
     benchmark:
@@ -339,7 +339,7 @@ rule geometry_figure_meaning:
     input:
         str(Path(GEO_ROOT, "meaning_summary.csv")),
     output:
-        str(Path(GEO_FIGURES, "meaning.png")),
+        report(str(Path(GEO_FIGURES, "meaning.png")), caption="../report/captions/geometry_meaning.rst", category="geometry", subcategory="{model}"),
     log:
         log_path("geometry_figure_meaning", "{model}"),
     benchmark:
@@ -359,7 +359,7 @@ rule geometry_figure_paths:
         segments=str(Path(GEO_ROOT, "path_segments.csv")),
         summary=str(Path(GEO_ROOT, "path_lengths.json")),
     output:
-        str(Path(GEO_FIGURES, "path_lengths.png")),
+        report(str(Path(GEO_FIGURES, "path_lengths.png")), caption="../report/captions/geometry_paths.rst", category="geometry", subcategory="{model}"),
     log:
         log_path("geometry_figure_paths", "{model}"),
     benchmark:

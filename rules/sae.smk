@@ -5,6 +5,8 @@
 #       sae.safetensors  cfg.json (architecture, input_scale, split, provenance)
 #       metrics.json     (validation metrics on post-TopK codes, label statistics)
 #       latents.parquet  (per latent: activity, top-10 samples, their labels, σ_label/purity/entropy)
+#       spatial_maps.safetensors, spatial.json  (sae_spatial: each top latent's activation map on
+#                        its top images, the SAE applied position by position; its FVE on spatial vectors)
 #   results/sae/{model}/{dataset}/summary.csv                  one row per layer x timestep
 #   results/figures/sae/{model}/{dataset}/label_stats_vs_layer.png
 #   results/figures/sae/{model}/{dataset}/label_stats_vs_timestep.png
@@ -49,6 +51,14 @@ localrules:
     sae_gallery,
 
 
+# Layers whose spatial maps are stored (extract.spatial, extract.spatial_layers): they get sae_spatial.
+SAE_SPATIAL_LAYERS = (
+    [l for l in SAE_LAYERS if config["extract"].get("spatial_layers") in (None, []) or l in config["extract"]["spatial_layers"]]
+    if config["extract"].get("spatial", True)
+    else []
+)
+
+
 # Every (layer, timestep) of one model x dataset, as wildcards for SAE_DIR (the model's times).
 sae_grid = lambda model: [dict(layer=l, timestep=t) for l in SAE_LAYERS for t in SAE_TIMESTEPS[model]]
 
@@ -84,13 +94,40 @@ rule train_sae:
         " --config-json {params.cfg:q} --device {params.device:q} --threads {threads} > {log:q} 2>&1"
 
 
+rule sae_spatial:
+    conda:
+        "../envs/torch.yaml"
+    input:
+        store=SAE_STORE,
+        weights=str(Path(SAE_DIR, "sae.safetensors")),
+        latents=str(Path(SAE_DIR, "latents.parquet")),
+    output:
+        maps=str(Path(SAE_DIR, "spatial_maps.safetensors")),
+        record=str(Path(SAE_DIR, "spatial.json")),
+    params:
+        run=lambda wc: SAE_DIR.format(**wc),
+        device=config["device"],
+    log:
+        log_path("sae_spatial", "{model}", "{dataset}", "{layer}", "t{timestep}"),
+    benchmark:
+        bench_path("sae_spatial", "{model}", "{dataset}", "{layer}", "t{timestep}")
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: 2000 * attempt,
+        runtime=lambda wc, attempt: 10 * attempt,
+    shell:
+        "diffatlas sae-spatial --run {params.run:q} --store {input.store:q} --device {params.device:q}"
+        " --threads {threads} > {log:q} 2>&1"
+
+
 rule sae_summary:
     conda:
         "../envs/analysis.yaml"
     input:
         lambda wc: [str(Path(SAE_DIR.format(**wc, **g), "metrics.json")) for g in sae_grid(wc.model)],
     output:
-        SAE_SUMMARY,
+        report(SAE_SUMMARY, caption="../report/captions/sae_summary.rst", category="k-SAE", subcategory="{model}/{dataset}"),
     params:
         runs=lambda wc: " ".join(shlex.quote(SAE_DIR.format(**wc, **g)) for g in sae_grid(wc.model)),
     log:
@@ -111,7 +148,7 @@ rule sae_figure_vs_layer:
     input:
         SAE_SUMMARY,
     output:
-        str(Path(SAE_FIGURES, "{model}", "{dataset}", "label_stats_vs_layer.png")),
+        report(str(Path(SAE_FIGURES, "{model}", "{dataset}", "label_stats_vs_layer.png")), caption="../report/captions/sae_vs_layer.rst", category="k-SAE", subcategory="{model}/{dataset}"),
     log:
         log_path("sae_figure_vs_layer", "{model}", "{dataset}"),
     benchmark:
@@ -130,7 +167,7 @@ rule sae_figure_vs_timestep:
     input:
         SAE_SUMMARY,
     output:
-        str(Path(SAE_FIGURES, "{model}", "{dataset}", "label_stats_vs_timestep.png")),
+        report(str(Path(SAE_FIGURES, "{model}", "{dataset}", "label_stats_vs_timestep.png")), caption="../report/captions/sae_vs_timestep.rst", category="k-SAE", subcategory="{model}/{dataset}"),
     log:
         log_path("sae_figure_vs_timestep", "{model}", "{dataset}"),
     benchmark:
@@ -149,7 +186,7 @@ rule sae_figure_curves:
     input:
         lambda wc: [str(Path(SAE_DIR.format(**wc, **g), "latents.parquet")) for g in sae_grid(wc.model)],
     output:
-        str(Path(SAE_FIGURES, "{model}", "{dataset}", "label_curves.png")),
+        report(str(Path(SAE_FIGURES, "{model}", "{dataset}", "label_curves.png")), caption="../report/captions/sae_curves.rst", category="k-SAE", subcategory="{model}/{dataset}"),
     params:
         runs=lambda wc: " ".join(shlex.quote(SAE_DIR.format(**wc, **g)) for g in sae_grid(wc.model)),
     log:
@@ -170,7 +207,7 @@ rule sae_figure_across_models:
     input:
         lambda wc: [SAE_SUMMARY.format(model=m, dataset=wc.dataset) for m in SAE_MODELS],
     output:
-        str(Path(SAE_FIGURES, "{dataset}", "label_stats_across_models.png")),
+        report(str(Path(SAE_FIGURES, "{dataset}", "label_stats_across_models.png")), caption="../report/captions/sae_across_models.rst", category="k-SAE", subcategory="all models/{dataset}"),
     log:
         log_path("sae_figure_across_models", "{dataset}"),
     benchmark:
@@ -190,7 +227,7 @@ rule sae_gallery:
         latents=str(Path(SAE_DIR, "latents.parquet")),
         dataset=lambda wc: dataset_input(wc.dataset),
     output:
-        SAE_GALLERY,
+        report(SAE_GALLERY, caption="../report/captions/sae_gallery.rst", category="k-SAE", subcategory="{model}/{dataset} {layer}", labels={"layer": "{layer}", "timestep": "{timestep}"}),
     params:
         run=lambda wc: SAE_DIR.format(**wc),
         latents=config["sae"]["gallery_latents"],
@@ -214,5 +251,10 @@ for _m in SAE_MODELS:
             ALL_TARGETS.append(str(Path(SAE_FIGURES, _m, _d, f"{_name}.png")))
         if config["sae"]["gallery"]:
             ALL_TARGETS.extend(SAE_GALLERY.format(model=_m, dataset=_d, **g) for g in sae_grid(_m))
+        ALL_TARGETS.extend(
+            str(Path(SAE_DIR.format(model=_m, dataset=_d, **g), "spatial.json"))
+            for g in sae_grid(_m)
+            if g["layer"] in SAE_SPATIAL_LAYERS
+        )
 for _d in SAE_DATASETS:
     ALL_TARGETS.append(str(Path(SAE_FIGURES, _d, "label_stats_across_models.png")))

@@ -95,7 +95,7 @@ rule world_samples_figure:
         json=WORLD_FIDELITY_FILES[0],
         samples=WORLD_FIDELITY_FILES[1],
     output:
-        WORLD_SAMPLES_FIGURE,
+        report(WORLD_SAMPLES_FIGURE, caption="../report/captions/world_samples.rst", category="world model", subcategory="shapesworld"),
     params:
         cfg=FidelityConfig.job_json(config["world_model"]["fidelity"], "figure"),
     log:

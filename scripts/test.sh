@@ -7,6 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export PATH="$PWD/.venv/bin:$PATH"
+# The atlas's browser test drives Debian's headless chromium through its chromedriver (under
+# CI=true a missing browser fails that test). Installed only when missing, and only as root.
+if ! { command -v chromium >/dev/null && [ -x /usr/bin/chromedriver ]; } && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 # --durations: every slow test's time is in the CI log, so the 20-minute budget stays visible.
 .venv/bin/python -m pytest -q --durations=25 "$@"
 if [ "${DIFFATLAS_SLURM_TEST:-1}" = 1 ]; then

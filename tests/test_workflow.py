@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -129,7 +131,9 @@ def test_end_of_run_summary_names_what_was_made(tiny_run):
     assert "Diff-C and linear probe:" in out and "[" in out.split("Diff-C and linear probe:")[1].splitlines()[2]
     # every figure that exists, and nothing else, under its folder
     figures = paths_to_open(results)
-    assert figures == sorted((results / "figures").rglob("*.png")) and figures
+    pngs = [p for p in figures if p.suffix == ".png"]
+    assert pngs == sorted((results / "figures").rglob("*.png")) and pngs
+    assert results / "atlas" / "index.html" in figures  # the atlas is part of the default run
     for fig in figures:
         assert fig.name in out
     assert f"open ({len(figures)} files):" in out
@@ -152,7 +156,7 @@ def test_budget_from_the_runs_benchmark_files(tiny_run):
         per_rule[rule] = per_rule.get(rule, 0.0) + float(row["s"])
     b = budget(results, ROOT / "rules")
     assert b.stages["jobs"].sum() == len(files)
-    assert set(b.stages["stage"]) == {"data", "world_model", "extract", "sae", "diffc", "daam", "geometry"}
+    assert set(b.stages["stage"]) == {"data", "world_model", "extract", "sae", "diffc", "daam", "geometry", "atlas"}
     stage_of = {"make_dataset": "data", "world_fidelity": "world_model", "extract": "extract", "train_diffc": "diffc"}
     for rule, stage in stage_of.items():
         assert b.rules.set_index("rule").loc[rule, "stage"] == stage
@@ -198,11 +202,132 @@ def test_new_timestep_plans_only_its_jobs(tiny_run):
     by_rule: dict[str, int] = {}
     for rule, _ in jobs:
         by_rule[rule] = by_rule.get(rule, 0) + 1
-    per_time = {"extract", "train_sae", "train_diffc", "sae_gallery"}
+    per_time = {"extract", "train_sae", "train_diffc", "sae_gallery", "sae_spatial"}
     assert {rule: by_rule.get(rule) for rule in ("extract", "train_sae", "train_diffc")} == {
         "extract": 1, "train_sae": len(layers), "train_diffc": len(layers)}, by_rule
     for rule, wildcards in jobs:
         if rule in per_time:
             assert wildcards.get("timestep") == str(new), (rule, wildcards)
         else:  # readers of the whole grid only
-            assert rule == "all" or rule.startswith(("sae_summary", "sae_figure_", "diffc_summary", "diffc_figure_")), rule
+            assert rule in ("all", "atlas") or rule.startswith(("sae_summary", "sae_figure_", "diffc_summary", "diffc_figure_")), rule
+
+
+def test_report_holds_every_figure(tiny_run, tmp_path):
+    """`snakemake --report` packs every figure and summary table of the run, with captions."""
+    import zipfile
+
+    results, cfg_path, _ = tiny_run
+    report = tmp_path / "report.zip"
+    _snakemake("--configfile", str(cfg_path), "--report", str(report))
+    names = zipfile.ZipFile(report).namelist()
+    packed = Counter(Path(n).name for n in names if n.endswith((".png", ".csv")))
+    figures = Counter(p.name for p in (results / "figures").rglob("*.png"))
+    assert figures and all(packed[name] >= n for name, n in figures.items()), figures - packed
+    for table in ("summary.csv", "path_lengths.csv", "meaning_summary.csv"):
+        assert packed[table] >= 1, table
+    # the rendered report carries the captions, with config values filled in by Jinja
+    html = "".join(zipfile.ZipFile(report).read(n).decode("utf-8", "replace") for n in names if n.endswith((".html", ".js")))
+    assert "k = 4" in html and "How to read it" in html
+
+
+def _spatial_oracle(results: Path, run: Path):
+    """Brute force with numpy: each latent's map on its top images, and the FVE per position."""
+    from safetensors.numpy import load_file
+
+    from diffatlas.activations.store import ActivationStore
+    from diffatlas.sae.train import split_samples
+
+    cfg = json.loads((run / "cfg.json").read_text())
+    w = load_file(str(run / "sae.safetensors"))
+    store = ActivationStore(cfg["store"])
+    maps = store.spatial(cfg["layer"], cfg["timestep"]).astype(np.float64)  # [N, C, h, w]
+    n, c, h, wd = maps.shape
+    x = maps.reshape(n, c, h * wd).transpose(0, 2, 1) * cfg["input_scale"]  # [N, P, C]
+    pre = (x - w["b_pre"]) @ w["W_enc"].T.astype(np.float64) + w["b_enc"]  # [N, P, n_latents]
+    kth = np.sort(pre, axis=-1)[..., -cfg["k"]][..., None]
+    z = np.where(pre >= kth, np.maximum(pre, 0), 0.0)
+    x_hat = z @ w["W_dec"].astype(np.float64) + w["b_pre"]
+    val = split_samples(n, cfg["split"]["val_fraction"], cfg["split"]["seed"])
+    xv, xh = x[val].reshape(-1, c), x_hat[val].reshape(-1, c)
+    fve = 1 - ((xv - xh) ** 2).sum() / ((xv - xv.mean(0)) ** 2).sum()
+    row = {int(s): i for i, s in enumerate(store.sample_ids)}
+    return z, row, fve, (h, wd)
+
+
+def test_spatial_maps_match_brute_force(tiny_run):
+    from safetensors.numpy import load_file
+
+    results = tiny_run[0]
+    runs = sorted((results / "sae" / "shapesworld" / "shapesworld").glob("*/t*/spatial.json"))
+    assert len(runs) == 4
+    checked = 0
+    for rec_path in runs:
+        run = rec_path.parent
+        rec = json.loads(rec_path.read_text())
+        z, row, fve, shape = _spatial_oracle(results, run)
+        assert rec["per_position"]["fve"] == pytest.approx(fve, abs=1e-4)
+        assert rec["map_shape"] == list(shape) and rec["sae_samples"] == "pooled"
+        got = load_file(str(run / "spatial_maps.safetensors"))
+        latents = pd.read_parquet(run / "latents.parquet")
+        ranked = latents[latents["rank"] >= 0].sort_values("rank")["latent"].tolist()[: len(got["latents"])]
+        assert got["latents"].tolist() == ranked
+        for i, lat in enumerate(got["latents"]):
+            for j, sid in enumerate(got["sample_ids"][i]):
+                if sid >= 0:
+                    np.testing.assert_allclose(got["maps"][i, j], z[row[int(sid)], :, lat].reshape(shape), atol=1e-4)
+                    checked += 1
+    assert checked > 0
+
+
+def test_atlas_pages_show_the_results_numbers(tiny_run):
+    from atlas_checks import check_links, values
+
+    results = tiny_run[0]
+    atlas = results / "atlas"
+    assert check_links(atlas) > 10
+    grid = atlas / "sae" / "shapesworld" / "shapesworld" / "grid.html"
+    summary = pd.read_csv(results / "sae" / "shapesworld" / "shapesworld" / "summary.csv")
+    for r in summary.to_dict("records"):
+        for key in ("fve", "dead_fraction", "purity_fine"):
+            where = {"data-layer": r["layer"], "data-timestep": r["timestep"], "data-metric": key}
+            ((value, shown),) = values(grid, where)
+            assert (np.isnan(value) and np.isnan(r[key])) or (value == pytest.approx(r[key], rel=1e-12) and shown == f"{r[key]:.3f}")
+    diffc = pd.read_csv(results / "diffc" / "summary.csv")
+    for r in diffc.to_dict("records"):
+        where = {"data-layer": r["layer"], "data-timestep": r["timestep"], "data-metric": f"{r['method']}_{r['granularity']}"}
+        ((value, _),) = values(grid, where)
+        assert value == pytest.approx(r["accuracy"], rel=1e-12)
+    # a latent page: purity and entropy are latents.parquet's
+    run = results / "sae" / "shapesworld" / "shapesworld" / "mid" / "t600"
+    latents = pd.read_parquet(run / "latents.parquet").set_index("latent")
+    pages = sorted((atlas / "sae" / "shapesworld" / "shapesworld" / "mid" / "t600").glob("latent*.html"))
+    assert pages
+    for page in pages:
+        lat = int(page.stem.removeprefix("latent"))
+        for key in ("purity_fine", "entropy_fine", "purity_coarse"):
+            ((value, _),) = values(page, {"data-metric": key})
+            assert value == pytest.approx(latents.loc[lat, key], rel=1e-12)
+    # DAAM: the mIoU column equals summary.csv's; world: fidelity rates equal the JSON's
+    daam = pd.read_csv(results / "daam" / "shapesworld" / "real" / "shapesworld" / "summary.csv")
+    shown = [v for v, _ in values(atlas / "daam" / "shapesworld" / "real_shapesworld.html", {"data-metric": "miou"})]
+    assert shown == pytest.approx(daam["miou"].tolist(), rel=1e-12)
+    fid = json.loads((results / "world_model" / "fidelity.json").read_text())
+    for key in ("shape_accuracy", "colour_accuracy", "two_object_rate"):
+        ((value, _),) = values(atlas / "world.html", {"data-measure": key, "data-metric": "rate"})
+        assert value == fid[key]["rate"]
+    # geometry: each strip's factor is the judge's (meaning_summary.csv)
+    meaning = pd.read_csv(results / "geometry" / "shapesworld" / "meaning_summary.csv")
+    html = (atlas / "geometry" / "shapesworld.html").read_text()
+    for r in meaning.to_dict("records"):
+        marker = f'data-timestep="{r["timestep"]}" data-mode="{r["mode"]}" data-direction="{r["direction"]}"'
+        assert marker in html
+        part = html.split(marker, 1)[1]
+        assert part.split('data-metric="factor">', 1)[1].startswith(str(r["dominant"]))
+
+
+def test_atlas_in_a_headless_browser(tiny_run, tmp_path):
+    from atlas_checks import browser_check
+
+    visited = browser_check(tiny_run[0] / "atlas", tmp_path / "screenshots")
+    assert len(visited) == 6
+    assert all((tmp_path / "screenshots" / f"{n}.png").stat().st_size > 1000 for n in ("index", "latent", "daam", "geometry"))

@@ -37,7 +37,8 @@ STAGE_BUDGET_S = {
     "diffc": 90,
     "daam": 100,
     "geometry": 100,
-    "reserve": 70,  # later stages: path lengths at paper size, interventions, the atlas, SD3/Flux
+    "atlas": 10,  # the static HTML atlas: reads results/, writes pages and thumbnails
+    "reserve": 60,  # later stages: path lengths at paper size, interventions, SD3/Flux
 }
 
 _RULE = re.compile(r"^rule\s+([A-Za-z_][A-Za-z0-9_]*)\s*:", re.MULTILINE)
