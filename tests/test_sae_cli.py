@@ -191,6 +191,21 @@ def test_summary_and_figures(store, run_dir, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_training_figure_draws_the_saved_curve(run_dir, tmp_path):
+    from diffatlas.sae.figures import plot_training
+
+    curve = pd.read_csv(run_dir / "curve.csv")
+    fig = plot_training({"mid t10": (curve, False)})
+    lines = {ax.get_ylabel(): ax.get_lines() for ax in fig.axes}
+    for col, (label, line) in zip(("train_loss", "val_fve", "dead_fraction"), lines.items()):
+        np.testing.assert_array_equal(line[0].get_xdata(), curve["step"])
+        np.testing.assert_array_equal(line[0].get_ydata(), curve[col])
+        assert line[1].get_marker() == "x"  # stopped at the cap
+    png = tmp_path / "training.png"
+    assert cli(["sae-figures", "training", "--runs", str(run_dir), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_gallery_shows_the_top_images(run_dir, tmp_path):
     from diffatlas.sae.figures import gallery_gaps, plot_gallery
 
