@@ -106,3 +106,29 @@ def test_planted_dictionary_is_recovered_and_the_plateau_rule_stops_training():
     # the bar means something: a random dictionary of the same size scores far lower
     rand = torch.randn(64, 32, generator=torch.Generator().manual_seed(5))
     assert float((atoms @ (rand / rand.norm(dim=1, keepdim=True)).T).abs().max(dim=1).values.mean()) < 0.7
+
+
+def test_skipping_auxk_while_no_latent_can_be_dead_changes_nothing():
+    """The host-side horizon only skips AuxK where it is provably a no-op: training with it equals
+    training with the dead mask looked at every step (bit for bit), and AuxK did act (dead latents)."""
+    from diffatlas.sae.train import Trainer
+
+    x, _ = _planted(16, 24, 2, 512)
+    cfg = SAEConfig(k=2, expansion=4, batch_size=32, dead_steps=15, eval_every=25, lr=3e-3)
+    results = []
+    for always in (False, True):
+        sae = init_sae(x, cfg.arch(16), cfg)
+        trainer = Trainer(sae, cfg)
+        looked = 0
+        for step in range(200):
+            if always:
+                trainer.safe_until = -1
+            looked += trainer.steps_done > trainer.safe_until
+            trainer.step(x[(step * 32) % 512 :][:32], 1e-3)
+            if (step + 1) % cfg.eval_every == 0:
+                trainer.refresh(int(trainer.since_fired.max()))
+        results.append((sae, looked, int(trainer.dead().sum())))
+    (a, looked_a, dead_a), (b, looked_b, _) = results
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    assert looked_a < looked_b == 200 and dead_a > 0

@@ -172,8 +172,11 @@ class Trainer:
     A step: loss (MSE + AuxK on latents silent for more than ``dead_steps`` steps) →
     backward → remove the gradient component parallel to each atom → Adam → renormalise atoms
     → update the steps-since-fired counters. Nothing in a step waits for the device: the
-    counters are updated with tensor ops, and ``steps_done`` (on the host) says when a latent
-    can first be dead, so AuxK is skipped before then without looking at the counters.
+    counters are updated with tensor ops. AuxK is skipped while no latent *can* be dead, which
+    the host knows without looking at the counters: they grow by at most one per step, so after
+    :meth:`refresh` with their maximum m (read at a metrics check), none exceeds ``dead_steps``
+    for the next ``dead_steps − m`` steps. Past that horizon AuxK runs masked (a no-op, exactly,
+    when nothing is dead).
     """
 
     def __init__(self, sae: TopKSAE, cfg: SAEConfig) -> None:
@@ -181,7 +184,12 @@ class Trainer:
         self.cfg = cfg
         self.opt = Adam(list(sae.parameters()))
         self.since_fired = torch.zeros(sae.arch.n_latents, dtype=torch.long, device=sae.W_dec.device)
-        self.steps_done = 0  # since_fired <= steps_done: no latent is dead before dead_steps + 1 steps
+        self.steps_done = 0
+        self.safe_until = cfg.dead_steps  # no latent can be dead while steps_done <= safe_until
+
+    def refresh(self, max_since_fired: int) -> None:
+        """Move the no-dead-latent horizon, given the counters' current maximum (a host int)."""
+        self.safe_until = self.steps_done + self.cfg.dead_steps - int(max_since_fired)
 
     def dead(self) -> torch.Tensor:
         """[n] bool: latents silent for more than ``dead_steps`` steps."""
@@ -189,7 +197,7 @@ class Trainer:
 
     def step(self, xb: torch.Tensor, lr: float) -> dict[str, Any]:
         sae = self.sae
-        dead = self.dead() if self.steps_done > self.cfg.dead_steps else None
+        dead = self.dead() if self.steps_done > self.safe_until else None
         loss, parts = sae.loss(xb, dead, self.cfg.aux_coef)
         self.opt.zero_grad()
         loss.backward()
@@ -276,7 +284,11 @@ def fit(
             continue
         val = fve(sae, x_val) if x_val is not None else sums.new_full((), float("nan"))
         dead = trainer.dead().double().mean()
-        mse, aux, val_fve, dead_frac = torch.cat([sums / since, val.reshape(1), dead.reshape(1)]).tolist()  # the sync
+        max_since = trainer.since_fired.max().double()
+        mse, aux, val_fve, dead_frac, max_since = torch.cat(
+            [sums / since, val.reshape(1), dead.reshape(1), max_since.reshape(1)]
+        ).tolist()  # the one sync
+        trainer.refresh(int(max_since))
         rec = {"step": step + 1, "lr": lr, "train_loss": mse + cfg.aux_coef * aux, "train_mse": mse, "train_aux": aux,
                "val_fve": val_fve, "dead_fraction": dead_frac}
         curve.append(rec)
