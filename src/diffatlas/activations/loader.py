@@ -129,9 +129,9 @@ class StoreSource(Source):
         block = np.asarray(self.array[self._t, start:stop])
         if self.kind == "pooled":
             return block[:, None, :]
-        if self.kind == "spatial":  # [B, C, h, w] -> [B, h·w, C]
+        if self.kind == "spatial":  # [B, C, h, w] -> [B, h·w, C], a view: the caller's copy transposes
             b, c = block.shape[:2]
-            return np.ascontiguousarray(block.reshape(b, c, -1).transpose(0, 2, 1))
+            return block.reshape(b, c, -1).transpose(0, 2, 1)
         return block[:, None]
 
 
@@ -312,18 +312,30 @@ class ShuffleLoader:
         full, rest = divmod(self.n_items, self.batch_size)
         return full + (0 if self.drop_last or rest < self.min_batch else 1)
 
-    # Items of a set of chunks, in row order within each chunk: ([m, *item] tensor, [m] rows).
-    def _read(self, chunks: list[tuple[int, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, rs = [], []
-        p = self.source.positions
+    # The carried items, then those of a set of chunks in row order within each chunk, written
+    # once into one new array: ([m, *item] tensor, [m] rows).
+    def _read(
+        self, chunks: list[tuple[int, np.ndarray]], carry: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        p, item = self.source.positions, self.source.item_shape
+        k = 0 if carry is None else len(carry[0])
+        m = k + sum(len(pos) for _, pos in chunks) * p
+        x = np.empty((m, *item), dtype=self.source.dtype)
+        r = np.empty(m, dtype=np.int64)
+        if carry is not None:
+            x[:k], r[:k] = carry[0].numpy(), carry[1].numpy()
+        off = k
         for c, pos in chunks:
             rows = self.rows[pos]
             start, stop = self.source.chunk_range(c)
             block = self.source.read(start, stop)
-            xs.append(block[rows - start].reshape(-1, *self.source.item_shape))
-            rs.append(np.repeat(rows, p))
-        x = np.concatenate(xs) if len(xs) > 1 else xs[0]
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.concatenate(rs))
+            if len(rows) != stop - start:  # some rows of the chunk are not ours (rows are sorted)
+                block = block[rows - start]
+            size = len(rows) * p
+            x[off : off + size].reshape(len(rows), p, *item)[...] = block
+            r[off : off + size] = np.repeat(rows, p)
+            off += size
+        return torch.from_numpy(x), torch.from_numpy(r)
 
     def _batch(self, x: torch.Tensor, r: torch.Tensor, idx: torch.Tensor, epoch: int, last: bool) -> Batch:
         xb = x[idx].to(torch.float32)
@@ -346,9 +358,7 @@ class ShuffleLoader:
             carry: tuple[torch.Tensor, torch.Tensor] | None = None
             pending: Batch | None = None
             for window in windows:
-                x, r = window if resident is not None else self._read(window)
-                if carry is not None:
-                    x, r = torch.cat([carry[0], x]), torch.cat([carry[1], r])
+                x, r = window if resident is not None else self._read(window, carry)
                 perm = torch.randperm(len(x), generator=self.gen)
                 full = len(x) // b
                 for j in range(full):
