@@ -156,7 +156,9 @@ def test_read_rows_items_and_ordered_batches_match_indexing():
     assert len(src.reads) == len(np.unique(rows // CHUNK))
     some = np.sort(rows[:20])
     items = np.array([0, 5, 3, 79, 40])
+    src.reads.clear()
     np.testing.assert_array_equal(read_items(src, items, some), x[some].reshape(-1, C)[items])
+    assert len(src.reads) == len(np.unique(some[items // (HW * HW)] // CHUNK))  # only the chunks holding them
     src.reads.clear()
     got = list(iter_batches(src, np.arange(N), 50, scale=2.0))
     assert [len(r) for r, _ in got] == [50, 50, 50, 50, 3]

@@ -171,13 +171,17 @@ def read_rows(source: Source, rows: np.ndarray) -> np.ndarray:
 
 
 def read_items(source: Source, items: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Items ``items`` (indices into the flattened [len(rows)·P] items of ``rows``) as [len(items), *item]."""
+    """Items ``items`` (indices into the flattened [len(rows)·P] items of ``rows``) as
+    [len(items), *item]; each needed chunk is read once and only the asked items are kept."""
     items = np.asarray(items, dtype=np.int64)
     p = source.positions
-    sample_pos = items // p
-    uniq, inverse = np.unique(sample_pos, return_inverse=True)
-    block = read_rows(source, np.asarray(rows, dtype=np.int64)[uniq])
-    return block[inverse, items % p]
+    store_rows = np.asarray(rows, dtype=np.int64)[items // p]
+    where = items % p
+    out = np.empty((len(items), *source.item_shape), dtype=source.dtype)
+    for c, pos in _by_chunk(source, store_rows):
+        start, stop = source.chunk_range(c)
+        out[pos] = source.read(start, stop)[store_rows[pos] - start, where[pos]]
+    return out
 
 
 # -- the background thread -----------------------------------------------------------------------
