@@ -135,6 +135,22 @@ class StoreSource(Source):
         return block[:, None]
 
 
+class LastChunk(Source):
+    """A source that keeps its last chunk read, for callers that visit a chunk a few rows at a
+    time (e.g. per-sample passes over spatial maps); one chunk of memory. Not thread-safe."""
+
+    def __init__(self, source: Source) -> None:
+        self.inner = source
+        self.n, self.positions, self.item_shape = source.n, source.positions, source.item_shape
+        self.dtype, self.chunk, self.where = source.dtype, source.chunk, source.where
+        self._last: tuple[int, int, np.ndarray] | None = None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self._last is None or self._last[:2] != (start, stop):
+            self._last = (start, stop, self.inner.read(start, stop))
+        return self._last[2]
+
+
 def store_source(store: ActivationStore, layer: str, timestep: int, kind: str) -> StoreSource:
     """The source of ``layer`` at ``timestep`` of ``store`` (UserError naming what is stored)."""
     return StoreSource(store, layer, timestep, kind)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffatlas.activations.loader import ArraySource, ShuffleLoader, Source, cache_if_fits, read_items, read_rows, scan, store_source
+from diffatlas.activations.loader import ArraySource, LastChunk, ShuffleLoader, Source, cache_if_fits, read_items, read_rows, scan, store_source
 from diffatlas.activations.store import POOLED, ActivationStore
 from diffatlas.errors import UserError
 from diffatlas.logs import progress
@@ -67,7 +67,10 @@ class SAEData:
     source: Source = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.source = self.x if isinstance(self.x, Source) else ArraySource(np.asarray(self.x))
+        if isinstance(self.x, ArraySource) or not isinstance(self.x, Source):
+            self.source = self.x if isinstance(self.x, Source) else ArraySource(np.asarray(self.x))
+        else:  # streamed: passes that read a few samples at a time decode each chunk once
+            self.source = LastChunk(self.x)
 
     @property
     def d(self) -> int:
@@ -404,11 +407,11 @@ def run(
     log.info(
         "SAE %s t=%d: %d train / %d val samples × %d positions, d=%d, n=%d, k=%d, scale %.4g, %s",
         layer, timestep, len(train_rows), int(data.is_val.sum()), data.positions, arch.d_in, arch.n_latents, arch.k, data.scale,
-        "in memory" if isinstance(data.source, ArraySource) else "streamed",
+        "in memory" if isinstance(data.x, ArraySource) else "streamed",
     )
     t0 = time.perf_counter()
     sae, fitted = train_on_source(
-        data.source, train_rows, arch, cfg, scale=data.scale, val_rows=np.nonzero(data.is_val)[0], device=device
+        data.x, train_rows, arch, cfg, scale=data.scale, val_rows=np.nonzero(data.is_val)[0], device=device
     )
     train_seconds = time.perf_counter() - t0  # initialisation and loader start included
 
