@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffatlas.activations.store import POOLED, SPATIAL, ActivationStore
+from diffatlas.activations.store import ActivationStore
 from diffatlas.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,7 @@ class StoreSource(Source):
                 f"{', '.join(store.attrs.get('spatial_layers', [])) or 'none'}. Set extract.spatial: true "
                 "(or list the layer in extract.spatial_layers) and re-run extract"
             )
-        g, self._t = store._where[store.t_index(timestep)]
-        self.array = g[(POOLED if kind == "pooled" else SPATIAL).format(layer)]
+        self.array, self._t = store.layer_array(layer, timestep, spatial=kind != "pooled")
         self.kind = kind
         self.n = int(self.array.shape[1])
         self.chunk = int(self.array.chunks[1])

@@ -405,6 +405,11 @@ class ActivationStore:
         g, i = self._where[self.t_index(timestep)]
         return g[template.format(layer)], i
 
+    def layer_array(self, layer: str, timestep: int, spatial: bool = False) -> tuple[Any, int]:
+        """The zarr array of ``layer`` (pooled, or spatial maps) holding ``timestep``, and the
+        timestep's index along its first axis: for readers that go chunk by chunk (the loader)."""
+        return self._array(SPATIAL if spatial else POOLED, self._layer(layer), timestep)
+
     def has_spatial(self, layer: str) -> bool:
         return self._layer(layer) in self.attrs.get("spatial_layers", [])
 
