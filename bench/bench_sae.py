@@ -70,6 +70,7 @@ def bench_width(d: int, args: argparse.Namespace, device: torch.device) -> dict[
     # every latent dead: the AuxK branch at its most expensive
     dead_trainer = Trainer(sae, SAEConfig(k=args.k, expansion=args.expansion, batch_size=args.batch, dead_steps=1))
     dead_trainer.since_fired.fill_(10)
+    dead_trainer.safe_until = -1  # the trainer looks at the counters (AuxK on) at every step
     t_dead = timed(lambda: (dead_trainer.since_fired.fill_(10), dead_trainer.step(x, 1e-4)), args.steps, device, warmup=1)
 
     def enc_fwd():

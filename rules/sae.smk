@@ -3,7 +3,8 @@
 #
 #   results/sae/{model}/{dataset}/{layer}/t{timestep}/
 #       sae.safetensors  cfg.json (architecture, input_scale, split, provenance)
-#       metrics.json     (validation metrics on post-TopK codes, label statistics)
+#       metrics.json     (validation metrics on post-TopK codes, label statistics, how training stopped)
+#       curve.csv        (training curve: step, train loss, validation FVE, dead fraction)
 #       latents.parquet  (per latent: activity, top-10 samples, their labels, σ_label/purity/entropy)
 #       spatial_maps.safetensors, spatial.json  (sae_spatial: each top latent's activation map on
 #                        its top images, the SAE applied position by position; its FVE on spatial vectors)
@@ -11,6 +12,7 @@
 #   results/figures/sae/{model}/{dataset}/label_stats_vs_layer.png
 #   results/figures/sae/{model}/{dataset}/label_stats_vs_timestep.png
 #   results/figures/sae/{model}/{dataset}/label_curves.png
+#   results/figures/sae/{model}/{dataset}/training_curves.png
 #   results/figures/sae/{model}/{dataset}/gallery/{layer}/t{timestep}.png
 #   results/figures/sae/{dataset}/label_stats_across_models.png
 #
@@ -47,6 +49,7 @@ localrules:
     sae_figure_vs_layer,
     sae_figure_vs_timestep,
     sae_figure_curves,
+    sae_figure_training,
     sae_figure_across_models,
     sae_gallery,
 
@@ -72,6 +75,7 @@ rule train_sae:
         weights=str(Path(SAE_DIR, "sae.safetensors")),
         cfg=str(Path(SAE_DIR, "cfg.json")),
         metrics=str(Path(SAE_DIR, "metrics.json")),
+        curve=str(Path(SAE_DIR, "curve.csv")),
         latents=str(Path(SAE_DIR, "latents.parquet")),
     params:
         out=lambda wc: SAE_DIR.format(**wc),
@@ -201,6 +205,27 @@ rule sae_figure_curves:
         "diffatlas sae-figures curves --runs {params.runs} --out {output:q} > {log:q} 2>&1"
 
 
+rule sae_figure_training:
+    conda:
+        "../envs/analysis.yaml"
+    input:
+        lambda wc: [str(Path(SAE_DIR.format(**wc, **g), f)) for g in sae_grid(wc.model) for f in ("curve.csv", "metrics.json")],
+    output:
+        str(Path(SAE_FIGURES, "{model}", "{dataset}", "training_curves.png")),
+    params:
+        runs=lambda wc: " ".join(shlex.quote(SAE_DIR.format(**wc, **g)) for g in sae_grid(wc.model)),
+    log:
+        log_path("sae_figure_training", "{model}", "{dataset}"),
+    benchmark:
+        bench_path("sae_figure_training", "{model}", "{dataset}")
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
+    shell:
+        "diffatlas sae-figures training --runs {params.runs} --out {output:q} > {log:q} 2>&1"
+
+
 rule sae_figure_across_models:
     conda:
         "../envs/analysis.yaml"
@@ -247,7 +272,7 @@ rule sae_gallery:
 for _m in SAE_MODELS:
     for _d in SAE_DATASETS:
         ALL_TARGETS.append(SAE_SUMMARY.format(model=_m, dataset=_d))
-        for _name in ("label_stats_vs_layer", "label_stats_vs_timestep", "label_curves"):
+        for _name in ("label_stats_vs_layer", "label_stats_vs_timestep", "label_curves", "training_curves"):
             ALL_TARGETS.append(str(Path(SAE_FIGURES, _m, _d, f"{_name}.png")))
         if config["sae"]["gallery"]:
             ALL_TARGETS.extend(SAE_GALLERY.format(model=_m, dataset=_d, **g) for g in sae_grid(_m))

@@ -110,7 +110,7 @@ def test_saved_weights_reproduce_saved_predictions(job, store):
     out, _ = job
     preds = pd.read_csv(out / "predictions.csv")
     s = ActivationStore(store)
-    maps = load_spatial_maps(s, "mid", 50, torch.device("cpu"))
+    maps = load_spatial_maps(s, "mid", 50, buffer=len(s))
     pooled = s.pooled("mid", 50)
     for gran in ("coarse", "fine"):
         saved = preds[preds["granularity"] == gran]
@@ -214,3 +214,67 @@ def test_float16_overflow_in_the_maps_is_a_user_error(tmp_path):
     store = write_store(tmp_path / "inf.zarr", {"L": maps}, ["a", "b"] * 20, None, [10])
     with pytest.raises(UserError, match=r"non-finite values in 1 sample\(s\)"):
         run_diffc_job(store, "L", 10, tmp_path / "out", DiffCConfig(**FAST, granularities=["fine"]), device="cpu")
+
+
+def _reference_diffc(maps: torch.Tensor, y: np.ndarray, train_rows: np.ndarray, n_classes: int, cfg: DiffCConfig):
+    """The pre-loader Diff-C loop, kept as the oracle: all maps in memory, per epoch
+    train[randperm] from a generator seeded with cfg.seed, batches of batch_size (a last batch
+    of one skipped), input statistics and the BatchNorm recalibration in batches of 256."""
+    from torch import nn
+
+    from diffatlas.diffc.model import DiffC, DiffCArch
+    from diffatlas.optim import Adam
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    _, c, h, w = maps.shape
+    model = DiffC(DiffCArch(c, h, w, n_classes, cfg.n_convs, cfg.feature_dim, cfg.dropout))
+    s1, s2, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+    for start in range(0, len(train_rows), 256):
+        x = maps[train_rows[start : start + 256]].double()
+        s1 += x.sum(dim=(0, 2, 3))
+        s2 += (x * x).sum(dim=(0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s1 / count
+    model.set_input_stats(mean.float(), torch.clamp(s2 / count - mean * mean, min=0.0).sqrt().float())
+    opt = Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=False)
+    train = torch.as_tensor(train_rows)
+    y_t = torch.as_tensor(y)
+    for _ in range(cfg.epochs):
+        model.train()
+        order = train[torch.randperm(len(train), generator=gen)]
+        for start in range(0, len(order), cfg.batch_size):
+            rows = order[start : start + cfg.batch_size]
+            if len(rows) < 2:
+                continue
+            loss = nn.functional.cross_entropy(model(maps[rows].float()), y_t[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    with torch.no_grad():
+        for start in range(0, len(train_rows), 256):
+            model(maps[train_rows[start : start + 256]].float())
+    return model
+
+
+def test_streamed_diffc_gives_identical_weights_on_data_that_fits(store):
+    from diffatlas.diffc.split import stratified_split
+    from diffatlas.diffc.train import train_diffc
+
+    s = ActivationStore(store)
+    cfg = DiffCConfig(**{**FAST, "epochs": 2, "batch_size": 33})  # 33: an uneven last batch
+    y = np.unique(np.asarray(s.labels("coarse")), return_inverse=True)[1]
+    split = stratified_split([y], cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    streamed = load_spatial_maps(s, "mid", 50, buffer=1)  # straight from the store, not cached
+    assert type(streamed).__name__ == "StoreSource"
+    model, _, seen = train_diffc(streamed, y, split, int(y.max()) + 1, cfg)
+    maps = torch.from_numpy(s.spatial("mid", 50))
+    ref = _reference_diffc(maps, y, split.train, int(y.max()) + 1, cfg)
+    got = model.state_dict()
+    for name, value in ref.state_dict().items():
+        assert torch.equal(value, got[name]), name
+    assert seen == cfg.epochs * len(split.train) - cfg.epochs * (len(split.train) % cfg.batch_size == 1)

@@ -84,7 +84,7 @@ def run_dir(store, tmp_path_factory):
 
 
 def test_train_sae_writes_consistent_artifacts(store, run_dir):
-    assert sorted(p.name for p in run_dir.iterdir()) == ["cfg.json", "latents.parquet", "metrics.json", "sae.safetensors"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["cfg.json", "curve.csv", "latents.parquet", "metrics.json", "sae.safetensors"]
     cfg = json.loads((run_dir / "cfg.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (cfg["d_in"], cfg["n_latents"], cfg["k"], cfg["k_aux"]) == (D, 3 * D, 4, D // 2)
@@ -109,6 +109,16 @@ def test_train_sae_writes_consistent_artifacts(store, run_dir):
     assert val["fve"] == pytest.approx(1 - nmse, rel=1e-4)
     assert val["l0"] == pytest.approx(float((out.vals > 0).sum(1).float().mean()))
     assert val["l0"] <= 4 and val["fve"] > 0.5
+
+    # the curve: a row every eval_every (100) steps up to the cap of 120, and metrics.json says
+    # the cap stopped it (two checks cannot make a plateau of patience 5)
+    curve = pd.read_csv(run_dir / "curve.csv")
+    assert list(curve.columns) == ["step", "lr", "train_loss", "train_mse", "train_aux", "val_fve", "dead_fraction"]
+    assert list(curve["step"]) == [100, 120]
+    assert metrics["training"]["converged"] is False and metrics["training"]["stopped"] == "cap"
+    assert metrics["training"]["steps_run"] == 120 and metrics["training"]["step_cap"] == 120
+    assert curve["val_fve"].between(0, 1).all() and curve["dead_fraction"].between(0, 1).all()
+    assert np.allclose(curve["train_loss"], curve["train_mse"] + curve["train_aux"] / 32)
 
     latents = pd.read_parquet(run_dir / "latents.parquet")
     assert len(latents) == 3 * D and (latents["latent"] == np.arange(3 * D)).all()
@@ -179,6 +189,21 @@ def test_summary_and_figures(store, run_dir, tmp_path):
         png = tmp_path / f"{sub}.png"
         assert cli(["sae-figures", sub, *extra, "--out", str(png)]) == 0
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_figure_draws_the_saved_curve(run_dir, tmp_path):
+    from diffatlas.sae.figures import plot_training
+
+    curve = pd.read_csv(run_dir / "curve.csv")
+    fig = plot_training({"mid t10": (curve, False)})
+    lines = {ax.get_ylabel(): ax.get_lines() for ax in fig.axes}
+    for col, (label, line) in zip(("train_loss", "val_fve", "dead_fraction"), lines.items()):
+        np.testing.assert_array_equal(line[0].get_xdata(), curve["step"])
+        np.testing.assert_array_equal(line[0].get_ydata(), curve[col])
+        assert line[1].get_marker() == "x"  # stopped at the cap
+    png = tmp_path / "training.png"
+    assert cli(["sae-figures", "training", "--runs", str(run_dir), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_gallery_shows_the_top_images(run_dir, tmp_path):

@@ -408,7 +408,8 @@ class ActivationStore:
     def layer_array(self, layer: str, timestep: int, spatial: bool = False) -> tuple[Any, int]:
         """The zarr array of ``layer`` (its pooled vectors, or its spatial maps) holding
         ``timestep``, and the timestep's index in it: for readers that go chunk by chunk
-        (``array.chunks[1]`` samples per chunk) instead of reading a whole layer."""
+        (``array.chunks[1]`` samples per chunk: the loader, the streaming analysis) instead of
+        reading a whole layer."""
         if spatial and not self.has_spatial(layer):
             self.spatial(layer, timestep, slice(0, 0))  # raises the clear error
         return self._array(SPATIAL if spatial else POOLED, self._layer(layer), timestep)

@@ -6,6 +6,7 @@ Subcommands::
     vs-timestep   --summary S.csv --out F.png      label statistics vs timestep (line per layer)
     across-models --summary A.csv B.csv --out F.png   per model vs timestep (mean over layers)
     curves        --runs DIR... --out F.png        mean statistic over the top-N latents vs N
+    training      --runs DIR... --out F.png        training curves (curve.csv) and how each run stopped
     gallery       --run DIR --dataset DATADIR --out F.png [--latents 8]
                                                    top-activating images of the top latents
 """
@@ -43,6 +44,9 @@ def main(argv: list[str]) -> int:
     p = sub.add_parser("curves")
     p.add_argument("--runs", required=True, nargs="+", help="SAE run directories (each with latents.parquet)")
     p.add_argument("--out", required=True)
+    p = sub.add_parser("training")
+    p.add_argument("--runs", required=True, nargs="+", help="SAE run directories (each with curve.csv and metrics.json)")
+    p.add_argument("--out", required=True)
     p = sub.add_parser("gallery")
     p.add_argument("--run", required=True, help="SAE run directory (with latents.parquet)")
     p.add_argument("--dataset", required=True, help="dataset directory the store was extracted from")
@@ -68,6 +72,17 @@ def main(argv: list[str]) -> int:
                 raise UserError(f"{path} not found; run train-sae first")
             tables[figures.run_label(run)] = curves(pd.read_parquet(path))
         fig = figures.plot_label_curves(tables)
+    elif args.figure == "training":
+        import json
+
+        runs = {}
+        for run in args.runs:
+            curve, metrics = Path(run) / "curve.csv", Path(run) / "metrics.json"
+            if not curve.exists() or not metrics.exists():
+                raise UserError(f"{curve if not curve.exists() else metrics} not found; run train-sae first")
+            converged = bool(json.loads(metrics.read_text()).get("training", {}).get("converged", False))
+            runs[figures.run_label(run)] = (pd.read_csv(curve), converged)
+        fig = figures.plot_training(runs)
     else:
         if args.latents < 1:
             raise UserError(f"--latents {args.latents} is not allowed; allowed: an integer >= 1")

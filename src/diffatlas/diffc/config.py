@@ -59,6 +59,9 @@ class DiffCConfig(ConfigSection):
     seeds: int = 1
     """Training runs per job, with seeds ``seed, seed + 1, ...`` (each its own split, initialisation
     and batch order). The first is saved; metrics.json reports every run's accuracy and their spread."""
+    shuffle_buffer: int = 1024
+    """Maps (samples) in the streaming loader's shuffle buffer; a layer whose maps all fit is
+    read into memory once (as float16) and trained on exactly as in memory."""
     probe_c: float = 1.0
     """Inverse L2 strength of the logistic-regression probe."""
     probe_max_iter: int = 1000
@@ -73,7 +76,7 @@ class DiffCConfig(ConfigSection):
             raise bad("granularities", "a non-empty list of coarse, fine")
         if len(set(self.granularities)) != len(self.granularities):
             raise bad("granularities", "each of coarse, fine at most once")
-        for key in ("n_convs", "feature_dim", "epochs", "batch_size", "patience", "probe_max_iter", "threads", "seeds"):
+        for key in ("n_convs", "feature_dim", "epochs", "batch_size", "patience", "probe_max_iter", "threads", "seeds", "shuffle_buffer"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(key, "an integer >= 1")

@@ -15,9 +15,11 @@ stratified train / validation / test split, and writes to ``out_dir``::
 
 The directory appears only when every file is complete (``atomic_dir``).
 
-Reading: the timestep's maps are read once, chunk by chunk in the store's own chunking, into
-one in-memory float16 tensor (on the GPU when training there); each minibatch is converted
-to float32 on the fly. No per-sample zarr read happens during training.
+Reading: through the streaming loader (:mod:`diffatlas.activations.loader`), in whole zarr
+chunks. When the layer's maps fit in ``diffc.shuffle_buffer`` samples they are read once into
+memory (float16) and every pass reads from there; otherwise every pass streams from the store,
+and training batches come from a seeded shuffle buffer of that many samples. Minibatches are
+converted to float32 and moved to the training device on the fly.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from diffatlas.activations.store import SPATIAL, ActivationStore
+from diffatlas.activations.loader import ShuffleLoader, Source, cache_if_fits, iter_batches, scan, store_source
+from diffatlas.activations.store import ActivationStore
 from diffatlas.diffc.config import DiffCConfig
 from diffatlas.diffc.metrics import check_classes, classification_metrics
 from diffatlas.diffc.model import DiffC, DiffCArch, save_diffc
@@ -75,11 +79,12 @@ class JobResult:
     timings: JobTimings = field(default_factory=JobTimings)
 
 
-def load_spatial_maps(store: ActivationStore, layer: str, timestep: int, device: torch.device) -> torch.Tensor:
-    """All samples' maps of ``layer`` at ``timestep`` as one float16 tensor [N, C, H, W].
+def load_spatial_maps(store: ActivationStore, layer: str, timestep: int, buffer: int) -> Source:
+    """The maps of ``layer`` at ``timestep`` as a loader source of items [C, H, W] (float16):
+    read into memory once when the N samples fit in ``buffer``, else streamed from the store.
 
-    Read in the store's sample chunks (one decode per chunk). Raises :class:`UserError` when
-    the layer was extracted without spatial maps.
+    One chunk-ordered pass checks every map for NaN/Inf. Raises :class:`UserError` when the
+    layer was extracted without spatial maps.
     """
     if not store.has_spatial(layer):
         with_maps = store.attrs.get("spatial_layers", [])
@@ -88,30 +93,30 @@ def load_spatial_maps(store: ActivationStore, layer: str, timestep: int, device:
             f"layers with maps: {', '.join(with_maps) or 'none'}. Set extract.spatial: true (or drop the layer "
             "from diffc.layers) and re-run extract"
         )
-    arr = store.group[SPATIAL.format(layer)]
-    n, chunk = int(arr.shape[1]), int(arr.chunks[1])
-    out = torch.empty((n, *arr.shape[2:]), dtype=torch.float16, device=device)
-    for start in range(0, n, chunk):
-        block = store.spatial(layer, timestep, slice(start, min(n, start + chunk)))
-        out[start : start + len(block)] = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float16)).to(device)
-    if not torch.isfinite(out).all():
-        bad = int((~torch.isfinite(out)).flatten(1).any(1).sum())
+    source = cache_if_fits(store_source(store, layer, timestep, "maps"), buffer)
+    bad = scan(source, np.zeros(0, np.int64)).nonfinite_rows
+    if len(bad):
         raise UserError(
-            f"layer {layer!r} at timestep {timestep} in {store.path} has non-finite values in {bad} sample(s) "
+            f"layer {layer!r} at timestep {timestep} in {store.path} has non-finite values in {len(bad)} sample(s) "
             "(float16 overflow during extraction?); re-extract with a smaller spatial cap or check the model"
         )
-    return out
+    return source
 
 
-def channel_stats(maps: torch.Tensor, rows: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std [C] over ``rows`` of ``maps`` [N, C, H, W] (float64 sums)."""
-    c = maps.shape[1]
-    s1 = torch.zeros(c, dtype=torch.float64, device=maps.device)
-    s2 = torch.zeros(c, dtype=torch.float64, device=maps.device)
+def _maps(source: Source, rows: np.ndarray, batch: int) -> Iterator[torch.Tensor]:
+    """float32 maps [B, C, H, W] of ``rows`` in order, ``batch`` at a time (prefetched)."""
+    for _, x in iter_batches(source, rows, batch):
+        yield x.squeeze(1)
+
+
+def channel_stats(maps: Source, rows: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std [C] over ``rows`` of ``maps`` (float64 sums)."""
+    c = maps.item_shape[0]
+    s1 = torch.zeros(c, dtype=torch.float64)
+    s2 = torch.zeros(c, dtype=torch.float64)
     count = 0
-    idx = torch.as_tensor(rows, device=maps.device)
-    for start in range(0, len(idx), batch):
-        x = maps[idx[start : start + batch]].double()
+    for x in _maps(maps, rows, batch):
+        x = x.double()
         s1 += x.sum(dim=(0, 2, 3))
         s2 += (x * x).sum(dim=(0, 2, 3))
         count += x.shape[0] * x.shape[2] * x.shape[3]
@@ -120,8 +125,12 @@ def channel_stats(maps: torch.Tensor, rows: np.ndarray, batch: int = 256) -> tup
     return mean.float(), var.sqrt().float()
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
-def recalibrate_batchnorm(model: DiffC, maps: torch.Tensor, rows: np.ndarray, batch_size: int) -> None:
+def recalibrate_batchnorm(model: DiffC, maps: Source, rows: np.ndarray, batch_size: int) -> None:
     """Set every BatchNorm's running statistics to exact averages over ``rows`` under the current weights.
 
     With few steps per epoch and a high learning rate, the default running averages mix
@@ -134,83 +143,85 @@ def recalibrate_batchnorm(model: DiffC, maps: torch.Tensor, rows: np.ndarray, ba
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches below
     model.train()
-    idx = torch.as_tensor(rows, device=maps.device)
-    for start in range(0, len(idx), batch_size):
-        model(maps[idx[start : start + batch_size]].float())
+    device = _device_of(model)
+    for x in _maps(maps, rows, batch_size):
+        model(x.to(device, non_blocking=True))
     for m, mom in zip(norms, saved):
         m.momentum = mom
     model.eval()
 
 
 @torch.no_grad()
-def predict(model: DiffC, maps: torch.Tensor, rows: np.ndarray, batch_size: int) -> np.ndarray:
+def predict(model: DiffC, maps: Source, rows: np.ndarray, batch_size: int) -> np.ndarray:
     """Class indices [len(rows)] predicted by ``model`` (eval mode) for ``rows`` of ``maps``."""
     model.eval()
-    out = []
-    idx = torch.as_tensor(rows, device=maps.device)
-    for start in range(0, len(idx), batch_size):
-        x = maps[idx[start : start + batch_size]].float()
-        out.append(model(x).argmax(dim=1).cpu())
-    return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, np.int64)
+    device = _device_of(model)
+    out = [model(x.to(device, non_blocking=True)).argmax(dim=1) for x in _maps(maps, rows, batch_size)]
+    return torch.cat(out).cpu().numpy().astype(np.int64) if out else np.zeros(0, np.int64)
 
 
 def train_diffc(
-    maps: torch.Tensor,
+    maps: Source,
     y: np.ndarray,
     split: Split,
     n_classes: int,
     cfg: DiffCConfig,
+    device: torch.device | str = "cpu",
 ) -> tuple[DiffC, dict[str, Any], int]:
-    """Train one Diff-C on ``maps`` [N, C, H, W] (float16, on the training device) with labels ``y`` [N].
+    """Train one Diff-C on ``maps`` (a loader source of [C, H, W] maps) with labels ``y`` [N] on ``device``.
 
-    Returns the model (best validation epoch with early stopping, else the last epoch), its
-    training history and the number of samples seen by optimiser steps.
+    Batches come from the streaming loader over ``split.train``, shuffled per epoch with a
+    generator seeded by ``cfg.seed`` (a batch of one left over at an epoch's end is skipped:
+    BatchNorm needs two). Returns the model (best validation epoch with early stopping, else
+    the last epoch), its training history and the number of samples seen by optimiser steps.
     """
-    device = maps.device
+    device = torch.device(device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    _, c, h, w = maps.shape
+    c, h, w = maps.item_shape
     model = DiffC(DiffCArch(c, h, w, n_classes, cfg.n_convs, cfg.feature_dim, cfg.dropout)).to(device)
-    model.set_input_stats(*channel_stats(maps, split.train))
+    model.set_input_stats(*(t.to(device) for t in channel_stats(maps, split.train)))
     opt = Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=False)
     loss_fn = nn.CrossEntropyLoss()
-    y_dev = torch.as_tensor(y, dtype=torch.long, device=device)
-    train_rows = torch.as_tensor(split.train, dtype=torch.long)
+    y_all = torch.as_tensor(y, dtype=torch.long)
     history: dict[str, list[float]] = {"loss": [], "val_accuracy": []}  # val_accuracy: with early stopping
     best_acc, best_epoch, best_state, stale, seen = -1.0, 0, None, 0, 0
+    total, batches = torch.zeros((), device=device), 0
 
-    for epoch in range(cfg.epochs):
+    loader = ShuffleLoader(maps, split.train, cfg.batch_size, gen, buffer=cfg.shuffle_buffer, drop_last=False,
+                           min_batch=2, epochs=cfg.epochs, pin_memory=device.type == "cuda")
+    with loader:
         model.train()
-        order = train_rows[torch.randperm(len(train_rows), generator=gen)].to(device)
-        total, batches = 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
-            rows = order[start : start + cfg.batch_size]
-            if len(rows) < 2:  # BatchNorm needs two samples; the one left over waits for the next epoch
-                continue
-            logits = model(maps[rows].float())
-            loss = loss_fn(logits, y_dev[rows])
+        for batch in loader:
+            logits = model(batch.x.to(device, non_blocking=True))
+            loss = loss_fn(logits, y_all[batch.rows].to(device, non_blocking=True))
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss.detach())
+            total += loss.detach()
             batches += 1
-            seen += len(rows)
-        history["loss"].append(total / max(batches, 1))
-        # Validation every epoch only when it decides something (early stopping): it costs a
-        # BatchNorm recalibration pass plus a prediction pass, about a third of an epoch.
-        if cfg.early_stopping:
-            recalibrate_batchnorm(model, maps, split.train, EVAL_BATCH)
-            acc = float((predict(model, maps, split.val, EVAL_BATCH) == y[split.val]).mean())
-            history["val_accuracy"].append(acc)
-            if acc > best_acc:
-                best_acc, best_epoch, stale = acc, epoch + 1, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                stale += 1
-            if stale >= cfg.patience:
-                log.info("early stopping after epoch %d (best validation accuracy %.3f at epoch %d)", epoch + 1, best_acc, best_epoch)
-                break
-        log.debug("epoch %d loss %.4f", epoch + 1, history["loss"][-1])
+            seen += len(batch.rows)
+            if not batch.last:
+                continue
+            epoch = batch.epoch
+            history["loss"].append(float(total) / max(batches, 1))  # one host sync per epoch
+            total, batches = torch.zeros((), device=device), 0
+            # Validation every epoch only when it decides something (early stopping): it costs a
+            # BatchNorm recalibration pass plus a prediction pass, about a third of an epoch.
+            if cfg.early_stopping:
+                recalibrate_batchnorm(model, maps, split.train, EVAL_BATCH)
+                acc = float((predict(model, maps, split.val, EVAL_BATCH) == y[split.val]).mean())
+                history["val_accuracy"].append(acc)
+                if acc > best_acc:
+                    best_acc, best_epoch, stale = acc, epoch + 1, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    stale += 1
+                if stale >= cfg.patience:
+                    log.info("early stopping after epoch %d (best validation accuracy %.3f at epoch %d)", epoch + 1, best_acc, best_epoch)
+                    break
+            log.debug("epoch %d loss %.4f", epoch + 1, history["loss"][-1])
+            model.train()
     if best_state is not None:
         model.load_state_dict(best_state)
     else:
@@ -240,8 +251,8 @@ def _majority_baseline(y: np.ndarray, split: Split, n_classes: int) -> float:
 
 
 def _repeat_seeds(
-    maps: torch.Tensor, pooled: np.ndarray, y: np.ndarray, strata: list[np.ndarray], n_classes: int,
-    cfg: DiffCConfig, timings: JobTimings,
+    maps: Source, pooled: np.ndarray, y: np.ndarray, strata: list[np.ndarray], n_classes: int,
+    cfg: DiffCConfig, timings: JobTimings, device: torch.device,
 ) -> dict[str, list[dict[str, Any]]]:
     """Test accuracy of Diff-C and the probe retrained with seeds ``seed + 1 .. seed + seeds - 1``.
 
@@ -253,7 +264,7 @@ def _repeat_seeds(
         run_cfg = dataclasses.replace(cfg, seed=seed)
         split = stratified_split(strata, cfg.val_fraction, cfg.test_fraction, seed)
         t0 = time.perf_counter()
-        model, _, seen = train_diffc(maps, y, split, n_classes, run_cfg)
+        model, _, seen = train_diffc(maps, y, split, n_classes, run_cfg, device)
         d_pred = predict(model, maps, split.test, EVAL_BATCH)
         timings.diffc_s += time.perf_counter() - t0
         timings.train_samples += seen
@@ -296,12 +307,12 @@ def run_diffc_job(
         )
 
     t0 = time.perf_counter()
-    maps = load_spatial_maps(store, layer, timestep, dev)
+    maps = load_spatial_maps(store, layer, timestep, cfg.shuffle_buffer)
     pooled = store.pooled(layer, timestep)
     if not np.isfinite(pooled).all():
         raise UserError(f"layer {layer!r} at timestep {timestep} in {store.path} has non-finite pooled features; check the extraction")
     timings.read_s = time.perf_counter() - t0
-    n, c, h, w = maps.shape
+    n, (c, h, w) = maps.n, maps.item_shape
     log.info(
         "%s t=%d: %d samples, maps %dx%dx%d, split %d/%d/%d, device %s, read %.2fs",
         layer, timestep, n, c, h, w, len(split.train), len(split.val), len(split.test), dev, timings.read_s,
@@ -319,7 +330,7 @@ def run_diffc_job(
         where = f"{store.path}: layer {layer}, t={timestep}, {gran}"
 
         t0 = time.perf_counter()
-        model, info, seen = train_diffc(maps, y, split, len(names), cfg)
+        model, info, seen = train_diffc(maps, y, split, len(names), cfg, dev)
         d_pred = predict(model, maps, np.arange(n), EVAL_BATCH)
         timings.diffc_s += time.perf_counter() - t0
         timings.train_samples += seen
@@ -330,7 +341,7 @@ def run_diffc_job(
         timings.probe_s += time.perf_counter() - t0
 
         entry: dict[str, Any] = {"classes": names, "majority_baseline": _majority_baseline(y, split, len(names))}
-        repeats = _repeat_seeds(maps, pooled, y, strata, len(names), cfg, timings)
+        repeats = _repeat_seeds(maps, pooled, y, strata, len(names), cfg, timings, dev)
         for method, pred, extra in (("diffc", d_pred, info), ("probe", p_pred, {"n_iter": probe.n_iter})):
             m = classification_metrics(y[split.test], pred[split.test], names, where=f"{where}, {method}")
             runs = [{"seed": cfg.seed, "accuracy": m["accuracy"], "n_test": m["n_test"]}] + repeats[method]

@@ -160,25 +160,30 @@ class StoreSamples:
             yield start, raw.astype(np.float32) * self.scale
 
 
-class _InMemory:
-    """:class:`Samples` over vectors already in memory: an object with ``x`` [N, P, d] and
-    ``scale`` (``sae.train.SAEData``); read CHUNK_VECTORS vectors at a time."""
+class _FromSource:
+    """:class:`Samples` over ``sae.train.SAEData``: its loader ``source`` (vectors in memory, or
+    the store streamed) and ``scale``. In memory: CHUNK_VECTORS vectors a read; from a store:
+    whole store chunks, so each is decoded once."""
 
     def __init__(self, data: Any) -> None:
+        from diffatlas.activations.loader import ArraySource
+
         self.data = data
         for name in ("sample_ids", "is_val", "fine", "coarse", "fine_classes", "coarse_classes"):
             setattr(self, name, getattr(data, name))
-        self.positions, self.d = int(data.x.shape[1]), int(data.x.shape[2])
+        src = data.source
+        self.positions, self.d = int(src.positions), int(src.item_shape[0])
+        self.step = max(1, CHUNK_VECTORS // self.positions) if isinstance(src, ArraySource) else int(src.chunk)
 
     def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        x, step = self.data.x, max(1, CHUNK_VECTORS // self.positions)
-        for start in range(0, x.shape[0], step):
-            yield start, x[start : start + step].astype(np.float32) * np.float32(self.data.scale)
+        src, scale = self.data.source, np.float32(self.data.scale)
+        for start in range(0, src.n, self.step):
+            yield start, src.read(start, min(start + self.step, src.n)).astype(np.float32) * scale
 
 
 def as_samples(data: Any) -> Samples:
-    """``data`` itself if it reads chunk by chunk, else an in-memory wrapper around it."""
-    return data if hasattr(data, "chunks") else _InMemory(data)
+    """``data`` itself if it reads chunk by chunk, else a reader over its loader source (SAEData)."""
+    return data if hasattr(data, "chunks") else _FromSource(data)
 
 
 # -- streaming top-n per latent ----------------------------------------------------------------

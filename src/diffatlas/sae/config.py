@@ -72,10 +72,24 @@ class SAEConfig(ConfigSection):
     """Layers to train on (workflow grid); null = extract.layers."""
     timesteps: list[int] | None = None
     """Training-scale timesteps (workflow grid); null = extract.timesteps."""
-    steps: int = 500
-    """Optimiser steps (ignored when ``epochs`` is set)."""
+    steps: int = 20000
+    """Cap on optimiser steps (ignored when ``epochs`` is set); training stops earlier on a
+    plateau of validation FVE (``patience``, ``min_delta``)."""
     epochs: int | None = None
-    """If set, train for this many passes over the training split instead of ``steps``."""
+    """If set, the cap is this many passes over the training split instead of ``steps``."""
+    eval_every: int = 100
+    """Steps between validation-FVE checks (the plateau rule) and training-curve points; the
+    only times training metrics leave the device."""
+    patience: int = 5
+    """Stop when validation FVE has not improved by ``min_delta`` for this many checks."""
+    min_delta: float = 0.001
+    """Smallest rise of validation FVE that counts as an improvement for the plateau rule."""
+    eval_vectors: int = 4096
+    """Validation vectors (a seeded sample of the validation split, held in memory) on which
+    the plateau rule measures FVE; the final metrics use the whole validation split."""
+    shuffle_buffer: int = 131072
+    """Vectors in the streaming loader's shuffle buffer (bounds training memory); a layer
+    whose vectors all fit is read once and shuffled exactly as in memory."""
     batch_size: int = 64
     """Samples per step; the training split must hold at least one batch."""
     lr: float = 1e-3
@@ -115,7 +129,8 @@ class SAEConfig(ConfigSection):
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        positive_ints = ("k", "expansion", "steps", "batch_size", "top_n", "top_latents", "gallery_latents", "init_sample", "dead_steps")
+        positive_ints = ("k", "expansion", "steps", "batch_size", "top_n", "top_latents", "gallery_latents", "init_sample", "dead_steps",
+                         "eval_every", "patience", "eval_vectors", "shuffle_buffer")
         for name in positive_ints:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -130,6 +145,8 @@ class SAEConfig(ConfigSection):
             raise UserError(f"config sae.aux_k = {self.aux_k!r} is not allowed; allowed: null or an integer >= 1")
         if not _is_num(self.lr) or not self.lr > 0:
             raise UserError(f"config sae.lr = {self.lr!r} is not allowed; allowed: a number > 0")
+        if not _is_num(self.min_delta) or self.min_delta < 0:
+            raise UserError(f"config sae.min_delta = {self.min_delta!r} is not allowed; allowed: a number >= 0")
         if not _is_num(self.aux_coef) or self.aux_coef < 0:
             raise UserError(f"config sae.aux_coef = {self.aux_coef!r} is not allowed; allowed: a number >= 0")
         if not _is_num(self.val_fraction) or not 0 < self.val_fraction < 1:

@@ -8,7 +8,9 @@ Every function returns a matplotlib Figure (save with :func:`diffatlas.plotting.
   model's layers, band = min..max over layers);
 * :func:`plot_label_curves` — mean statistic over the top-N ranked latents as N grows
   (Revelio's curves) for every (layer, timestep) of a model;
-* :func:`plot_gallery` — the top-activating images of the top latents of one (layer, timestep).
+* :func:`plot_gallery` — the top-activating images of the top latents of one (layer, timestep);
+* :func:`plot_training` — the training curves (train loss, validation FVE, dead fraction vs step)
+  of every (layer, timestep), each run's stop marked (plateau: filled dot, step cap: cross).
 
 On ShapesWorld, fine labels ("red circle") and coarse labels ("circle") side by side show the
 granularity effect: purity for the coarse label is higher where latents encode shape only.
@@ -125,6 +127,34 @@ def plot_label_curves(curves: dict[str, pd.DataFrame], title: str | None = None)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
     fig.suptitle(title or "label statistics of the top-N latents")
+    fig.tight_layout()
+    return fig
+
+
+TRAINING_PANELS = (("train_loss", "train loss (MSE + AuxK/32) ↓", True), ("val_fve", "validation FVE ↑", False),
+                   ("dead_fraction", "dead latents (share) ↓", False))
+
+
+def plot_training(runs: dict[str, tuple[pd.DataFrame, bool]], title: str | None = None) -> "plt.Figure":
+    """Training curves; ``runs`` maps a run label to (its curve.csv table, whether it converged)."""
+    if not runs:
+        raise UserError("no SAE runs to plot training curves for")
+    fig, axes = plt.subplots(1, len(TRAINING_PANELS), figsize=(4.3 * len(TRAINING_PANELS), 3.8))
+    colours = plt.get_cmap("viridis")(np.linspace(0.05, 0.9, len(runs)))
+    for colour, (name, (curve, converged)) in zip(colours, runs.items()):
+        _require(curve, ["step"] + [c for c, _, _ in TRAINING_PANELS], f"curve of {name}")
+        stop = "plateau" if converged else "step cap"
+        for ax, (col, ylabel, log_y) in zip(axes, TRAINING_PANELS):
+            ax.plot(curve["step"], curve[col], color=colour, label=f"{name} ({stop})")
+            ax.plot(curve["step"].iloc[-1:], curve[col].iloc[-1:], "o" if converged else "x", color=colour)
+            ax.set_ylabel(ylabel)
+            if log_y:
+                ax.set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("optimiser step")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6)
+    fig.suptitle(title or "SAE training (dot: stopped on a validation-FVE plateau; cross: stopped at the step cap)")
     fig.tight_layout()
     return fig
 

@@ -141,18 +141,22 @@ class TopKSAE(nn.Module):
         largest pre-activations among the dead latents ``dead`` [n] (bool), ê = W_dec z_aux
         (no bias); aux = Σ(ê − e)² / Σe², the share of the residual the dead latents fail to
         explain. 0 when no latent is dead.
-        Returns (loss, parts): parts holds the forward output, detached mse and aux, and n_dead.
+        Returns (loss, parts): parts holds the forward output, detached mse and aux, and n_dead (a tensor).
         """
         out = self(x)
         mse = (out.x_hat - x).pow(2).mean()
         aux = x.new_zeros(())
-        n_dead = int(dead.sum()) if dead is not None else 0
-        if n_dead > 0 and aux_coef > 0:
+        n_dead = dead.sum() if dead is not None else torch.zeros((), dtype=torch.long, device=x.device)
+        if dead is not None and aux_coef > 0:
+            # No host synchronisation: k_aux is fixed and live latents are masked to -inf, so
+            # with fewer than k_aux dead latents the extra picks are ReLU(-inf) = 0 and add
+            # nothing (the same sum as taking min(k_aux, #dead)); with none dead, aux is 0.
             e = (x - out.x_hat).detach()
             masked = out.pre.masked_fill(~dead, float("-inf"))
-            vals, idx = self.select(masked, min(self.arch.k_aux, n_dead))
+            vals, idx = self.select(masked, self.arch.k_aux)
             e_hat = self.decode(vals, idx, bias=False)
             aux = (e_hat - e).pow(2).sum() / e.pow(2).sum().clamp_min(torch.finfo(e.dtype).tiny)
+            aux = torch.where(n_dead > 0, aux, torch.zeros_like(aux))
         loss = mse + aux_coef * aux
         # Detached tensors, not floats: converting would synchronise a GPU at every step.
         return loss, {"out": out, "mse": mse.detach(), "aux": aux.detach(), "n_dead": n_dead}

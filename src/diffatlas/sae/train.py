@@ -1,12 +1,16 @@
 """Training a TopK SAE on one (layer, timestep) of an activation store.
 
-Pipeline (:func:`run`): read the vectors of the layer at the timestep from the store →
-split *by sample* (image) into train / validation with a seed → scale inputs so the mean
-squared norm on the training split is d (the scale is recorded) → initialise ``b_pre`` at
-the geometric median of a training sample → Adam with linear warm-up, unit-norm decoder with
-projected gradients and AuxK on dead latents → metrics and latent meaning
-(:mod:`diffatlas.sae.analysis`) → ``sae.safetensors``, ``cfg.json``, ``metrics.json``,
-``latents.parquet`` written atomically into the output directory.
+Pipeline (:func:`run`): split the store's samples *by sample* (image) into train / validation
+with a seed (no data read) → one streamed pass over the layer checks for NaN/Inf and measures
+the input scale (mean squared norm d on the training split; recorded) → initialise ``b_pre``
+at the geometric median of a training sample → Adam with linear warm-up, unit-norm decoder
+with projected gradients and AuxK on dead latents, batches from the streaming loader
+(:mod:`diffatlas.activations.loader`) → stop on a plateau of validation FVE or at the step cap
+→ metrics and latent meaning (:mod:`diffatlas.sae.analysis`) → ``sae.safetensors``,
+``cfg.json``, ``metrics.json``, ``curve.csv``, ``latents.parquet`` written atomically.
+
+The training loop never waits on the host: dead-latent counters live on the device, and the
+losses, validation FVE and dead fraction leave it once every ``eval_every`` steps.
 
 Samples: ``pooled`` takes one vector per image (the store's pooled array); ``spatial`` takes
 one vector per position of the stored spatial map (all positions of an image fall in the same
@@ -19,34 +23,40 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from diffatlas.activations.loader import ArraySource, LastChunk, ShuffleLoader, Source, cache_if_fits, read_items, read_rows, scan, store_source
 from diffatlas.activations.store import POOLED, ActivationStore
 from diffatlas.errors import UserError
 from diffatlas.logs import progress
-from diffatlas.optim import Adam
+from diffatlas.optim import Adam  # noqa: F401  (re-exported for tests)
 from diffatlas.sae.config import SAEArch, SAEConfig
 from diffatlas.sae.model import TopKSAE, geometric_median
 
 log = logging.getLogger(__name__)
 
+CURVE = "curve.csv"
+CURVE_COLUMNS = ("step", "lr", "train_loss", "train_mse", "train_aux", "val_fve", "dead_fraction")
+
 
 @dataclass
 class SAEData:
-    """Vectors of one (layer, timestep) grouped by sample.
+    """Vectors of one (layer, timestep) grouped by sample, read on demand.
 
-    x: [N, P, d] raw activations (P = 1 for pooled, h·w for spatial; float32 or float16).
+    x: the raw activations, an array [N, P, d] (P = 1 for pooled, h·w for spatial) or a loader
+    :class:`~diffatlas.activations.loader.Source` of the store (never the whole layer in memory).
     sample_ids: [N] dataset sample ids; is_val: [N] validation mask.
     scale: multiply raw vectors by this so that the mean squared norm on train is d.
     fine / coarse: [N] int class codes; fine_classes / coarse_classes: their names.
     """
 
-    x: np.ndarray
+    x: np.ndarray | Source
     sample_ids: np.ndarray
     is_val: np.ndarray
     scale: float
@@ -54,23 +64,30 @@ class SAEData:
     coarse: np.ndarray
     fine_classes: list[str]
     coarse_classes: list[str]
+    source: Source = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.x, ArraySource) or not isinstance(self.x, Source):
+            self.source = self.x if isinstance(self.x, Source) else ArraySource(np.asarray(self.x))
+        else:  # streamed: passes that read a few samples at a time decode each chunk once
+            self.source = LastChunk(self.x)
 
     @property
     def d(self) -> int:
-        return int(self.x.shape[2])
+        return int(self.source.item_shape[0])
 
     @property
     def positions(self) -> int:
-        return int(self.x.shape[1])
+        return int(self.source.positions)
 
     def vectors(self, rows: np.ndarray, keep_dtype: bool = False) -> np.ndarray:
-        """Normalised vectors of the samples ``rows``: [len(rows)·P, d], float32.
+        """Normalised vectors of the samples ``rows``: [len(rows)·P, d], float32 (chunk-aware read).
 
-        ``keep_dtype`` keeps the storage dtype (float16 spatial maps): half the memory for a
-        training set that is converted to float32 one batch at a time.
+        ``keep_dtype`` keeps the storage dtype (float16 spatial maps).
         """
-        out = self.x[rows].reshape(-1, self.d).astype(np.float32) * np.float32(self.scale)
-        return out.astype(self.x.dtype) if keep_dtype else out
+        raw = read_rows(self.source, np.asarray(rows, dtype=np.int64))
+        out = raw.reshape(-1, self.d).astype(np.float32) * np.float32(self.scale)
+        return out.astype(self.source.dtype) if keep_dtype else out
 
 
 def split_samples(n: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -84,61 +101,40 @@ def split_samples(n: int, val_fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-def load_samples(store: ActivationStore, layer: str, timestep: int, samples: str) -> np.ndarray:
-    """Raw vectors [N, P, d] of ``layer`` at ``timestep``; refuses NaN/Inf naming where they are."""
-    if samples == "pooled":
-        x = store.pooled(layer, timestep)[:, None, :]
-    elif samples == "spatial":
-        maps = store.spatial(layer, timestep)  # [N, C, h, w] float16
-        n, c = maps.shape[:2]
-        x = np.ascontiguousarray(maps.reshape(n, c, -1).transpose(0, 2, 1))
-    else:
-        raise UserError(f"config sae.samples = {samples!r} is not allowed; allowed: pooled, spatial")
-    finite = np.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
-    if not finite.all():
-        bad = np.nonzero(~finite)[0]
-        ids = store.sample_ids[bad[:5]].tolist()
-        n_bad = int((~np.isfinite(x)).sum())
-        raise UserError(
-            f"{store.path}: layer {layer!r} at timestep {timestep} ({samples}) holds {n_bad} NaN/Inf values in "
-            f"{len(bad)} samples (first sample ids: {ids}); re-run extraction (float16 spatial maps overflow past 65504)"
-        )
-    return x
-
-
-def input_scale(x: np.ndarray, rows: np.ndarray, chunk: int = 1024) -> float:
-    """Scale s with mean |s·v|² = d over the vectors v of samples ``rows`` of x [N, P, d].
-
-    Accumulated in float64 over chunks of samples, so no float64 copy of the data is made.
-    """
-    total, count = 0.0, 0
-    for start in range(0, len(rows), chunk):
-        block = x[rows[start : start + chunk]].reshape(-1, x.shape[2]).astype(np.float64)
-        total += float(np.einsum("ij,ij->", block, block))
-        count += block.shape[0]
-    if not total > 0:
+def input_scale(sum_sq: float, count: int, d: int) -> float:
+    """Scale s with mean |s·v|² = d over ``count`` vectors whose squared norms sum to ``sum_sq``."""
+    if not sum_sq > 0:
         raise UserError("the training activations are all zero; an SAE cannot be trained on them")
-    return math.sqrt(x.shape[2] * count / total)
+    return math.sqrt(d * count / sum_sq)
 
 
 def prepare(store: ActivationStore, layer: str, timestep: int, cfg: SAEConfig) -> SAEData:
-    """Read, check, split and measure the data of one SAE."""
-    x = load_samples(store, layer, timestep, cfg.samples)
-    is_val = split_samples(x.shape[0], cfg.val_fraction, cfg.seed)
+    """Split, check and measure the data of one SAE in one streamed pass (nothing kept but a
+    cached copy when the layer's vectors fit in ``cfg.shuffle_buffer``)."""
+    source = cache_if_fits(store_source(store, layer, timestep, cfg.samples), cfg.shuffle_buffer)
+    is_val = split_samples(source.n, cfg.val_fraction, cfg.seed)
     train_rows = np.nonzero(~is_val)[0]
-    n_train = len(train_rows) * x.shape[1]
+    n_train = len(train_rows) * source.positions
     if n_train < cfg.batch_size:
         raise UserError(
             f"config sae.batch_size = {cfg.batch_size} is larger than the {n_train} training vectors of "
             f"{store.path} (layer {layer!r}, timestep {timestep}, {cfg.samples}); lower sae.batch_size or sae.val_fraction"
         )
+    moments = scan(source, train_rows)
+    if len(moments.nonfinite_rows):
+        bad = moments.nonfinite_rows
+        ids = store.sample_ids[bad[:5]].tolist()
+        raise UserError(
+            f"{store.path}: layer {layer!r} at timestep {timestep} ({cfg.samples}) holds {moments.n_nonfinite} NaN/Inf values in "
+            f"{len(bad)} samples (first sample ids: {ids}); re-run extraction (float16 spatial maps overflow past 65504)"
+        )
     fine_codes = np.asarray(store.group["label_code"][:], dtype=np.int64)
     coarse_codes = np.asarray(store.group["coarse_label_code"][:], dtype=np.int64)
     return SAEData(
-        x=x,
+        x=source,
         sample_ids=np.asarray(store.sample_ids),
         is_val=is_val,
-        scale=input_scale(x, train_rows),
+        scale=input_scale(moments.sum_sq, moments.count, source.item_shape[0]),
         fine=fine_codes,
         coarse=coarse_codes,
         fine_classes=list(store.attrs.get("label_classes", [])),
@@ -152,26 +148,38 @@ def warmup_lr(step: int, lr: float, warmup: int) -> float:
 
 
 def total_steps(cfg: SAEConfig, n_train: int) -> int:
+    """The step cap: ``epochs`` passes over the n_train training vectors, else ``steps``."""
     return cfg.epochs * (n_train // cfg.batch_size) if cfg.epochs is not None else cfg.steps
 
 
-def init_sae(x_train: torch.Tensor, arch: SAEArch, cfg: SAEConfig, gen: torch.Generator | None = None) -> TopKSAE:
+def sae_at_median(sample: torch.Tensor, arch: SAEArch, cfg: SAEConfig) -> TopKSAE:
     """A fresh SAE: random unit-norm atoms, encoder = decoder transpose, b_enc = 0, and
-    b_pre = geometric median of ``cfg.init_sample`` training vectors drawn with ``gen``."""
-    gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed)
+    b_pre = geometric median of the training vectors ``sample`` [m, d]."""
     sae = TopKSAE(arch, seed=cfg.seed)
-    rows = torch.randperm(x_train.shape[0], generator=gen)[: cfg.init_sample]
     with torch.no_grad():
-        sae.b_pre.copy_(geometric_median(x_train[rows].float()).to(sae.b_pre))
+        sae.b_pre.copy_(geometric_median(sample.float()).to(sae.b_pre))
     return sae
 
 
+def init_sae(x_train: torch.Tensor, arch: SAEArch, cfg: SAEConfig, gen: torch.Generator | None = None) -> TopKSAE:
+    """:func:`sae_at_median` of ``cfg.init_sample`` rows of x_train [M, d] drawn with ``gen``
+    (``randperm(M)[:init_sample]``, as the streamed trainer draws them)."""
+    gen = gen if gen is not None else torch.Generator().manual_seed(cfg.seed)
+    rows = torch.randperm(x_train.shape[0], generator=gen)[: cfg.init_sample]
+    return sae_at_median(x_train[rows], arch, cfg)
+
+
 class Trainer:
-    """One optimisation step of the recipe, reused by :func:`train_sae` and the benchmark.
+    """One optimisation step of the recipe, reused by :func:`fit` and the benchmarks.
 
     A step: loss (MSE + AuxK on latents silent for more than ``dead_steps`` steps) →
     backward → remove the gradient component parallel to each atom → Adam → renormalise atoms
-    → update the steps-since-fired counters.
+    → update the steps-since-fired counters. Nothing in a step waits for the device: the
+    counters are updated with tensor ops. AuxK is skipped while no latent *can* be dead, which
+    the host knows without looking at the counters: they grow by at most one per step, so after
+    :meth:`refresh` with their maximum m (read at a metrics check), none exceeds ``dead_steps``
+    for the next ``dead_steps − m`` steps. Past that horizon AuxK runs masked (a no-op, exactly,
+    when nothing is dead).
     """
 
     def __init__(self, sae: TopKSAE, cfg: SAEConfig) -> None:
@@ -179,10 +187,20 @@ class Trainer:
         self.cfg = cfg
         self.opt = Adam(list(sae.parameters()))
         self.since_fired = torch.zeros(sae.arch.n_latents, dtype=torch.long, device=sae.W_dec.device)
+        self.steps_done = 0
+        self.safe_until = cfg.dead_steps  # no latent can be dead while steps_done <= safe_until
+
+    def refresh(self, max_since_fired: int) -> None:
+        """Move the no-dead-latent horizon, given the counters' current maximum (a host int)."""
+        self.safe_until = self.steps_done + self.cfg.dead_steps - int(max_since_fired)
+
+    def dead(self) -> torch.Tensor:
+        """[n] bool: latents silent for more than ``dead_steps`` steps."""
+        return self.since_fired > self.cfg.dead_steps
 
     def step(self, xb: torch.Tensor, lr: float) -> dict[str, Any]:
         sae = self.sae
-        dead = self.since_fired > self.cfg.dead_steps
+        dead = self.dead() if self.steps_done > self.safe_until else None
         loss, parts = sae.loss(xb, dead, self.cfg.aux_coef)
         self.opt.zero_grad()
         loss.backward()
@@ -191,11 +209,150 @@ class Trainer:
         sae.normalize_decoder_()
         out = parts["out"]
         with torch.no_grad():
-            fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
-            fired[out.idx[out.vals > 0]] = True
-            self.since_fired += 1
-            self.since_fired[fired] = 0
+            hits = torch.zeros(sae.arch.n_latents, dtype=out.vals.dtype, device=out.vals.device)
+            hits.index_add_(0, out.idx.reshape(-1), (out.vals > 0).reshape(-1).to(hits.dtype))
+            self.since_fired = torch.where(hits > 0, torch.zeros_like(self.since_fired), self.since_fired + 1)
+        self.steps_done += 1
         return parts
+
+
+@torch.no_grad()
+def fve(sae: TopKSAE, x: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+    """Fraction of variance explained, 1 − Σ|x − x̂|² / Σ|x − x̄|², on x [M, d] (a device scalar)."""
+    sse = x.new_zeros((), dtype=torch.float64)
+    for start in range(0, x.shape[0], batch):
+        xb = x[start : start + batch]
+        sse += (sae(xb).x_hat - xb).double().pow(2).sum()
+    xd = x.double()
+    sst = (xd - xd.mean(0)).pow(2).sum()
+    return 1.0 - sse / sst.clamp_min(torch.finfo(torch.float64).tiny)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` did: the curve (one row per check), why it stopped, and its steps."""
+
+    curve: list[dict[str, float]]
+    steps: int
+    cap: int
+    converged: bool
+    best_val_fve: float | None
+    best_step: int | None
+    seconds: float
+
+    def summary(self, cfg: SAEConfig) -> dict[str, Any]:
+        return {
+            "converged": self.converged,
+            "stopped": "plateau" if self.converged else "cap",
+            "steps_run": self.steps,
+            "step_cap": self.cap,
+            "best_val_fve": self.best_val_fve,
+            "best_val_fve_step": self.best_step,
+            "plateau_rule": {"eval_every": cfg.eval_every, "patience": cfg.patience, "min_delta": cfg.min_delta,
+                             "eval_vectors": cfg.eval_vectors},
+        }
+
+
+def fit(
+    sae: TopKSAE,
+    batches: Iterable[torch.Tensor],
+    cfg: SAEConfig,
+    n_steps: int,
+    x_val: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> FitResult:
+    """Train ``sae`` (on ``device``) on ``batches`` (float32 [B, d], any device) for at most
+    ``n_steps`` steps; with ``x_val`` [M, d] (on ``device``), stop once validation FVE has not
+    risen by ``cfg.min_delta`` for ``cfg.patience`` checks (every ``cfg.eval_every`` steps).
+
+    Losses add up on the device; the one host synchronisation is at each check.
+    """
+    device = torch.device(device)
+    trainer = Trainer(sae, cfg)
+    curve: list[dict[str, float]] = []
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # mse, aux since the last check
+    since, best, best_step, stale, converged, step = 0, -math.inf, None, 0, False, 0
+    start = time.perf_counter()
+    it: Iterator[torch.Tensor] = iter(batches)
+    bar = progress(range(n_steps), desc="train SAE", total=n_steps)
+    for step in bar:
+        xb = next(it)
+        xb = xb.to(device, torch.float32, non_blocking=True)
+        lr = warmup_lr(step, cfg.lr, cfg.warmup)
+        parts = trainer.step(xb, lr)
+        sums += torch.stack([parts["mse"], parts["aux"]]).double()
+        since += 1
+        last = step == n_steps - 1
+        if (step + 1) % cfg.eval_every and not last:
+            continue
+        val = fve(sae, x_val) if x_val is not None else sums.new_full((), float("nan"))
+        dead = trainer.dead().double().mean()
+        max_since = trainer.since_fired.max().double()
+        mse, aux, val_fve, dead_frac, max_since = torch.cat(
+            [sums / since, val.reshape(1), dead.reshape(1), max_since.reshape(1)]
+        ).tolist()  # the one sync
+        trainer.refresh(int(max_since))
+        rec = {"step": step + 1, "lr": lr, "train_loss": mse + cfg.aux_coef * aux, "train_mse": mse, "train_aux": aux,
+               "val_fve": val_fve, "dead_fraction": dead_frac}
+        curve.append(rec)
+        sums.zero_()
+        since = 0
+        log.info("step %d/%d mse %.4f aux %.4f val fve %.4f dead %.3f", step + 1, n_steps, mse, aux, val_fve, dead_frac)
+        if x_val is None:
+            continue
+        if val_fve > best + cfg.min_delta:
+            best, best_step, stale = val_fve, step + 1, 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                converged = True
+                log.info("validation FVE plateaued (best %.4f at step %d); stopping at step %d", best, best_step, step + 1)
+                break
+    steps = curve[-1]["step"] if curve else 0
+    seconds = time.perf_counter() - start
+    converged = converged and x_val is not None
+    log.info("trained %d steps in %.1fs (%s)", steps, seconds, "plateau" if converged else "step cap")
+    sae.eval()
+    best_val = None if best == -math.inf else best
+    return FitResult(curve, int(steps), int(n_steps), bool(converged), best_val, best_step, seconds)
+
+
+def train_on_source(
+    source: Source,
+    rows: np.ndarray,
+    arch: SAEArch,
+    cfg: SAEConfig,
+    *,
+    scale: float = 1.0,
+    val_rows: np.ndarray | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[TopKSAE, FitResult]:
+    """Train an SAE on the vectors of samples ``rows`` of ``source`` (× ``scale``), streamed.
+
+    The generator seeded with ``cfg.seed`` first draws the b_pre sample (``randperm(M)[:init_sample]``
+    over the M training vectors in row order) and then belongs to the loader — the same draws
+    as :func:`init_sae` and an in-memory epoch loop, so data that fits trains identically.
+    ``val_rows``: samples whose vectors (a seeded sample of ``cfg.eval_vectors``) drive the plateau rule.
+    """
+    device = torch.device(device)
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    m = len(rows) * source.positions
+    if m < cfg.batch_size:
+        raise UserError(f"config sae.batch_size = {cfg.batch_size} is larger than the {m} training vectors")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    init_items = torch.randperm(m, generator=gen)[: cfg.init_sample].numpy()
+    sample = torch.from_numpy(read_items(source, init_items, rows).astype(np.float32) * np.float32(scale))
+    sae = sae_at_median(sample, arch, cfg).to(device)
+    x_val = None
+    if val_rows is not None and len(val_rows):
+        val_rows = np.sort(np.asarray(val_rows, dtype=np.int64))
+        n_val = len(val_rows) * source.positions
+        pick = np.sort(np.random.default_rng(cfg.seed).permutation(n_val)[: cfg.eval_vectors])
+        x_val = torch.from_numpy(read_items(source, pick, val_rows).astype(np.float32) * np.float32(scale)).to(device)
+    with ShuffleLoader(source, rows, cfg.batch_size, gen, buffer=cfg.shuffle_buffer, scale=scale,
+                       pin_memory=device.type == "cuda") as loader:
+        result = fit(sae, (b.x for b in loader), cfg, total_steps(cfg, m), x_val, device)
+    return sae, result
 
 
 def train_sae(
@@ -203,40 +360,25 @@ def train_sae(
     arch: SAEArch,
     cfg: SAEConfig,
     device: torch.device | str = "cpu",
-    log_every: int = 100,
-) -> tuple[TopKSAE, list[dict[str, float]]]:
-    """Train a TopK SAE on normalised vectors x_train [M, d] (kept on CPU, batches moved).
+    x_val: torch.Tensor | None = None,
+) -> tuple[TopKSAE, FitResult]:
+    """Train a TopK SAE on normalised vectors x_train [M, d] held in memory (through the same
+    loader as a store; ``x_val`` [V, d] turns on the plateau rule). Returns the model (on
+    ``device``) and the :class:`FitResult` (its ``curve`` is the training history)."""
+    train = ArraySource(x_train.detach().cpu().numpy()[:, None, :])
+    val_rows = None
+    if x_val is not None:
+        joined = np.concatenate([train.x, x_val.detach().cpu().numpy().astype(train.x.dtype)[:, None, :]])
+        train = ArraySource(joined)
+        val_rows = np.arange(x_train.shape[0], joined.shape[0])
+    return train_on_source(train, np.arange(x_train.shape[0]), arch, cfg, val_rows=val_rows, device=device)
 
-    Batches are drawn without replacement from a seeded permutation, reshuffled every epoch
-    (the last incomplete batch of an epoch is dropped). Returns the model (on ``device``) and
-    a short history (step, lr, mse, aux, n_dead).
-    """
-    device = torch.device(device)
-    m = x_train.shape[0]
-    if m < cfg.batch_size:
-        raise UserError(f"config sae.batch_size = {cfg.batch_size} is larger than the {m} training vectors")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sae = init_sae(x_train, arch, cfg, gen).to(device)
-    trainer = Trainer(sae, cfg)
-    n_steps = total_steps(cfg, m)
-    per_epoch = m // cfg.batch_size
-    history: list[dict[str, float]] = []
-    perm = torch.randperm(m, generator=gen)
-    start = time.perf_counter()
-    for step in progress(range(n_steps), desc="train SAE", total=n_steps):
-        j = step % per_epoch
-        if j == 0 and step > 0:
-            perm = torch.randperm(m, generator=gen)
-        xb = x_train[perm[j * cfg.batch_size : (j + 1) * cfg.batch_size]].to(device, torch.float32, non_blocking=True)
-        lr = warmup_lr(step, cfg.lr, cfg.warmup)
-        parts = trainer.step(xb, lr)
-        if step % log_every == 0 or step == n_steps - 1:
-            rec = {"step": step, "lr": lr, "mse": float(parts["mse"]), "aux": float(parts["aux"]), "n_dead": parts["n_dead"]}
-            history.append(rec)
-            log.info("step %d/%d mse %.4f aux %.4f dead %d", step, n_steps, rec["mse"], rec["aux"], rec["n_dead"])
-    log.info("trained %d steps on %d vectors in %.1fs", n_steps, m, time.perf_counter() - start)
-    sae.eval()
-    return sae, history
+
+def write_curve(path: Path, curve: list[dict[str, float]]) -> None:
+    """The training curve as CSV: one row per check (step, lr, train losses, val FVE, dead fraction)."""
+    import pandas as pd
+
+    pd.DataFrame(curve, columns=list(CURVE_COLUMNS)).to_csv(path, index=False)
 
 
 def run(
@@ -262,14 +404,16 @@ def run(
     arch = cfg.arch(int(store.group[POOLED.format(layer)].shape[2]), layer)
     data = prepare(store, layer, timestep, cfg)
     train_rows = np.nonzero(~data.is_val)[0]
-    x_train = torch.from_numpy(data.vectors(train_rows, keep_dtype=True))
     log.info(
-        "SAE %s t=%d: %d train / %d val samples × %d positions, d=%d, n=%d, k=%d, scale %.4g",
+        "SAE %s t=%d: %d train / %d val samples × %d positions, d=%d, n=%d, k=%d, scale %.4g, %s",
         layer, timestep, len(train_rows), int(data.is_val.sum()), data.positions, arch.d_in, arch.n_latents, arch.k, data.scale,
+        "in memory" if isinstance(data.x, ArraySource) else "streamed",
     )
     t0 = time.perf_counter()
-    sae, history = train_sae(x_train, arch, cfg, device=device)
-    train_seconds = time.perf_counter() - t0
+    sae, fitted = train_on_source(
+        data.x, train_rows, arch, cfg, scale=data.scale, val_rows=np.nonzero(data.is_val)[0], device=device
+    )
+    train_seconds = time.perf_counter() - t0  # initialisation and loader start included
 
     metrics, latents = analysis.analyse(sae, data, cfg, device=device)
     attrs = store.attrs
@@ -288,7 +432,7 @@ def run(
         "noise": attrs.get("noise"),
         "seed": cfg.seed,
     }
-    metrics = {**provenance, **metrics, "train_seconds": train_seconds, "history": history}
+    metrics = {**provenance, **metrics, "train_seconds": train_seconds, "training": fitted.summary(cfg), "history": fitted.curve}
     with atomic_dir(out_dir) as tmp:
         sae.save(
             tmp,
@@ -309,5 +453,6 @@ def run(
             },
         )
         write_json(Path(tmp) / "metrics.json", metrics)
+        write_curve(Path(tmp) / CURVE, fitted.curve)
         latents.to_parquet(Path(tmp) / "latents.parquet", index=False)
     return metrics
