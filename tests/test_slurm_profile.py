@@ -129,14 +129,14 @@ def test_plugin_turns_gpu_resource_into_gpus_option(resources, expected):
     assert "--cpus-per-task=2" in call  # rule threads -> CPUs of the job
 
 
-def _gpu_rules() -> set[str]:
-    """Rules whose resources ask for a GPU (``gpu=``), read from the rule files."""
-    found = set()
+def _rules() -> dict[str, bool]:
+    """Every rule of the workflow -> whether its resources ask for a GPU (``gpu=``)."""
+    found = {}
     for smk in [ROOT / "Snakefile", *(ROOT / "rules").glob("*.smk")]:
         for block in re.split(r"^(?=(?:rule|checkpoint) \w+:)", smk.read_text(), flags=re.M):
             name = re.match(r"(?:rule|checkpoint) (\w+):", block)
-            if name and re.search(r"^\s+gpu\s*=", block.split("shell:")[0], re.M):
-                found.add(name.group(1))
+            if name:
+                found[name.group(1)] = bool(re.search(r"^\s+gpu\s*=", block.split("shell:")[0], re.M))
     return found
 
 
@@ -144,11 +144,13 @@ def test_every_gpu_rule_follows_the_gpu_partition_setting():
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
     routed = {rule for rule, res in (profile.get("set-resources") or {}).items()
               if "DIFFATLAS_GPU_PARTITION" in str(res.get("slurm_partition", ""))}
-    gpu_rules = _gpu_rules()
-    assert {"extract", "train_sae"} <= gpu_rules  # the scan finds the GPU rules at all
+    rules = _rules()
+    gpu_rules = {name for name, gpu in rules.items() if gpu}
+    assert {"extract", "train_sae"} <= gpu_rules and "make_dataset" in set(rules) - gpu_rules  # the scan works
     assert gpu_rules - routed == set(), (
         f"GPU rules missing from profiles/slurm/config.yaml set-resources (add `<rule>: *gpu`): {sorted(gpu_rules - routed)}")
-    assert routed - gpu_rules == set(), f"CPU rules routed to the GPU partition: {sorted(routed - gpu_rules)}"
+    cpu_routed = {name for name in routed if name in rules and not rules[name]}
+    assert not cpu_routed, f"CPU rules routed to the GPU partition: {sorted(cpu_routed)}"
 
 
 @pytest.mark.parametrize("partition, model", [(None, None), ("", ""), ("gpu-nodes", "a100")])
