@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| {p['extract_jobs']:,} ({len(cfg.timesteps)} timesteps x {p['shards']:,} shard(s)) | {p['gather_jobs']} | "
           f"{p['sae_jobs']} | {p['diffc_jobs']} | {p['gpu_hours']:.1f} | {p['job_minutes']:.1f} | {p['disk_TB']:.2f} TB |")
 
+    print("\nWhat one SAE / Diff-C job reads (one layer at one timestep, every image):")
+    for name, r in rows.items():
+        spatial = f", spatial maps {args.n_images * r['spatial_B'] / 1e9:,.1f} GB" if r["spatial_B"] else ""
+        print(f"  {name}: pooled vectors {args.n_images * r['pooled_B'] / 1e9:,.2f} GB{spatial}")
+
     # What moves it: one setting changed at a time, the rest as above.
     variants = [
         ("as above", cfg, args.shard_size),
