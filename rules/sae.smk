@@ -43,7 +43,7 @@ SAE_FIGURES = str(Path(RESULTS, "figures", "sae"))
 SAE_GALLERY = str(Path(SAE_FIGURES, "{model}", "{dataset}", "gallery", "{layer}", "t{timestep}.png"))
 # The architecture check_sae found valid for the layer's width in the store (beside SAE_DIR).
 SAE_CHECK = str(Path(RESULTS, "sae", "{model}", "{dataset}", "{layer}", "t{timestep}.check.json"))
-# Summaries and figures: seconds of CPU each, run on the submitting host (SLURM profile).
+# The check, summaries and figures: seconds of CPU each, run on the submitting host (SLURM profile).
 localrules:
     check_sae,
     sae_summary,
