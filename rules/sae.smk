@@ -1,6 +1,8 @@
 # sae stage: one TopK sparse autoencoder per (model, dataset, layer, timestep), trained on the
 # activation store, then what its latents mean.
 #
+#   results/sae/{model}/{dataset}/{layer}/t{timestep}.check.json   (check_sae: the architecture,
+#       checked against the store's layer width before train_sae is submitted)
 #   results/sae/{model}/{dataset}/{layer}/t{timestep}/
 #       sae.safetensors  cfg.json (architecture, input_scale, split, provenance)
 #       metrics.json     (validation metrics on post-TopK codes, label statistics, how training stopped)
@@ -43,8 +45,11 @@ SAE_DIR = str(Path(RESULTS, "sae", "{model}", "{dataset}", "{layer}", "t{timeste
 SAE_SUMMARY = str(Path(RESULTS, "sae", "{model}", "{dataset}", "summary.csv"))
 SAE_FIGURES = str(Path(RESULTS, "figures", "sae"))
 SAE_GALLERY = str(Path(SAE_FIGURES, "{model}", "{dataset}", "gallery", "{layer}", "t{timestep}.png"))
-# Summaries and figures: seconds of CPU each, run on the submitting host (SLURM profile).
+# The architecture check_sae found valid for the layer's width in the store (beside SAE_DIR).
+SAE_CHECK = str(Path(RESULTS, "sae", "{model}", "{dataset}", "{layer}", "t{timestep}.check.json"))
+# The check, summaries and figures: seconds of CPU each, run on the submitting host (SLURM profile).
 localrules:
+    check_sae,
     sae_summary,
     sae_figure_vs_layer,
     sae_figure_vs_timestep,
@@ -66,11 +71,39 @@ SAE_SPATIAL_LAYERS = (
 sae_grid = lambda model: [dict(layer=l, timestep=t) for l in SAE_LAYERS for t in SAE_TIMESTEPS[model]]
 
 
+# Seconds on the submitting host, reading only the store's metadata: a setting that cannot
+# work for this layer (sae.k >= expansion x channels, ...) fails here, before the GPU job is
+# queued, not inside it, where a retry would resubmit it with twice the time and memory.
+rule check_sae:
+    conda:
+        "../envs/analysis.yaml"
+    input:
+        store=SAE_STORE,
+    output:
+        SAE_CHECK,
+    params:
+        cfg=lambda wc: SAEConfig.job_json(config["sae"]),
+    log:
+        log_path("check_sae", "{model}", "{dataset}", "{layer}", "t{timestep}"),
+    benchmark:
+        bench_path("check_sae", "{model}", "{dataset}", "{layer}", "t{timestep}")
+    threads: 1
+    # what fails here is a setting: running it again cannot help
+    retries: 0
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "diffatlas check-sae --store {input.store:q} --layer {wildcards.layer:q} --timestep {wildcards.timestep}"
+        " --config-json {params.cfg:q} --out {output:q} > {log:q} 2>&1"
+
+
 rule train_sae:
     conda:
         "../envs/torch.yaml"
     input:
         store=SAE_STORE,
+        checked=SAE_CHECK,
     output:
         weights=str(Path(SAE_DIR, "sae.safetensors")),
         cfg=str(Path(SAE_DIR, "cfg.json")),

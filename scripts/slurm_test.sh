@@ -20,7 +20,9 @@
 #      CPU rules none of these, and that the outputs equal the local run's
 #      (tests/slurm/checks.py);
 #   5. runs tests/slurm/failing.smk through the profile: the run must fail, show the rule's
-#      log, and have retried the job with runtime scaled by attempt;
+#      log, and have retried the job with runtime scaled by attempt; and an SAE whose k no
+#      layer holds (tests/slurm/bad_sae.yaml): it must fail in the local check_sae job, with
+#      nothing submitted to SLURM;
 #   6. tears down what it started (and only that), also on error or interrupt.
 # Every snakemake call is wrapped in `timeout -k` (without a working sacct the plugin would
 # wait forever). Safe to run twice, also at the same time: nothing is shared between runs.
@@ -397,5 +399,16 @@ log "check: SLURM outputs vs local outputs"
 log "check: a failing rule fails the run and its log is shown"
 "$PY" "$ROOT/tests/slurm/checks.py" failure "$T/fail_run.log" "$FAIL_RC" ||
     die "the failing rule was not reported as it should be"
+
+log "check: an SAE setting that cannot work fails before its GPU job is submitted"
+# The SLURM run's store is there; only the SAE (check_sae, then train_sae) is left to run.
+set +e
+run_snakemake "$T/presubmit_run.log" results/sae/shapesworld/shapesworld/mid/t100/metrics.json \
+    -s "$SNAKEFILE" -d "$T/wf-slurm" --profile "$ROOT/profiles/slurm" "${FAST[@]}" \
+    --configfile "$TINY_CONFIG" "$ROOT/tests/slurm/bad_sae.yaml" --slurm-partition-config "$PARTITIONS"
+PRESUBMIT_RC=$?
+set -e
+"$PY" "$ROOT/tests/slurm/checks.py" presubmit "$T/presubmit_run.log" "$PRESUBMIT_RC" ||
+    die "a bad SAE setting was not stopped before submission"
 
 log "PASS: the workflow runs through profiles/slurm on a real SLURM cluster"

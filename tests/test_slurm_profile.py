@@ -129,12 +129,58 @@ def test_plugin_turns_gpu_resource_into_gpus_option(resources, expected):
     assert "--cpus-per-task=2" in call  # rule threads -> CPUs of the job
 
 
+def _rules() -> dict[str, bool]:
+    """Every rule of the workflow -> whether its resources ask for a GPU (``gpu=``)."""
+    found = {}
+    for smk in [ROOT / "Snakefile", *(ROOT / "rules").glob("*.smk")]:
+        for block in re.split(r"^(?=(?:rule|checkpoint) \w+:)", smk.read_text(), flags=re.M):
+            name = re.match(r"(?:rule|checkpoint) (\w+):", block)
+            if name:
+                found[name.group(1)] = bool(re.search(r"^\s+gpu\s*=", block.split("shell:")[0], re.M))
+    return found
+
+
+def test_every_gpu_rule_follows_the_gpu_partition_setting():
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    routed = {rule for rule, res in (profile.get("set-resources") or {}).items()
+              if "DIFFATLAS_GPU_PARTITION" in str(res.get("slurm_partition", ""))}
+    rules = _rules()
+    gpu_rules = {name for name, gpu in rules.items() if gpu}
+    assert {"extract", "train_sae"} <= gpu_rules and "make_dataset" in set(rules) - gpu_rules  # the scan works
+    assert gpu_rules - routed == set(), (
+        f"GPU rules missing from profiles/slurm/config.yaml set-resources (add `<rule>: *gpu`): {sorted(gpu_rules - routed)}")
+    cpu_routed = {name for name in routed if name in rules and not rules[name]}
+    assert not cpu_routed, f"CPU rules routed to the GPU partition: {sorted(cpu_routed)}"
+
+
+@pytest.mark.parametrize("partition, model", [(None, None), ("", ""), ("gpu-nodes", "a100")])
+def test_gpu_partition_and_type_come_from_the_environment(monkeypatch, partition, model):
+    """The profile's expressions, evaluated by Snakemake as for a job: unset or empty leaves
+    the resource unset (default partition, any GPU type); set, it names partition and type."""
+    from snakemake.resources import Resource
+
+    for var, value in (("DIFFATLAS_GPU_PARTITION", partition), ("DIFFATLAS_GPU_MODEL", model)):
+        if value is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, value)
+    res = yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"]["train_sae"]
+    got = {name: Resource.cli_evaluator(name, res[name], wildcards=None, input=None, attempt=1, async_run=None)
+           for name in ("slurm_partition", "gpu_model")}
+    assert got == {"slurm_partition": partition or None, "gpu_model": model or None}
+    # what the plugin then asks sbatch for
+    job = _stub_job({"gpu": 1, "mem_mb": 1000, "runtime": 5, **{k: v for k, v in got.items() if v}}, threads=1)
+    assert set_gres_string(job) == (f" --gpus={model}:1" if model else " --gpus=1")
+
+
 _JOB = re.compile(r"^(?:local)?rule (\w+):\n((?:[ \t]+.*\n)+)", re.M)
 
 
 @pytest.mark.workflow
-def test_dry_run_through_the_slurm_profile(tmp_path):
-    """`snakemake -n --profile profiles/slurm` plans the tiny test config without SLURM."""
+@pytest.mark.parametrize("gpu_partition", [None, "gpu-nodes"])
+def test_dry_run_through_the_slurm_profile(tmp_path, gpu_partition):
+    """`snakemake -n --profile profiles/slurm` plans the tiny test config without SLURM; with
+    DIFFATLAS_GPU_PARTITION set, the GPU rule (and only it) asks for that partition."""
     if shutil.which("snakemake") is None:
         pytest.skip("snakemake console script not on PATH")
     from diffatlas.models.tiny import make_tiny_model
@@ -146,7 +192,9 @@ def test_dry_run_through_the_slurm_profile(tmp_path):
         for t in (ROOT / "tests" / "slurm" / "targets.txt").read_text().splitlines()
         if t.strip() and not t.startswith("#")
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DIFFATLAS_GPU_"))}
+    if gpu_partition:
+        env["DIFFATLAS_GPU_PARTITION"] = gpu_partition
     proc = subprocess.run(
         ["snakemake", "-n", *targets, "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
          "--profile", str(PROFILE), "--workflow-profile", "none",
@@ -168,7 +216,9 @@ def test_dry_run_through_the_slurm_profile(tmp_path):
     planned = [rule for rule, _ in _JOB.findall(out)]
     assert planned.count("make_dataset_shard") == 3 and planned.count("extract_shard") == 3, planned
     for rule, res in jobs.items():
-        assert "slurm_partition" not in res and "slurm_account" not in res, rule
+        want = gpu_partition if res.get("gpu") == "1" else None
+        assert res.get("slurm_partition") == want and "slurm_account" not in res, (rule, res)
+        assert "gpu_model" not in res, (rule, res)  # DIFFATLAS_GPU_MODEL is unset
         assert int(res["mem_mb"]) > 0 and int(res["runtime"]) > 0, rule
 
 

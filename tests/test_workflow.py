@@ -202,9 +202,9 @@ def test_new_timestep_plans_only_its_jobs(tiny_run):
     by_rule: dict[str, int] = {}
     for rule, _ in jobs:
         by_rule[rule] = by_rule.get(rule, 0) + 1
-    per_time = {"extract", "train_sae", "train_diffc", "sae_gallery", "sae_spatial"}
-    assert {rule: by_rule.get(rule) for rule in ("extract", "train_sae", "train_diffc")} == {
-        "extract": 1, "train_sae": len(layers), "train_diffc": len(layers)}, by_rule
+    per_time = {"extract", "check_sae", "train_sae", "train_diffc", "sae_gallery", "sae_spatial"}
+    assert {rule: by_rule.get(rule) for rule in ("extract", "check_sae", "train_sae", "train_diffc")} == {
+        "extract": 1, "check_sae": len(layers), "train_sae": len(layers), "train_diffc": len(layers)}, by_rule
     for rule, wildcards in jobs:
         if rule in per_time:
             assert wildcards.get("timestep") == str(new), (rule, wildcards)

@@ -2,7 +2,8 @@
 
 Commands live in :mod:`diffatlas.commands`, one module each; the command name uses dashes
 and the module name underscores. Errors that come from bad input (:class:`UserError`)
-print one clear line and exit with status 2 instead of a traceback.
+print one clear line and exit with status 2 (:data:`~diffatlas.errors.EXIT_USER_ERROR`) instead of
+a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pkgutil
 import sys
 
 from diffatlas import commands
-from diffatlas.errors import UserError
+from diffatlas.errors import EXIT_USER_ERROR, UserError
 from diffatlas.logs import setup_logging
 
 log = logging.getLogger("diffatlas")
@@ -29,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write("usage: diffatlas <command> [options]\n\ncommands:\n")
         for name in available_commands():
             sys.stdout.write(f"  {name}\n")
-        return 0 if argv else 2
+        return 0 if argv else EXIT_USER_ERROR
     name, rest = argv[0], argv[1:]
     if name not in available_commands():
         sys.stderr.write(f"diffatlas: unknown command {name!r}; available: {', '.join(available_commands())}\n")
-        return 2
+        return EXIT_USER_ERROR
     setup_logging()
     module = importlib.import_module(f"diffatlas.commands.{name.replace('-', '_')}")
     try:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         log.error("%s", err)
         sys.stderr.write(f"diffatlas {name}: error: {err}\n")
-        return 2
+        return EXIT_USER_ERROR
     except (MemoryError, RuntimeError) as err:
         # torch.OutOfMemoryError (devices) and the CPU allocator's RuntimeError ("can't allocate memory")
         cpu_oom = "can't allocate memory" in str(err)
@@ -52,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
                "(config.schema.yaml lists them), or use a device with more memory")
         log.error("%s", msg)
         sys.stderr.write(f"diffatlas {name}: error: {msg}\n")
-        return 2
+        return EXIT_USER_ERROR

@@ -3,6 +3,7 @@
     python tests/slurm/checks.py submissions SNAKEMAKE_LOG [PARTITIONS_YAML]
     python tests/slurm/checks.py compare SLURM_RESULTS LOCAL_RESULTS
     python tests/slurm/checks.py failure SNAKEMAKE_LOG EXIT_STATUS
+    python tests/slurm/checks.py presubmit SNAKEMAKE_LOG EXIT_STATUS
 
 ``submissions`` reads the main snakemake log of a ``--verbose`` run through profiles/slurm:
 for every job, the rule's resources as Snakemake printed them, the literal ``sbatch`` call
@@ -22,6 +23,9 @@ benchmarks differ by nature and are skipped, and so is Snakemake's ``.snakemake_
 ``failure`` checks the run of tests/slurm/failing.smk: it failed (not by timeout), the
 rule's log was printed in the main output, and the job was retried once with its runtime
 scaled by ``attempt`` (2 then 4 minutes, as sacct's Timelimit shows).
+
+``presubmit`` checks the run with tests/slurm/bad_sae.yaml (an SAE ``k`` no layer holds): it
+failed in the local check_sae job, once, naming ``sae.k``, and submitted nothing to SLURM.
 
 Exit status 0 when every check passes, 1 otherwise; each check prints what it saw.
 """
@@ -364,6 +368,35 @@ def check_failure(log_path: str, status: str) -> bool:
     return ok
 
 
+# ----------------------------------------------------------------------------- presubmit
+
+
+def check_presubmit(log_path: str, status: str) -> bool:
+    """An SAE setting that cannot work (tests/slurm/bad_sae.yaml) fails in the local check_sae
+    job, once, with the setting named, and no train_sae job reaches SLURM."""
+    text = Path(log_path).read_text(errors="replace")
+    status = int(status)
+    ok = True
+    print(f"exit status of the bad-setting run: {status}")
+    if status == 0 or status in (124, 137):
+        print("  -> expected the run to fail by itself")
+        ok = False
+    n_failed = text.count("Error in rule check_sae")
+    print(f"check_sae failures reported: {n_failed}")
+    if n_failed != 1:
+        print("  -> expected exactly one failed check_sae (retries: 0: a bad setting is not retried)")
+        ok = False
+    if not re.search(r"config sae\.k = 100000 is not allowed", text):
+        print("  -> the check's message naming sae.k was not shown")
+        ok = False
+    subs = _SUBMITTED.findall(text)
+    print(f"SLURM submissions: {len(subs)}")
+    if subs or re.search(r"^rule train_sae:", text, re.M):
+        print("  -> train_sae (or another job) was submitted although its setting cannot work")
+        ok = False
+    return ok
+
+
 def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "submissions":
         return 0 if check_submissions(argv[1], argv[2] if len(argv) > 2 else None) else 1
@@ -371,6 +404,8 @@ def main(argv: list[str]) -> int:
         return 0 if check_compare(argv[1], argv[2]) else 1
     if len(argv) >= 3 and argv[0] == "failure":
         return 0 if check_failure(argv[1], argv[2]) else 1
+    if len(argv) >= 3 and argv[0] == "presubmit":
+        return 0 if check_presubmit(argv[1], argv[2]) else 1
     print(__doc__, file=sys.stderr)
     return 2
 
