@@ -19,14 +19,16 @@ Three ways to move a point ``x_t`` along a direction, each followed by DDIM to `
 
   We once wrote the same update from the edited point, ``x' = x + gain · (x0' - x0(x))`` with
   ``x = x_t + γ v``: identical for the linear ε above, but for a real network it keeps the
-  whole ``γ v`` and adds the correction on top. Measured on the ShapesWorld demo model
-  (|γ| = 8, t = 999 / 500) it moved the point further and saturated more images than the
-  paper's form, so it was dropped. Both forms share one limit on that model: the model's
-  ``x0`` is far more sensitive along the correction than ``κ = 0.99`` assumes (the slope
-  ``|Δx0| / |δ|`` measured along ``x0' - x0(x_t)`` is 25-65 at t = 999, against the
-  ``1.58`` the update assumes; 2.7-5 against 0.18 at t = 500), so the first-order step
-  overshoots ``x0'`` there; at t = 100 it lands within a few percent. The paper's κ is kept;
-  the measured outcome is what the claims tables report.
+  whole ``γ v`` and adds the correction on top. It is not the paper's and did not earn a
+  place as an option: on the ShapesWorld demo model at |γ| = 8 its images were judged
+  plausible less often (t = 999: 3/12 vs 12/12 for the paper's form; t = 500: 6/12 vs 12/12)
+  and it saturated more at t = 999 (share of RGB values at 0 or 255: 0.71 vs 0.61), less at
+  t = 500 (0.26 vs 0.32). Both forms share one limit on that model
+  (``scripts/diag_x0_normalise.py``): its ``x0`` is far more sensitive along the correction
+  ``x0' - x0(x_t)`` than ``κ = 0.99`` assumes (measured slope 7-44 at t = 999 against the
+  assumed 1.58; 1.8-9 against 0.18 at t = 500; at t = 100 0.3-1.6 against 0.72, where the
+  step lands within 5% of ``x0'``), so at large t the first-order step overshoots ``x0'`` and
+  the images saturate. The paper's κ is kept; the claims tables report what it measures.
 * **iterative (geodesic shooting)**: many small steps; after each, the basis is recomputed
   at the new point and the H-space direction ``u`` is parallel-transported: projected onto
   the new tangent space ``span(U')`` and renormalised; it is mapped back to X as the
