@@ -96,14 +96,52 @@ def test_x0_normalise_is_exact_for_a_linear_noise_predictor(prediction_type, t):
     # with each image's and channel's mean and std replaced by those of x0(x_ref).
     a = float(torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)[t])
     x0 = lambda x: (x - (1 - a) ** 0.5 * (kappa * x + c)) / a**0.5  # noqa: E731
-    e, r = x0(x_edit).numpy(), x0(x_ref).numpy()
-    mu_e, sd_e = e.mean(axis=(2, 3), keepdims=True), e.std(axis=(2, 3), keepdims=True)
-    mu_r, sd_r = r.mean(axis=(2, 3), keepdims=True), r.std(axis=(2, 3), keepdims=True)
-    x0_prime = (e - mu_e) / sd_e * sd_r + mu_r
+    x0_prime = _normalised_x0(x0(x_edit).numpy(), x0(x_ref).numpy())
     assert np.abs(x0(out).numpy() - x0_prime).max() < 1e-9  # the first-order update is exact here
-    # The paper's text writes the update from the unedited x_t; for this ε it lands on the same point.
+    # ... and it is the paper's update, written from the unedited x_t.
     from_xt = x_ref + a**0.5 / (1 - kappa * (1 - a) ** 0.5) * (torch.from_numpy(x0_prime) - x0(x_ref))
     assert torch.allclose(out, from_xt, atol=1e-9)
+
+
+def _normalised_x0(e: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """x0' by hand: ``e`` [B, C, H, W] with each image's and channel's mean and std (n - 1) taken from ``r``."""
+    mu_e, sd_e = e.mean(axis=(2, 3), keepdims=True), e.std(axis=(2, 3), ddof=1, keepdims=True)
+    mu_r, sd_r = r.mean(axis=(2, 3), keepdims=True), r.std(axis=(2, 3), ddof=1, keepdims=True)
+    return (e - mu_e) / sd_e * sd_r + mu_r
+
+
+class _CubicToyHandle(_ToyHandle):
+    """A non-linear toy ε(x) = κ x + c + β x³: the Taylor step's starting point matters."""
+
+    beta = 0.05
+
+    def model_output(self, x, t, cond):
+        return self.kappa * x + self.c + self.beta * x**3  # prediction_type epsilon
+
+
+def test_x0_normalise_steps_from_the_unedited_point_on_a_nonlinear_denoiser():
+    """Issue 18: x_t' = x_t + gain (x0' - x0(x_t)), not the edited-point form x + gain (x0' - x0(x))."""
+    from diffatlas.geometry.sampling import Denoiser
+
+    kappa, t = 0.99, 400
+    g = torch.Generator().manual_seed(3)
+    c = torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64)
+    den = Denoiser(_CubicToyHandle(kappa, c, "epsilon"))
+    x_t = torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64)
+    x_edit = x_t + 8.0 * torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64) / 48**0.5
+    out = x0_normalise(den, x_t, x_edit, t, kappa=kappa)  # one reference, three edits (broadcast)
+
+    a = float(torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)[t])
+    b = _CubicToyHandle.beta
+    x0 = lambda x: (x - (1 - a) ** 0.5 * (kappa * x + c.numpy() + b * x**3)) / a**0.5  # noqa: E731
+    xt, xe = x_t.numpy(), x_edit.numpy()
+    gain = a**0.5 / (1 - kappa * (1 - a) ** 0.5)
+    x0_prime = _normalised_x0(x0(xe), x0(xt))
+    paper = xt + gain * (x0_prime - x0(xt))
+    edited_point = xe + gain * (x0_prime - x0(xe))
+    assert out.shape == x_edit.shape
+    assert np.abs(out.numpy() - paper).max() < 1e-9
+    assert np.abs(paper - edited_point).max() > 0.1  # the two forms do differ on this ε
 
 
 def test_x0_normalise_rejects_kappa_outside_0_1():

@@ -107,8 +107,8 @@ class GeometryConfig(ConfigSection):
     edit_samples: int | None = 2
     """Samples edited per timestep (null = all n_samples)."""
     kappa: float = 0.99
-    """κ of the x0-normalised edit x' = x + sqrt(ᾱ)/(1 - κ sqrt(1-ᾱ)) (x0' - x0(x)): the slope taken for the noise
-    prediction in the first-order update, in [0, 1) (Park et al.: 0.99)."""
+    """κ of Park et al.'s x0-normalised edit x_t' = x_t + sqrt(ᾱ)/(1 - κ sqrt(1-ᾱ)) (x0' - x0(x_t)): the slope taken
+    for the noise prediction in the first-order update, in [0, 1) (Park et al.: 0.99)."""
     iterative_substeps: int = 1
     """Geodesic-shooting steps between consecutive positive strengths (0 = no iterative edits)."""
     iterative_directions: int = 1

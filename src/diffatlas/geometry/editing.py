@@ -4,23 +4,31 @@ Three ways to move a point ``x_t`` along a direction, each followed by DDIM to `
 
 * **one step**: ``x' = x_t + γ v_i`` (``v_i`` unit norm in x_t space, so ``γ`` is the
   Euclidean length of the move);
-* **x0-normalised** (Park et al.'s normalised edit, the one their edit figures use): the one-step edit ``x = x_t + γ v``, then its predicted clean sample ``x0(x)`` is
-  normalised, per image and per channel (RGB channels for pixel models, latent channels for
-  latent models), to the mean and standard deviation of the *unedited* prediction
-  ``x0(x_t)``, giving ``x0'``; the point is moved so that its prediction becomes ``x0'``::
+* **x0-normalised** (Park et al.'s normalised edit, the one their edit figures use): the
+  one-step edit's predicted clean sample ``x0(x_t + γ v)`` is normalised, per image and per
+  channel (RGB channels for pixel models, latent channels for latent models), to the mean and
+  standard deviation of the *unedited* prediction ``x0(x_t)``, giving ``x0'``; then, exactly as
+  the paper writes it, the unedited point is moved::
 
-      x' = x + sqrt(ᾱ_t) / (1 - κ sqrt(1 - ᾱ_t)) · (x0' - x0(x))          (κ = 0.99)
+      x_t' = x_t + sqrt(ᾱ_t) / (1 - κ sqrt(1 - ᾱ_t)) · (x0' - x0(x_t))          (κ = 0.99)
 
-  This is the first-order Taylor solution of ``x0(x') = x0'`` with the noise prediction's
-  Jacobian taken as ``κ I``: ``x0(x + δ) = x0(x) + δ (1 - κ sqrt(1 - ᾱ_t)) / sqrt(ᾱ_t)``.
-  For a noise predictor that *is* ``ε(x) = κ x + c`` the update is exact, and then it is the
-  same whether it is written from the edited point ``x`` (as here) or from ``x_t`` (as the
-  paper's text writes it, ``x_t' = x_t + ... (x0' - x0(x_t))`` with ``x0(x_t)`` the unedited
-  prediction): the two differ by ``γ v - sqrt(ᾱ)/(1 - κ sqrt(1-ᾱ)) (x0(x) - x0(x_t))``, which
-  is zero for that ε. From the edited point the Taylor step is the shortest one, so it is the
-  more accurate where ε is not linear. It keeps a large edit from washing out or saturating
-  the image (a global shift of brightness or contrast is the cheapest way to move h) while the
-  structure of the edit stays. ``κ`` must lie in [0, 1).
+  This is the first-order Taylor solution of ``x0(x_t') = x0'`` around ``x_t`` with the noise
+  prediction's Jacobian taken as ``κ I``: ``x0(x_t + δ) ≈ x0(x_t) + δ (1 - κ sqrt(1 - ᾱ_t)) /
+  sqrt(ᾱ_t)``. For a noise predictor that *is* ``ε(x) = κ x + c`` it is exact. The edit
+  ``γ v`` reaches ``x_t'`` only through ``x0'``. ``κ`` must lie in [0, 1).
+
+  We once wrote the same update from the edited point, ``x' = x + gain · (x0' - x0(x))`` with
+  ``x = x_t + γ v``: identical for the linear ε above, but for a real network it keeps the
+  whole ``γ v`` and adds the correction on top. It is not the paper's and did not earn a
+  place as an option: on the ShapesWorld demo model at |γ| = 8 its images were judged
+  plausible less often (t = 999: 3/12 vs 12/12 for the paper's form; t = 500: 6/12 vs 12/12)
+  and it saturated more at t = 999 (share of RGB values at 0 or 255: 0.71 vs 0.61), less at
+  t = 500 (0.26 vs 0.32). Both forms share one limit on that model
+  (``scripts/diag_x0_normalise.py``): its ``x0`` is far more sensitive along the correction
+  ``x0' - x0(x_t)`` than ``κ = 0.99`` assumes (measured slope 7-44 at t = 999 against the
+  assumed 1.58; 1.8-9 against 0.18 at t = 500; at t = 100 0.3-1.6 against 0.72, where the
+  step lands within 5% of ``x0'``), so at large t the first-order step overshoots ``x0'`` and
+  the images saturate. The paper's κ is kept; the claims tables report what it measures.
 * **iterative (geodesic shooting)**: many small steps; after each, the basis is recomputed
   at the new point and the H-space direction ``u`` is parallel-transported: projected onto
   the new tangent space ``span(U')`` and renormalised; it is mapped back to X as the
@@ -83,19 +91,19 @@ def x0_update_gain(alpha_bar: float, kappa: float) -> float:
 
 
 @torch.no_grad()
-def x0_normalise(den: Denoiser, x_ref: torch.Tensor, x_edit: torch.Tensor, t: int,
+def x0_normalise(den: Denoiser, x_t: torch.Tensor, x_edit: torch.Tensor, t: int,
                  kappa: float = GeometryConfig.kappa) -> torch.Tensor:
-    """x0-normalised edit (module docstring; Park et al.'s).
+    """Park et al.'s x0-normalised edit (module docstring): ``x_t' = x_t + gain · (x0' - x0(x_t))``.
 
-    x_ref: [B, C, H, W] unedited points (or [1, ...], broadcast); x_edit: [B, C, H, W] edited
-    points at timestep ``t``. Returns the corrected points [B, C, H, W]. The predictions
-    ``x0(.)`` come from the diffusion core (:meth:`Denoiser.eps_x0`, unclipped), whatever the
-    model's prediction type.
+    x_t: [B, C, H, W] unedited points (or [1, ...], shared by every edit of one sample);
+    x_edit: [B, C, H, W] the one-step edits ``x_t + γ v`` at timestep ``t``. Returns ``x_t'``
+    [B, C, H, W]. The predictions ``x0(.)`` come from the diffusion core
+    (:meth:`Denoiser.eps_x0`, unclipped), whatever the model's prediction type.
     """
     gain = x0_update_gain(alpha_at(den.handle, t), kappa)
-    _, x0_ref = den.eps_x0(x_ref, t, clip=False)
+    _, x0_ref = den.eps_x0(x_t, t, clip=False)
     _, x0_e = den.eps_x0(x_edit, t, clip=False)
-    return x_edit + gain * (normalise_to(x0_e, x0_ref) - x0_e)
+    return x_t + gain * (normalise_to(x0_e, x0_ref) - x0_ref)
 
 
 def parallel_transport(u: torch.Tensor, u_basis: torch.Tensor) -> torch.Tensor:

@@ -241,6 +241,8 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
         max_residual=float(basis.residuals.max()),
         singular_values_mean=basis.s.mean(0).tolist(),
         edit={"samples": E, "directions": m, "strengths": strengths, "kappa": cfg.kappa,
+              "normalised": "Park et al.: x_t' = x_t + sqrt(abar)/(1 - kappa sqrt(1-abar)) (x0' - x0(x_t)), "
+                            "x0' = x0(x_t + gamma v) with x0(x_t)'s per-image, per-channel mean/std (unclipped x0)",
               "random": "one unit direction per edited v, Gaussian then normalised, one-step linear edit"},
         iterative=it_info,
         timings=timings,
