@@ -20,7 +20,7 @@ hierarchy is v1 and belongs to the machinery that runs the session.)
 
 Usage::
 
-    python bench/bench_at_size.py [--gb 6] [--limit-gb 1.5] [--phases train-sae analyse-sae train-diffc]
+    python bench/bench_at_size.py [--gb 6] [--limit-gb 2] [--phases train-sae analyse-sae train-diffc]
         [--dir DIR] [--keep] [--channels 128] [--expansion 1] [--size 16] [--chunk 256] [--threads 1]
 
 The store goes to a temporary directory under ``--dir`` (default: the system temp dir),
@@ -130,7 +130,9 @@ def run_limited(argv: list[str], limit_bytes: int, log: Path, threads: int) -> d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=6.0, help="size of the store's spatial maps in GB (default 6)")
-    ap.add_argument("--limit-gb", type=float, default=1.5, help="address-space limit of each phase in GB (default 1.5)")
+    ap.add_argument("--limit-gb", type=float, default=2.0,
+                    help="address-space limit of each phase in GiB (default 2: address space counts thread stacks and "
+                         "allocator reservations that never become resident, so Diff-C at ~1.1 GB RSS needs ~1.6 GiB of it)")
     ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     ap.add_argument("--channels", type=int, default=128, help="channels of the layer (d of the SAE)")
     ap.add_argument("--size", type=int, default=16, help="spatial map height = width")

@@ -244,7 +244,7 @@ rule sae_figure_training:
     input:
         lambda wc: [str(Path(SAE_DIR.format(**wc, **g), f)) for g in sae_grid(wc.model) for f in ("curve.csv", "metrics.json")],
     output:
-        str(Path(SAE_FIGURES, "{model}", "{dataset}", "training_curves.png")),
+        report(str(Path(SAE_FIGURES, "{model}", "{dataset}", "training_curves.png")), caption="../report/captions/sae_training.rst", category="k-SAE", subcategory="{model}/{dataset}"),
     params:
         runs=lambda wc: " ".join(shlex.quote(SAE_DIR.format(**wc, **g)) for g in sae_grid(wc.model)),
     log:
