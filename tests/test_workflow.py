@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +324,12 @@ def test_atlas_pages_show_the_results_numbers(tiny_run):
         assert marker in html
         part = html.split(marker, 1)[1]
         assert part.split('data-metric="factor">', 1)[1].startswith(str(r["dominant"]))
+    # geometry: the claims table carries claims.csv's values and verdicts, row by row
+    claims = pd.read_csv(results / "geometry" / "shapesworld" / "claims.csv")
+    table = html.split('id="claims"', 1)[1].split("</table>", 1)[0]
+    shown = [float(v) for v in re.findall(r'data-column="value" data-value="([^"]+)"', table)]
+    assert shown == pytest.approx(claims["value"].tolist(), nan_ok=True) and len(shown) == len(claims)
+    assert re.findall(r'data-column="verdict">([^<]+)<', table) == claims["verdict"].tolist()
 
 
 def test_atlas_in_a_headless_browser(tiny_run, tmp_path):

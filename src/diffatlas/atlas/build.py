@@ -292,7 +292,16 @@ class Atlas:
         figs = [self.figure(p) for p in sources.figures(self.results, "geometry", model)]
         self.page("geometry.html", rel, model=model, strips=strips(), global_rows=global_rows, figures=figs,
                   meaning=None if meaning is None else meaning.to_dict("records"),
-                  paths=sources.read_json(root / "path_lengths.json"))
+                  paths=sources.read_json(root / "path_lengths.json"), claims=self.claims(root / "claims.csv"))
+
+    @staticmethod
+    def claims(path: Path) -> list[dict[str, Any]] | None:
+        """Park et al.'s claims as measured (geometry_claims): the columns a reader needs."""
+        table = sources.read_csv(path)
+        if table is None:
+            return None
+        cols = ["claim", "measure", "value", "low", "high", "n", "verdict", "direction", "detail"]
+        return table[[c for c in cols if c in table.columns]].to_dict("records")
 
     def world_section(self) -> dict[str, Any] | None:
         record, json_path, samples_path = sources.fidelity(self.results, self.fidelity_record)
