@@ -448,7 +448,7 @@ def run(
                     "n_val": int(data.is_val.sum()),
                     "function": "diffatlas.sae.train.split_samples(n_samples, val_fraction, seed)",
                 },
-                "store_attrs": {k: v for k, v in attrs.items() if k not in ("label_classes", "coarse_label_classes")},
+                "store_attrs": {k: v for k, v in attrs.items() if k not in ("label_classes", "coarse_label_classes", "attribute_classes")},
                 "sae_config": cfg.to_dict(),
             },
         )
