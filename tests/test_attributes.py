@@ -239,3 +239,30 @@ def test_per_attribute_statistics_equal_brute_force(tmp_path, seed):
     _, base = analysis.analyse(sae, analysis.StoreSamples(plain, "mid", 3, "pooled", scale=1.0, is_val=is_val), cfg)
     assert list(latents.columns[: len(base.columns)]) == list(base.columns)
     assert latents[base.columns].equals(base)
+
+
+def test_manifest_columns_become_attributes(tmp_path):
+    from PIL import Image
+
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "m.csv").write_text("path,label,texture,view\n0.png,a,dots,front\n1.png,b,,side\n2.png,a,dots,side\n3.png,b,stripes,front\n")
+    section = {"kind": "manifest", "path": str(tmp_path / "m.csv"), "image_size": 8, "attributes": ["texture", "view"]}
+    make_dataset(section, tmp_path / "d", "d")
+    ds = load_dataset(tmp_path / "d")
+    assert ds.attribute_names == ["texture", "view"]
+    assert ds.attributes()["texture"].tolist() == ["dots", "", "dots", "stripes"]
+    assert ds.info["attribute_classes"]["view"] == ["front", "side"]
+    # a manifest without the option keeps the plain layout, and the shard digests of a
+    # manifest without attributes are what they were before attributes existed
+    make_dataset({**section, "attributes": []}, tmp_path / "plain", "plain")
+    assert load_dataset(tmp_path / "plain").attributes() == {}
+    from diffatlas.data.config import dataset_config_from_dict
+    from diffatlas.data.ingest import candidates_of
+
+    c = candidates_of(dataset_config_from_dict({**section, "attributes": []}, "d"))[0]
+    assert c.fingerprint() == json.dumps([0, "0.png", "a", "a", "", ""])
+    with pytest.raises(UserError, match=r"lacks column\(s\) \['weight'\]"):
+        make_dataset({**section, "attributes": ["weight"]}, tmp_path / "bad", "bad")
+    with pytest.raises(UserError, match="attribute name 'fine' is not allowed"):
+        make_dataset({**section, "attributes": ["fine"]}, tmp_path / "bad", "bad")

@@ -85,7 +85,7 @@ def _candidate_rows(section: dict[str, Any], name: str) -> list[str] | int:
         return cfg.n_samples
     from diffatlas.data.ingest import candidates_of
 
-    return [json.dumps([c.sample_id, c.path, c.label, c.coarse_label, c.caption, c.bad]) for c in candidates_of(cfg)]
+    return [c.fingerprint() for c in candidates_of(cfg)]
 
 
 def digest_lines(lines: list[str]) -> str:
