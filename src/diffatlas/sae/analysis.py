@@ -74,6 +74,7 @@ from diffatlas.sae.model import TopKSAE
 from diffatlas.sae.stats import (  # noqa: F401  (re-exported: the label statistics live there)
     ORDER_FREE_STATS,
     STATS,
+    chance_draws,
     chance_stats,
     curves,
     entropy_of_counts,
@@ -274,8 +275,9 @@ class TopTracker:
         self.n_active += active.sum(0)
         self.sum += acts.sum(0, dtype=torch.float64)
         self.max = torch.maximum(self.max, acts.amax(0).double())
-        for name, counts in self.label_counts.items():
+        if self.label_counts:
             sample, latent = active.nonzero(as_tuple=True)
+        for name, counts in self.label_counts.items():
             cls = labels[name].to(self.keys)[sample]
             counts.view(-1).index_add_(0, latent * counts.shape[1] + cls, torch.ones_like(cls))
         keys = _sort_keys(acts, rows)  # [n, B]
@@ -420,6 +422,14 @@ def _names(classes: list[str], codes: np.ndarray) -> list[str]:
     return [classes[c] if c < len(classes) else str(c) for c in codes]
 
 
+def _row_names(classes: list[str], codes: np.ndarray, kept: np.ndarray) -> list[list[str]]:
+    """Per row of codes [m, t], the names of its first ``kept[i]`` codes (one table lookup, then
+    a slice per row: the labelled top samples are a prefix of each row)."""
+    lookup = np.asarray(list(classes) + [str(c) for c in range(len(classes), int(codes.max(initial=0)) + 1)], dtype=object)
+    named = lookup[np.clip(codes, 0, None)]
+    return [row[:k].tolist() for row, k in zip(named, kept)]
+
+
 def label_table(tracker: TopTracker, data, cfg: SAEConfig, n_mined: int, val_freq: np.ndarray | None = None) -> pd.DataFrame:
     """One row per latent: activity statistics, top samples, their labels and label statistics."""
     n = tracker.n_latents
@@ -433,6 +443,7 @@ def label_table(tracker: TopTracker, data, cfg: SAEConfig, n_mined: int, val_fre
     rank = np.full(n, -1, dtype=np.int64)
     rank[order] = np.arange(len(order))
     full = (ids >= 0).all(axis=1)
+    kept = (ids >= 0).sum(axis=1)  # tracked samples fill a prefix of each row
     table = {
         "latent": np.arange(n),
         "rank": rank,
@@ -449,7 +460,7 @@ def label_table(tracker: TopTracker, data, cfg: SAEConfig, n_mined: int, val_fre
         # σ for the granularities (Revelio's statistic); attributes get the order-free ones only.
         stats = STATS if gran in GRANULARITIES else ORDER_FREE_STATS
         top_codes = np.where(ids >= 0, codes[np.clip(ids, 0, None)], -1)
-        table[f"top_labels_{gran}"] = [_names(classes, r[r >= 0]) for r in top_codes]
+        table[f"top_labels_{gran}"] = _row_names(classes, top_codes, kept)
         for name, fn in stats.items():
             col = np.full(n, np.nan)
             if full.any():
@@ -502,10 +513,12 @@ def analyse(sae: TopKSAE, data, cfg: SAEConfig, device: torch.device | str = "cp
         "n_eligible": n_eligible,
         "n_top_latents": n_top,
     }
+    # One set of random draws for every labelling (the draws depend on the sample count alone).
+    picks = chance_draws(n_mined, cfg.top_n, seed=cfg.seed)
     for gran in GRANULARITIES:
         codes = getattr(data, gran)
         labels[f"n_classes_{gran}"] = int(len(np.unique(codes)))
-        chance = chance_stats(codes[mine], cfg.top_n, seed=cfg.seed)
+        chance = chance_stats(codes[mine], cfg.top_n, seed=cfg.seed, picks=picks)
         for name in STATS:
             key = f"{name}_{gran}"
             labels[key] = float(cur[key].iloc[n_top - 1]) if n_top > 0 else float("nan")
@@ -518,7 +531,7 @@ def analyse(sae: TopKSAE, data, cfg: SAEConfig, device: torch.device | str = "cp
     for attr, (codes, classes) in label_sets(data).items():
         if attr in GRANULARITIES:
             continue
-        chance = chance_stats(codes[mine], cfg.top_n, seed=cfg.seed)
+        chance = chance_stats(codes[mine], cfg.top_n, seed=cfg.seed, picks=picks)
         summary: dict[str, Any] = {"n_classes": int(len(np.unique(codes))), "classes": list(classes)}
         for name in ORDER_FREE_STATS:
             key = f"{name}_{attr}"

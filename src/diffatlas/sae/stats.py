@@ -95,14 +95,27 @@ ORDER_FREE_STATS = {"purity": purity, "entropy": label_entropy}
 STATS = {"sigma_label": sigma_label, **ORDER_FREE_STATS}
 
 
-def chance_stats(codes: np.ndarray, top_n: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Expected statistics of ``top_n`` samples drawn at random without replacement from ``codes`` [N]."""
-    codes = np.asarray(codes)
-    if len(codes) < top_n:
-        return {name: float("nan") for name in STATS}
+def chance_draws(n: int, top_n: int, draws: int = 2000, seed: int = 0) -> np.ndarray | None:
+    """``draws`` random sets of ``top_n`` of ``n`` rows, without replacement: [draws, top_n]
+    (None when n < top_n). They depend on n alone, so every labelling of the same samples
+    shares them (:func:`chance_stats`'s ``picks``)."""
+    if n < top_n:
+        return None
     rng = np.random.default_rng(seed)
-    picks = np.stack([codes[rng.choice(len(codes), top_n, replace=False)] for _ in range(draws)])
-    return {name: float(np.mean(fn(picks))) for name, fn in STATS.items()}
+    return np.stack([rng.choice(n, top_n, replace=False) for _ in range(draws)])
+
+
+def chance_stats(codes: np.ndarray, top_n: int, draws: int = 2000, seed: int = 0,
+                 picks: np.ndarray | None = None) -> dict[str, float]:
+    """Expected statistics of ``top_n`` samples drawn at random without replacement from ``codes`` [N].
+
+    ``picks``: the draws of :func:`chance_draws` for ``len(codes)`` (computed when not given)."""
+    codes = np.asarray(codes)
+    if picks is None:
+        picks = chance_draws(len(codes), top_n, draws, seed)
+    if picks is None:
+        return {name: float("nan") for name in STATS}
+    return {name: float(np.mean(fn(codes[picks]))) for name, fn in STATS.items()}
 
 
 def rank_latents(score: np.ndarray, n_active: np.ndarray, min_active: int, top_n: int) -> np.ndarray:
