@@ -266,3 +266,13 @@ def test_manifest_columns_become_attributes(tmp_path):
         make_dataset({**section, "attributes": ["weight"]}, tmp_path / "bad", "bad")
     with pytest.raises(UserError, match="attribute name 'fine' is not allowed"):
         make_dataset({**section, "attributes": ["fine"]}, tmp_path / "bad", "bad")
+
+
+def test_position_buckets_by_hand():
+    from diffatlas.data.shapesworld import position_bucket
+
+    assert position_bucket(0.1, 0.1) == "top-left" and position_bucket(0.9, 0.5) == "middle-right"
+    assert position_bucket(0.5, 0.99) == "bottom-centre" and position_bucket(1.0, 0.0) == "top-right"
+    # a centre exactly on an edge (possible at 48 px: 16/48) goes right / down
+    assert position_bucket(16 / 48, 32 / 48) == "bottom-centre"
+    assert position_bucket(15.5 / 48, 31.5 / 48) == "middle-left"

@@ -90,10 +90,11 @@ def position_bucket(x: float, y: float) -> str:
     """Grid cell of a centre (x right, y down, fractions of the side): e.g. "top-left".
 
     Cell edges are at multiples of 1 / POSITION_GRID; a centre on an edge goes to the cell
-    right of / below it (generated centres at 32 px are k/64 and never lie on an edge).
+    right of / below it (at 32 px generated centres are multiples of 1/32 and never lie on
+    one; at 48 px one can, and rounding to 9 decimals first keeps 16/48 * 3 on the edge).
     """
-    col = min(POSITION_GRID - 1, max(0, int(np.floor(float(x) * POSITION_GRID))))
-    row = min(POSITION_GRID - 1, max(0, int(np.floor(float(y) * POSITION_GRID))))
+    col = min(POSITION_GRID - 1, max(0, int(np.floor(round(float(x) * POSITION_GRID, 9)))))
+    row = min(POSITION_GRID - 1, max(0, int(np.floor(round(float(y) * POSITION_GRID, 9)))))
     return POSITIONS[row * POSITION_GRID + col]
 
 
