@@ -98,6 +98,14 @@ def test_gathered_store_equals_an_unsharded_extraction(world, tmp_path):
     store = ActivationStore(out)
     assert store.sample_ids.tolist() == list(range(N))
     assert list(store.labels("fine")) == list(load_dataset(world["tmp"] / "plain").labels("fine"))
+    # the dataset's attributes, re-coded over the union of the shards' classes (a shard of 4
+    # samples lacks some positions): decoded, they are the dataset's values
+    plain = load_dataset(world["tmp"] / "plain")
+    assert store.attribute_names == plain.attribute_names == ["colour", "shape", "size", "position"]
+    for name, values in plain.attributes().items():
+        codes, classes = store.attributes()[name]
+        assert classes == sorted(set(values.tolist())) and [classes[c] for c in codes] == values.tolist()
+    assert len(ActivationStore(world["parts"][2]).attributes()["position"][1]) < len(store.attributes()["position"][1])
     assert open_dataset(out).sizes["sample"] == N
     # the chunks are the shards' files (hard links), not copies
     src = world["parts"][1] / "pooled__mid" / "c" / "0" / "1" / "0"

@@ -184,6 +184,7 @@ def extract(
         sample_ids=ds.sample_ids,
         labels=ds.labels("fine"),
         coarse_labels=ds.labels("coarse"),
+        attributes=ds.attributes(),
         captions=ds.captions,
         cfg=cfg,
         out=out,
@@ -212,11 +213,13 @@ def extract_activations(
     extra_attrs: dict[str, Any] | None = None,
     stop_early: bool = True,
     background: bool = True,
+    attributes: dict[str, Sequence[str]] | None = None,
 ) -> Path:
     """Extract from an already loaded :class:`~diffatlas.models.loader.ModelHandle`.
 
     images uint8 [N, H, W, 3] (a memory map is fine: only one batch is read at a time);
-    sample_ids, labels, coarse_labels, captions: N each, aligned with ``images``.
+    sample_ids, labels, coarse_labels, captions: N each, aligned with ``images``;
+    ``attributes``: the dataset's categorical attributes, name -> N values (stored as codes).
     ``stop_early=False`` runs every forward pass to the end (only the benchmark wants that);
     ``background=False`` writes each batch before computing the next (the same store, slower).
     """
@@ -272,6 +275,7 @@ def extract_activations(
                 sample_ids=list(map(int, sample_ids)),
                 labels=list(map(str, labels)),
                 coarse_labels=None if coarse_labels is None else list(map(str, coarse_labels)),
+                attributes={a: list(map(str, v)) for a, v in (attributes or {}).items()},
                 layers=specs,
                 attrs=attrs,
                 batch_size=cfg.batch_size,

@@ -13,7 +13,7 @@ holds a whole number of chunks, chunk ``s`` of shard ``k`` IS chunk ``offset_k /
 of the gathered array: the gather writes the arrays' metadata with the full shape and
 hard-links each chunk file under its new key (on another file system, where a hard link is
 impossible, that chunk is copied). Only the small sample-level arrays (sample ids, label
-codes, re-coded over the union of the shards' classes) are written anew. So the gathered store
+codes and attribute codes, re-coded over the union of the shards' classes) are written anew. So the gathered store
 costs metadata and one directory entry per chunk, and its chunks are the shards' files: treat
 it as read-only. When a shard is not chunk-aligned (a shard_size that is not a multiple of
 batch_size, or images skipped at ingestion), every array is copied instead, a chunk-row block
@@ -41,14 +41,14 @@ from typing import Any
 import numpy as np
 import zarr
 
-from diffatlas.activations.store import POOLED, SPATIAL, _codes, _extraction_attrs, _is_store
+from diffatlas.activations.store import ATTRIBUTE_CLASSES, ATTRIBUTE_CODE, POOLED, SPATIAL, _codes, _extraction_attrs, _is_store
 from diffatlas.errors import UserError
 from diffatlas.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
 # Attributes a shard has of its own: where its samples came from and their classes.
-_PER_SHARD = ("dataset_path", "label_classes", "coarse_label_classes", "shards")
+_PER_SHARD = ("dataset_path", "label_classes", "coarse_label_classes", ATTRIBUTE_CLASSES, "shards")
 
 
 def _what(attrs: Any) -> dict[str, Any]:
@@ -97,6 +97,8 @@ def gather_stores(parts: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     alpha_bar = np.asarray(groups[0]["alpha_bar"][:])
     metas: list[dict[str, dict[str, Any]]] = []
     ids, labels, coarse, seen = [], [], [], {}
+    attribute_names = list(first.get(ATTRIBUTE_CLASSES) or {})
+    attributes: dict[str, list[str]] = {a: [] for a in attribute_names}
     for name, part, g in zip(names, parts, groups):
         attrs = dict(g.attrs)
         ref, mine = _what(first), _what(attrs)
@@ -116,6 +118,14 @@ def gather_stores(parts: Sequence[str | os.PathLike], out: str | os.PathLike, *,
         ids.append(sample)
         labels += list(np.asarray(attrs["label_classes"], dtype=object)[np.asarray(g["label_code"][:])])
         coarse += list(np.asarray(attrs["coarse_label_classes"], dtype=object)[np.asarray(g["coarse_label_code"][:])])
+        mine_attributes = dict(attrs.get(ATTRIBUTE_CLASSES) or {})
+        if list(mine_attributes) != attribute_names:
+            raise UserError(
+                f"shard {name} ({part}) stores attributes {list(mine_attributes)}, shard {names[0]} {attribute_names}: "
+                "shards of one dataset carry the same attributes; rebuild the dataset shards and re-extract them"
+            )
+        for a, classes_a in mine_attributes.items():
+            attributes[a] += list(np.asarray(classes_a, dtype=object)[np.asarray(g[ATTRIBUTE_CODE.format(a)][:])])
         metas.append(_check_chunks(name, part, arrays, len(sample)))
     counts = [len(x) for x in ids]
     n = sum(counts)
@@ -127,17 +137,20 @@ def gather_stores(parts: Sequence[str | os.PathLike], out: str | os.PathLike, *,
 
     codes, classes = _codes(labels)
     coarse_codes, coarse_classes = _codes(coarse)
+    attribute_codes = {a: _codes(values) for a, values in attributes.items()}
     with atomic_dir(out) as tmp:
         g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         for cname, values, dim in (("timestep", timesteps, "timestep"), ("alpha_bar", alpha_bar, "timestep"),
                                    ("sample", np.concatenate(ids), "sample"), ("label_code", codes, "sample"),
-                                   ("coarse_label_code", coarse_codes, "sample")):
+                                   ("coarse_label_code", coarse_codes, "sample"),
+                                   *((ATTRIBUTE_CODE.format(a), c, "sample") for a, (c, _) in attribute_codes.items())):
             arr = g.create_array(cname, shape=values.shape, dtype=values.dtype, dimension_names=[dim])
             arr[:] = values
         g.attrs.update({
             **first,
             "label_classes": classes,
             "coarse_label_classes": coarse_classes,
+            **({ATTRIBUTE_CLASSES: {a: cl for a, (_, cl) in attribute_codes.items()}} if attribute_codes else {}),
             **({"dataset_path": dataset_path} if dataset_path is not None else {}),
             "shards": [{"name": nm, "n": c} for nm, c in zip(names, counts)],
         })

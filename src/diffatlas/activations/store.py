@@ -10,11 +10,15 @@ so ``xarray.open_zarr(path)`` opens it whole)::
     sample              [sample]                         int64, dataset sample ids
     label_code          [sample]                         int32, index into attrs["label_classes"]
     coarse_label_code   [sample]                         int32, index into attrs["coarse_label_classes"]
+    attribute_code__{a} [sample]                         int32, index into attrs["attribute_classes"][a]
     pooled__{layer}     [timestep, sample, channel__{layer}]                      float32
     spatial__{layer}    [timestep, sample, channel__{layer}, y__{layer}, x__{layer}]  float16 (optional)
 
 Class names are kept as strings in the attributes, sorted, so no statistic depends on an
-arbitrary numbering. Root attributes record the model, scheduler, prompt, guidance, seed,
+arbitrary numbering. The dataset's categorical attributes (ShapesWorld: colour, shape, size,
+position; see :mod:`diffatlas.data.dataset`) are stored the same way, one code array each,
+their names in order as the keys of ``attrs["attribute_classes"]`` (absent in stores of
+datasets without attributes). Root attributes record the model, scheduler, prompt, guidance, seed,
 pooling, image size and noise mode, and ``layers`` maps each layer name to its module path.
 
 Every per-time array is chunked ``(1, batch_size, ...)`` along (timestep, sample), so a batch
@@ -50,6 +54,9 @@ log = logging.getLogger(__name__)
 
 POOLED = "pooled__{}"
 SPATIAL = "spatial__{}"
+ATTRIBUTE_CODE = "attribute_code__{}"
+#: Root attribute: attribute name -> its sorted class names (the codes index them).
+ATTRIBUTE_CLASSES = "attribute_classes"
 WRITE_QUEUE_DEPTH = 2
 """Batches in flight between the compute loop and the writer thread: enough to hide a write
 behind the next forward pass, few enough that host memory stays a couple of batches."""
@@ -106,12 +113,17 @@ class ActivationWriter:
         layers: Sequence[LayerSpec],
         attrs: dict[str, Any],
         batch_size: int,
+        attributes: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         n_t, n_s = len(timesteps), len(sample_ids)
         if n_s == 0:
             raise UserError("cannot write an activation store for an empty dataset (0 samples)")
         if len(labels) != n_s:
             raise UserError(f"{len(labels)} labels for {n_s} samples: labels must align with samples")
+        attributes = dict(attributes or {})
+        for name, values in attributes.items():
+            if len(values) != n_s:
+                raise UserError(f"attribute {name!r} has {len(values)} values for {n_s} samples: attributes must align with samples")
         self.group = zarr.open_group(str(root), mode="w", zarr_format=3)
         g = self.group
 
@@ -126,6 +138,10 @@ class ActivationWriter:
         coord("label_code", codes, "sample")
         coarse_codes, coarse_classes = _codes(coarse_labels if coarse_labels is not None else labels)
         coord("coarse_label_code", coarse_codes, "sample")
+        attribute_classes = {}
+        for name, values in attributes.items():
+            codes_a, attribute_classes[name] = _codes(values)
+            coord(ATTRIBUTE_CODE.format(name), codes_a, "sample")
 
         chunk_s = max(1, min(batch_size, n_s))
         # Every chunk is written, even an all-zero one: skipping empty chunks costs a
@@ -165,6 +181,7 @@ class ActivationWriter:
                 **attrs,
                 "label_classes": classes,
                 "coarse_label_classes": coarse_classes,
+                **({ATTRIBUTE_CLASSES: attribute_classes} if attribute_classes else {}),
                 "layers": {s.name: s.module_path for s in layers},
                 "spatial_layers": [s.name for s in layers if s.spatial],
             }
@@ -446,6 +463,18 @@ class ActivationStore:
         prefix = "" if granularity == "fine" else "coarse_"
         classes = np.asarray(self.attrs[f"{prefix}label_classes"], dtype=object)
         return classes[np.asarray(self.group[f"{prefix}label_code"][:])]
+
+    @property
+    def attribute_names(self) -> list[str]:
+        """The dataset's categorical attributes stored here, in order ([] for a dataset without)."""
+        return list(self.attrs.get(ATTRIBUTE_CLASSES) or {})
+
+    def attributes(self) -> dict[str, tuple[np.ndarray, list[str]]]:
+        """Per attribute, its codes int64 [sample] and the sorted class names they index."""
+        return {
+            name: (np.asarray(self.group[ATTRIBUTE_CODE.format(name)][:], dtype=np.int64), list(classes))
+            for name, classes in (self.attrs.get(ATTRIBUTE_CLASSES) or {}).items()
+        }
 
 
 def open_dataset(path: str | Path | Sequence[str | Path]) -> Any:

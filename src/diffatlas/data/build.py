@@ -53,6 +53,8 @@ def make_dataset(
             "shapes": list(sw.SHAPES),
             "colours": list(sw.COLOURS),
             "sizes": list(sw.SIZES),
+            "positions": list(sw.POSITIONS),
+            "attributes": list(sw.ATTRIBUTES),
             "vocabulary": list(sw.VOCABULARY),
             "palette": {k: list(v) for k, v in sw.PALETTE.items()},
             "background": list(sw.BACKGROUND),

@@ -114,12 +114,18 @@ class ManifestConfig(_RealImagesConfig):
     on_duplicate: str = "error"
     """Rows naming the same image file twice: error names them; drop keeps each file's first
     row; keep keeps every row. Either way they are logged and listed in info.json."""
+    attributes: list[str] = field(default_factory=list)
+    """Further manifest columns that are categorical attributes of each image (stored with the
+    activations; SAE label statistics per attribute); an empty cell is the class ""."""
     kind: str = "manifest"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("kind", self.kind, ("manifest",))
         _check_choice("on_duplicate", self.on_duplicate, DUPLICATE_MODES)
+        from diffatlas.data.dataset import check_attribute_names
+
+        self.attributes = check_attribute_names(self.attributes, "datasets: attributes")
 
 
 DatasetConfig = Union[ShapesWorldConfig, ImageFolderConfig, ManifestConfig]

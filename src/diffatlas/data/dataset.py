@@ -7,7 +7,10 @@ Layout::
     metadata.parquet   one row per sample, in image order: sample_id, label, coarse_label,
                        caption, and per kind more columns (ShapesWorld: n_objects, objects,
                        words, relations, ...; ingested images: path)
-    info.json          name, kind, config, counts, classes, skipped files, checksums
+    info.json          name, kind, config, counts, classes, skipped files, checksums;
+                       ``attributes``: the metadata columns that are categorical attributes of
+                       a sample (ShapesWorld: colour, shape, size, position), in order, with
+                       their sorted values in ``attribute_classes`` (absent: none)
 
 A dataset larger than ``extract.shard_size`` is a directory of such directories, one per
 shard, with an index (:mod:`diffatlas.data.shards`); :func:`load_dataset` reads both layouts.
@@ -22,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +42,32 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 IMAGES, MASKS, METADATA, INFO = "images.npy", "masks.npy", "metadata.parquet", "info.json"
 REQUIRED_COLUMNS = ("sample_id", "label", "coarse_label", "caption")
+#: info.json key naming the metadata columns that are categorical attributes, and the key of their values.
+ATTRIBUTES, ATTRIBUTE_CLASSES = "attributes", "attribute_classes"
+# An attribute name becomes part of a zarr array name and of column names such as
+# ``purity_{name}`` next to ``purity_fine``: lower-case identifiers, never a label granularity.
+_ATTRIBUTE_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_RESERVED_ATTRIBUTES = ("fine", "coarse")
+
+
+def check_attribute_names(names: Any, where: str) -> list[str]:
+    """``names`` as a list of attribute names, or a :class:`UserError` naming ``where`` and the rule."""
+    if names is None:
+        return []
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise UserError(f"{where} = {names!r} is not allowed; allowed: a list of column names")
+    out = []
+    for name in names:
+        if not isinstance(name, str) or not _ATTRIBUTE_NAME.fullmatch(name) or name in _RESERVED_ATTRIBUTES \
+                or name.startswith("active") or name in REQUIRED_COLUMNS:
+            raise UserError(
+                f"{where}: attribute name {name!r} is not allowed; allowed: lower-case identifiers [a-z][a-z0-9_]* "
+                f"other than {', '.join(_RESERVED_ATTRIBUTES + REQUIRED_COLUMNS)} and not starting with 'active'"
+            )
+        if name in out:
+            raise UserError(f"{where}: attribute {name!r} is listed twice")
+        out.append(name)
+    return out
 
 
 def _sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -48,15 +78,15 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _check_meta(meta: pd.DataFrame, n: int) -> pd.DataFrame:
-    missing = [c for c in REQUIRED_COLUMNS if c not in meta.columns]
+def _check_meta(meta: pd.DataFrame, n: int, attributes: list[str] = ()) -> pd.DataFrame:
+    missing = [c for c in (*REQUIRED_COLUMNS, *attributes) if c not in meta.columns]
     if missing:
-        raise ValueError(f"dataset metadata lacks columns {missing}; needs {list(REQUIRED_COLUMNS)}")
+        raise ValueError(f"dataset metadata lacks columns {missing}; needs {list(REQUIRED_COLUMNS)} and the attributes {list(attributes)}")
     if len(meta) != n:
         raise ValueError(f"dataset metadata has {len(meta)} rows for {n} images")
     meta = meta.reset_index(drop=True).copy()
     meta["sample_id"] = meta["sample_id"].astype("int64")
-    for col in ("label", "coarse_label", "caption"):
+    for col in ("label", "coarse_label", "caption", *attributes):
         meta[col] = meta[col].fillna("").astype(str)
     return meta
 
@@ -70,6 +100,7 @@ def _finish_info(out: Path, meta: pd.DataFrame, images_shape: tuple[int, ...], m
         "max_objects": int(masks_shape[1]) if masks_shape is not None else None,
         "classes": sorted(set(meta["label"])),
         "coarse_classes": sorted(set(meta["coarse_label"])),
+        **({ATTRIBUTE_CLASSES: {a: sorted(set(meta[a])) for a in info[ATTRIBUTES]}} if info.get(ATTRIBUTES) else {}),
         "sha256": {IMAGES: _sha256(out / IMAGES), **({MASKS: _sha256(out / MASKS)} if masks_shape is not None else {})},
     }
     write_json(out / INFO, full)
@@ -86,19 +117,23 @@ def write_dataset(
     """Write an in-memory dataset atomically.
 
     images uint8 [N, H, W, 3]; masks bool [N, max_objects, H, W] or None; meta N rows
-    with at least sample_id, label, coarse_label, caption; info: extra info.json keys.
+    with at least sample_id, label, coarse_label, caption; info: extra info.json keys
+    (``attributes``: names of meta columns that are categorical attributes, stored as text).
     """
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     if masks is not None and (masks.dtype != np.bool_ or masks.shape[0] != images.shape[0] or masks.shape[2:] != images.shape[1:3]):
         raise ValueError(f"masks must be bool [N, K, H, W] matching images {images.shape}, got {masks.dtype} {masks.shape}")
-    meta = _check_meta(meta, images.shape[0])
+    info = dict(info or {})
+    if ATTRIBUTES in info:
+        info[ATTRIBUTES] = check_attribute_names(info[ATTRIBUTES], f"dataset {path} info {ATTRIBUTES!r}")
+    meta = _check_meta(meta, images.shape[0], info.get(ATTRIBUTES, []))
     with atomic_dir(path) as tmp:
         np.save(tmp / IMAGES, np.ascontiguousarray(images), allow_pickle=False)
         if masks is not None:
             np.save(tmp / MASKS, np.ascontiguousarray(masks), allow_pickle=False)
         meta.to_parquet(tmp / METADATA, index=False)
-        _finish_info(tmp, meta, images.shape, None if masks is None else masks.shape, dict(info or {}))
+        _finish_info(tmp, meta, images.shape, None if masks is None else masks.shape, info)
     log.info("wrote %d samples to %s", images.shape[0], path)
     return Path(path)
 
@@ -146,7 +181,8 @@ class StreamingWriter:
             out.flush()
             del out, self._images
             full.unlink()
-        meta = _check_meta(pd.DataFrame(self.rows, columns=list(self.rows[0]) if self.rows else None), n)
+        attributes = check_attribute_names(self.info.get(ATTRIBUTES), f"dataset {self.dir} info {ATTRIBUTES!r}")
+        meta = _check_meta(pd.DataFrame(self.rows, columns=list(self.rows[0]) if self.rows else None), n, attributes)
         meta.to_parquet(self.dir / METADATA, index=False)
         self.info = _finish_info(self.dir, meta, (n, self.image_size, self.image_size, 3), None, self.info)
 
@@ -204,6 +240,15 @@ class Dataset:
             return self.meta["coarse_label"].to_numpy(dtype=str)
         raise UserError(f"label kind {kind!r} is not allowed; allowed: fine, coarse")
 
+    @property
+    def attribute_names(self) -> list[str]:
+        """Names of the categorical attributes of every sample, in order ([] for a dataset without)."""
+        return list(self.info.get(ATTRIBUTES) or [])
+
+    def attributes(self) -> dict[str, np.ndarray]:
+        """Each categorical attribute's values per sample: name -> str [N] ({} when none)."""
+        return {a: self.meta[a].to_numpy(dtype=str) for a in self.attribute_names}
+
 
 def load_dataset(path: str | os.PathLike, mmap: bool = False) -> Dataset:
     """Read a dataset directory written by :func:`write_dataset` or the ingestion.
@@ -240,5 +285,9 @@ def load_dataset(path: str | os.PathLike, mmap: bool = False) -> Dataset:
     missing = [c for c in REQUIRED_COLUMNS if c not in meta.columns]
     if missing:
         raise UserError(f"dataset {path}: {METADATA} lacks columns {missing}")
+    attributes = check_attribute_names(info.get(ATTRIBUTES), f"dataset {path} {INFO} {ATTRIBUTES!r}")
+    missing = [a for a in attributes if a not in meta.columns]
+    if missing:
+        raise UserError(f"dataset {path}: {INFO} names attributes {missing} that {METADATA} lacks as columns; rebuild the dataset")
     return Dataset(path, images, masks, meta, info)
 

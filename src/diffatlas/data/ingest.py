@@ -66,6 +66,12 @@ class Candidate:
     coarse_label: str
     caption: str
     bad: str = ""  # why the file is unusable before decoding (e.g. its name), or ""
+    attributes: tuple[tuple[str, str], ...] = ()  # (name, value) of the manifest's attribute columns
+
+    def fingerprint(self) -> str:
+        """One text line naming everything the sample's rows will hold (shard digests)."""
+        row = [self.sample_id, self.path, self.label, self.coarse_label, self.caption, self.bad]
+        return json.dumps(row + [dict(self.attributes)] if self.attributes else row)
 
 
 class BadImage(Exception):
@@ -210,11 +216,11 @@ def read_manifest(cfg: ManifestConfig, notes: dict[str, Any] | None = None) -> l
             table = pd.read_csv(file, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
     except Exception as err:
         raise UserError(f"manifest {file} cannot be read: {type(err).__name__}: {err}") from err
-    missing = [c for c in ("path", "label") if c not in table.columns]
+    missing = [c for c in ("path", "label", *cfg.attributes) if c not in table.columns]
     if missing:
         raise UserError(
-            f"manifest {file} lacks column(s) {missing}; needs path, label and optionally coarse_label, caption "
-            f"(found: {', '.join(map(str, table.columns))})"
+            f"manifest {file} lacks column(s) {missing}; needs path, label, optionally coarse_label, caption, "
+            f"and the columns named in attributes {cfg.attributes} (found: {', '.join(map(str, table.columns))})"
         )
     if table.empty:
         raise UserError(f"manifest {file} has no rows")
@@ -225,6 +231,7 @@ def read_manifest(cfg: ManifestConfig, notes: dict[str, Any] | None = None) -> l
         return ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in table[name].tolist()]
 
     paths, labels, coarse, captions = column("path"), column("label"), column("coarse_label"), column("caption")
+    attribute_rows = list(zip(*(column(a) for a in cfg.attributes))) if cfg.attributes else [()] * len(table)
     out = []
     defaulted: list[int] = []
     for i, (p, lab, co, cap) in enumerate(zip(paths, labels, coarse, captions)):
@@ -239,7 +246,8 @@ def read_manifest(cfg: ManifestConfig, notes: dict[str, Any] | None = None) -> l
         if not co:
             defaulted.append(i)
         f = Path(p)
-        out.append(Candidate(i, f if f.is_absolute() else file.parent / f, p, lab, co or lab, cap))
+        out.append(Candidate(i, f if f.is_absolute() else file.parent / f, p, lab, co or lab, cap,
+                             attributes=tuple(zip(cfg.attributes, attribute_rows[i]))))
     if defaulted:
         # Rule: a missing coarse label (no column, empty cell, NaN/None) is the fine label.
         where = "has no coarse_label column" if "coarse_label" not in table.columns else f"has {len(defaulted)} rows without coarse_label"
@@ -316,7 +324,7 @@ def ingest(
         if digest is not None:
             from diffatlas.data.shards import digest_lines
 
-            now = digest_lines([json.dumps([c.sample_id, c.path, c.label, c.coarse_label, c.caption, c.bad]) for c in candidates])
+            now = digest_lines([c.fingerprint() for c in candidates])
             if now != digest:
                 raise UserError(
                     f"dataset {name}: the candidates {start}:{stop} of {cfg.path} changed since the workflow was planned "
@@ -356,7 +364,8 @@ def ingest(
                     continue
                 writer.append(
                     result,
-                    {"sample_id": c.sample_id, "label": c.label, "coarse_label": c.coarse_label, "caption": c.caption, "path": c.path},
+                    {"sample_id": c.sample_id, "label": c.label, "coarse_label": c.coarse_label, "caption": c.caption, "path": c.path,
+                     **dict(c.attributes)},
                 )
         if len(skipped) == len(candidates):
             raise UserError(f"dataset {name}: all {len(candidates)} images in {cfg.path} are unreadable (first: {skipped[0]['path']})")
@@ -367,6 +376,7 @@ def ingest(
                 "config": asdict(cfg),
                 "source": str(Path(cfg.path).resolve()),
                 "n_candidates": len(candidates),
+                **({"attributes": list(cfg.attributes)} if getattr(cfg, "attributes", None) else {}),
                 **({"rows": list(rows), "digest": digest} if rows is not None else {}),
                 "n_skipped": len(skipped),
                 "skipped": skipped,

@@ -23,6 +23,14 @@ anti-aliasing) and the same on every platform.
 Two objects in a scene never touch: their masks are disjoint even after growing one by a
 pixel (8-neighbourhood), which keeps them separate connected components for
 :func:`detect_objects`.
+
+Attributes. Every sample carries the categorical attributes :data:`ATTRIBUTES` (colour, shape,
+size, position) as metadata columns, named in the dataset's info.json so extraction stores
+them and SAE label statistics are computed per attribute. They describe the *first-named*
+object, the one the fine label ("red circle") names, in two-object scenes too: a sample
+has exactly one value per attribute, and label and attributes always agree. ``position`` is
+the cell of a :data:`POSITION_GRID` x :data:`POSITION_GRID` grid holding the object's centre
+(:func:`position_bucket`); ``n_objects`` and the JSON ``objects`` column keep the full scene.
 """
 
 from __future__ import annotations
@@ -60,6 +68,14 @@ BACKGROUND: tuple[int, int, int] = (16, 16, 16)
 #: Object diameter as a fraction of the image side (10 px and 14 px at 32x32).
 SIZE_FRACTION: dict[str, float] = {"small": 0.3125, "large": 0.4375}
 MAX_OBJECTS = 2
+#: Rows and columns of the grid that buckets an object's centre into a position attribute.
+POSITION_GRID = 3
+_ROWS: tuple[str, ...] = ("top", "middle", "bottom")
+_COLUMNS: tuple[str, ...] = ("left", "centre", "right")
+#: Position buckets, row-major: "top-left" .. "bottom-right".
+POSITIONS: tuple[str, ...] = tuple(f"{r}-{c}" for r in _ROWS for c in _COLUMNS)
+#: Categorical attributes of every sample (of its first-named object), as metadata columns.
+ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "position")
 #: Objects keep this many pixels from the image border.
 MARGIN = 1
 
@@ -68,6 +84,18 @@ def diameter(size: str, image_size: int) -> int:
     """Side of the object's bounding box in pixels."""
     _check_choice("size", size, SIZES)
     return max(2, int(round(SIZE_FRACTION[size] * image_size)))
+
+
+def position_bucket(x: float, y: float) -> str:
+    """Grid cell of a centre (x right, y down, fractions of the side): e.g. "top-left".
+
+    Cell edges are at multiples of 1 / POSITION_GRID; a centre on an edge goes to the cell
+    right of / below it (at 32 px generated centres are multiples of 1/32 and never lie on
+    one; at 48 px one can, and rounding to 9 decimals first keeps 16/48 * 3 on the edge).
+    """
+    col = min(POSITION_GRID - 1, max(0, int(np.floor(round(float(x) * POSITION_GRID, 9)))))
+    row = min(POSITION_GRID - 1, max(0, int(np.floor(round(float(y) * POSITION_GRID, 9)))))
+    return POSITIONS[row * POSITION_GRID + col]
 
 
 def _check_choice(key: str, value: Any, allowed: Sequence[str]) -> None:
@@ -341,8 +369,9 @@ def generate_shapesworld(cfg: ShapesWorldConfig | dict[str, Any], rows: range | 
     object cycles through the 12 fine classes, so fine and coarse labels are balanced.
 
     meta columns: sample_id, label ("{colour} {shape}" of the first object), coarse_label
-    (its shape), shape, colour, size (of the first object), caption, n_objects, and JSON
-    strings objects, words, relations (see :class:`Caption`).
+    (its shape), the attributes shape, colour, size, position (of the first object, see
+    :data:`ATTRIBUTES`), caption, n_objects, and JSON strings objects, words, relations
+    (see :class:`Caption`).
     """
     if isinstance(cfg, dict):
         cfg = ShapesWorldConfig(**cfg)
@@ -369,6 +398,7 @@ def generate_shapesworld(cfg: ShapesWorldConfig | dict[str, Any], rows: range | 
                 "shape": first["shape"],
                 "colour": first["colour"],
                 "size": first["size"],
+                "position": position_bucket(first["x"], first["y"]),
                 "caption": caption.text,
                 "n_objects": len(objects),
                 "objects": json.dumps(objects),

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 SHARDS, INDEX = "shards", "index.json"
 # Keys of a shard's info.json that describe that shard only (the index sums or merges them).
 _PER_SHARD_KEYS = ("n_samples", "sha256", "classes", "coarse_classes", "config", "rows", "digest",
-                   "n_candidates", "n_skipped", "skipped")
+                   "n_candidates", "n_skipped", "skipped", "attribute_classes")
 
 
 def shard_name(k: int) -> str:
@@ -85,7 +85,7 @@ def _candidate_rows(section: dict[str, Any], name: str) -> list[str] | int:
         return cfg.n_samples
     from diffatlas.data.ingest import candidates_of
 
-    return [json.dumps([c.sample_id, c.path, c.label, c.coarse_label, c.caption, c.bad]) for c in candidates_of(cfg)]
+    return [c.fingerprint() for c in candidates_of(cfg)]
 
 
 def digest_lines(lines: list[str]) -> str:
@@ -155,6 +155,11 @@ def write_index(path: str | os.PathLike, shards: list[str], section: dict[str, A
     sizes = {tuple(i["image_size"]) for i in infos}
     if len(sizes) > 1:
         raise UserError(f"dataset {path}: shards have different image sizes {sorted(sizes)}; rebuild them with one config")
+    attributes = [list(i.get("attributes") or []) for i in infos]
+    for sname, names in zip(shards, attributes):
+        if names != attributes[0]:
+            raise UserError(f"dataset {path}: shard {sname} has attributes {names}, shard {shards[0]} {attributes[0]}; "
+                            "rebuild them with one config")
     index = {
         **{k: v for k, v in first.items() if k not in _PER_SHARD_KEYS},
         "layout": "shards",
@@ -163,6 +168,8 @@ def write_index(path: str | os.PathLike, shards: list[str], section: dict[str, A
         "n_samples": sum(e["n"] for e in entries),
         "classes": sorted(set().union(*(i["classes"] for i in infos))),
         "coarse_classes": sorted(set().union(*(i["coarse_classes"] for i in infos))),
+        **({"attribute_classes": {a: sorted(set().union(*(i["attribute_classes"][a] for i in infos))) for a in attributes[0]}}
+           if attributes[0] else {}),
         "n_skipped": sum(int(i.get("n_skipped", 0)) for i in infos),
         "skipped": [s for i in infos for s in i.get("skipped", [])],
         "shards": entries,

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 EVAL_BATCH = 256
 
 # Store attributes that are bookkeeping of the store itself, not of the extraction.
-_STORE_ONLY_ATTRS = {"label_classes", "coarse_label_classes", "layers", "spatial_layers"}
+_STORE_ONLY_ATTRS = {"label_classes", "coarse_label_classes", "attribute_classes", "layers", "spatial_layers"}
 
 
 @dataclass

@@ -35,6 +35,13 @@ Meaning of latents (on the samples of ``mine_on``; Revelio used the whole datase
 * ``purity_active_*``, ``entropy_active_*``, ``majority_active_*`` (latents table only): the
   same statistics over *every* mined sample the latent fires on, from per-latent label counts
   accumulated while streaming — a check that a latent's top-10 is not a lucky draw.
+* Per dataset attribute ``a`` (ShapesWorld: colour, shape, size, position; stored with the
+  activations, see :mod:`diffatlas.activations.store`) the order-free statistics, named like
+  the granularities': ``top_labels_a``, ``purity_a``, ``entropy_a``, ``majority_a`` over the
+  top samples and ``purity_active_a``, ``entropy_active_a``, ``majority_active_a`` over every
+  mined sample the latent fires on (no σ: attribute codes have no order). metrics.json has
+  their summary under ``labels.attributes.a`` (n_classes, each statistic, its ``_ci95``,
+  ``_all`` and ``chance_``, and the mean ``purity_active`` / ``entropy_active``).
 * Each summary statistic (the mean over the top ``top_latents`` latents) comes with a 95%
   bootstrap interval over those latents (``{stat}_{gran}_ci95``): with 100 latents or fewer a
   difference between layers can be sampling noise of which latents ranked on top.
@@ -65,7 +72,9 @@ from diffatlas.logs import progress
 from diffatlas.sae.config import SAEConfig
 from diffatlas.sae.model import TopKSAE
 from diffatlas.sae.stats import (  # noqa: F401  (re-exported: the label statistics live there)
+    ORDER_FREE_STATS,
     STATS,
+    chance_draws,
     chance_stats,
     curves,
     entropy_of_counts,
@@ -104,6 +113,8 @@ class Samples(Protocol):
     coarse_classes: list[str]
     positions: int
     d: int
+    # Optional: the dataset's categorical attributes, name -> (codes [N], class names).
+    # attributes: dict[str, tuple[np.ndarray, list[str]]]
 
     def chunks(self) -> Iterator[tuple[int, np.ndarray]]: ...
 
@@ -136,6 +147,7 @@ class StoreSamples:
         self.coarse = np.asarray(store.group["coarse_label_code"][:], dtype=np.int64)
         self.fine_classes = list(store.attrs.get("label_classes", []))
         self.coarse_classes = list(store.attrs.get("coarse_label_classes", []))
+        self.attributes = store.attributes()
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -171,6 +183,7 @@ class _FromSource:
         self.data = data
         for name in ("sample_ids", "is_val", "fine", "coarse", "fine_classes", "coarse_classes"):
             setattr(self, name, getattr(data, name))
+        self.attributes = dict(getattr(data, "attributes", None) or {})
         src = data.source
         self.positions, self.d = int(src.positions), int(src.item_shape[0])
         self.step = max(1, CHUNK_VECTORS // self.positions) if isinstance(src, ArraySource) else int(src.chunk)
@@ -179,6 +192,16 @@ class _FromSource:
         src, scale = self.data.source, np.float32(self.data.scale)
         for start in range(0, src.n, self.step):
             yield start, src.read(start, min(start + self.step, src.n)).astype(np.float32) * scale
+
+
+def label_sets(data: Samples) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """Every labelling of the samples, name -> (class ids [N], class names): the granularities
+    fine and coarse, then the dataset's attributes (their names never clash: see
+    :func:`diffatlas.data.dataset.check_attribute_names`)."""
+    out = {g: (np.asarray(getattr(data, g)), list(getattr(data, f"{g}_classes"))) for g in GRANULARITIES}
+    for name, (codes, classes) in (getattr(data, "attributes", None) or {}).items():
+        out[name] = (np.asarray(codes, dtype=np.int64), list(classes))
+    return out
 
 
 def as_samples(data: Any) -> Samples:
@@ -252,8 +275,9 @@ class TopTracker:
         self.n_active += active.sum(0)
         self.sum += acts.sum(0, dtype=torch.float64)
         self.max = torch.maximum(self.max, acts.amax(0).double())
-        for name, counts in self.label_counts.items():
+        if self.label_counts:
             sample, latent = active.nonzero(as_tuple=True)
+        for name, counts in self.label_counts.items():
             cls = labels[name].to(self.keys)[sample]
             counts.view(-1).index_add_(0, latent * counts.shape[1] + cls, torch.ones_like(cls))
         keys = _sort_keys(acts, rows)  # [n, B]
@@ -336,7 +360,8 @@ def stream(
     data = as_samples(data)
     device = torch.device(device)
     n = sae.arch.n_latents
-    n_classes = {g: max(len(getattr(data, f"{g}_classes")), int(getattr(data, g).max(initial=-1)) + 1, 1) for g in GRANULARITIES}
+    sets = label_sets(data)
+    n_classes = {g: max(len(classes), int(codes.max(initial=-1)) + 1, 1) for g, (codes, classes) in sets.items()}
     rec = Reconstruction(sae.arch.d_in, n, device=device)
     tracker = TopTracker(n, top_n, device=device, n_classes=n_classes)
     p = data.positions
@@ -365,7 +390,7 @@ def stream(
                 z = torch.zeros(xb.shape[0], n, dtype=vals.dtype, device=device).scatter_(1, idx, vals)
                 z = z.view(len(rows), p, n).amax(1)  # [b, n] per sample
                 mm = torch.from_numpy(m).to(device)
-                labels = {g: torch.from_numpy(getattr(data, g)[rows[m]]).to(device) for g in GRANULARITIES}
+                labels = {g: torch.from_numpy(codes[rows[m]]).to(device) for g, (codes, _) in sets.items()}
                 tracker.update(z[mm], torch.from_numpy(rows[m]).to(device), labels)
     if seen != len(data.sample_ids):
         raise RuntimeError(f"read {seen} of {len(data.sample_ids)} samples")
@@ -397,6 +422,14 @@ def _names(classes: list[str], codes: np.ndarray) -> list[str]:
     return [classes[c] if c < len(classes) else str(c) for c in codes]
 
 
+def _row_names(classes: list[str], codes: np.ndarray, kept: np.ndarray) -> list[list[str]]:
+    """Per row of codes [m, t], the names of its first ``kept[i]`` codes (one table lookup, then
+    a slice per row: the labelled top samples are a prefix of each row)."""
+    lookup = np.asarray(list(classes) + [str(c) for c in range(len(classes), int(codes.max(initial=0)) + 1)], dtype=object)
+    named = lookup[np.clip(codes, 0, None)]
+    return [row[:k].tolist() for row, k in zip(named, kept)]
+
+
 def label_table(tracker: TopTracker, data, cfg: SAEConfig, n_mined: int, val_freq: np.ndarray | None = None) -> pd.DataFrame:
     """One row per latent: activity statistics, top samples, their labels and label statistics."""
     n = tracker.n_latents
@@ -410,6 +443,7 @@ def label_table(tracker: TopTracker, data, cfg: SAEConfig, n_mined: int, val_fre
     rank = np.full(n, -1, dtype=np.int64)
     rank[order] = np.arange(len(order))
     full = (ids >= 0).all(axis=1)
+    kept = (ids >= 0).sum(axis=1)  # tracked samples fill a prefix of each row
     table = {
         "latent": np.arange(n),
         "rank": rank,
@@ -422,11 +456,12 @@ def label_table(tracker: TopTracker, data, cfg: SAEConfig, n_mined: int, val_fre
         "top_sample_ids": [data.sample_ids[r[r >= 0]].tolist() for r in ids],
         "top_values": [v[np.isfinite(v)].tolist() for v in vals],
     }
-    for gran in GRANULARITIES:
-        codes, classes = getattr(data, gran), getattr(data, f"{gran}_classes")
+    for gran, (codes, classes) in label_sets(data).items():
+        # σ for the granularities (Revelio's statistic); attributes get the order-free ones only.
+        stats = STATS if gran in GRANULARITIES else ORDER_FREE_STATS
         top_codes = np.where(ids >= 0, codes[np.clip(ids, 0, None)], -1)
-        table[f"top_labels_{gran}"] = [_names(classes, r[r >= 0]) for r in top_codes]
-        for name, fn in STATS.items():
+        table[f"top_labels_{gran}"] = _row_names(classes, top_codes, kept)
+        for name, fn in stats.items():
             col = np.full(n, np.nan)
             if full.any():
                 col[full] = fn(top_codes[full])
@@ -478,10 +513,12 @@ def analyse(sae: TopKSAE, data, cfg: SAEConfig, device: torch.device | str = "cp
         "n_eligible": n_eligible,
         "n_top_latents": n_top,
     }
+    # One set of random draws for every labelling (the draws depend on the sample count alone).
+    picks = chance_draws(n_mined, cfg.top_n, seed=cfg.seed)
     for gran in GRANULARITIES:
         codes = getattr(data, gran)
         labels[f"n_classes_{gran}"] = int(len(np.unique(codes)))
-        chance = chance_stats(codes[mine], cfg.top_n, seed=cfg.seed)
+        chance = chance_stats(codes[mine], cfg.top_n, seed=cfg.seed, picks=picks)
         for name in STATS:
             key = f"{name}_{gran}"
             labels[key] = float(cur[key].iloc[n_top - 1]) if n_top > 0 else float("nan")
@@ -489,6 +526,24 @@ def analyse(sae: TopKSAE, data, cfg: SAEConfig, device: torch.device | str = "cp
             labels[f"{key}_ci95"] = bootstrap_mean(top.to_numpy(dtype=np.float64), seed=cfg.seed)
             labels[f"{key}_all"] = float(latents.loc[latents["eligible"], key].mean()) if n_eligible else float("nan")
             labels[f"chance_{key}"] = chance[name]
+    top_rows = (latents["rank"] >= 0) & (latents["rank"] < n_top)
+    labels["attributes"] = {}
+    for attr, (codes, classes) in label_sets(data).items():
+        if attr in GRANULARITIES:
+            continue
+        chance = chance_stats(codes[mine], cfg.top_n, seed=cfg.seed, picks=picks)
+        summary: dict[str, Any] = {"n_classes": int(len(np.unique(codes))), "classes": list(classes)}
+        for name in ORDER_FREE_STATS:
+            key = f"{name}_{attr}"
+            top = latents.loc[top_rows, key].to_numpy(dtype=np.float64)
+            # The mean over the first n_top ranked latents: the curves' value at n_top.
+            summary[name] = float(top.mean()) if n_top > 0 else float("nan")
+            summary[f"{name}_ci95"] = bootstrap_mean(top, seed=cfg.seed)
+            summary[f"{name}_all"] = float(latents.loc[latents["eligible"], key].mean()) if n_eligible else float("nan")
+            summary[f"chance_{name}"] = chance[name]
+            active = latents.loc[top_rows, f"{name}_active_{attr}"].to_numpy(dtype=np.float64)
+            summary[f"{name}_active"] = float(np.nanmean(active)) if n_top > 0 and np.isfinite(active).any() else float("nan")
+        labels["attributes"][attr] = summary
     # The paper's grid of N (every 100 latents), for a like-for-like curve.
     paper_n = [n for n in range(100, n_eligible + 1, 100)]
     labels["sigma_label_curve_fine"] = {str(n): float(cur["sigma_label_fine"].iloc[n - 1]) for n in paper_n}

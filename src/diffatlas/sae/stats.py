@@ -9,6 +9,8 @@ Rows are latents, columns a latent's top samples (their integer class ids):
 * :func:`purity` (share of the majority label) and :func:`label_entropy` (bits): order-free,
   functions of a row's label counts (``*_of_counts``), so the same formulas serve the labels
   of every sample a latent fires on, counted while streaming.
+* per dataset attribute (ShapesWorld: colour, shape, size, position) the order-free ones
+  only (:data:`ORDER_FREE_STATS`): σ of arbitrary attribute codes means nothing;
 * :func:`rank_latents` — Revelio's ranking: latents firing on more than ``min_active``
   samples, by mean activation when active (or max), descending; :func:`curves` — mean
   statistic over the first N ranked latents for every N;
@@ -87,17 +89,33 @@ def label_entropy(codes: np.ndarray) -> np.ndarray:
     return entropy_of_counts(label_counts(codes))
 
 
-STATS = {"sigma_label": sigma_label, "purity": purity, "entropy": label_entropy}
+#: Statistics that do not depend on how classes are numbered: the ones computed per dataset
+#: attribute (colour, size, ...), whose class ids have no order at all.
+ORDER_FREE_STATS = {"purity": purity, "entropy": label_entropy}
+STATS = {"sigma_label": sigma_label, **ORDER_FREE_STATS}
 
 
-def chance_stats(codes: np.ndarray, top_n: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Expected statistics of ``top_n`` samples drawn at random without replacement from ``codes`` [N]."""
-    codes = np.asarray(codes)
-    if len(codes) < top_n:
-        return {name: float("nan") for name in STATS}
+def chance_draws(n: int, top_n: int, draws: int = 2000, seed: int = 0) -> np.ndarray | None:
+    """``draws`` random sets of ``top_n`` of ``n`` rows, without replacement: [draws, top_n]
+    (None when n < top_n). They depend on n alone, so every labelling of the same samples
+    shares them (:func:`chance_stats`'s ``picks``)."""
+    if n < top_n:
+        return None
     rng = np.random.default_rng(seed)
-    picks = np.stack([codes[rng.choice(len(codes), top_n, replace=False)] for _ in range(draws)])
-    return {name: float(np.mean(fn(picks))) for name, fn in STATS.items()}
+    return np.stack([rng.choice(n, top_n, replace=False) for _ in range(draws)])
+
+
+def chance_stats(codes: np.ndarray, top_n: int, draws: int = 2000, seed: int = 0,
+                 picks: np.ndarray | None = None) -> dict[str, float]:
+    """Expected statistics of ``top_n`` samples drawn at random without replacement from ``codes`` [N].
+
+    ``picks``: the draws of :func:`chance_draws` for ``len(codes)`` (computed when not given)."""
+    codes = np.asarray(codes)
+    if picks is None:
+        picks = chance_draws(len(codes), top_n, draws, seed)
+    if picks is None:
+        return {name: float("nan") for name in STATS}
+    return {name: float(np.mean(fn(codes[picks]))) for name, fn in STATS.items()}
 
 
 def rank_latents(score: np.ndarray, n_active: np.ndarray, min_active: int, top_n: int) -> np.ndarray:
@@ -132,7 +150,8 @@ SUMMARY_KEYS = ("model", "dataset", "layer", "timestep", "alpha_bar", "samples",
 
 
 def summary_row(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Flatten one run's metrics.json into a summary-table row."""
+    """Flatten one run's metrics.json into a summary-table row (per-attribute statistics as
+    ``{stat}_{attribute}`` columns, like the label granularities')."""
     row = {key: metrics.get(key) for key in SUMMARY_KEYS}
     for key in ("nmse", "fve", "l0", "dead_fraction", "dense_fraction", "n_vectors"):
         row[key] = metrics.get(key)
@@ -145,6 +164,12 @@ def summary_row(metrics: dict[str, Any]) -> dict[str, Any]:
                 row[f"{prefix}{name}_{gran}"] = labels.get(f"{prefix}{name}_{gran}")
             ci = labels.get(f"{name}_{gran}_ci95") or [None, None]
             row[f"{name}_{gran}_ci_low"], row[f"{name}_{gran}_ci_high"] = ci
+    for attr, stats in (labels.get("attributes") or {}).items():
+        for name in ORDER_FREE_STATS:
+            for prefix in ("", "chance_"):
+                row[f"{prefix}{name}_{attr}"] = stats.get(f"{prefix}{name}")
+            ci = stats.get(f"{name}_ci95") or [None, None]
+            row[f"{name}_{attr}_ci_low"], row[f"{name}_{attr}_ci_high"] = ci
     row["train_seconds"] = metrics.get("train_seconds")
     return row
 

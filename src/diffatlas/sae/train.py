@@ -54,6 +54,7 @@ class SAEData:
     sample_ids: [N] dataset sample ids; is_val: [N] validation mask.
     scale: multiply raw vectors by this so that the mean squared norm on train is d.
     fine / coarse: [N] int class codes; fine_classes / coarse_classes: their names.
+    attributes: the dataset's categorical attributes, name -> (codes [N], class names).
     """
 
     x: np.ndarray | Source
@@ -65,6 +66,7 @@ class SAEData:
     fine_classes: list[str]
     coarse_classes: list[str]
     source: Source = field(init=False, repr=False)
+    attributes: dict[str, tuple[np.ndarray, list[str]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.x, ArraySource) or not isinstance(self.x, Source):
@@ -139,6 +141,7 @@ def prepare(store: ActivationStore, layer: str, timestep: int, cfg: SAEConfig) -
         coarse=coarse_codes,
         fine_classes=list(store.attrs.get("label_classes", [])),
         coarse_classes=list(store.attrs.get("coarse_label_classes", [])),
+        attributes=store.attributes(),
     )
 
 
@@ -448,7 +451,7 @@ def run(
                     "n_val": int(data.is_val.sum()),
                     "function": "diffatlas.sae.train.split_samples(n_samples, val_fraction, seed)",
                 },
-                "store_attrs": {k: v for k, v in attrs.items() if k not in ("label_classes", "coarse_label_classes")},
+                "store_attrs": {k: v for k, v in attrs.items() if k not in ("label_classes", "coarse_label_classes", "attribute_classes")},
                 "sae_config": cfg.to_dict(),
             },
         )
