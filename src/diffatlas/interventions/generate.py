@@ -167,7 +167,7 @@ def run(handle: Any, sae_dir: str | Path, layer: str, spec: Intervention, prompt
                 "batch_layout": "[uncond rows, cond rows]", "branch": spec.cfg_branch},
         "sae": {"path": str(sae.path), "samples": sae.cfg.get("samples"), "granularity": sae.granularity,
                 "pooling": sae.pooling, "input_scale": sae.scale, "n_latents": sae.n_latents, "k": sae.sae.k,
-                "atom_norm": float(sae.sae.W_dec[spec.latent].norm()),
+                "atom_norm": float(sae.sae.W_dec[spec.latent].detach().norm()),
                 **{k: sae.cfg.get(k) for k in ("model", "layer", "module_path", "timestep", "conditioning", "prompt", "store")}},
         "seed": int(seed),
         "noise": "diffatlas.geometry.sampling.initial_noise(handle, n, seed): one seeded generator per image",
@@ -183,7 +183,8 @@ def run(handle: Any, sae_dir: str | Path, layer: str, spec: Intervention, prompt
     }
     with atomic_dir(out) as tmp:
         save_file(
-            {"baseline": torch.from_numpy(decode_uint8(handle, base)), "intervened": torch.from_numpy(decode_uint8(handle, edited)),
+            {"baseline": torch.from_numpy(decode_uint8(handle, base)).contiguous(),
+             "intervened": torch.from_numpy(decode_uint8(handle, edited)).contiguous(),
              "baseline_x0": base.float().cpu().contiguous(), "intervened_x0": edited.float().cpu().contiguous()},
             str(Path(tmp) / IMAGES), metadata={"format": "diffatlas-intervention"},
         )
