@@ -68,14 +68,16 @@ def tiny_run():
 
 
 def test_dry_run_lists_every_stage(tmp_path):
-    proc = _snakemake("-n", "--quiet", "rules")
+    # planned into an empty results folder, so a demo already run in this checkout changes nothing
+    empty = ("--config", f"results={tmp_path / 'results'}")
+    proc = _snakemake("-n", "--quiet", "rules", *empty)
     listed = proc.stdout + proc.stderr
     for rule in ("make_dataset", "extract", "train_sae", "train_diffc", "daam_generate", "world_samples_figure"):
         assert rule in listed, f"rule {rule} missing from the planned DAG:\n{listed[-3000:]}"
     # The shipped model carries its fidelity record: the demo does not sample it again...
     assert "world_fidelity " not in listed, listed[-3000:]
     # ...unless asked, by the named target.
-    proc = _snakemake("-n", "world_fidelity", "--quiet", "rules")
+    proc = _snakemake("-n", "world_fidelity", "--quiet", "rules", *empty)
     assert "world_fidelity" in proc.stdout + proc.stderr
 
 
