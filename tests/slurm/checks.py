@@ -170,8 +170,9 @@ def _close(a, b, path: str, diffs: list[str]) -> None:
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
             diffs.append(f"{path}: keys differ: {sorted(set(a) ^ set(b))}")
-        # durations (train_seconds, ...) differ by nature too
-        for k in {k for k in a.keys() & b.keys() if not k.endswith("_seconds")} - VOLATILE_KEYS:
+        # durations and rates (train_seconds, analysis.seconds, samples_per_second) differ by nature too
+        timing = {k for k in a.keys() & b.keys() if k == "seconds" or k.endswith(("_seconds", "per_second"))}
+        for k in (a.keys() & b.keys()) - timing - VOLATILE_KEYS:
             _close(a[k], b[k], f"{path}.{k}", diffs)
     elif isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
