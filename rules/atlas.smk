@@ -25,7 +25,8 @@ rule atlas:
     output:
         directory(ATLAS_DIR),
     params:
-        results=RESULTS,
+        # the results folder the atlas reads: the one its own output sits in
+        results=lambda wc, output: str(Path(output[0]).parent),
     log:
         log_path("atlas", "atlas"),
     benchmark:

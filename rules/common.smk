@@ -132,8 +132,8 @@ PLAIN_DATASETS = names_pattern([n for n, plans in DATASET_SHARDS.items() if not 
 
 
 def dataset_input(name):
-    """What a rule reading dataset ``name`` depends on, and passes as its path: the dataset
-    directory, or a sharded dataset's index.json (diffatlas.data.dataset.load_dataset reads both)."""
+    """What a job reading dataset ``name`` depends on and passes as its path (the dataset
+    directory, or a sharded dataset's index.json; diffatlas.data.dataset.load_dataset reads both)."""
     return str(Path(dataset_dir(name), DATASET_INDEX)) if DATASET_SHARDS[name] else dataset_dir(name)
 
 
