@@ -310,6 +310,10 @@ def test_atlas_pages_show_the_results_numbers(tiny_run):
         for key in ("purity_fine", "entropy_fine", "purity_coarse"):
             ((value, _),) = values(page, {"data-metric": key})
             assert value == pytest.approx(latents.loc[lat, key], rel=1e-12)
+        for attr in ("colour", "shape", "size", "position"):  # ShapesWorld's attributes, one row each
+            for key in ("purity", "purity_active"):
+                ((value, _),) = values(page, {"data-attribute": attr, "data-metric": key})
+                assert value == pytest.approx(latents.loc[lat, f"{key}_{attr}"], rel=1e-12)
     # DAAM: the mIoU column equals summary.csv's; world: fidelity rates equal the JSON's
     daam = pd.read_csv(results / "daam" / "shapesworld" / "real" / "shapesworld" / "summary.csv")
     shown = [v for v, _ in values(atlas / "daam" / "shapesworld" / "real_shapesworld.html", {"data-metric": "miou"})]

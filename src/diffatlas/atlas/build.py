@@ -178,7 +178,13 @@ class Atlas:
                 tile["overlay"] = rel
             tiles.append(tile)
         hist = Counter(labels).most_common()
-        self.page("latent.html", f"{base}/latent{latent}.html", row=row, tiles=tiles, hist=hist,
+        # per-attribute statistics (colour, shape, size, position on ShapesWorld): the latents
+        # table's majority_{a} / purity_{a} / entropy_{a} / purity_active_{a} columns
+        attrs = [k[len("majority_"):] for k in row if k.startswith("majority_") and not k.startswith("majority_active_")
+                 and k[len("majority_"):] not in ("fine", "coarse")]
+        attributes = [{"name": a, "majority": row.get(f"majority_{a}"), "purity": row.get(f"purity_{a}"),
+                       "entropy": row.get(f"entropy_{a}"), "purity_active": row.get(f"purity_active_{a}")} for a in attrs]
+        self.page("latent.html", f"{base}/latent{latent}.html", row=row, tiles=tiles, hist=hist, attributes=attributes,
                   hist_max=max((c for _, c in hist), default=1), has_maps=latent_maps is not None, **ctx)
 
     def daam_section(self) -> Iterator[dict[str, Any]]:
