@@ -66,7 +66,7 @@ class InterventionConfig(ConfigSection):
     chooses latents on the training split)."""
     attributes: list[str] = field(default_factory=lambda: ["colour", "shape"])
     """Attributes whose words are steered (colour, shape: what the judge reads)."""
-    alphas: list[float] = field(default_factory=lambda: [2.0, 4.0])
+    alphas: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
     """Steering strengths, in multiples of the chosen latent's mean activation when active (latents.parquet mean_act):
     the edit adds alpha x mean_act x W_dec[j] / input_scale at every position (alpha = 0, the baseline, is always run)."""
     n_prompts: int = 3
@@ -124,3 +124,20 @@ class InterventionConfig(ConfigSection):
             return SAEConfig.from_dict({**sae_section, **self.sae})
         except UserError as err:
             raise UserError(f"config intervene.sae = {self.sae!r}: {err}") from None
+
+    def sae_json(self, sae_section: dict[str, Any]) -> str:
+        """``--config-json`` of the steering SAE's training job (:meth:`sae_config` less the grid keys)."""
+        from diffatlas.sae.config import SAEConfig
+
+        return SAEConfig.job_json(self.sae_config(sae_section).to_dict())
+
+    def store_json(self, extract_section: dict[str, Any]) -> str:
+        """``--config-json`` of the store's extraction job: the extract section's job keys with this
+        section's layers and conditioning, and full-size spatial maps of every layer (a spatial SAE
+        then sees the vectors the hook edits, position for position)."""
+        from diffatlas.activations.config import ExtractConfig
+
+        section = {**extract_section, "layers": list(self.layers), "conditioning": self.conditioning, "spatial": True,
+                   "spatial_layers": None, "spatial_max_size": None}
+        ExtractConfig.from_dict({k: section[k] for k in ExtractConfig.field_names() if k in section})  # checks it
+        return ExtractConfig.job_json(section)

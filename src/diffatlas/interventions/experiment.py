@@ -170,6 +170,7 @@ def run_experiment(handle: Any, sae_dir: str | Path, layer: str, timestep: int, 
                for w in words for e in ("steer", "ablate")}
     guided = uses_cfg(cfg.guidance)
     judged_rows: list[dict[str, Any]] = []
+    prefix: dict[str, torch.Tensor] = {}  # the state before the window's first step, per experiment
     images: list[np.ndarray] = []
 
     def batch(experiment: str, condition: str, alpha: float) -> None:
@@ -181,23 +182,26 @@ def run_experiment(handle: Any, sae_dir: str | Path, layer: str, timestep: int, 
                 u = c["random_direction"]
             else:
                 u = W[j] / W[j].norm()
-            for i, p in enumerate(prompts[(w.attribute, w.value, experiment)]):
+            for p in prompts[(w.attribute, w.value, experiment)]:
                 ps.append(p)
                 lat.append(j)
                 vec.append(u * (alpha * c["unit_norm"]))
                 meta.append({"attribute": w.attribute, "value": w.value, "latent": int(w.latent), "experiment": experiment,
                              "condition": condition, "alpha": float(alpha), "edited_latent": j if condition != "random_direction" else -1,
-                             "prompt": p, "noise_id": i})
+                             "prompt": p, "noise_id": len(ps) - 1})  # row of the batch = its noise seed's id
         if not ps:
             return
         hook = None
-        if condition != "baseline":
+        if condition == "baseline":
+            prefix[experiment] = sample(handle, ps, seed=cfg.seed, steps=cfg.steps, guidance_scale=cfg.guidance, stop=first_edit)
+        else:
             spec = Intervention(latent=int(lat[0]), mode="steer" if experiment == "steer" else "ablate",
                                 alpha=1.0 if experiment == "steer" else 0.0, direction="unit", where="all",
                                 cfg_branch=cfg.cfg_branch, **window)
             sae = PerImageSAE.of(base, lat, torch.stack(vec) if experiment == "steer" else None)
             hook = InterventionHook(handle.denoiser, resolved, spec, sae, guided=guided)
-        x0 = sample(handle, ps, seed=cfg.seed, steps=cfg.steps, guidance_scale=cfg.guidance, hook=hook)
+        x0 = sample(handle, ps, seed=cfg.seed, steps=cfg.steps, guidance_scale=cfg.guidance, hook=hook,
+                    start=(first_edit, prefix[experiment]))
         imgs = decode_uint8(handle, x0)
         for m, verdict, img in zip(meta, judge_images(imgs), imgs):
             found = [f"{o['colour']} {o['shape']}" for o in verdict["objects"]]
@@ -205,6 +209,10 @@ def run_experiment(handle: Any, sae_dir: str | Path, layer: str, timestep: int, 
                                 "found": "; ".join(found)})
             images.append(img)
 
+    # Every edited run of an experiment holds the baseline's prompts in the same order: the steps
+    # before the window are the baseline's, computed once (sample(stop=...), then start=...).
+    ts = sampler_timesteps(handle, cfg.steps)
+    first_edit = next(i for i, t in enumerate(ts) if window["t_min"] <= t <= window["t_max"])
     batch("steer", "baseline", 0.0)
     batch("ablate", "baseline", 0.0)
     for alpha in cfg.alphas:
@@ -223,7 +231,9 @@ def run_experiment(handle: Any, sae_dir: str | Path, layer: str, timestep: int, 
         "module_path": resolved.module_path,
         "model_info": handle.describe(),
         "time_convention": "step (training scale, inclusive window)",
-        "window": {**window, "sampler_timesteps_inside": inside, "sampler_timesteps": sampler_timesteps(handle, cfg.steps)},
+        "window": {**window, "sampler_timesteps_inside": inside, "sampler_timesteps": ts},
+        "shared_prefix_steps": first_edit,
+        "noise": "diffatlas.geometry.sampling.initial_noise(handle, n, seed): image at batch row i uses id i (judged.csv noise_id)",
         "sae": {"path": str(sae_dir), "mine_on": mined_on, "samples": base.cfg.get("samples"), "granularity": base.granularity,
                 "input_scale": base.scale, "n_latents": base.n_latents, "k": base.sae.k,
                 **{k: base.cfg.get(k) for k in ("model", "dataset", "layer", "module_path", "timestep", "conditioning", "prompt", "store")}},
