@@ -20,7 +20,19 @@
 
 from diffatlas.interventions.config import InterventionConfig
 
-INTERVENE = InterventionConfig.from_dict(config["intervene"])
+import re
+
+try:
+    INTERVENE = InterventionConfig.from_dict(config["intervene"])
+except UserError as _err:
+    raise WorkflowError(str(_err)) from None
+for _l in INTERVENE.layers:
+    # the {layer} wildcard's character set (common.smk), so a name that validates is never a MissingInputException
+    if not re.fullmatch(LAYER_WILDCARD, _l):
+        raise WorkflowError(
+            f"config intervene.layers: {_l!r} is not a layer name; allowed: aliases (mid, up_ft1, block3, ...) or module "
+            "paths of letters, digits and _ . - * ? [ ]"
+        )
 for _m in INTERVENE.models:
     if _m not in config["models"]:
         raise WorkflowError(f"config intervene.models: {_m!r} is not a configured model; allowed: {', '.join(config['models'])}")
@@ -37,8 +49,11 @@ INTERVENE_RUN = str(Path(INTERVENE_ROOT, "experiment", "{layer}", "t{timestep}")
 INTERVENE_SUMMARY = str(Path(INTERVENE_ROOT, "summary.csv"))
 INTERVENE_FIGURE = str(Path(RESULTS, "figures", "intervene", "{model}", "dose_response.png"))
 # Functions, so the JSON's braces are no wildcards.
-INTERVENE_STORE_CFG = INTERVENE.store_json(config["extract"])
-INTERVENE_SAE_CFG = INTERVENE.sae_json(config["sae"])
+try:
+    INTERVENE_STORE_CFG = INTERVENE.store_json(config["extract"])
+    INTERVENE_SAE_CFG = INTERVENE.sae_json(config["sae"])
+except UserError as _err:
+    raise WorkflowError(str(_err)) from None
 INTERVENE_RUN_CFG = InterventionConfig.job_json(config["intervene"], "experiment")
 
 intervene_grid = lambda model: [dict(layer=l, timestep=t) for l in INTERVENE.layers for t in INTERVENE_TIMES[model]]
@@ -76,7 +91,7 @@ rule intervene_store:
     shell:
         "diffatlas extract --model {params.model_path:q} --dataset {input.dataset:q} --out {output:q}"
         " --timestep {wildcards.timestep} --config-json {params.cfg:q} --device {params.device:q} --threads {threads}"
-        " --model-name {wildcards.model} --dataset-name {params.dataset} {params.model_args:q}"
+        " --model-name {wildcards.model} --dataset-name {params.dataset:q} {params.model_args:q}"
         " > {log:q} 2>&1"
 
 
@@ -108,7 +123,7 @@ rule intervene_sae:
         runtime=lambda wc, attempt: 20 * attempt,
     shell:
         "diffatlas train-sae --store {input.store:q} --layer {wildcards.layer:q} --timestep {wildcards.timestep}"
-        " --out {params.out:q} --model-name {wildcards.model} --dataset-name {params.dataset}"
+        " --out {params.out:q} --model-name {wildcards.model} --dataset-name {params.dataset:q}"
         " --config-json {params.cfg:q} --device {params.device:q} --threads {threads} > {log:q} 2>&1"
 
 

@@ -120,10 +120,14 @@ class InterventionConfig(ConfigSection):
         unknown = sorted(set(self.sae) - set(SAEConfig.field_names()))
         if unknown:
             raise _bad("sae", self.sae, f"keys of the sae section ({', '.join(SAEConfig.field_names())}); unknown: {', '.join(unknown)}")
+        if sae_section:
+            SAEConfig.from_dict(sae_section)  # a bad value of the sae section itself is named there
         try:
             return SAEConfig.from_dict({**sae_section, **self.sae})
         except UserError as err:
-            raise UserError(f"config intervene.sae = {self.sae!r}: {err}") from None
+            # the sae section's message, re-keyed to where the value came from (intervene.sae.<key>)
+            msg = str(err).replace("config sae.", "config intervene.sae.").replace("in sae:", "in intervene.sae:")
+            raise UserError(f"{msg} (the steering SAE's overrides of the sae section)") from None
 
     def sae_json(self, sae_section: dict[str, Any]) -> str:
         """``--config-json`` of the steering SAE's training job (:meth:`sae_config` less the grid keys)."""
