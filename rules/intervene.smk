@@ -83,7 +83,7 @@ rule intervene_store:
         bench_path("intervene_store", "{model}", "t{timestep}")
     wildcard_constraints:
         model="|".join(INTERVENE.models),
-    threads: 2
+    threads: 1  # one torch thread: two jobs share the 2 demo cores (2 threads ran 2x slower here)
     resources:
         gpu=1,
         mem_mb=lambda wc, attempt: 4000 * attempt,

@@ -94,11 +94,22 @@ def test_verdicts_need_the_interval_above_baseline_and_both_controls():
         rows += judged_rows(value, "ablate", "latent", 0.0, [False] * 10)
         rows += judged_rows(value, "ablate", "random_latent", 0.0, [True] * 10)
     v = verdicts(rate_table(pd.DataFrame(rows)), sel).set_index("value")
-    # red: 10/10 (Wilson low 0.722) vs controls 0/10: steers; blue: the random latent also hits 9/10
+    # red: 10/10 (Wilson [0.7225, 1]) clears 0/10 ([0, 0.2775]); blue: the random latent's 9/10 ([0.596, 0.982]) overlaps
     assert bool(v.loc["red", "steers"]) and not bool(v.loc["blue", "steers"])
     assert v.loc["red", "ci_low_best"] == pytest.approx(0.7225, abs=1e-4) and v.loc["blue", "control_rate_best"] == 0.9
     # ablation removes the value in 10/10 vs 0/10 for baseline and control
     assert bool(v.loc["red", "removes"]) and v.loc["red", "ablated_absent_rate"] == 1.0
+
+
+def test_verdicts_at_small_n_say_no_when_intervals_overlap():
+    """2/2 against 0/2: Wilson [0.342, 1] and [0, 0.658] overlap, so no verdict of causation."""
+    sel = pd.DataFrame({"attribute": ["colour"], "value": ["red"], "latent": [4], "status": ["chosen"]})
+    rows = (judged_rows("red", "steer", "baseline", 0.0, [False] * 2) + judged_rows("red", "steer", "latent", 8.0, [True] * 2)
+            + judged_rows("red", "steer", "random_latent", 8.0, [False] * 2)
+            + judged_rows("red", "steer", "random_direction", 8.0, [False] * 2))
+    v = verdicts(rate_table(pd.DataFrame(rows)), sel).iloc[0]
+    assert not bool(v["steers"]) and v["rate_best"] == 1.0 and v["ci_low_best"] == pytest.approx(0.3424, abs=1e-4)
+    assert math.isnan(v["ablated_absent_rate"]) and not bool(v["removes"])
 
 
 # ------------------------------------------------------------------ per-image edits

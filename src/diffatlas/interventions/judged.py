@@ -18,10 +18,12 @@ where the outcome holds out of ``n`` images, the rate k/n and its 95% Wilson int
 (:func:`diffatlas.intervals.wilson`). Outcome: ``present`` (the judge finds an object with the
 word's value) for steering, ``absent`` (it finds none) for ablation.
 
-**Verdicts** (:func:`verdicts`): a latent *steers* when, at some α, the lower end of its rate's
-interval is above the baseline's rate (α = 0) and above both controls' rates at that α (a random
-latent and a random direction, each added with the same norm); it *removes* when the lower end of
-its ablation's absence rate is above the baseline's absence rate and the random latent's.
+**Verdicts** (:func:`verdicts`): a latent *steers* when, at some α, its rate's 95% interval lies
+wholly above the baseline's (α = 0) and both controls' intervals at that α (a random latent and a
+random direction, each added with the same norm); it *removes* when its ablation's absence-rate
+interval lies wholly above the baseline's and the random latent's ablation's. Non-overlapping
+intervals are a conservative test (a difference at well below the 5% level), so at a small n
+every verdict is "no": the rates and their n are in the table beside it.
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ def verdicts(rates: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
 
     Columns: attribute, value, latent, status, steers, best_alpha, rate_best, ci_low_best, ci_high_best,
     baseline_rate, control_rate_best (the larger control's rate at the best α), removes,
-    ablated_absent_rate, baseline_absent_rate, control_absent_rate.
+    ablated_absent_rate, baseline_absent_rate, control_absent_rate. The best α is the one whose
+    interval clears the others' upper ends by the most (the first on ties).
     """
     out = []
     for sel in selection.itertuples(index=False):
@@ -119,24 +122,26 @@ def verdicts(rates: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
         mine = rates[(rates["attribute"] == sel.attribute) & (rates["value"] == sel.value)]
         steer = mine[mine["experiment"] == "steer"]
         base = steer[steer["condition"] == "baseline"]
+        base_high = float(base["ci_high"].iloc[0]) if not base.empty else np.nan
         if not base.empty:
             rec["baseline_rate"] = float(base["rate"].iloc[0])
         lat = steer[steer["condition"] == "latent"].sort_values("alpha")
         best_margin = -np.inf
         for row in lat.itertuples(index=False):
             ctrl = steer[(steer["alpha"] == row.alpha) & steer["condition"].isin(["random_latent", "random_direction"])]
-            control = float(ctrl["rate"].max()) if not ctrl.empty else np.nan
-            margin = row.ci_low - np.nanmax([rec["baseline_rate"], control])
-            if margin > best_margin:  # the α whose interval clears the others most (first on ties)
+            margin = row.ci_low - np.nanmax([base_high, *ctrl["ci_high"].to_numpy(float)])
+            if margin > best_margin:
                 best_margin = margin
                 rec.update(best_alpha=float(row.alpha), rate_best=float(row.rate), ci_low_best=float(row.ci_low),
-                           ci_high_best=float(row.ci_high), control_rate_best=control)
+                           ci_high_best=float(row.ci_high),
+                           control_rate_best=float(ctrl["rate"].max()) if not ctrl.empty else np.nan)
         rec["steers"] = bool(best_margin > 0)
         abl = mine[mine["experiment"] == "ablate"].set_index("condition")
         if "latent" in abl.index:
+            others = [c for c in ("baseline", "random_latent") if c in abl.index]
             rec["ablated_absent_rate"] = float(abl.loc["latent", "rate"])
             rec["baseline_absent_rate"] = float(abl.loc["baseline", "rate"]) if "baseline" in abl.index else np.nan
             rec["control_absent_rate"] = float(abl.loc["random_latent", "rate"]) if "random_latent" in abl.index else np.nan
-            rec["removes"] = bool(abl.loc["latent", "ci_low"] > np.nanmax([rec["baseline_absent_rate"], rec["control_absent_rate"]]))
+            rec["removes"] = bool(others) and bool(abl.loc["latent", "ci_low"] > abl.loc[others, "ci_high"].max())
         out.append(rec)
     return pd.DataFrame(out)

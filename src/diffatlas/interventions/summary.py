@@ -27,8 +27,9 @@ from diffatlas.interventions.experiment import RATES, SELECTION, VERDICTS
 CELL = ["model", "layer", "timestep"]
 SUMMARY_COLUMNS = [*CELL, "attribute", "words", "with_latent", "steer", "ablate", "steering_words", "not_steering_words",
                    "removed_words", "n_steer", "n_ablate", "mean_purity"]
-CONDITION_STYLE = {"latent": ("C0", "latent j"), "random_latent": ("C1", "random latent"),
-                   "random_direction": ("C2", "random direction")}
+# colour, label, line style (distinct, so curves that coincide stay visible)
+CONDITION_STYLE = {"latent": ("C0", "latent j", "o-"), "random_latent": ("C1", "random latent (same norm)", "s--"),
+                   "random_direction": ("C2", "random direction (same norm)", "^:")}
 
 
 def read_cells(runs: Sequence[str | os.PathLike]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -81,8 +82,8 @@ def figure(rates: pd.DataFrame, verdicts: pd.DataFrame, selection: pd.DataFrame,
 
     cells = verdicts[CELL].drop_duplicates().sort_values(["layer", "timestep"], kind="mergesort").to_numpy().tolist()
     words = verdicts[["attribute", "value"]].drop_duplicates().to_numpy().tolist()
-    fig, axes = plt.subplots(len(cells), len(words), figsize=(2.3 * len(words), 2.3 * len(cells) + 0.4),
-                             squeeze=False, sharey=True)
+    height = 2.4 * len(cells) + 0.8  # inches: rows of panels, a title band and a legend band of 0.4 each
+    fig, axes = plt.subplots(len(cells), len(words), figsize=(2.3 * len(words), height), squeeze=False, sharey=True)
     for ci, cell in enumerate(cells):
         in_cell = lambda t: t[(t[CELL] == pd.Series(dict(zip(CELL, cell)))).all(axis=1)]  # noqa: E731
         r_cell, v_cell = in_cell(rates), in_cell(verdicts)
@@ -97,13 +98,13 @@ def figure(rates: pd.DataFrame, verdicts: pd.DataFrame, selection: pd.DataFrame,
                 ax.set_title(f"{value}", fontsize=8)
                 continue
             b = base.iloc[0]
-            for cond, (colour, label) in CONDITION_STYLE.items():
+            for cond, (colour, label, style) in CONDITION_STYLE.items():
                 c = steer[steer["condition"] == cond].sort_values("alpha")
                 x = np.concatenate([[0.0], c["alpha"].to_numpy(float)])
                 y = np.concatenate([[b["rate"]], c["rate"].to_numpy(float)])
                 lo = np.concatenate([[b["ci_low"]], c["ci_low"].to_numpy(float)])
                 hi = np.concatenate([[b["ci_high"]], c["ci_high"].to_numpy(float)])
-                ax.plot(x, y, "o-", color=colour, label=label, ms=3, lw=1.2)
+                ax.plot(x, y, style, color=colour, label=label, ms=3, lw=1.2)
                 ax.fill_between(x, lo, hi, color=colour, alpha=0.15, lw=0)
             row = v.iloc[0]
             abl = r[r["experiment"] == "ablate"].set_index("condition")
@@ -127,8 +128,8 @@ def figure(rates: pd.DataFrame, verdicts: pd.DataFrame, selection: pd.DataFrame,
             if handles:
                 break
     if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=3, fontsize=8, frameon=False)
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     model = cells[0][0] if cells else ""
-    fig.suptitle(f"{model}: steering SAE latents, judged (95% Wilson bands)", fontsize=9, y=1.0 + 0.25 / max(1, len(cells)))
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.suptitle(f"{model}: steering SAE latents, judged (95% Wilson bands)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.4 / height, 1, 1 - 0.4 / height))
     return save_figure(fig, out)
