@@ -109,8 +109,12 @@ def attribute_values(attribute: str) -> tuple[str, ...]:
 
 
 def run_experiment(handle: Any, sae_dir: str | Path, layer: str, timestep: int, cfg: InterventionConfig,
-                   out: str | Path, *, model: str) -> pd.DataFrame:
-    """Generate, judge and count one (model, layer, timestep) cell; write the artifact to ``out``."""
+                   out: str | Path, *, model: str, share_prefix: bool = True) -> pd.DataFrame:
+    """Generate, judge and count one (model, layer, timestep) cell; write the artifact to ``out``.
+
+    ``share_prefix``: the sampler steps before the window are run once per experiment and shared by
+    its edited runs (bit-identical to running each from x_T; False runs each from x_T, for the bench).
+    """
     from safetensors.torch import save_file
 
     from diffatlas.geometry.sampling import decode_uint8
@@ -212,7 +216,7 @@ def run_experiment(handle: Any, sae_dir: str | Path, layer: str, timestep: int, 
     # Every edited run of an experiment holds the baseline's prompts in the same order: the steps
     # before the window are the baseline's, computed once (sample(stop=...), then start=...).
     ts = sampler_timesteps(handle, cfg.steps)
-    first_edit = next(i for i, t in enumerate(ts) if window["t_min"] <= t <= window["t_max"])
+    first_edit = next(i for i, t in enumerate(ts) if window["t_min"] <= t <= window["t_max"]) if share_prefix else 0
     batch("steer", "baseline", 0.0)
     batch("ablate", "baseline", 0.0)
     for alpha in cfg.alphas:
