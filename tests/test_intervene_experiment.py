@@ -257,3 +257,20 @@ def test_shared_prefix_is_bit_identical(tiny_chain):
     full = sample(handle, prompts, seed=3, steps=4, guidance_scale=3.0)
     x = sample(handle, prompts, seed=3, steps=4, guidance_scale=3.0, stop=2)
     assert torch.equal(sample(handle, prompts, seed=3, steps=4, guidance_scale=3.0, start=(2, x)), full)
+
+
+def test_job_settings_are_blind_to_the_grid():
+    """Adding a model, layer or timestep to the grid leaves each finished experiment's settings as they were."""
+    cfg = InterventionConfig().to_dict()
+    grown = {**cfg, "models": ["shapesworld", "sd15"], "layers": ["mid", "up_ft1"], "timesteps": [500, 900]}
+    assert InterventionConfig.job_json(cfg, "experiment") == InterventionConfig.job_json(grown, "experiment")
+    assert InterventionConfig.job_json(cfg, "experiment") != InterventionConfig.job_json({**cfg, "alphas": [1.0]}, "experiment")
+    assert InterventionConfig().sae_json({}) == InterventionConfig(layers=["up_ft1"], alphas=[9.0]).sae_json({})
+
+
+def test_experiment_refuses_a_time_outside_the_schedule(tiny_chain, capsys):
+    root, model, sae = tiny_chain
+    code = cli(["intervene-experiment", "--model", str(model), "--sae", str(sae), "--layer", "mid", "--timestep", "5000",
+                "--device", "cpu", "--out", str(root / "bad2")])
+    err = capsys.readouterr().err
+    assert code == 2 and "outside model" in err and "allowed: 0..999" in err
