@@ -274,3 +274,17 @@ def test_experiment_refuses_a_time_outside_the_schedule(tiny_chain, capsys):
                 "--device", "cpu", "--out", str(root / "bad2")])
     err = capsys.readouterr().err
     assert code == 2 and "outside model" in err and "allowed: 0..999" in err
+
+
+def test_run_summary_reports_the_intervene_table(tmp_path):
+    from diffatlas.run_summary import stages_run, summarise_run
+
+    (tmp_path / "intervene" / "m").mkdir(parents=True)
+    pd.DataFrame([
+        {"model": "m", "layer": "mid", "timestep": 500, "attribute": "colour", "words": 4, "with_latent": 3, "steer": 1,
+         "ablate": 0, "steering_words": "red", "not_steering_words": "green blue yellow", "removed_words": "",
+         "n_steer": 60, "n_ablate": 60, "mean_purity": 0.8},
+    ]).to_csv(tmp_path / "intervene" / "m" / "summary.csv", index=False)
+    assert stages_run(tmp_path) == ["intervene"]
+    text = summarise_run(tmp_path)
+    assert "m mid t500 colour: 1 of 3 latents steer (red), 0 removed by ablation (of 4 words; n = 60 images per rate)" in text
