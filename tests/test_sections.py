@@ -21,13 +21,14 @@ from diffatlas.daam.config import DAAMConfig
 from diffatlas.diffc.config import DiffCConfig
 from diffatlas.errors import UserError
 from diffatlas.geometry.config import GeometryConfig
+from diffatlas.interventions.config import InterventionConfig
 from diffatlas.sae.config import SAEConfig
 from diffatlas.sections import ConfigSection
 from diffatlas.world.config import FidelityConfig, WorldModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((ROOT / "config.schema.yaml").read_text())
-SECTIONS = [ExtractConfig, SAEConfig, DiffCConfig, DAAMConfig, GeometryConfig, WorldModelConfig, FidelityConfig]
+SECTIONS = [ExtractConfig, SAEConfig, DiffCConfig, DAAMConfig, GeometryConfig, InterventionConfig, WorldModelConfig, FidelityConfig]
 
 
 def schema_properties(section: str) -> dict:
@@ -52,6 +53,7 @@ def test_every_section_dataclass_is_listed_here():
     """A new ConfigSection subclass must join SECTIONS (so the checks below cover it)."""
     import diffatlas.activations.config, diffatlas.daam.config, diffatlas.diffc.config  # noqa: F401, E401
     import diffatlas.geometry.config, diffatlas.sae.config, diffatlas.world.config  # noqa: F401, E401
+    import diffatlas.interventions.config  # noqa: F401
 
     def subclasses(c):
         return set(c.__subclasses__()).union(*(subclasses(s) for s in c.__subclasses__()))

@@ -106,7 +106,12 @@ def test_end_to_end_outputs(tiny_run):
     # every figure target exists and is a PNG
     figures = sorted((results / "figures").rglob("*.png"))
     stages = {p.relative_to(results / "figures").parts[0] for p in figures}
-    assert {"data", "sae", "diffc", "daam", "geometry", "world_model"} <= stages, stages
+    assert {"data", "sae", "diffc", "daam", "geometry", "world_model", "intervene"} <= stages, stages
+    # the judged steering experiment: every word of the tiny run is in the table, each rate over its n prompts
+    verdicts = pd.read_csv(results / "intervene" / "shapesworld" / "experiment" / "mid" / "t600" / "verdicts.csv")
+    assert len(verdicts) == 7
+    summary = pd.read_csv(results / "intervene" / "shapesworld" / "summary.csv")
+    assert list(summary["attribute"]) == ["colour", "shape"] and list(summary["words"]) == [4, 3]
     for fig in figures:
         assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
     # every model-loading stage loaded the configured revision from the cache
@@ -159,7 +164,7 @@ def test_budget_from_the_runs_benchmark_files(tiny_run):
         per_rule[rule] = per_rule.get(rule, 0.0) + float(row["s"])
     b = budget(results, ROOT / "rules")
     assert b.stages["jobs"].sum() == len(files)
-    assert set(b.stages["stage"]) == {"data", "world_model", "extract", "sae", "diffc", "daam", "geometry", "atlas"}
+    assert set(b.stages["stage"]) == {"data", "world_model", "extract", "sae", "diffc", "daam", "geometry", "intervene", "atlas"}
     stage_of = {"make_dataset": "data", "world_fidelity": "world_model", "extract": "extract", "train_diffc": "diffc"}
     for rule, stage in stage_of.items():
         assert b.rules.set_index("rule").loc[rule, "stage"] == stage

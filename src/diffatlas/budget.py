@@ -37,8 +37,9 @@ STAGE_BUDGET_S = {
     "diffc": 90,
     "daam": 100,
     "geometry": 100,
+    "intervene": 30,  # judged steering: its store, a spatial SAE, one experiment cell, the summary (rules/intervene.smk)
     "atlas": 10,  # the static HTML atlas: reads results/, writes pages and thumbnails
-    "reserve": 60,  # later stages: path lengths at paper size, interventions, SD3/Flux
+    "reserve": 30,  # later stages: path lengths at paper size, SD3/Flux
 }
 
 _RULE = re.compile(r"^rule\s+([A-Za-z_][A-Za-z0-9_]*)\s*:", re.MULTILINE)

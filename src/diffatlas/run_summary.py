@@ -15,6 +15,8 @@ single target, or a run on another config:
 * DAAM: mIoU at τ with its 95% interval, next to the baselines (whole image, centre prior);
 * geometry: semantic path lengths (Σ D_geo) of lerp, slerp and geodesic shooting at T-1, and how
   many of Park et al.'s claims (claims.csv) the model bears out;
+* interventions: per layer x timestep and attribute, how many words' SAE latents steer the judged
+  image and how many are removed by ablation (intervals apart from baseline and controls), and n;
 * where to look: every figure, the report and the atlas when they exist;
 * the time per stage, from the benchmark files (:mod:`diffatlas.budget`).
 """
@@ -37,6 +39,7 @@ STAGE_OUTPUTS = {
     "diffc": "diffc/summary.csv",
     "daam": "daam/*/*/*/summary.csv",
     "geometry": "geometry/*/t*",
+    "intervene": "intervene/*/summary.csv",
 }
 
 #: Files a reader opens first, when they exist (relative to results/).
@@ -154,6 +157,19 @@ def geometry_lines(results: Path) -> list[str]:
     return lines
 
 
+def intervene_lines(results: Path) -> list[str]:
+    lines = []
+    for path in sorted(results.glob("intervene/*/summary.csv")):
+        table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        for r in table.itertuples(index=False):
+            steering = f" ({r.steering_words})" if isinstance(r.steering_words, str) and r.steering_words else ""
+            lines.append(f"    {r.model} {r.layer} t{r.timestep} {r.attribute}: {r.steer} of {r.with_latent} latents steer"
+                         f"{steering}, {r.ablate} removed by ablation (of {r.words} words; n = {r.n_steer} images per rate)")
+    if lines:
+        lines.insert(0, "  judged steering with SAE latents (95% Wilson intervals apart from baseline and controls):")
+    return lines
+
+
 def paths_to_open(results: Path) -> list[Path]:
     """Every file a reader may open, that exists: figures (sorted), the report, the atlas."""
     figures = sorted((results / "figures").rglob("*.png")) if (results / "figures").is_dir() else []
@@ -188,6 +204,7 @@ def summarise_run(results: str | os.PathLike, fidelity_record: str | os.PathLike
         ("k-SAE:", sae_lines(results)),
         ("DAAM:", daam_lines(results)),
         ("geometry:", geometry_lines(results)),
+        ("interventions:", intervene_lines(results)),
     ):
         if lines:
             out += [title, *lines]

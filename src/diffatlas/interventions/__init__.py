@@ -18,7 +18,10 @@ a timestep outside the window) leaves the layer's output untouched, bit for bit.
 Modules: :mod:`.spec` (what to do, validated), :mod:`.edit` (the maths on ``[B, P, C]``
 activations, and the SAE checks), :mod:`.hook` (the forward hook, a context manager),
 :mod:`.generate` (DDIM with CFG from the diffusion core, with and without the hook, and the
-artifact).
+artifact). The judged experiment (issue 20 item 2, ``rules/intervene.smk``): :mod:`.config`
+(the ``intervene`` section), :mod:`.judged` (choice of latents, rates with Wilson intervals,
+verdicts), :mod:`.experiment` (generate and judge one layer x timestep), :mod:`.summary`
+(the table over the grid and the dose-response figure).
 """
 
 from diffatlas.interventions.spec import CFG_BRANCHES, DIRECTIONS, MODES, WHERE, Intervention

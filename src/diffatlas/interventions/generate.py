@@ -83,10 +83,14 @@ def _cat_cond(a: dict[str, Any], b: dict[str, Any], n: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def sample(handle: Any, prompts: list[str], *, seed: int, steps: int, guidance_scale: float,
-           hook: InterventionHook | None = None) -> torch.Tensor:
+           hook: InterventionHook | None = None, start: tuple[int, torch.Tensor] | None = None,
+           stop: int | None = None) -> torch.Tensor:
     """Clean denoiser-space samples ``[N, C, h, w]`` for ``prompts`` (one image each), DDIM η = 0.
 
     With ``hook``, the hook is live for the whole run (it picks its own window and rows).
+    ``stop = i`` returns the state x before the i-th sampler step instead; ``start = (i, x)``
+    resumes from it. Runs that differ only by an edit whose window starts at step i share the
+    steps before it this way, bit for bit (same prompts in the same order: the same batch).
     """
     from diffatlas.geometry.sampling import initial_noise
 
@@ -96,10 +100,13 @@ def sample(handle: Any, prompts: list[str], *, seed: int, steps: int, guidance_s
     cond = handle.conditioning(list(prompts))
     if guided:
         cond = _cat_cond(handle.conditioning([""]), cond, n)  # unconditional rows first
-    x = initial_noise(handle, n, seed)
+    first, x = (0, initial_noise(handle, n, seed)) if start is None else (int(start[0]), start[1].clone())
+    last = len(ts) if stop is None else int(stop)
 
     def run_steps(x: torch.Tensor) -> torch.Tensor:
         for i, t in enumerate(ts):
+            if not first <= i < last:
+                continue
             out = handle.model_output(cfg_batch(x) if guided else x, t, cond).to(x.dtype)
             if guided:
                 out = cfg_split(out, guidance_scale)
