@@ -46,7 +46,10 @@ from diffatlas.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd", "sd-v", "sdxl", "dit", "pixel", "sd3", "flux")
+#: Families with DDPM-family schedulers (integer steps with ᾱ) and with flow matching (σ).
+DDPM_FAMILIES = ("sd", "sd-v", "sdxl", "dit", "pixel")
+FLOW_FAMILIES = ("sd3", "flux")
+FAMILIES = DDPM_FAMILIES + FLOW_FAMILIES
 
 #: Words of the tiny models' tokenizer (a superset of typical ShapesWorld captions).
 TINY_WORDS = (
