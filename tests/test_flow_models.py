@@ -225,3 +225,27 @@ def test_flow_inversion_extraction_runs_and_differs_from_forward_noise(handles, 
     a, b = (np.asarray(stores[k].pooled("block1", "s0.500")) for k in ("forward", "inversion"))
     assert a.shape == b.shape == (2, 16) and np.isfinite(b).all() and not np.allclose(a, b)
     assert stores["inversion"].attrs["inversion_steps"] == 4
+
+
+def test_cli_make_tiny_model_and_extract_at_a_sigma(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from diffatlas.cli import main
+    from diffatlas.data.dataset import write_dataset
+
+    assert main(["make-tiny-model", "sd3", str(tmp_path / "sd3")]) == 0
+    imgs = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    meta = pd.DataFrame({"sample_id": [0, 1], "label": ["a", "b"], "coarse_label": ["a", "b"],
+                         "caption": ["a red circle", "a blue square"]})
+    write_dataset(tmp_path / "data", imgs, meta)
+    out = tmp_path / "s.zarr"
+    cfg = {"layers": ["block0", "block0.text"], "batch_size": 2, "conditioning": "caption"}
+    args = ["extract", "--model", str(tmp_path / "sd3"), "--dataset", str(tmp_path / "data"), "--out", str(out),
+            "--config-json", json.dumps(cfg), "--threads", "1"]
+    assert main(args + ["--timestep", "s0.400"]) == 0
+    st = ActivationStore(out)
+    assert st.sigma.tolist() == [0.4] and st.timesteps.tolist() == [400]
+    assert st.spatial_shape("block0") == (16, 8, 8) and not st.has_spatial("block0.text")
+    assert main(args + ["--timestep", "400"]) == 2  # a step on a flow-matching model: a clear error
