@@ -249,3 +249,25 @@ def test_cli_make_tiny_model_and_extract_at_a_sigma(tmp_path):
     assert st.sigma.tolist() == [0.4] and st.timesteps.tolist() == [400]
     assert st.spatial_shape("block0") == (16, 8, 8) and not st.has_spatial("block0.text")
     assert main(args + ["--timestep", "400"]) == 2  # a step on a flow-matching model: a clear error
+
+
+def test_flow_shards_gather_with_their_sigmas(handles, tmp_path):
+    """Sharded extraction of a flow model: the gathered store keeps sigma (and NaN alpha_bar)
+    and equals one unsharded extraction."""
+    from diffatlas.activations.gather import gather_stores
+
+    h = handles["flux"]
+    imgs = np.random.default_rng(4).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    cfg = ExtractConfig(layers=["block0", "block0.text"], timesteps=["s0.600"], batch_size=2)
+
+    def run(rows, out):
+        return extract_activations(h, images=imgs[rows], sample_ids=list(range(4))[rows], labels=["a", "b", "a", "b"][rows],
+                                   coarse_labels=None, captions=None, cfg=cfg, out=tmp_path / out)
+
+    whole = ActivationStore(run(slice(0, 4), "whole.zarr"))
+    parts = [run(slice(0, 2), "p0.zarr"), run(slice(2, 4), "p1.zarr")]
+    got = ActivationStore(gather_stores(parts, tmp_path / "t600.zarr"))
+    assert got.sigma.tolist() == [0.6] and got.timesteps.tolist() == [600] and np.isnan(got.alpha_bar).all()
+    for layer in ("block0", "block0.text"):
+        np.testing.assert_array_equal(got.pooled(layer, "s0.600"), whole.pooled(layer, "s0.600"))
+    np.testing.assert_array_equal(got.spatial("block0", "s0.600"), whole.spatial("block0", "s0.600"))
