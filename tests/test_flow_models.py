@@ -271,3 +271,51 @@ def test_flow_shards_gather_with_their_sigmas(handles, tmp_path):
     for layer in ("block0", "block0.text"):
         np.testing.assert_array_equal(got.pooled(layer, "s0.600"), whole.pooled(layer, "s0.600"))
     np.testing.assert_array_equal(got.spatial("block0", "s0.600"), whole.spatial("block0", "s0.600"))
+
+
+# ------------------------------------------------------------------------------ word positions
+def test_word_positions_in_the_joint_text_sequence(handles):
+    from diffatlas.models.text_tokens import word_tokens
+
+    sd3 = word_tokens(handles["sd3"], "a red zebra")
+    # hand-computed: CLIP puts <|startoftext|> at 0; SD3's T5 block starts at 77 without one;
+    # "zebra" is not in the tiny vocabularies: CLIP spells z,e,b,r,a</w>, T5 ▁z,e,b,r,a
+    assert [(w.word, w.positions) for w in sd3] == [
+        ("a", {"clip_l": (1,), "clip_g": (1,), "t5": (77,)}),
+        ("red", {"clip_l": (2,), "clip_g": (2,), "t5": (78,)}),
+        ("zebra", {"clip_l": (3, 4, 5, 6, 7), "clip_g": (3, 4, 5, 6, 7), "t5": (79, 80, 81, 82, 83)}),
+    ]
+    flux = word_tokens(handles["flux"], "a red zebra")
+    assert [w.positions for w in flux] == [{"t5": (0,)}, {"t5": (1,)}, {"t5": (2, 3, 4, 5, 6)}]
+    # the positions index the conditioning: its length is 77 + T5 window (SD3) or the T5 window (Flux)
+    assert handles["sd3"].conditioning(["a"])["encoder_hidden_states"].shape[1] == 77 + handles["sd3"].t5_length
+    assert handles["flux"].conditioning(["a"])["encoder_hidden_states"].shape[1] == handles["flux"].t5_length
+
+
+def test_a_word_absent_from_one_tokenisation_is_refused(handles):
+    from diffatlas.models.text_tokens import word_tokens
+
+    h = handles["flux"]
+    # the tiny T5 keeps 31 content tokens (+ </s>): the 32nd word is not read
+    prompt = " ".join(["red"] * 31 + ["circle"])
+    with pytest.raises(UserError, match="word 'circle' \\(word 31 of prompt .*no token in the t5 tokenisation"):
+        word_tokens(h, prompt)
+    assert word_tokens(h, " ".join(["red"] * 31))[-1].positions == {"t5": (30,)}
+    with pytest.raises(UserError, match="no words"):
+        word_tokens(h, " , ")
+    with pytest.raises(UserError, match="no joint text-image attention"):
+        word_tokens(type("H", (), {"family": "sd", "model_id": "m", "tokenizers": []})(), "a red circle")
+
+
+def test_a_word_cut_off_by_clip_but_read_by_t5_is_refused():
+    """SD3 with a real-sized T5 window (256): CLIP keeps 75 words, T5 all 80."""
+    from diffatlas.models.text_tokens import word_tokens
+    from diffatlas.models.tokenizer import build_world_tokenizer
+
+    clip = build_world_tokenizer(["red"])
+    fake = type("H", (), {"family": "sd3", "model_id": "sd3-256", "t5_length": 256,
+                          "tokenizers": [clip, clip, build_t5_tokenizer(["red"], model_max_length=256)]})()
+    with pytest.raises(UserError, match="word 'red' \\(word 75 of .*no token in the clip_l tokenisation"):
+        word_tokens(fake, " ".join(["red"] * 80))
+    last = word_tokens(fake, " ".join(["red"] * 75))[-1]
+    assert last.positions == {"clip_l": (75,), "clip_g": (75,), "t5": (77 + 74,)}
