@@ -319,3 +319,29 @@ def test_a_word_cut_off_by_clip_but_read_by_t5_is_refused():
         word_tokens(fake, " ".join(["red"] * 80))
     last = word_tokens(fake, " ".join(["red"] * 75))[-1]
     assert last.positions == {"clip_l": (75,), "clip_g": (75,), "t5": (77 + 74,)}
+
+
+def test_flow_noise_ensemble_is_the_mean_over_draws(handles, tmp_path):
+    """noise_ensemble = 2 at s0.400: the stored activation is the mean of two forward passes on
+    diffusers' scale_noise of the two seeded draws."""
+    h = handles["sd3"]
+    imgs = np.random.default_rng(5).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    cfg = ExtractConfig(layers=["block1"], timesteps=["s0.400"], batch_size=2, noise_ensemble=2, seed=7,
+                        spatial=False)
+    st = ActivationStore(extract_activations(h, images=imgs, sample_ids=[3, 4], labels=["a", "b"], coarse_labels=None,
+                                             captions=None, cfg=cfg, out=tmp_path / "ens.zarr"))
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    x0 = h.encode_images(images_to_tensor(imgs, 32))
+    cond = h.conditioning([""])
+    seen = []
+    hook = h.denoiser.transformer_blocks[1].register_forward_hook(lambda m, i, o: seen.append(o[1].mean(1)))
+    try:
+        with torch.no_grad():
+            for draw in (0, 1):
+                x_t = sched.scale_noise(x0, torch.full((2,), 400.0), sample_noise([3, 4], 400, (4, 16, 16), 7, draw))
+                h.model_output(x_t, 0.4, cond)
+    finally:
+        hook.remove()
+    want = (seen[0] + seen[1]) / 2
+    torch.testing.assert_close(torch.as_tensor(st.pooled("block1", "s0.400")), want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(seen[0], seen[1])
