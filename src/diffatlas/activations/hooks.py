@@ -74,6 +74,17 @@ def first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
+def stream_tensor(output: Any, stream: str | None, name: str = "") -> torch.Tensor | None:
+    """A layer's tensor in a module's ``output``: the ``stream`` (``"image"`` / ``"text"``,
+    :attr:`ResolvedLayer.stream`) of a joint block's ``(text, image)`` tuple, else the first
+    tensor (:func:`first_tensor`). Every stage hooking a resolved layer reads it through this."""
+    if stream is None:
+        return first_tensor(output)
+    if not isinstance(output, (tuple, list)) or len(output) != len(STREAMS) or output[STREAMS[stream]] is None:
+        raise UserError(f"layer {name!r}: the module does not return a {stream} stream; got {type(output).__name__}")
+    return output[STREAMS[stream]]
+
+
 def token_grid(n_tokens: int, height: int, width: int) -> tuple[int, int]:
     """Grid ``(h, w)`` of ``n_tokens`` tokens from an input of ``height × width``.
 
@@ -201,14 +212,7 @@ class ActivationCapture:
         return hook
 
     def _select(self, name: str, output: Any) -> torch.Tensor | None:
-        """The layer's tensor: its stream of a joint block's ``(text, image)`` output, else the first."""
-        stream = self._stream[name]
-        if stream is None:
-            return first_tensor(output)
-        if not isinstance(output, (tuple, list)) or len(output) != len(STREAMS) or output[STREAMS[stream]] is None:
-            raise UserError(f"layer {name!r}: the module does not return a {stream} stream; "
-                            f"got {type(output).__name__}")
-        return output[STREAMS[stream]]
+        return stream_tensor(output, self._stream[name], name)
 
     def _reduce(self, name: str, x: torch.Tensor | None, keep_spatial: bool) -> Captured:
         """Pool (and cap) one output; shapes: [B,C,h,w] | [B,N,C] | [B,C] -> Captured."""
