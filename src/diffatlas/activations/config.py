@@ -43,7 +43,8 @@ class ExtractConfig(ConfigSection):
     datasets: list[str] = field(default_factory=lambda: ["shapesworld"])
     """Names from ``datasets`` to extract (workflow grid)."""
     layers: list[str] = field(default_factory=lambda: ["mid", "up_ft0", "up_ft1"])
-    """Aliases (mid, up_ft{i}, down_ft{i}, block{i}) or module-path globs."""
+    """Aliases (mid, up_ft{i}, down_ft{i}, block{i}; SD3/Flux: block{i}.image, block{i}.text,
+    single_block{i}[.image|.text]) or module-path globs."""
     timesteps: list[int | str] = field(default_factory=lambda: [50, 250, 500])
     """Training-scale timesteps 0..T-1 (or 't250'); flow-matching models (SD3, Flux): sigmas 's0.500'."""
     pooling: str = "mean"

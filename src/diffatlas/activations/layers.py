@@ -3,23 +3,26 @@
 A selection is either a readable alias or a native module path (``named_modules`` name),
 where a path may be an fnmatch glob that expands to every matching module:
 
-================  ==========================================================================
-``mid``           output of ``mid_block`` (the U-Net bottleneck, Revelio's "mid" / h-space)
-``up_ft{i}``      output of ``up_blocks[i]`` (the DIFT / Revelio convention, 0 = lowest resolution)
-``down_ft{i}``    hidden state of ``down_blocks[i]`` (down blocks return ``(hidden, res_samples)``;
-                  the hook keeps the hidden state)
-``block{i}``      output of ``transformer_blocks[i]`` of a DiT; tokens ``[B, N, C]`` become
-                  maps ``[B, C, h, w]`` on the patch grid. On a joint-attention transformer
-                  (SD3, Flux) it is the image-token stream, the same as ``block{i}.image``
-``block{i}.image`` image-token output of the joint (double-stream) block ``transformer_blocks[i]``
-                  of SD3 / Flux, laid on the patch grid ``[B, C, h, w]``
-``block{i}.text`` text-token output of that block ``[B, L, C]``: a sequence without a grid, so it is
-                  pooled over the tokens and keeps no map. SD3's last block updates no text
-                  (``context_pre_only``) and has no ``.text`` alias
-``single_block{i}`` (also ``.image`` / ``.text``) the same for Flux's single-stream blocks
-                  ``single_transformer_blocks[i]`` (text and image tokens split back apart)
-``up_blocks.1.*`` every module under ``up_blocks.1`` (fnmatch ``*`` also crosses dots)
-================  ==========================================================================
+====================  ======================================================================
+``mid``               output of ``mid_block`` (the U-Net bottleneck, Revelio's "mid" / h-space)
+``up_ft{i}``          output of ``up_blocks[i]`` (the DIFT / Revelio convention, 0 = lowest
+                      resolution)
+``down_ft{i}``        hidden state of ``down_blocks[i]`` (down blocks return
+                      ``(hidden, res_samples)``; the hook keeps the hidden state)
+``block{i}``          output of ``transformer_blocks[i]`` of a DiT; tokens ``[B, N, C]`` become
+                      maps ``[B, C, h, w]`` on the patch grid. On a joint-attention transformer
+                      (SD3, Flux) it is the image-token stream, the same as ``block{i}.image``
+``block{i}.image``    image-token output of the joint (double-stream) block
+                      ``transformer_blocks[i]`` of SD3 / Flux, laid on the patch grid
+``block{i}.text``     text-token output of that block ``[B, L, C]``: a sequence without a grid,
+                      pooled over the tokens, no map. SD3's last block updates no text
+                      (``context_pre_only``) and has no ``.text`` alias
+``single_block{i}``   the same (also ``.image`` / ``.text``) for Flux's single-stream blocks
+                      ``single_transformer_blocks[i]`` (text and image tokens split back apart)
+``up_blocks.1.*``     every module under ``up_blocks.1`` (fnmatch ``*`` also crosses dots)
+====================  ======================================================================
+
+A module path of a joint block (``transformer_blocks.0``) means its image stream, like the alias.
 
 Aliases exist only where the model has the block: ``mid`` on a DiT, or ``up_ft3`` on a U-Net
 with three up blocks, is a :class:`UserError` that lists the aliases the model does have.
