@@ -60,7 +60,6 @@ from diffatlas.logs import progress
 from diffatlas.models.diffusion import (  # noqa: F401 (cfg_combine, images_to_tensor re-exported for callers)
     DDPM_NOISING_RULE,
     FLOW_NOISING_RULE,
-    Time,
     cfg_combine,
     check_time,
     flow_add_noise,
