@@ -137,16 +137,42 @@ def dataset_input(name):
     return str(Path(dataset_dir(name), DATASET_INDEX)) if DATASET_SHARDS[name] else dataset_dir(name)
 
 
+def flow_scale(model):
+    """T of a flow-matching model (SD3, Flux: its times are sigmas), None for a DDPM-family one."""
+    from diffatlas.config import scheduler_config
+    from diffatlas.models.diffusion import time_convention
+
+    sched = scheduler_config(model_path(model))
+    return int(sched.get("num_train_timesteps", 1000)) if time_convention(sched) == "sigma" else None
+
+
+def time_arg(wc):
+    """The --timestep of an extraction job: the step, or for a flow-matching model the sigma
+    's0.500' whose scheduler timestep sigma * T names the store (t500)."""
+    scale = flow_scale(wc.model)
+    return wc.timestep if scale is None else f"s{int(wc.timestep) / scale:.3f}"
+
+
 def step_times(model, section, stage, drop_from):
     """The training steps ``stage`` runs ``model`` at: ``models.<model>.timesteps`` if set, else
     ``<section>.timesteps`` (diffatlas.models.diffusion.timesteps_for). Results are named by
-    training step (t{timestep}) and these stages noise with ᾱ, so a flow-matching sigma is
-    refused naming the model rather than skipped; ``drop_from`` is the key to remove it from.
+    training step (t{timestep}). Extraction also runs flow-matching models at sigmas: their
+    stores are named by the scheduler's timestep sigma * T (t500 for s0.500; the store records
+    sigma beside it). The other stages noise with ᾱ, so a sigma is refused naming the model
+    rather than skipped; ``drop_from`` is the key to remove it from.
     """
     from diffatlas.models.diffusion import timesteps_for
 
     times = timesteps_for(config, model, section)
     sigmas = [str(t) for t in times if t.kind != "step"]
+    scale = flow_scale(model) if sigmas and stage == "extraction" else None
+    if scale is not None:
+        named = [t.value * scale for t in times]
+        off = [str(t) for t, v in zip(times, named) if abs(v - round(v)) > 1e-6]
+        if off:
+            raise WorkflowError(f"model {model}: extraction sigmas {off} times T = {scale} are not integer "
+                                f"timesteps; allowed: sigmas on the 1/{scale} grid")
+        return [int(round(v)) for v in named]
     if sigmas:
         raise WorkflowError(
             f"model {model}: {stage} times {sigmas} are flow-matching sigmas; {stage} supports "

@@ -44,6 +44,7 @@ rule extract:
         # --revision REV / --allow-pickle-weights as separate arguments, each quoted (:q)
         model_args=model_args_arg,
         cfg=lambda wc: EXTRACT_CFG,
+        time=time_arg,  # the step, or a flow model's sigma (its store is named t{sigma * T})
         device=config["device"],
     log:
         log_path("extract", "{model}", "{dataset}", "t{timestep}"),
@@ -60,7 +61,7 @@ rule extract:
         runtime=lambda wc, attempt: 30 * attempt,
     shell:
         "diffatlas extract --model {params.model_path:q} --dataset {input.dataset:q} --out {output:q}"
-        " --timestep {wildcards.timestep} --config-json {params.cfg:q} --device {params.device:q} --threads {threads}"
+        " --timestep {params.time} --config-json {params.cfg:q} --device {params.device:q} --threads {threads}"
         " --model-name {wildcards.model} --dataset-name {wildcards.dataset} {params.model_args:q}"
         " > {log:q} 2>&1"
 
@@ -77,6 +78,7 @@ rule extract_shard:
         model_path=lambda wc: model_path(wc.model),
         model_args=model_args_arg,
         cfg=lambda wc: EXTRACT_CFG,
+        time=time_arg,  # the step, or a flow model's sigma (its store is named t{sigma * T})
         device=config["device"],
     log:
         log_path("extract", "{model}", "{dataset}", "t{timestep}", "{shard}"),
@@ -93,7 +95,7 @@ rule extract_shard:
         runtime=lambda wc, attempt: 30 * attempt,
     shell:
         "diffatlas extract --model {params.model_path:q} --dataset {input.dataset:q} --out {output:q}"
-        " --timestep {wildcards.timestep} --config-json {params.cfg:q} --device {params.device:q} --threads {threads}"
+        " --timestep {params.time} --config-json {params.cfg:q} --device {params.device:q} --threads {threads}"
         " --model-name {wildcards.model} --dataset-name {wildcards.dataset} {params.model_args:q}"
         " > {log:q} 2>&1"
 
@@ -124,8 +126,8 @@ rule gather_extract:
 
 
 # A model's own time list (models.<name>.timesteps) replaces extract.timesteps for it. Stores
-# are named by training step (t{timestep}); extraction noises with ᾱ, so sigma times (flow
-# matching) are refused here rather than skipped.
+# are named by training step (t{timestep}); a flow-matching model's sigmas are named by its
+# scheduler's timestep sigma * T (s0.500 -> t500) and passed to the job as sigmas (time_arg).
 for _m in config["extract"]["models"]:
     _times = step_times(_m, "extract", "extraction", "extract.models")
     ALL_TARGETS.extend(EXTRACT_STORE.format(model=_m, dataset=d, timestep=t) for d in config["extract"]["datasets"] for t in _times)

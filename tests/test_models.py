@@ -18,7 +18,8 @@ import torch
 
 from diffatlas.errors import UserError
 from diffatlas.models.loader import CLASS_TO_FAMILY, load_model, weights_hash
-from diffatlas.models.tiny import FAMILIES, make_tiny_model
+from diffatlas.models.tiny import DDPM_FAMILIES as FAMILIES  # SD3 / Flux: tests/test_flow_models.py
+from diffatlas.models.tiny import FLOW_FAMILIES, make_tiny_model
 from diffatlas.models.tokenizer import BASE_CHARS, EOS, SUFFIX, _bpe, build_vocab_and_merges, build_world_tokenizer
 
 torch.set_num_threads(1)
@@ -341,7 +342,7 @@ def test_loader_errors_name_the_problem(tmp_path, handles):
         load_model(bad)
     with pytest.raises(UserError, match="nothing is downloaded"):
         load_model("nobody-diffatlas/not-a-model", cache_dir=tmp_path / "hf")
-    assert set(CLASS_TO_FAMILY.values()) == set(FAMILIES) - {"sd-v"}  # sd-v loads as sd
+    assert set(CLASS_TO_FAMILY.values()) == set(FAMILIES + FLOW_FAMILIES) - {"sd-v"}  # sd-v loads as sd
 
 
 def test_unknown_prediction_type_is_refused_at_load(tmp_path, handles):

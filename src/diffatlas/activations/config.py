@@ -43,9 +43,10 @@ class ExtractConfig(ConfigSection):
     datasets: list[str] = field(default_factory=lambda: ["shapesworld"])
     """Names from ``datasets`` to extract (workflow grid)."""
     layers: list[str] = field(default_factory=lambda: ["mid", "up_ft0", "up_ft1"])
-    """Aliases (mid, up_ft{i}, down_ft{i}, block{i}) or module-path globs."""
-    timesteps: list[int] = field(default_factory=lambda: [50, 250, 500])
-    """Training-scale timesteps 0..T-1."""
+    """Aliases (mid, up_ft{i}, down_ft{i}, block{i}; SD3/Flux: block{i}.image, block{i}.text,
+    single_block{i}[.image|.text]) or module-path globs."""
+    timesteps: list[int | str] = field(default_factory=lambda: [50, 250, 500])
+    """Training-scale timesteps 0..T-1 (or 't250'); flow-matching models (SD3, Flux): sigmas 's0.500'."""
     pooling: str = "mean"
     """Spatial pooling of the pooled arrays: mean or sum."""
     spatial: bool = True
@@ -89,9 +90,19 @@ class ExtractConfig(ConfigSection):
             raise _bad("layers", self.layers, "at least one layer (mid, up_ft0..3, down_ft0..3, block{i} or a module path)")
         if len(set(self.layers)) != len(self.layers):
             raise _bad("layers", self.layers, "each layer once")
-        if not isinstance(self.timesteps, list) or not self.timesteps or not all(_is_int(t) and t >= 0 for t in self.timesteps):
-            raise _bad("timesteps", self.timesteps, "a non-empty list of integers 0..T-1 (training scale)")
-        if len(set(self.timesteps)) != len(self.timesteps):
+        allowed_times = "a non-empty list of integers 0..T-1 (training scale), or flow-matching sigmas 's0.500' in [0, 1]"
+        if not isinstance(self.timesteps, list) or not self.timesteps:
+            raise _bad("timesteps", self.timesteps, allowed_times)
+        from diffatlas.models.diffusion import Time
+
+        for t in self.timesteps:
+            if isinstance(t, bool) or not isinstance(t, (int, str)) or (_is_int(t) and t < 0):
+                raise _bad("timesteps", self.timesteps, allowed_times)
+            try:
+                Time.parse(t)
+            except UserError:
+                raise _bad("timesteps", self.timesteps, allowed_times) from None
+        if len({str(Time.parse(t)) for t in self.timesteps}) != len(self.timesteps):
             raise _bad("timesteps", self.timesteps, "each timestep once")
         if self.pooling not in POOLINGS:
             raise _bad("pooling", self.pooling, ", ".join(POOLINGS))

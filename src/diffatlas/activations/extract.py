@@ -18,6 +18,13 @@ a later job would trust; an error on the writer thread is raised here. Memory is
 the batch: images are memory-mapped, and states reused across timesteps (VAE latents,
 inversion trajectories) go to a scratch file on disk.
 
+Flow-matching models (SD3, Flux) run at sigmas (``extract.timesteps: ["s0.500"]``): forward
+noise is ``x_σ = (1 - σ) x0 + σ ε`` with the same seeded ε, inversion is Euler flow inversion
+(:func:`~diffatlas.models.diffusion.flow_invert`) over the σ grid ``1/steps, 2/steps, ...``
+below σ, and the store's ``timestep`` coordinate is the scheduler's timestep σ·T next to a
+``sigma`` coordinate (``alpha_bar`` is NaN: these models have no ᾱ). Each flow time inverts
+from the clean input (no shared trunk across times).
+
 The workflow runs one job per timestep (``timesteps: [t]``), so a new timestep is a new job.
 Such a job pays for its own VAE encode and, with ``noise: inversion``, for its own DDIM
 inversion path from the clean input to t (:func:`~diffatlas.activations.noise.inversion_path`
@@ -50,7 +57,17 @@ from diffatlas.activations.store import LayerSpec, open_writer
 from diffatlas.errors import UserError
 from diffatlas.io import ensure_writable_parent, pick_device
 from diffatlas.logs import progress
-from diffatlas.models.diffusion import cfg_combine, images_to_tensor  # noqa: F401 (re-exported for callers)
+from diffatlas.models.diffusion import (  # noqa: F401 (cfg_combine, images_to_tensor re-exported for callers)
+    DDPM_NOISING_RULE,
+    FLOW_NOISING_RULE,
+    cfg_combine,
+    check_time,
+    flow_add_noise,
+    flow_invert,
+    flow_inversion_path,
+    flow_scheduler_timestep,
+    images_to_tensor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +166,27 @@ def check_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> None:
         )
 
 
+def model_times(cfg: ExtractConfig, handle: Any) -> list[int] | list[float]:
+    """``extract.timesteps`` in the model's convention: training steps (ints) or sigmas (floats).
+
+    A time of the other convention, or a step out of range, is a UserError naming the model.
+    """
+    conv = getattr(handle, "time_convention", "step")
+    model = str(getattr(handle, "model_id", ""))
+    if conv == "sigma":
+        out = [float(check_time(t, "sigma", None, f"extract.timesteps[{i}]", model).value)
+               for i, t in enumerate(cfg.timesteps)]
+        T = int(handle.num_train_timesteps)
+        for s in out:  # the store keys times by the scheduler's integer timestep sigma * T
+            if abs(flow_scheduler_timestep(s, T) - round(flow_scheduler_timestep(s, T))) > 1e-6:
+                raise UserError(f"extract.timesteps: sigma {s} times T = {T} is not an integer timestep; "
+                                f"allowed: sigmas on the 1/{T} grid")
+        return out
+    steps = [check_time(t, "step", None, f"extract.timesteps[{i}]", model).value for i, t in enumerate(cfg.timesteps)]
+    check_timesteps(steps, int(handle.num_train_timesteps))
+    return steps
+
+
 def extract(
     cfg: ExtractConfig,
     *,
@@ -238,17 +276,26 @@ def extract_activations(
         ensure_writable_parent(out)
     except UserError as err:
         raise UserError(f"cannot write the activation store {out}: {err}") from None
-    check_timesteps(cfg.timesteps, int(handle.num_train_timesteps))
+    times = model_times(cfg, handle)
+    flow = getattr(handle, "time_convention", "step") == "sigma"
     size = int(handle.image_size)
     if tuple(images.shape[1:3]) != (size, size):
         log.warning("images are %dx%d but the model takes %dx%d: each batch is resized (bilinear, antialiased)",
                     images.shape[1], images.shape[2], size, size)
     layers = resolve_layers(handle.denoiser, cfg.layers)
-    spatial_names = {lay.name for lay in layers if lay.selection in set(cfg.layers_with_maps)}
+    # Text-token streams have no grid: they keep maps only if named (and are then refused).
+    spatial_names = {lay.name for lay in layers if lay.selection in set(cfg.layers_with_maps)
+                     and (lay.keeps_maps or cfg.spatial_layers is not None)}
     prompts = prompts_for(cfg, labels, captions if captions is not None else [""] * n, str(getattr(handle, "family", "")))
-    runner = _Runner(handle, cfg, layers, spatial_names, prompts, ids, device, stop_early)
+    runner = _Runner(handle, cfg, layers, spatial_names, prompts, ids, device, stop_early, times)
 
-    alpha_bar = [float(handle.ddpm_alphas("extraction")[int(t)]) for t in cfg.timesteps]
+    if flow:
+        T = int(handle.num_train_timesteps)
+        store_steps = [int(round(flow_scheduler_timestep(s, T))) for s in times]
+        alpha_bar = [float("nan")] * len(times)
+    else:
+        store_steps = list(times)
+        alpha_bar = [float(handle.ddpm_alphas("extraction")[int(t)]) for t in times]
     where = {"device": str(device), "precision": describe_precision(handle.dtype, forward=runner.amp_dtype)}
     attrs = _attrs(handle, cfg, layers, {**where, **(extra_attrs or {})})
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-", dir=out.parent) as scratch:
@@ -270,8 +317,9 @@ def extract_activations(
             ]
             with open_writer(
                 out,
-                timesteps=list(cfg.timesteps),
+                timesteps=store_steps,
                 alpha_bar=alpha_bar,
+                sigma=list(times) if flow else None,
                 sample_ids=list(map(int, sample_ids)),
                 labels=list(map(str, labels)),
                 coarse_labels=None if coarse_labels is None else list(map(str, coarse_labels)),
@@ -336,6 +384,8 @@ def _attrs(handle: Any, cfg: ExtractConfig, layers: list[ResolvedLayer], extra: 
             "scheduler_class": type(scheduler).__name__ if scheduler is not None else None,
             "scheduler_config": dict(scheduler.config) if scheduler is not None else {},
             "num_train_timesteps": int(handle.num_train_timesteps),
+            "time_convention": str(getattr(handle, "time_convention", "step")),
+            "noising_rule": FLOW_NOISING_RULE if getattr(handle, "time_convention", "step") == "sigma" else DDPM_NOISING_RULE,
             "image_size": int(handle.image_size),
             "latent_size": int(getattr(handle, "latent_size", handle.image_size)),
             "layer_selection": list(cfg.layers),
@@ -372,11 +422,14 @@ class _Runner:
         sample_ids: np.ndarray,
         device: torch.device,
         stop_early: bool,
+        times: Sequence[int] | Sequence[float] | None = None,
     ) -> None:
         self.handle, self.cfg, self.layers, self.device = handle, cfg, layers, device
+        self.flow = getattr(handle, "time_convention", "step") == "sigma"
+        self.times = list(times) if times is not None else [int(t) for t in cfg.timesteps]
         self.spatial_names, self.prompts, self.sample_ids = spatial_names, prompts, sample_ids
         self.stop_early = stop_early
-        self.ab = torch.as_tensor(handle.ddpm_alphas("extraction")).detach().cpu().to(torch.float64)
+        self.ab = None if self.flow else torch.as_tensor(handle.ddpm_alphas("extraction")).detach().cpu().to(torch.float64)
         self.amp_dtype = amp_dtype(cfg.dtype, device, "extract")  # auto: see diffatlas.accel
         # Conditioning is computed once per distinct prompt when prompts repeat (empty prompt,
         # class template) and gathered per batch; captions are encoded per batch.
@@ -412,8 +465,26 @@ class _Runner:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _timestep(self, t: int, n: int) -> torch.Tensor:
+    def _timestep(self, t: int | float, n: int) -> torch.Tensor:
+        """The denoiser's time for ``n`` rows: training steps, or σ (float32) for flow models."""
+        if self.flow:
+            return torch.full((n,), float(t), dtype=torch.float32, device=self.device)
         return torch.full((n,), int(t), dtype=torch.long, device=self.device)
+
+    def _noise_key(self, t: int | float) -> int:
+        """The integer time in the noise seed: the step, or the scheduler's timestep σ·T."""
+        if self.flow:
+            return int(round(flow_scheduler_timestep(t, int(self.handle.num_train_timesteps))))
+        return int(t)
+
+    def velocity(self, x: torch.Tensor, sigma: float, cond: Any, null: Any) -> torch.Tensor:
+        """Flow models: velocity at σ (with classifier-free guidance when guidance_scale != 1)."""
+        with self._autocast():
+            v_c = self.handle.model_output(x, self._timestep(sigma, x.shape[0]), cond).float()
+            if null is None or self.cfg.guidance_scale == 1.0:
+                return v_c
+            v_u = self.handle.model_output(x, self._timestep(sigma, x.shape[0]), null).float()
+        return cfg_combine(v_u, v_c, self.cfg.guidance_scale)
 
     def eps(self, x: torch.Tensor, t: int, cond: Any, null: Any) -> torch.Tensor:
         """Noise prediction (with classifier-free guidance when guidance_scale != 1)."""
@@ -431,13 +502,13 @@ class _Runner:
     # -- the loop -------------------------------------------------------------------------
     def iterate(self, images: np.ndarray, scratch: Path) -> Iterator[_Batch]:
         cfg, n, bs = self.cfg, int(images.shape[0]), self.cfg.batch_size
-        order = sorted(range(len(cfg.timesteps)), key=lambda i: cfg.timesteps[i])  # ascending t
+        order = sorted(range(len(self.times)), key=lambda i: self.times[i])  # ascending t
         n_batches = -(-n // bs)
         inversion = cfg.noise == "inversion"
         # States reused at the next timestep: x0 of latent models (the VAE is costly), or the
         # inversion trunk (the state at the last regular grid point reached). Pixel models
         # recompute x0 from the images (cheaper than I/O).
-        reuse = inversion or (getattr(self.handle, "vae", None) is not None and len(order) > 1)
+        reuse = (inversion and not self.flow) or (getattr(self.handle, "vae", None) is not None and len(order) > 1)
         store: _DiskRows | None = None
         spatial_dtype = torch.float16 if cfg.noise_ensemble == 1 else torch.float32
         capture = ActivationCapture(
@@ -448,11 +519,12 @@ class _Runner:
             spatial_max_size=cfg.spatial_max_size,
             spatial_dtype=spatial_dtype,
             stop_early=self.stop_early,
+            grid=getattr(self.handle, "token_grid", None),
         )
         trunk_t = CLEAN  # timestep of the stored inversion trunk state
         with torch.no_grad(), capture:
             for k, t_index in enumerate(order):
-                t = int(cfg.timesteps[t_index])
+                t = self.times[t_index]
                 for b in range(n_batches):
                     start, stop = b * bs, min(n, (b + 1) * bs)
                     cond = self.cond(start, stop)
@@ -462,7 +534,14 @@ class _Runner:
                         x = self.x0(read_rows(images, start, stop))
                         if reuse and store is None:
                             store = _DiskRows(scratch / "state.f32", n, tuple(x.shape[1:]))
-                    if inversion:
+                    if inversion and self.flow:
+                        null = self.null_cond(stop - start) if cfg.guidance_scale != 1.0 else None
+                        v = lambda z, s, c=cond, u=null: self.velocity(z, s, c, u)  # noqa: E731
+                        if reuse and k == 0:  # x0 (the VAE latent) for the next time
+                            store.put(start, x)
+                        x = flow_invert(v, x, flow_inversion_path(t, cfg.inversion_steps))
+                        results = self._capture(capture, x, t, cond)
+                    elif inversion:
                         null = self.null_cond(stop - start) if cfg.guidance_scale != 1.0 else None
                         eps = lambda z, s, c=cond, u=null: self.eps(z, s, c, u)  # noqa: E731
                         path = inversion_path(t, cfg.inversion_steps, len(self.ab))
@@ -477,7 +556,7 @@ class _Runner:
                             store.put(start, x)
                         results = self._forward_noised(capture, x, t, cond, self.sample_ids[start:stop])
                     yield _Batch(t_index=t_index, start=start, results=results)
-                if inversion:
+                if inversion and not self.flow:
                     trunk_t = max([g for g in inversion_path(t, cfg.inversion_steps, len(self.ab))[:-1] if g > trunk_t],
                                   default=trunk_t)
 
@@ -492,8 +571,11 @@ class _Runner:
         total: dict[str, Captured] | None = None
         draws = self.cfg.noise_ensemble
         for draw in range(draws):
-            noise = sample_noise(ids.tolist(), t, tuple(x0.shape[1:]), self.cfg.seed, draw)
-            x_t = add_noise(x0, noise, float(self.ab[t]))
+            noise = sample_noise(ids.tolist(), self._noise_key(t), tuple(x0.shape[1:]), self.cfg.seed, draw)
+            if self.flow:
+                x_t = flow_add_noise(x0, noise.to(x0.device), float(t))
+            else:
+                x_t = add_noise(x0, noise, float(self.ab[t]))
             res = self._capture(capture, x_t, t, cond)
             if draws == 1:
                 return res

@@ -95,6 +95,8 @@ def gather_stores(parts: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     arrays = _per_time_arrays(first)
     timesteps = np.asarray(groups[0]["timestep"][:])
     alpha_bar = np.asarray(groups[0]["alpha_bar"][:])
+    # flow-matching stores: sigma beside the scheduler timestep (alpha_bar is NaN there)
+    sigma = np.asarray(groups[0]["sigma"][:]) if "sigma" in groups[0] else None
     metas: list[dict[str, dict[str, Any]]] = []
     ids, labels, coarse, seen = [], [], [], {}
     attribute_names = list(first.get(ATTRIBUTE_CLASSES) or {})
@@ -108,7 +110,11 @@ def gather_stores(parts: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                     f"shard {name} ({part}) differs from shard {names[0]} in {key!r} ({mine.get(key)!r} vs {ref.get(key)!r}): "
                     "shards of other models or settings cannot be gathered; re-extract it with this config"
                 )
-        if not np.array_equal(np.asarray(g["timestep"][:]), timesteps) or not np.array_equal(np.asarray(g["alpha_bar"][:]), alpha_bar):
+        sigma_g = np.asarray(g["sigma"][:]) if "sigma" in g else None
+        same_sigma = (sigma is None and sigma_g is None) or (
+            sigma is not None and sigma_g is not None and np.array_equal(sigma_g, sigma))
+        if (not np.array_equal(np.asarray(g["timestep"][:]), timesteps)
+                or not np.array_equal(np.asarray(g["alpha_bar"][:]), alpha_bar, equal_nan=True) or not same_sigma):
             raise UserError(f"shard {name} ({part}) holds timesteps {list(map(int, g['timestep'][:]))}, shard {names[0]} {list(map(int, timesteps))}")
         sample = np.asarray(g["sample"][:], dtype=np.int64)
         for sid in sample:
@@ -141,6 +147,7 @@ def gather_stores(parts: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     with atomic_dir(out) as tmp:
         g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         for cname, values, dim in (("timestep", timesteps, "timestep"), ("alpha_bar", alpha_bar, "timestep"),
+                                   *((("sigma", sigma, "timestep"),) if sigma is not None else ()),
                                    ("sample", np.concatenate(ids), "sample"), ("label_code", codes, "sample"),
                                    ("coarse_label_code", coarse_codes, "sample"),
                                    *((ATTRIBUTE_CODE.format(a), c, "sample") for a, (c, _) in attribute_codes.items())):

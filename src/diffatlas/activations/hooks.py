@@ -21,7 +21,12 @@ Outputs are normalised to maps:
 * tokens ``[B, N, C]`` (DiT blocks, attention modules) are laid back on their grid
   ``[B, C, h, w]``: row-major patch order, with ``h, w`` found from the denoiser's input size
   (``N = ceil(H/s) * ceil(W/s)`` for an integer stride ``s``);
-* a vector ``[B, C]`` (e.g. an embedding) is pooled as itself and cannot keep maps.
+* a vector ``[B, C]`` (e.g. an embedding) is pooled as itself and cannot keep maps;
+* a joint-attention block (SD3, Flux) returns ``(text tokens, image tokens)``: a layer with a
+  ``stream`` takes its element (:data:`~diffatlas.activations.layers.STREAMS`); image tokens
+  are laid on the patch grid as above, text tokens ``[B, L, C]`` are pooled over the sequence
+  and keep no map. Where the denoiser's input is not a map (Flux's packed latents), the
+  caller gives the image-token ``grid``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffatlas.activations.layers import ResolvedLayer
+from diffatlas.activations.layers import STREAMS, ResolvedLayer
 from diffatlas.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,17 @@ def first_tensor(output: Any) -> torch.Tensor | None:
     if isinstance(output, dict) and output:  # diffusers BaseOutput is an OrderedDict
         return first_tensor(next(iter(output.values())))
     return None
+
+
+def stream_tensor(output: Any, stream: str | None, name: str = "") -> torch.Tensor | None:
+    """A layer's tensor in a module's ``output``: the ``stream`` (``"image"`` / ``"text"``,
+    :attr:`ResolvedLayer.stream`) of a joint block's ``(text, image)`` tuple, else the first
+    tensor (:func:`first_tensor`). Every stage hooking a resolved layer reads it through this."""
+    if stream is None:
+        return first_tensor(output)
+    if not isinstance(output, (tuple, list)) or len(output) != len(STREAMS) or output[STREAMS[stream]] is None:
+        raise UserError(f"layer {name!r}: the module does not return a {stream} stream; got {type(output).__name__}")
+    return output[STREAMS[stream]]
 
 
 def token_grid(n_tokens: int, height: int, width: int) -> tuple[int, int]:
@@ -112,6 +128,7 @@ class ActivationCapture:
         spatial_max_size: int | None = None,
         spatial_dtype: torch.dtype = torch.float16,
         stop_early: bool = True,
+        grid: tuple[int, int] | None = None,
     ) -> None:
         if pooling not in POOLINGS:
             raise UserError(f"pooling {pooling!r} is not one of: {', '.join(POOLINGS)}")
@@ -127,6 +144,14 @@ class ActivationCapture:
         self.spatial_max_size = spatial_max_size
         self.spatial_dtype = spatial_dtype
         self.stop_early = stop_early
+        self.grid = grid
+        self._stream = {layer.name: layer.stream for layer in self.layers}
+        text_maps = sorted(n for n in self.spatial_layers if self._stream.get(n) == "text")
+        if text_maps:
+            raise UserError(
+                f"layers {text_maps} are text-token streams (a sequence, no spatial grid) and cannot keep "
+                "spatial maps; leave them out of extract.spatial_layers"
+            )
         modules = dict(model.named_modules())
         missing = [layer.module_path for layer in self.layers if layer.module_path not in modules]
         if missing:
@@ -180,17 +205,29 @@ class ActivationCapture:
                     f"layer {name!r} runs more than once per forward pass (a shared module such as an "
                     "activation function); select its parent module instead"
                 )
-            self._results[name] = self._reduce(name, first_tensor(output), keep_spatial)
+            self._results[name] = self._reduce(name, self._select(name, output), keep_spatial)
             if self._stop_now and len(self._results) == len(self.layers):
                 raise _StopForward
 
         return hook
+
+    def _select(self, name: str, output: Any) -> torch.Tensor | None:
+        return stream_tensor(output, self._stream[name], name)
 
     def _reduce(self, name: str, x: torch.Tensor | None, keep_spatial: bool) -> Captured:
         """Pool (and cap) one output; shapes: [B,C,h,w] | [B,N,C] | [B,C] -> Captured."""
         if x is None:
             raise UserError(f"layer {name!r} does not output a tensor; select a module that does")
         x = x.detach()
+        if x.ndim == 3 and self._stream[name] == "text":
+            # text tokens [B, L, C]: pooled over the sequence (padding included, as the model sees it)
+            pool = x.mean if self.pooling == "mean" else x.sum
+            return Captured(pooled=pool(dim=1, dtype=torch.float32), spatial=None)
+        if x.ndim == 3 and self.grid is not None:
+            h, w = self.grid
+            if h * w != x.shape[1]:
+                raise UserError(f"layer {name!r} has {x.shape[1]} tokens, not the {h}x{w} image-token grid")
+            x = x.transpose(1, 2).unflatten(2, (h, w))
         if x.ndim == 3:
             if self._input_hw is None:
                 raise UserError(f"layer {name!r} outputs tokens but the model input size is unknown")

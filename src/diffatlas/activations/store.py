@@ -5,8 +5,10 @@ The workflow writes one store per extraction job, ``results/activations/{model}/
 model's times as ONE logical store. Layout of each store (every array has ``dimension_names``,
 so ``xarray.open_zarr(path)`` opens it whole)::
 
-    timestep            [timestep]                       int64, training scale 0..T-1
-    alpha_bar           [timestep]                       float64, ᾱ_t of the scheduler
+    timestep            [timestep]                       int64, training scale 0..T-1; flow-matching
+                                                         models: the scheduler's timestep σ·T
+    alpha_bar           [timestep]                       float64, ᾱ_t of the scheduler (NaN: flow matching)
+    sigma               [timestep]                       float64, σ in [0, 1] (flow-matching models only)
     sample              [sample]                         int64, dataset sample ids
     label_code          [sample]                         int32, index into attrs["label_classes"]
     coarse_label_code   [sample]                         int32, index into attrs["coarse_label_classes"]
@@ -114,6 +116,7 @@ class ActivationWriter:
         attrs: dict[str, Any],
         batch_size: int,
         attributes: Mapping[str, Sequence[str]] | None = None,
+        sigma: Sequence[float] | None = None,
     ) -> None:
         n_t, n_s = len(timesteps), len(sample_ids)
         if n_s == 0:
@@ -133,6 +136,10 @@ class ActivationWriter:
 
         coord("timestep", np.asarray(timesteps, dtype=np.int64), "timestep")
         coord("alpha_bar", np.asarray(alpha_bar, dtype=np.float64), "timestep")
+        if sigma is not None:
+            if len(sigma) != n_t:
+                raise UserError(f"{len(sigma)} sigmas for {n_t} timesteps: they must align")
+            coord("sigma", np.asarray(sigma, dtype=np.float64), "timestep")
         coord("sample", np.asarray(sample_ids, dtype=np.int64), "sample")
         codes, classes = _codes(labels)
         coord("label_code", codes, "sample")
@@ -372,19 +379,23 @@ class ActivationStore:
         self.attrs: dict[str, Any] = dict(self.group.attrs)
         self.sample_ids = np.asarray(self.group["sample"][:])
         self.layers: list[str] = list(self.attrs.get("layers", {}))
-        timesteps, alpha_bar, self._where = [], [], []
+        timesteps, alpha_bar, sigma, self._where = [], [], [], []
         for part, g in zip(parts, groups):
             self._check_part(part, g)
-            for i, (t, ab) in enumerate(zip(g["timestep"][:], g["alpha_bar"][:])):
+            sig = g["sigma"][:] if "sigma" in g else [np.nan] * len(g["timestep"][:])
+            for i, (t, ab, sg) in enumerate(zip(g["timestep"][:], g["alpha_bar"][:], sig)):
                 if int(t) in timesteps:
                     raise UserError(f"timestep {int(t)} is stored twice under {self.path} (again in {part}); keep one")
                 timesteps.append(int(t))
                 alpha_bar.append(float(ab))
+                sigma.append(float(sg))
                 self._where.append((g, i))
         # One part keeps its own order; several are sorted by timestep.
         order = np.arange(len(timesteps)) if len(parts) == 1 else np.argsort(timesteps, kind="stable")
         self.timesteps = np.asarray(timesteps, dtype=np.int64)[order]
         self.alpha_bar = np.asarray(alpha_bar, dtype=np.float64)[order]
+        #: σ of each stored time (flow-matching models), else None.
+        self.sigma = np.asarray(sigma, dtype=np.float64)[order] if not np.isnan(sigma).all() else None
         self._where = [self._where[i] for i in order]
 
     def _check_part(self, part: Path, g: Any) -> None:
@@ -409,7 +420,19 @@ class ActivationStore:
             raise UserError(f"layer {layer!r} is not in {self.path}; stored layers: {', '.join(self.layers)}")
         return layer
 
-    def t_index(self, timestep: int) -> int:
+    def t_index(self, timestep: Any) -> int:
+        """Index of a stored time: a training step (int / 't250'), or a sigma ('s0.500' / Time)."""
+        from diffatlas.models.diffusion import Time
+
+        if isinstance(timestep, (str, Time)):
+            time = Time.parse(timestep)
+            if time.kind == "sigma":
+                hits = np.nonzero(np.isclose(self.sigma, time.value, rtol=0, atol=5e-4))[0] if self.sigma is not None else []
+                if len(hits) == 0:
+                    stored = ", ".join(f"s{x:.3f}" for x in self.sigma) if self.sigma is not None else "none (not a flow-matching store)"
+                    raise UserError(f"time {time} is not in {self.path}; stored sigmas: {stored}")
+                return int(hits[0])
+            timestep = time.value
         hits = np.nonzero(self.timesteps == int(timestep))[0]
         if len(hits) == 0:
             raise UserError(

@@ -21,11 +21,21 @@ from diffatlas.runner import Runner
 RUNNER = Runner("extract", __doc__, section=ExtractConfig, model="required", device=True, threads=True)
 
 
+def _time(text: str) -> int | str:
+    """``--timestep``: a step as an int (the config's form), a sigma as its string ``s0.500``."""
+    from diffatlas.models.diffusion import Time
+
+    time = Time.parse(text)
+    return time.value if time.kind == "step" else str(time)
+
+
 def main(argv: list[str]) -> int:
     parser = RUNNER.parser()
     parser.add_argument("--dataset", required=True, help="dataset directory (results/data/NAME)")
     parser.add_argument("--out", required=True, help="output store, e.g. results/activations/MODEL/DATASET/t500.zarr")
-    parser.add_argument("--timestep", type=int, default=None, help="extract this timestep only (replaces the config's timesteps)")
+    parser.add_argument("--timestep", type=_time, default=None,
+                        help="extract this time only (replaces the config's timesteps): a training step (500, t500) "
+                             "or, for flow-matching models, a sigma (s0.500)")
     parser.add_argument("--dataset-name", default=None, help="dataset name recorded in the store (default: folder name)")
     args = parser.parse_args(argv)
 

@@ -24,9 +24,21 @@ diffusers' ``StableDiffusionPipeline``; :func:`cfg_combine` mixes
 ``out_u + w (out_c - out_u)`` (w <= 1: no guidance, conditional pass only).
 
 **Time** is a type (:class:`Time`): a model's own convention, an integer training step
-(with ᾱ) for DDPM-family schedulers, or σ in [0, 1] for flow-matching schedulers (SD3, Flux;
-their stepping is not implemented yet, but their times parse, print and validate already).
+(with ᾱ) for DDPM-family schedulers, or σ in [0, 1] for flow-matching schedulers (SD3, Flux).
 Its one string form for paths and wildcards is ``t250`` / ``s0.500``.
+
+**Flow matching** (rectified flow, Esser et al. 2024 / SD3; Flux) uses the straight path
+between data and noise, and the network predicts its velocity::
+
+    forward noising   x_σ = (1 - σ) x0 + σ ε                                   (flow_add_noise)
+    velocity          v = dx_σ/dσ = ε - x0
+                      =>  x0 = x_σ - σ v,   ε = x_σ + (1 - σ) v                (flow_eps_x0)
+    Euler step σ -> σ' x_σ' = x_σ + (σ' - σ) v                                  (flow_step)
+
+The same Euler step with σ' > σ is the flow inversion (:func:`flow_invert`). This is
+diffusers' ``FlowMatchEulerDiscreteScheduler`` (``scale_noise``, ``step``), which reports
+``σ · num_train_timesteps`` as its "timestep" (:func:`flow_scheduler_timestep`); artifacts
+record both, and the noising rule (:data:`FLOW_NOISING_RULE`).
 
 Shapes: ``x``, ``x_t``, ``x0``, ``ε`` and model outputs are ``[B, C, h, w]``; ᾱ is a Python
 float (one level for the whole batch) or a ``[B]`` tensor (one level per row).
@@ -51,6 +63,12 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 #: Scheduler classes whose time axis is σ in [0, 1] (flow matching).
 FLOW_MATCHING_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+#: The forward process of flow-matching models, recorded with their artifacts.
+FLOW_NOISING_RULE = "x_sigma = (1 - sigma) * x0 + sigma * eps; model output v = eps - x0"
+
+#: The forward process of DDPM-family models, recorded with their artifacts.
+DDPM_NOISING_RULE = "x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps"
 
 CLEAN = -1
 """The clean end of a trajectory (no noise): start of an inversion, end of a denoising run."""
@@ -379,6 +397,69 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: float | torch.Te
     """Forward process ``sqrt(ᾱ) x0 + sqrt(1 - ᾱ) ε`` (ᾱ a float, or ``[B, 1, ...]``)."""
     a = _cast(alpha_bar, x0)
     return _sqrt(a) * x0 + _sqrt(1 - a) * noise.to(x0.device, x0.dtype)
+
+
+# ------------------------------------------------------------------------ flow matching
+def _sigma_like(sigma: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """σ as a float, or a ``[B]`` tensor shaped ``[B, 1, ...]`` on ``like``'s device and dtype."""
+    if torch.is_tensor(sigma) and sigma.ndim > 0:
+        return sigma.to(like.device, like.dtype).view(-1, *([1] * (like.ndim - 1)))
+    return float(sigma)
+
+
+def flow_add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """Flow-matching forward process ``x_σ = (1 - σ) x0 + σ ε`` (σ a float or ``[B]``)."""
+    s = _sigma_like(sigma, x0)
+    return (1 - s) * x0 + s * noise.to(x0.device, x0.dtype)
+
+
+def flow_eps_x0(v: torch.Tensor, x_t: torch.Tensor, sigma: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Velocity ``v = ε - x0`` at level σ -> (ε, x0): ``ε = x_σ + (1 - σ) v``, ``x0 = x_σ - σ v``."""
+    s = _sigma_like(sigma, x_t)
+    return x_t + (1 - s) * v, x_t - s * v
+
+
+def flow_step(v: torch.Tensor, x_t: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """One Euler step of the flow ODE ``dx/dσ = v`` from σ to ``sigma_next``.
+
+    Towards the data (``sigma_next < σ``) it equals ``FlowMatchEulerDiscreteScheduler.step``;
+    away from it (``sigma_next > σ``) it is one step of Euler flow inversion.
+    """
+    return x_t + (float(sigma_next) - float(sigma)) * v
+
+
+def flow_invert(
+    v_fn: Callable[[torch.Tensor, float], torch.Tensor],
+    x: torch.Tensor,
+    path: Sequence[float],
+    start: float = 0.0,
+) -> torch.Tensor:
+    """Euler flow inversion of ``x`` (at σ = ``start``, 0 = the clean input) up through ``path``.
+
+    Each step reads the velocity ``v_fn(x, σ_cur)`` where ``x`` is and moves with
+    :func:`flow_step`; ``path`` ascends above ``start``; an empty path returns ``x``.
+    """
+    s_cur = float(start)
+    for s_next in path:
+        if not s_next > s_cur:
+            raise ValueError(f"flow inversion path must ascend above sigma {s_cur}, got {s_next}")
+        x = flow_step(v_fn(x, s_cur).to(x.dtype), x, s_cur, float(s_next))
+        s_cur = float(s_next)
+    return x
+
+
+def flow_inversion_path(target: float, steps: int) -> list[float]:
+    """σ values flow inversion visits from the clean input to ``target``: the grid
+    ``1/steps, 2/steps, ...`` below the target, then the target (depends on the target alone)."""
+    if steps < 1:
+        raise ValueError("inversion steps must be >= 1")
+    grid = [k / steps for k in range(1, steps)]
+    return [g for g in grid if g < float(target) - 1e-9] + [float(target)]
+
+
+def flow_scheduler_timestep(sigma: float, num_train_timesteps: int = 1000) -> float:
+    """The "timestep" a ``FlowMatchEulerDiscreteScheduler`` reports for σ: ``σ · T``."""
+    return float(sigma) * int(num_train_timesteps)
 
 
 # ------------------------------------------------------------------------------------ CFG

@@ -9,7 +9,17 @@ The family is read from ``model_index.json``'s ``_class_name``:
 ``StableDiffusionXLPipeline``  ``"sdxl"``  ``UNet2DConditionModel`` + two text encoders
 ``DiTPipeline``                ``"dit"``   ``DiTTransformer2DModel`` (class-conditional)
 ``ShapesWorldPipeline``        ``"pixel"`` ``UNet2DConditionModel`` on pixels (no VAE)
+``StableDiffusion3Pipeline``   ``"sd3"``   ``SD3Transformer2DModel`` (joint attention; CLIP-L,
+                                           CLIP-G and T5; flow matching)
+``FluxPipeline``               ``"flux"``  ``FluxTransformer2DModel`` (double- and single-stream
+                                           blocks on 2x2-packed latents; CLIP + T5; flow matching)
 =============================  ==========  ===============================================
+
+Flow-matching families (``sd3``, ``flux``) take their time as σ in [0, 1]
+(:attr:`ModelHandle.time_convention` is ``"sigma"``): ``model_output(x_t, σ, cond)`` is the
+velocity ``v = ε - x0``, and each family's denoiser is called in its own convention (SD3's
+transformer takes the scheduler's timestep σ·T, Flux's takes σ; Flux's latents are packed
+into 2x2 patches and back around the call, so callers always see ``[B, C, h, w]``).
 
 A local directory is loaded as is. Anything else is treated as a Hugging Face hub id and
 looked up **only in the local cache** (``local_files_only=True`` by default): nothing is
@@ -40,7 +50,17 @@ import torch
 
 from diffatlas.config import refuse_local_revision
 from diffatlas.errors import UserError
-from diffatlas.models.diffusion import NoiseSchedule, prediction_type_of, time_convention
+from diffatlas.models.diffusion import (
+    DDPM_NOISING_RULE,
+    FLOW_NOISING_RULE,
+    NoiseSchedule,
+    Time,
+    check_time,
+    flow_add_noise,
+    flow_eps_x0,
+    prediction_type_of,
+    time_convention,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +70,23 @@ CLASS_TO_FAMILY = {
     "StableDiffusionXLPipeline": "sdxl",
     "DiTPipeline": "dit",
     "ShapesWorldPipeline": "pixel",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
 }
+
+#: Families whose denoiser is a transformer (``pipeline.transformer``), not a UNet.
+TRANSFORMER_FAMILIES = ("dit", "sd3", "flux")
+
+#: Families with joint text-image attention and flow matching.
+FLOW_FAMILIES = ("sd3", "flux")
+
+#: T5 tokens the pipelines read by default (``max_sequence_length``): SD3 256, Flux 512; a
+#: tokenizer with a smaller ``model_max_length`` (the tiny models') caps it.
+T5_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
+
+#: Flux-dev's distilled guidance (FluxPipeline's default ``guidance_scale``), fed to
+#: guidance-embedded transformers; there is no unconditional branch.
+FLUX_GUIDANCE = 3.5
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -63,12 +99,13 @@ class ModelHandle:
     """A loaded diffusion model with a family-independent interface.
 
     Attributes:
-        family: ``"sd"``, ``"sdxl"``, ``"dit"`` or ``"pixel"``.
+        family: ``"sd"``, ``"sdxl"``, ``"dit"``, ``"pixel"``, ``"sd3"`` or ``"flux"``.
         pipeline: the diffusers pipeline (components on ``device`` in ``dtype``).
-        denoiser: the UNet2DConditionModel or DiTTransformer2DModel.
+        denoiser: the UNet2DConditionModel, or the pipeline's transformer (DiT, SD3, Flux).
         scheduler: the pipeline's scheduler (its config is the timestep convention).
         vae: AutoencoderKL, or None for pixel models.
-        tokenizers, text_encoders: lists (two for SDXL, none for DiT).
+        tokenizers, text_encoders: lists in the pipeline's order (two for SDXL and Flux, three
+            for SD3 (CLIP-L, CLIP-G, T5), none for DiT).
         num_train_timesteps: T; timesteps are training-scale integers 0..T-1.
         alphas_cumprod: float32 tensor [T] (CPU): ᾱ_t of the scheduler; None for flow-matching
             schedulers (their time is σ, see :func:`diffatlas.models.diffusion.time_convention`).
@@ -163,10 +200,20 @@ class ModelHandle:
           prompts are looked up as class names (``pipeline.labels``); else the null class
           ``num_classes`` (unconditional), one per prompt.
 
+        * ``sd3`` / ``flux``: ``{"encoder_hidden_states": [B, L, D], "pooled_projections": [B, P]}``
+          from the pipeline's own ``encode_prompt`` (SD3: CLIP-L and CLIP-G penultimate states
+          side by side, padded to T5's width, then the T5 tokens: L = 77 + T5 length; pooled =
+          both CLIP projections. Flux: T5 tokens, CLIP's pooled output). A prompt longer than
+          the T5 budget (:meth:`t5_length`) is a UserError, not a silent truncation.
+
         ``prompts=None`` means ``[""]`` (the empty prompt, batch 1). An empty prompt is
         encoded like any other prompt (not replaced by zeros as SDXL's *negative* prompt is).
         """
         prompts = self._prompts(prompts)
+        if self.family in FLOW_FAMILIES:
+            if class_labels is not None:
+                raise UserError(f"class_labels are only used by DiT models; {self.model_id} is a {self.family} model")
+            return self._flow_conditioning(prompts)
         if self.family == "dit":
             return {"class_labels": self._class_labels(prompts, class_labels)}
         if class_labels is not None:
@@ -187,6 +234,44 @@ class ModelHandle:
             "encoder_hidden_states": torch.cat(states, dim=-1).to(self.dtype),
             "added_cond_kwargs": {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids},
         }
+
+    @property
+    def t5_tokenizer(self):
+        """The T5 tokenizer of a joint-attention family (the last one), else None."""
+        return self.tokenizers[-1] if self.family in FLOW_FAMILIES else None
+
+    @property
+    def t5_length(self) -> int | None:
+        """T5 tokens read per prompt (end-of-text included): the pipeline's default
+        ``max_sequence_length``, capped by the tokenizer's ``model_max_length``."""
+        tok = self.t5_tokenizer
+        if tok is None:
+            return None
+        return min(T5_SEQUENCE_LENGTH[self.family], int(tok.model_max_length))
+
+    def _check_t5_length(self, prompts: list[str]) -> None:
+        limit = self.t5_length
+        for p in prompts:
+            n = len(self.t5_tokenizer(p, add_special_tokens=True).input_ids)
+            if n > limit:
+                raise UserError(
+                    f"prompt {p[:60]!r}{'...' if len(p) > 60 else ''} is {n} T5 tokens (with end-of-text) but "
+                    f"model {self.model_id} ({self.family}) reads at most {limit}; allowed: prompts of at most "
+                    f"{limit} T5 tokens (shorten it; nothing is truncated silently)"
+                )
+
+    def _flow_conditioning(self, prompts: list[str]) -> dict[str, Any]:
+        self._check_t5_length(prompts)
+        pipe, length = self.pipeline, self.t5_length
+        if self.family == "sd3":
+            emb, _, pooled, _ = pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+                do_classifier_free_guidance=False, max_sequence_length=length,
+            )
+        else:
+            emb, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                max_sequence_length=length)
+        return {"encoder_hidden_states": emb.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
 
     def _class_labels(self, prompts: list[str], class_labels) -> torch.Tensor:
         n_cls = self.num_classes
@@ -234,31 +319,77 @@ class ModelHandle:
         return out
 
     def model_output(self, x_t: torch.Tensor, t, cond: dict[str, Any]) -> torch.Tensor:
-        """The denoiser's raw output ``[B, C, h, w]`` for ``x_t`` at training timestep(s) ``t``.
+        """The denoiser's raw output ``[B, C, h, w]`` for ``x_t`` at time(s) ``t``.
 
         What it means (ε, v or x0) is the scheduler's ``prediction_type``; use
-        :meth:`predict_noise` for ε. ``t`` is an int, a 0-d tensor or a ``[B]`` tensor
-        (0..T-1). ``cond`` comes from :meth:`conditioning`; a batch-1 conditioning is broadcast
+        :meth:`predict_noise` for ε. ``t`` is in the model's :attr:`time_convention`: a
+        training step (int, 0-d or ``[B]`` tensor, 0..T-1), or for flow-matching families σ in
+        [0, 1] (float, 0-d or ``[B]`` tensor), whose output is the velocity ``v = ε - x0``; a
+        :class:`~diffatlas.models.diffusion.Time` of the right kind is accepted too.
+        ``cond`` comes from :meth:`conditioning`; a batch-1 conditioning is broadcast
         to ``B``. Gradients flow (no ``no_grad`` here) so callers can differentiate w.r.t.
         ``x_t``. For DiT with a learned variance (``out_channels == 2 * in_channels``) the
         variance half is dropped.
         """
         b = x_t.shape[0]
+        cond = self._expand(cond, b)
+        if self.family in FLOW_FAMILIES:
+            return self._flow_output(x_t, self._sigmas(t, x_t), cond)
+        if isinstance(t, Time):
+            t = check_time(t, "step", self.num_train_timesteps, "time", self.model_id).value
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(b)
-        cond = self._expand(cond, b)
         out = self.denoiser(x_t, t, **cond).sample
         c = x_t.shape[1]
         if out.shape[1] == 2 * c:
             out = out[:, :c]
         return out
 
+    def _sigmas(self, t, x_t: torch.Tensor) -> torch.Tensor:
+        """σ as a float32 ``[B]`` tensor on ``x_t``'s device; a step Time or σ outside [0, 1] is a UserError."""
+        if isinstance(t, Time):
+            t = check_time(t, "sigma", None, "time", self.model_id).value
+        s = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
+        if not torch.is_floating_point(torch.as_tensor(t)) or bool(((s < 0) | (s > 1)).any()):
+            raise UserError(f"model {self.model_id} ({self.family}) is a flow-matching model: its time is sigma, a "
+                            f"float in [0, 1] (or Time 's0.500'); got {t!r}")
+        return s.expand(x_t.shape[0]) if s.ndim == 0 else s
+
+    def _flow_output(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """Velocity ``[B, C, h, w]`` of SD3 / Flux at σ ``[B]``, each in its denoiser's convention."""
+        b, c, h, w = x_t.shape
+        if self.family == "sd3":
+            # SD3's transformer is conditioned on the scheduler's timestep sigma * T.
+            return self.denoiser(hidden_states=x_t, timestep=sigma * self.num_train_timesteps, **cond).sample
+        pipe = self.pipeline
+        packed = pipe._pack_latents(x_t, b, c, h, w)  # [B, (h/2)(w/2), 4C]
+        img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, x_t.dtype)
+        txt_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=x_t.device, dtype=x_t.dtype)
+        extra = {}
+        if getattr(self.denoiser.config, "guidance_embeds", False):
+            extra["guidance"] = torch.full((b,), FLUX_GUIDANCE, device=x_t.device, dtype=torch.float32)
+        # Flux's transformer takes sigma itself (FluxPipeline passes timestep / 1000).
+        out = self.denoiser(hidden_states=packed, timestep=sigma.to(x_t.dtype), img_ids=img_ids, txt_ids=txt_ids,
+                            **extra, **cond).sample
+        return pipe._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor)
+
+    @property
+    def token_grid(self) -> tuple[int, int] | None:
+        """``(h, w)`` of the image tokens where the denoiser's input is not a ``[B, C, H, W]``
+        map the hooks can read it from (Flux's packed latents); None otherwise."""
+        if self.family == "flux":
+            return self.latent_size // 2, self.latent_size // 2
+        return None
+
     def predict_noise(self, x_t: torch.Tensor, t, cond: dict[str, Any]) -> torch.Tensor:
         """Noise prediction ε ``[B, C, h, w]``: :meth:`model_output` read by the scheduler's
         ``prediction_type`` (v- and x0-predicting models are converted with ᾱ_t; see
         :mod:`diffatlas.models.diffusion`). Same arguments as :meth:`model_output`."""
         out = self.model_output(x_t, t, cond)
+        if self.family in FLOW_FAMILIES:
+            eps, _ = flow_eps_x0(out, x_t, self._sigmas(t, x_t))
+            return eps
         if self.prediction_type == "epsilon":
             return out
         tt = torch.as_tensor(t, device=x_t.device)
@@ -295,7 +426,10 @@ class ModelHandle:
         return NoiseSchedule.from_scheduler(self.scheduler, self.model_id)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
-        """Forward process ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise`` (t: int or [B])."""
+        """Forward process ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise`` (t: int or [B]); for
+        flow-matching models ``x_σ = (1 - σ) x0 + σ noise`` (t = σ: float or [B])."""
+        if self.family in FLOW_FAMILIES:
+            return flow_add_noise(x0, noise, self._sigmas(t, x0))
         t = torch.as_tensor(t, device=x0.device).long()
         if t.ndim == 0:
             t = t.expand(x0.shape[0])
@@ -311,6 +445,8 @@ class ModelHandle:
             "latent_size": self.latent_size,
             "latent_channels": self.latent_channels,
             "num_train_timesteps": self.num_train_timesteps,
+            "time_convention": self.time_convention,
+            "noising_rule": FLOW_NOISING_RULE if self.time_convention == "sigma" else DDPM_NOISING_RULE,
             "scheduler": {"class": type(self.scheduler).__name__, **dict(self.scheduler.config)},
         }
 
@@ -435,7 +571,8 @@ def _pipeline_class(family: str):
     import diffusers
 
     return {"sd": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline,
-            "dit": diffusers.DiTPipeline}[family]
+            "dit": diffusers.DiTPipeline, "sd3": diffusers.StableDiffusion3Pipeline,
+            "flux": diffusers.FluxPipeline}[family]
 
 
 def load_model(
@@ -517,14 +654,21 @@ def load_model(
         if isinstance(comp, torch.nn.Module):
             comp.eval().requires_grad_(False)
 
-    denoiser = pipe.transformer if family == "dit" else pipe.unet
+    denoiser = pipe.transformer if family in TRANSFORMER_FAMILIES else pipe.unet
     vae = getattr(pipe, "vae", None)
-    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
-    encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e is not None]
-    sample = denoiser.config.sample_size
-    latent_size = int(sample if isinstance(sample, int) else sample[0])
-    latent_channels = int(denoiser.config.in_channels)
+    tokenizers = [t for t in (getattr(pipe, n, None) for n in ("tokenizer", "tokenizer_2", "tokenizer_3")) if t is not None]
+    encoders = [e for e in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+                if e is not None]
     scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    if family == "flux":
+        # Flux's transformer has no sample size and takes 2x2-packed latents: the size is the
+        # VAE's (1024 px for FLUX.1) and the channels are the VAE's latent channels.
+        latent_size = int(vae.config.sample_size) // scale
+        latent_channels = int(vae.config.latent_channels)
+    else:
+        sample = denoiser.config.sample_size
+        latent_size = int(sample if isinstance(sample, int) else sample[0])
+        latent_channels = int(denoiser.config.in_channels)
     sched = pipe.scheduler
     prediction_type_of(sched, model_id)  # an unknown prediction type is refused at load time
     # A scheduler without alphas_cumprod (flow matching: times are sigmas) is not refused

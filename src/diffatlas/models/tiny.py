@@ -22,6 +22,16 @@ Families and what they mirror:
   ``DiTPipeline.__call__`` hard-codes the null class id 1000 for guidance; ``id2label`` is
   written to ``model_index.json`` (``"0": "class_0"``, ...; the first ten are named after
   ShapesWorld-like words so label lookup can be tested).
+* ``"sd3"``: ``StableDiffusion3Pipeline`` with a 2-block ``SD3Transformer2DModel`` (patch 2,
+  joint text-image attention; the last block is ``context_pre_only`` as in SD3), CLIP-L and
+  CLIP-G (with projection; hidden 16 each, so their concatenation is exactly T5's width 32)
+  and a ``T5EncoderModel`` with the offline T5-style tokenizer
+  (:func:`~diffatlas.models.tokenizer.build_t5_tokenizer`, 32 tokens), a VAE with SD3's
+  ``shift_factor``, and SD3's ``FlowMatchEulerDiscreteScheduler`` (shift 3). Latents 4x16x16.
+* ``"flux"``: ``FluxPipeline`` with a ``FluxTransformer2DModel`` of one double-stream and one
+  single-stream block (guidance-embedded, like FLUX.1-dev), CLIP (pooled) + T5, and Flux's
+  dynamically shifted flow-matching scheduler. Latents 4x16x16, packed 2x2 into 8x8 = 64
+  image tokens of 16 channels.
 """
 
 from __future__ import annotations
@@ -36,7 +46,10 @@ from diffatlas.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd", "sd-v", "sdxl", "dit", "pixel")
+#: Families with DDPM-family schedulers (integer steps with ᾱ) and with flow matching (σ).
+DDPM_FAMILIES = ("sd", "sd-v", "sdxl", "dit", "pixel")
+FLOW_FAMILIES = ("sd3", "flux")
+FAMILIES = DDPM_FAMILIES + FLOW_FAMILIES
 
 #: Words of the tiny models' tokenizer (a superset of typical ShapesWorld captions).
 TINY_WORDS = (
@@ -70,11 +83,12 @@ def _text_encoder(tokenizer, hidden: int, with_projection: bool = False, project
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
 
 
-def _vae(latent_channels: int = 4):
+def _vae(latent_channels: int = 4, **overrides):
     from diffusers import AutoencoderKL
 
     # Two levels: vae_scale_factor = 2 -> 16x16 latents for 32x32 images.
     return AutoencoderKL(
+        **overrides,
         block_out_channels=(16, 32),
         in_channels=3,
         out_channels=3,
@@ -210,15 +224,75 @@ def _make_dit():
     return pipe
 
 
+def _t5_encoder(tokenizer, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    return T5EncoderModel(cfg).eval()
+
+
+def _make_sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from diffatlas.models.tokenizer import build_t5_tokenizer, build_world_tokenizer
+
+    tok, tok2, tok3 = build_world_tokenizer(TINY_WORDS), build_world_tokenizer(TINY_WORDS), build_t5_tokenizer(TINY_WORDS)
+    # CLIP-L and CLIP-G: hidden 16 each; SD3 pads their concatenation (32) to T5's width (32).
+    te = _text_encoder(tok, hidden=16, with_projection=True, projection_dim=16)
+    te2 = _text_encoder(tok2, hidden=16, with_projection=True, projection_dim=16)
+    te3 = _t5_encoder(tok3, d_model=32)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        caption_projection_dim=16,  # = heads * head_dim, as in SD3
+        pooled_projection_dim=32,  # CLIP-L + CLIP-G pooled projections
+        pos_embed_max_size=16,
+    )
+    # SD3's scheduler: flow matching with shift 3; its VAE's scaling and shift factors.
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    vae = _vae(4, scaling_factor=1.5305, shift_factor=0.0609)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok,
+        text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3,
+    )
+
+
+def _make_flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from diffatlas.models.tokenizer import build_t5_tokenizer, build_world_tokenizer
+
+    tok, tok2 = build_world_tokenizer(TINY_WORDS), build_t5_tokenizer(TINY_WORDS)
+    te = _text_encoder(tok, hidden=32)  # Flux reads CLIP's pooled output (hidden size)
+    te2 = _t5_encoder(tok2, d_model=32)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    )
+    # FLUX.1's scheduler settings: resolution-dependent ("dynamic") shifting.
+    sched = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    vae = _vae(4, scaling_factor=0.3611, shift_factor=0.1159)
+    return FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok,
+                        text_encoder_2=te2, tokenizer_2=tok2)
+
+
 _BUILDERS = {"pixel": _make_pixel, "sd": _make_sd, "sd-v": lambda: _make_sd("v_prediction"), "sdxl": _make_sdxl,
-             "dit": _make_dit}
+             "dit": _make_dit, "sd3": _make_sd3, "flux": _make_flux}
 
 
 def make_tiny_model(family: str, path: str | os.PathLike, seed: int = 0) -> Path:
     """Build a tiny random model of ``family`` and save it to ``path`` (diffusers layout).
 
     Args:
-        family: one of ``"sd"``, ``"sd-v"`` (v-prediction SD), ``"sdxl"``, ``"dit"``, ``"pixel"``.
+        family: one of ``"sd"``, ``"sd-v"`` (v-prediction SD), ``"sdxl"``, ``"dit"``, ``"pixel"``,
+            ``"sd3"``, ``"flux"``.
         path: output directory (created or replaced atomically).
         seed: torch seed of the random initialisation (same seed -> identical weights).
 

@@ -165,3 +165,66 @@ def build_world_tokenizer(words: list[str], path: str | os.PathLike | None = Non
         tok.save_pretrained(str(path))
     log.debug("built world tokenizer: %d words, %d tokens, %d merges", len(words), len(vocab), len(merges))
     return tok
+
+
+# ------------------------------------------------------------------------------ T5 style
+#: The word-start marker of SentencePiece (T5's tokenizer).
+T5_SPACE = "\u2581"
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+#: Token budget of the tiny models' T5 tokenizer (real T5 tokenizers: 512; SD3 reads 256).
+T5_MODEL_MAX_LENGTH = 32
+
+#: Unigram log-probabilities: a whole word always beats its spelling in characters.
+_WORD_SCORE, _CHAR_SCORE = -1.0, -8.0
+
+
+def build_t5_tokenizer(
+    words: list[str], path: str | os.PathLike | None = None, model_max_length: int = T5_MODEL_MAX_LENGTH
+):
+    """Build a T5-style (SentencePiece Unigram) tokenizer whose whole-word tokens are ``words``.
+
+    Layout as T5's: ``<pad>`` = 0, ``</s>`` = 1 (appended to every prompt, no BOS), ``<unk>`` = 2,
+    then the pieces. Pieces: ``"▁word"`` for each vocabulary word (lower-cased; T5 is
+    case-sensitive, so ``"Red"`` is spelled out), and every base character (letters of both
+    cases, digits, punctuation) both word-initial (``"▁r"``) and word-inner (``"r"``), so an
+    unknown word falls back to its characters and only a character outside that alphabet is
+    ``<unk>``. No sentinel (``<extra_id_*>``) tokens.
+
+    Args:
+        words: vocabulary words (multi-word strings split on whitespace; duplicates dropped).
+        path: if given, saved there with ``save_pretrained`` (``tokenizer.json``), reloadable
+            with ``T5TokenizerFast.from_pretrained(path)``.
+        model_max_length: the tokenizer's limit (prompts longer than this are refused by
+            :class:`~diffatlas.models.loader.ModelHandle`).
+
+    Returns:
+        a :class:`transformers.T5TokenizerFast` (the same class as ``T5Tokenizer`` in transformers 5).
+    """
+    from transformers import T5TokenizerFast
+
+    chars = BASE_CHARS + string.ascii_uppercase
+    pieces: list[tuple[str, float]] = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), (T5_SPACE, _CHAR_SCORE)]
+    seen = {p for p, _ in pieces}
+
+    def add(piece: str, score: float) -> None:
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append((piece, score))
+
+    norm = _normalize_words(words)
+    for w in norm:
+        add(T5_SPACE + w, _WORD_SCORE)
+    for c in chars:
+        add(T5_SPACE + c, _CHAR_SCORE)
+        add(c, _CHAR_SCORE)
+    tok = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=int(model_max_length))
+    vocab = tok.get_vocab()
+    for w in norm:  # guard against a change of the Unigram / pre-tokenizer semantics
+        ids = tok(w, add_special_tokens=False).input_ids
+        if ids != [vocab[T5_SPACE + w]]:
+            raise RuntimeError(f"T5 tokenizer does not keep {w!r} whole (got ids {ids})")
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(path))
+    log.debug("built T5 tokenizer: %d words, %d pieces", len(norm), len(pieces))
+    return tok
