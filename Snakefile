@@ -25,6 +25,7 @@ include: "rules/sae.smk"
 include: "rules/diffc.smk"
 include: "rules/daam.smk"
 include: "rules/geometry.smk"
+include: "rules/links.smk"
 include: "rules/atlas.smk"  # last: the atlas reads every other target
 
 

@@ -37,6 +37,7 @@ STAGE_BUDGET_S = {
     "diffc": 90,
     "daam": 100,
     "geometry": 100,
+    "links": 15,  # cross-method links: SAE latents vs DAAM words and pullback directions
     "atlas": 10,  # the static HTML atlas: reads results/, writes pages and thumbnails
     "reserve": 60,  # later stages: path lengths at paper size, interventions, SD3/Flux
 }
