@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from diffatlas.intervals import wilson
-from diffatlas.links.directions import agreement, latent_attributes, latent_change, score_directions
+from diffatlas.links.directions import agreement, latent_attributes, latent_change, relative_change, score_directions
 from diffatlas.links.sae_daam import labelled_latents, latent_mask, link_run, score_image, upsample
 
 torch.set_num_threads(1)
@@ -114,6 +114,9 @@ def test_change_agreement_and_chance_hand_table():
     change = latent_change(z, [-1.0, 0.0, 1.0])
     np.testing.assert_allclose(change[0], [0, 1, 0.25, 0])
     np.testing.assert_allclose(change[1], [0, 0, 0, 2])
+    # relative change: by the latent's mean activation when active; no scale (never active) -> left out (0)
+    np.testing.assert_allclose(relative_change(change, np.array([3.0, 4.0, 0.05, np.nan])), [[0, 0.25, 5.0, 0], [0, 0, 0, 0],
+                                                                                          [0.5, 0, 0, 0]])
     attribute = pd.Series({0: "shape", 1: "colour", 2: "shape", 3: "unlabelled"})
     active = np.array([True, True, True, False])
     table = score_directions(change, active, attribute, ["colour", "shape", "count"], top=2)

@@ -41,6 +41,7 @@ def main(argv: list[str]) -> int:
 
     _, agree = run(handle, args.runs, args.geometry, args.meaning, args.table, args.agreement, device=handle.device)
     for r in agree.itertuples():
-        result(f"{r.layer} t{r.timestep}: most-changed latent's attribute = judge's factor {r.k}/{r.n} = {r.agreement:.2f} "
+        where = "pooled" if r.layer == "all" else f"{r.layer} t{r.timestep}"
+        result(f"{r.measure} change, {where}: most-changed latent's attribute = judge's factor {r.k}/{r.n} = {r.agreement:.2f} "
                f"[{r.low:.2f}, {r.high:.2f}] (chance {r.chance:.2f}; {r.not_scored} directions not scored)")
     return 0

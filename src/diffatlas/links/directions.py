@@ -12,7 +12,13 @@ strengths of one sample share it and only the edit differs), and the run's SAE e
 pooled vectors (× the run's input scale). Then, per direction,
 
 * ``change_j`` = mean over samples and nonzero strengths of ``|z_j(edit) − z_j(strength 0)|``
-  (post-TopK codes), and the :data:`TOP_CHANGED` latents with the largest change;
+  (post-TopK codes), and the :data:`TOP_CHANGED` latents with the largest change, under two
+  measures (:data:`MEASURES`): ``raw`` (the change itself) and ``relative`` (divided by the
+  latent's mean activation when active on the dataset, ``mean_act`` of latents.parquet). Raw
+  change favours latents with a large activation scale whatever the direction (on the demo the
+  same few latents top every direction of a timestep); the relative change asks by how many of
+  its typical activations a latent moved. Latents that never fire on the dataset have no scale
+  and are left out of the relative ranking. Both are reported, side by side;
 * a latent's *attribute* is the dataset attribute its top images agree on most beyond chance:
   ``argmax_a purity_a − chance_purity_a`` (``latents.parquet`` and ``metrics.json``) among
   the ranked latents with a positive margin; others are ``unlabelled``;
@@ -50,6 +56,7 @@ FACTOR_ATTRIBUTE = {"colour": "colour", "shape": "shape", "size": "size", "posit
 #: The edits linked: Park et al.'s x0-normalised one-step edits.
 EDIT_MODE = "normalised"
 UNLABELLED = "unlabelled"
+MEASURES = ("raw", "relative")
 
 
 def latent_change(codes: np.ndarray, strengths: Sequence[float]) -> np.ndarray:
@@ -64,6 +71,13 @@ def latent_change(codes: np.ndarray, strengths: Sequence[float]) -> np.ndarray:
     ref = codes[:, :, zero[0] : zero[0] + 1]
     moved = np.flatnonzero(strengths != 0)
     return np.abs(codes[:, :, moved] - ref).mean(axis=(0, 2))
+
+
+def relative_change(change: np.ndarray, mean_act: np.ndarray) -> np.ndarray:
+    """change [m, n] / mean activation when active [n]; 0 for latents with no scale (never active)."""
+    scale = np.asarray(mean_act, dtype=np.float64)
+    ok = np.isfinite(scale) & (scale > 0)
+    return np.where(ok[None, :], change / np.where(ok, scale, 1.0)[None, :], 0.0)
 
 
 def latent_attributes(latents: pd.DataFrame, chance: dict[str, float], top_latents: int) -> pd.Series:
@@ -226,14 +240,18 @@ def run(handle: Any, sae_runs: Sequence[str | os.PathLike], geometry_dirs: Seque
                 z = codes[b["start"] : b["start"] + E * m * S].reshape(E, m, S, -1)
                 change = latent_change(z, b["strengths"])
                 active = (z > 0).any(axis=(0, 1, 2))
-                df = score_directions(change, active, attribute, b["factors"])
-                df.insert(0, "geo_timestep", b["geo_timestep"])
-                df.insert(0, "timestep", t)
-                df.insert(0, "layer", cfg["layer"])
-                df.insert(0, "mode", mode)
-                rows.append(df)
+                scale = latents.set_index("latent")["mean_act"].reindex(np.arange(change.shape[1])).to_numpy()
+                for measure, ch in (("raw", change), ("relative", relative_change(change, scale))):
+                    df = score_directions(ch, active, attribute, b["factors"])
+                    df.insert(0, "geo_timestep", b["geo_timestep"])
+                    df.insert(0, "timestep", t)
+                    df.insert(0, "layer", cfg["layer"])
+                    df.insert(0, "measure", measure)
+                    df.insert(0, "mode", mode)
+                    rows.append(df)
     table = pd.concat(rows, ignore_index=True)
-    agree = agreement(table)
+    agree = pd.concat([agreement(g).assign(measure=m) for m, g in table.groupby("measure", sort=False)], ignore_index=True)
+    agree = agree[["measure", *[c for c in agree.columns if c != "measure"]]]
     with atomic_file(out_table) as tmp:
         table.to_csv(tmp, index=False)
     with atomic_file(out_agreement) as tmp:

@@ -39,7 +39,7 @@ def plot_sae_daam(rows_path: str | os.PathLike, out: str | os.PathLike, title: s
         x = np.arange(len(t))
         for i, m in enumerate(IOUS):
             y = t[m].to_numpy()
-            err = np.stack([y - t[f"{m}_low"].to_numpy(), t[f"{m}_high"].to_numpy() - y])
+            err = np.clip(np.stack([y - t[f"{m}_low"].to_numpy(), t[f"{m}_high"].to_numpy() - y]), 0, None)
             ax.bar(x + (i - 1) * 0.27, y, 0.27, yerr=np.nan_to_num(err), capsize=2, label=LABELS[m])
         ax.set_xticks(x, [f"{r.layer}\nt{r.timestep}\n({r.latents} lat.)" for r in t.itertuples()], fontsize=7)
         ax.set_title(f"{attr} words")
@@ -56,13 +56,22 @@ def plot_directions(agreement_path: str | os.PathLike, out: str | os.PathLike, t
     need = {"layer", "timestep", "agreement", "low", "high", "chance", "n"}
     if not need <= set(agree.columns):
         raise UserError(f"{agreement_path} lacks columns {sorted(need - set(agree.columns))}; run links-directions first")
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(agree) + 1.5), 3.6))
-    x = np.arange(len(agree))
-    y = agree["agreement"].to_numpy(dtype=float)
-    err = np.stack([y - agree["low"].to_numpy(dtype=float), agree["high"].to_numpy(dtype=float) - y])
-    ax.bar(x, np.nan_to_num(y), 0.6, yerr=np.nan_to_num(err), capsize=3, color="tab:blue", label="most-changed latent's attribute = judge's factor")
-    ax.scatter(x, agree["chance"], marker="_", s=300, color="black", zorder=3, label="chance (random active latent)")
-    ax.set_xticks(x, [f"{r.layer}\nt{r.timestep}\nn={r.n}" for r in agree.itertuples()], fontsize=7)
+    measures = list(dict.fromkeys(agree["measure"])) if "measure" in agree else [None]
+    first = agree[agree["measure"] == measures[0]] if measures[0] is not None else agree
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(first) + 1.5), 3.8))
+    x = np.arange(len(first))
+    width = 0.8 / len(measures)
+    for i, measure in enumerate(measures):
+        part = agree[agree["measure"] == measure] if measure is not None else agree
+        y = part["agreement"].to_numpy(dtype=float)
+        # Wilson's bound equals the rate at k = 0 or n; rounding must not make an error bar negative
+        err = np.clip(np.stack([y - part["low"].to_numpy(dtype=float), part["high"].to_numpy(dtype=float) - y]), 0, None)
+        off = (i - (len(measures) - 1) / 2) * width
+        ax.bar(x + off, np.nan_to_num(y), width, yerr=np.nan_to_num(err), capsize=3,
+               label=f"most-changed latent ({measure} change): attribute = judge's factor" if measure else "agreement")
+        ax.scatter(x + off, part["chance"], marker="_", s=120, color="black", zorder=3,
+                   label="chance (a random latent active on the edits)" if i == 0 else None)
+    ax.set_xticks(x, [("pooled" if r.layer == "all" else f"{r.layer}\nt{r.timestep}") + f"\nn={r.n}" for r in first.itertuples()], fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel("agreement (95% Wilson)")
     ax.legend(fontsize=7, loc="upper left")
