@@ -338,3 +338,25 @@ def test_atlas_in_a_headless_browser(tiny_run, tmp_path):
     visited = browser_check(tiny_run[0] / "atlas", tmp_path / "screenshots")
     assert len(visited) == 6
     assert all((tmp_path / "screenshots" / f"{n}.png").stat().st_size > 1000 for n in ("index", "latent", "daam", "geometry"))
+
+
+def test_links_tables_agree_with_their_sources(tiny_run):
+    """The links stage on the tiny run: its DAAM-vs-truth IoUs are the DAAM stage's own, and the
+    direction table covers every (measure, SAE run, geometry timestep, direction)."""
+    results = tiny_run[0]
+    links = results / "links" / "shapesworld" / "shapesworld"
+    rows = pd.read_parquet(links / "sae_daam.parquet")
+    daam = pd.read_parquet(results / "daam" / "shapesworld" / "real" / "shapesworld" / "iou_rows.parquet")
+    daam = daam[(daam["method"] == "daam") & np.isclose(daam["tau"], 0.4)]
+    own = {(int(r.sample_id), str(r.word).lower(), int(r.object)): r.iou for r in daam.itertuples()}
+    for r in rows.itertuples():
+        assert r.iou_daam_true == pytest.approx(own[(r.sample_id, r.word, r.object)])
+        assert 0 <= r.iou_sae_daam <= 1 and 0 <= r.iou_sae_true <= 1
+    table = pd.read_csv(links / "directions.csv")
+    # 2 measures x (2 layers x 2 SAE times) x 2 geometry times (999, 500) x 1 edit direction
+    assert len(table) == 16 and set(table["measure"]) == {"raw", "relative"}
+    agree = pd.read_csv(links / "directions_agreement.csv")
+    for measure, part in table.groupby("measure"):
+        pooled = agree[(agree["measure"] == measure) & (agree["layer"] == "all")].iloc[0]
+        scored = part[part["scored"]]
+        assert (pooled.n, pooled.not_scored, pooled.k) == (len(scored), len(part) - len(scored), int(scored["agree"].sum()))
