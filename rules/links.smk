@@ -7,6 +7,7 @@
 #       directions.csv            per (SAE run, geometry timestep, pullback direction): the judge's factor,
 #                                 the most-changed latents and their attributes, agreement
 #       directions_agreement.csv  agreement per SAE run and pooled (95% Wilson), chance
+#       sae_daam.json, directions.json   provenance and settings (model, runs, tau, device, ...)
 #   results/figures/links/{model}/{dataset}/sae_daam.png, directions.png
 #
 # SAE-DAAM runs for models in both extract.models and daam.models, datasets in both
@@ -42,6 +43,7 @@ rule links_sae_daam:
     output:
         rows=str(Path(LINKS_DIR, "sae_daam.parquet")),
         summary=report(str(Path(LINKS_DIR, "sae_daam_summary.csv")), caption="../report/captions/links_sae_daam.rst", category="links", subcategory="{model}/{dataset}"),
+        record=str(Path(LINKS_DIR, "sae_daam.json")),
     params:
         runs=lambda wc: " ".join(shlex.quote(r) for r in links_runs(wc, True)),
         stores=lambda wc: " ".join(shlex.quote(SAE_STORE.format(model=wc.model, dataset=wc.dataset, timestep=g["timestep"])) for g in sae_grid(wc.model) if g["layer"] in SAE_SPATIAL_LAYERS),
@@ -57,7 +59,7 @@ rule links_sae_daam:
         runtime=lambda wc, attempt: 10 * attempt,
     shell:
         "diffatlas links-sae-daam --runs {params.runs} --stores {params.stores} --daam {input.daam:q} --dataset {input.dataset:q}"
-        " --rows {output.rows:q} --summary {output.summary:q} --device {params.device:q} --threads {threads} > {log:q} 2>&1"
+        " --rows {output.rows:q} --summary {output.summary:q} --record {output.record:q} --device {params.device:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule links_directions:
@@ -71,6 +73,7 @@ rule links_directions:
     output:
         table=str(Path(LINKS_DIR, "directions.csv")),
         agreement=report(str(Path(LINKS_DIR, "directions_agreement.csv")), caption="../report/captions/links_directions.rst", category="links", subcategory="{model}/{dataset}"),
+        record=str(Path(LINKS_DIR, "directions.json")),
     params:
         model_path=lambda wc: model_path(wc.model),
         model_args=model_args_arg,
@@ -89,7 +92,7 @@ rule links_directions:
     shell:
         "diffatlas links-directions --model {params.model_path:q} --model-name {wildcards.model} --runs {params.runs}"
         " --geometry {params.geometry} --meaning {input.meaning:q} --table {output.table:q} --agreement {output.agreement:q}"
-        " --device {params.device:q} --threads {threads} {params.model_args:q} > {log:q} 2>&1"
+        " --record {output.record:q} --device {params.device:q} --threads {threads} {params.model_args:q} > {log:q} 2>&1"
 
 
 rule links_figure_sae_daam:

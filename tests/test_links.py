@@ -233,3 +233,17 @@ def test_pooled_activations_equal_extraction(tmp_path):
     twin = pooled_activations(handle, images[[0, 0, 0]], np.array([5, 5, 6]), cfg)["mid"]
     np.testing.assert_array_equal(twin[0], twin[1])
     assert not np.allclose(twin[0], twin[2])
+
+
+def test_store_of_another_model_is_refused(tmp_path):
+    from diffatlas.errors import UserError
+    from diffatlas.links.directions import check_model
+
+    class _Store:
+        path = tmp_path / "t50.zarr"
+        attrs = {"model_name": "sd15"}
+
+    check_model(_Store(), "sd15")
+    check_model(_Store(), None)  # nothing to compare
+    with pytest.raises(UserError, match=r"holds activations of model 'sd15', but .* model 'shapesworld'"):
+        check_model(_Store(), "shapesworld")

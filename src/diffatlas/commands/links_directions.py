@@ -34,12 +34,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--meaning", required=True, help="the geometry stage's meaning_summary.csv")
     ap.add_argument("--table", required=True, help="output CSV, one row per (run, geometry timestep, direction)")
     ap.add_argument("--agreement", required=True, help="output CSV, agreement per run and pooled")
+    ap.add_argument("--record", default=None, help="output JSON: provenance and settings")
     args = ap.parse_args(argv)
     handle = RUNNER.load_model(args)
 
     from diffatlas.links.directions import run
 
-    _, agree = run(handle, args.runs, args.geometry, args.meaning, args.table, args.agreement, device=handle.device)
+    _, agree = run(handle, args.runs, args.geometry, args.meaning, args.table, args.agreement, device=handle.device,
+                   model_name=RUNNER.model_name(args), record=args.record)
     for r in agree.itertuples():
         where = "pooled" if r.layer == "all" else f"{r.layer} t{r.timestep}"
         result(f"{r.measure} change, {where}: most-changed latent's attribute = judge's factor {r.k}/{r.n} = {r.agreement:.2f} "

@@ -35,13 +35,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--dataset", required=True, help="dataset directory (masks.npy, metadata.parquet)")
     ap.add_argument("--rows", required=True, help="output Parquet, one row per (run, latent, image)")
     ap.add_argument("--summary", required=True, help="output CSV, one row per (layer, timestep, latent, word)")
+    ap.add_argument("--record", default=None, help="output JSON: provenance and settings")
     args = ap.parse_args(argv)
     device = RUNNER.setup(args)
 
     from diffatlas.links.sae_daam import pooled, run
 
     stores = args.stores or [None] * len(args.runs)
-    rows, _ = run(args.runs, stores, args.daam, args.dataset, args.rows, args.summary, device=device)
+    rows, _ = run(args.runs, stores, args.daam, args.dataset, args.rows, args.summary, device=device, record=args.record)
     if len(rows) == 0:
         result("no labelled latent names a word of the DAAM images' captions")
     for r in pooled(rows).itertuples():

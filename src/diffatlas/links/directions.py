@@ -179,10 +179,20 @@ def pooled_activations(handle: Any, images: np.ndarray, noise_ids: np.ndarray, c
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def check_model(store: Any, model_name: str | None) -> None:
+    """The SAE's activations must come from the model that is hooked now (by the names recorded)."""
+    recorded = store.attrs.get("model_name")
+    if model_name and recorded and str(recorded) != str(model_name):
+        raise UserError(f"{store.path} holds activations of model {recorded!r}, but the edited images are encoded "
+                        f"with model {model_name!r}: the SAE would read another model's layer")
+
+
 def run(handle: Any, sae_runs: Sequence[str | os.PathLike], geometry_dirs: Sequence[str | os.PathLike],
         meaning_summary: str | os.PathLike, out_table: str | os.PathLike, out_agreement: str | os.PathLike,
-        mode: str = EDIT_MODE, device: torch.device | str = "cpu") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Link the edits of every geometry timestep directory to every SAE run; write both tables."""
+        mode: str = EDIT_MODE, device: torch.device | str = "cpu", model_name: str | None = None,
+        record: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Link the edits of every geometry timestep directory to every SAE run; write both tables
+    (and, with ``record``, a JSON of the provenance and settings)."""
     from diffatlas.activations.store import ActivationStore
     from diffatlas.geometry.artifacts import load_basis, load_edits
     from diffatlas.io import atomic_file, read_json
@@ -220,13 +230,17 @@ def run(handle: Any, sae_runs: Sequence[str | os.PathLike], geometry_dirs: Seque
         sae.eval()
         runs.append((Path(r), sae, cfg))
     rows = []
+    extraction: dict[str, Any] = {}
     by_time: dict[int, list[Any]] = {}
     for item in runs:
         by_time.setdefault(int(item[2]["timestep"]), []).append(item)
     for t, items in sorted(by_time.items()):
         store = ActivationStore(items[0][2]["store"])
+        check_model(store, model_name)
         layers = sorted({it[2]["layer"] for it in items})
         cfg_x = _extract_config(store, t, layers)
+        extraction[str(t)] = {"store": str(store.path), "layers": layers,
+                              **{k: store.attrs.get(k) for k in ("model_name", "model_id", "seed", "pooling", "prompt", "noise", "conditioning")}}
         acts = pooled_activations(handle, images_all, ids_all, cfg_x)
         for run_dir, sae, cfg in items:
             x = torch.from_numpy(acts[cfg["layer"]] * np.float32(cfg["input_scale"])).to(device)
@@ -256,4 +270,16 @@ def run(handle: Any, sae_runs: Sequence[str | os.PathLike], geometry_dirs: Seque
         table.to_csv(tmp, index=False)
     with atomic_file(out_agreement) as tmp:
         agree.to_csv(tmp, index=False)
+    if record is not None:
+        from diffatlas.io import write_json
+
+        write_json(record, {
+            "model": handle.describe() if hasattr(handle, "describe") else str(getattr(handle, "model_id", "")),
+            "model_name": model_name, "device": str(device), "dtype": "float32 codes; extraction as the store's",
+            "sae_runs": [str(r) for r in sae_runs], "geometry": [str(g) for g in geometry_dirs],
+            "meaning_summary": str(meaning_summary), "edit_mode": mode, "measures": list(MEASURES),
+            "top_changed": TOP_CHANGED, "factor_attribute": FACTOR_ATTRIBUTE,
+            "noise": "one seeded draw per (geometry timestep, edit sample), shared by its directions and strengths",
+            "extraction": extraction, "n_rows": len(table),
+        })
     return table, agree

@@ -41,10 +41,11 @@ def plot_sae_daam(rows_path: str | os.PathLike, out: str | os.PathLike, title: s
             y = t[m].to_numpy()
             err = np.clip(np.stack([y - t[f"{m}_low"].to_numpy(), t[f"{m}_high"].to_numpy() - y]), 0, None)
             ax.bar(x + (i - 1) * 0.27, y, 0.27, yerr=np.nan_to_num(err), capsize=2, label=LABELS[m])
-        ax.set_xticks(x, [f"{r.layer}\nt{r.timestep}\n({r.latents} lat.)" for r in t.itertuples()], fontsize=7)
+        ax.set_xticks(x, [f"{r.layer} t{r.timestep} ({r.latents})" for r in t.itertuples()], fontsize=7, rotation=45, ha="right")
         ax.set_title(f"{attr} words")
         ax.set_ylim(0, 1)
     axes[0, 0].set_ylabel("mean IoU (95% CI)")
+    axes[0, 0].set_xlabel("SAE layer, timestep (labelled latents)", fontsize=7)
     if attrs:
         axes[0, -1].legend(fontsize=7)
     fig.suptitle(title or "SAE latent maps vs DAAM word maps vs true masks")
@@ -69,11 +70,11 @@ def plot_directions(agreement_path: str | os.PathLike, out: str | os.PathLike, t
         off = (i - (len(measures) - 1) / 2) * width
         ax.bar(x + off, np.nan_to_num(y), width, yerr=np.nan_to_num(err), capsize=3,
                label=f"most-changed latent ({measure} change): attribute = judge's factor" if measure else "agreement")
-        ax.scatter(x + off, part["chance"], marker="_", s=120, color="black", zorder=3,
+        ax.scatter(x + off, part["chance"], marker="D", s=14, color="tab:red", zorder=3,
                    label="chance (a random latent active on the edits)" if i == 0 else None)
     ax.set_xticks(x, [("pooled" if r.layer == "all" else f"{r.layer}\nt{r.timestep}") + f"\nn={r.n}" for r in first.itertuples()], fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel("agreement (95% Wilson)")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
     ax.set_title(title or "pullback directions vs SAE latent labels")
     save_figure(fig, out)

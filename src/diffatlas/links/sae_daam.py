@@ -198,8 +198,9 @@ def link_run(run_dir: str | os.PathLike, store_path: str | os.PathLike | None, d
 
 def run(sae_runs: Sequence[str | os.PathLike], stores: Sequence[str | os.PathLike | None], daam_dir: str | os.PathLike,
         dataset_dir: str | os.PathLike, out_rows: str | os.PathLike, out_summary: str | os.PathLike,
-        device: torch.device | str = "cpu") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Link every SAE run to the DAAM real-image run ``daam_dir``; write the rows and the summary.
+        device: torch.device | str = "cpu", record: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Link every SAE run to the DAAM real-image run ``daam_dir``; write the rows and the summary
+    (and, with ``record``, a JSON of the provenance and settings).
 
     ``stores``: the activation store of each run (None: the one its cfg.json records).
     """
@@ -230,4 +231,18 @@ def run(sae_runs: Sequence[str | os.PathLike], stores: Sequence[str | os.PathLik
         rows.to_parquet(tmp, index=False)
     with atomic_file(out_summary) as tmp:
         summary.to_csv(tmp, index=False)
+    if record is not None:
+        from diffatlas.io import write_json
+
+        write_json(record, {
+            "daam": str(daam_dir), "daam_model": daam_run.info.get("model"), "daam_mode": daam_run.info.get("mode"),
+            "daam_t_start": daam_run.info.get("t_start"), "daam_seed": daam_run.info.get("seed"), "tau": tau,
+            "dataset": str(dataset_dir), "n_images": len(daam_run.items), "sae_runs": [str(r) for r in sae_runs],
+            "stores": [None if s is None else str(s) for s in stores], "device": str(device), "dtype": "float32",
+            "min_purity": MIN_PURITY, "latents_per_word": LATENTS_PER_WORD, "role_attribute": ROLE_ATTRIBUTE,
+            "upsampling": "bicubic, clamp >= 0 (as DAAM's maps); threshold: min-max scaled > tau",
+            "sae_encoding": "the run's SAE on each position of the stored spatial maps (sae.spatial.latent_maps); a "
+                            "pooled-trained SAE reads positions less well (its per-position FVE: sae-spatial's spatial.json)",
+            "n_rows": len(rows),
+        })
     return rows, summary
