@@ -203,7 +203,7 @@ def run(handle: Any, sae_runs: Sequence[str | os.PathLike], geometry_dirs: Seque
     if not need <= set(summary.columns):
         raise UserError(f"{meaning_summary} lacks columns {sorted(need - set(summary.columns))}; run geometry-meaning first")
     # Every edited image once, flattened in (geometry timestep, sample, direction, strength) order.
-    blocks, images, noise_ids, offset = [], [], [], 0
+    blocks, images, noise_ids, offset, n_samples = [], [], [], 0, 0
     for g in geometry_dirs:
         _, meta = load_basis(g)
         edits = load_edits(g)
@@ -220,8 +220,9 @@ def run(handle: Any, sae_runs: Sequence[str | os.PathLike], geometry_dirs: Seque
                        "strengths": np.asarray(edits["strengths"]), "factors": [str(factors[d]) for d in range(m)]})
         images.append(arr.reshape(-1, *arr.shape[3:]))
         # one noise draw per (geometry timestep, sample): every strength and direction of it shares it
-        noise_ids.append(np.repeat(np.arange(E) + 1000 * len(blocks), m * S))
+        noise_ids.append(np.repeat(np.arange(n_samples, n_samples + E), m * S))
         offset += E * m * S
+        n_samples += E
     images_all, ids_all = np.concatenate(images), np.concatenate(noise_ids)
 
     runs = []
