@@ -157,7 +157,7 @@ def test_budget_from_the_runs_benchmark_files(tiny_run):
         per_rule[rule] = per_rule.get(rule, 0.0) + float(row["s"])
     b = budget(results, ROOT / "rules")
     assert b.stages["jobs"].sum() == len(files)
-    assert set(b.stages["stage"]) == {"data", "world_model", "extract", "sae", "diffc", "daam", "geometry", "atlas"}
+    assert set(b.stages["stage"]) == {"data", "world_model", "extract", "sae", "diffc", "daam", "geometry", "links", "atlas"}
     stage_of = {"make_dataset": "data", "world_fidelity": "world_model", "extract": "extract", "train_diffc": "diffc"}
     for rule, stage in stage_of.items():
         assert b.rules.set_index("rule").loc[rule, "stage"] == stage
