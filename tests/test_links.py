@@ -127,15 +127,23 @@ def test_change_agreement_and_chance_hand_table():
     assert table["chance"].iloc[:2].tolist() == pytest.approx([1 / 3, 2 / 3])
     table.insert(0, "layer", "mid")
     table.insert(1, "timestep", 50)
-    agree = agreement(table)
-    pooled = agree[agree["layer"] == "all"].iloc[0]
-    assert (pooled.k, pooled.n, pooled.not_scored) == (1, 2, 1)
-    assert pooled.chance == pytest.approx(0.5)
+    table.insert(2, "geo_timestep", 999)
+    # a second SAE run that sees the same directions and agrees on both
+    other = table.assign(layer="up_ft1", agree=[1.0, 1.0, np.nan])
+    agree = agreement(pd.concat([table, other], ignore_index=True)).set_index("layer")
+    run = agree.loc["mid"]
+    assert (run.k, run.n, run.not_scored, run.interval) == (1, 2, 1, "wilson")
+    assert run.chance == pytest.approx(0.5)
     # Wilson 95% of 1/2 by hand: centre 0.5, half-width z sqrt(1/8 + z^2/16) / (1 + z^2/2)
     z95 = 1.959963984540054
     half = z95 * np.sqrt(0.25 / 2 + z95**2 / 16) / (1 + z95**2 / 2)
-    assert [pooled.low, pooled.high] == pytest.approx([0.5 - half, 0.5 + half])
-    assert [pooled.low, pooled.high] == pytest.approx(wilson(1, 2))
+    assert [run.low, run.high] == pytest.approx([0.5 - half, 0.5 + half])
+    assert [run.low, run.high] == pytest.approx(wilson(1, 2))
+    pooled = agree.loc["all"]
+    assert (pooled.k, pooled.n, pooled.n_directions, pooled.not_scored) == (3, 4, 2, 2)
+    # over the 2 directions: agreement means 1 (direction 0) and 0.5 (direction 1); resampling 2 clusters
+    # gives means 1, 0.75 or 0.5 (probabilities 1/4, 1/2, 1/4): the 95% percentile interval is [0.5, 1]
+    assert pooled.interval == "bootstrap over directions" and [pooled.low, pooled.high] == pytest.approx([0.5, 1.0])
 
 
 # -- a planted SAE-DAAM link, end to end through store, SAE and masks ---------------------------

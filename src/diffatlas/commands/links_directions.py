@@ -35,15 +35,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--table", required=True, help="output CSV, one row per (run, geometry timestep, direction)")
     ap.add_argument("--agreement", required=True, help="output CSV, agreement per run and pooled")
     ap.add_argument("--record", default=None, help="output JSON: provenance and settings")
+    ap.add_argument("--noise-draws", type=int, default=None, help="forward-noise draws per edit sample (default: NOISE_DRAWS of diffatlas.links.directions)")
     args = ap.parse_args(argv)
     handle = RUNNER.load_model(args)
 
-    from diffatlas.links.directions import run
+    from diffatlas.links.directions import NOISE_DRAWS, run
 
     _, agree = run(handle, args.runs, args.geometry, args.meaning, args.table, args.agreement, device=handle.device,
-                   model_name=RUNNER.model_name(args), record=args.record)
+                   model_name=RUNNER.model_name(args), record=args.record,
+                   noise_draws=NOISE_DRAWS if args.noise_draws is None else args.noise_draws)
     for r in agree.itertuples():
         where = "pooled" if r.layer == "all" else f"{r.layer} t{r.timestep}"
         result(f"{r.measure} change, {where}: most-changed latent's attribute = judge's factor {r.k}/{r.n} = {r.agreement:.2f} "
-               f"[{r.low:.2f}, {r.high:.2f}] (chance {r.chance:.2f}; {r.not_scored} directions not scored)")
+               f"[{r.low:.2f}, {r.high:.2f}] ({r.interval}, {r.n_directions} directions; chance {r.chance:.2f}; {r.not_scored} directions not scored)")
     return 0

@@ -72,9 +72,10 @@ def plot_directions(agreement_path: str | os.PathLike, out: str | os.PathLike, t
                label=f"most-changed latent ({measure} change): attribute = judge's factor" if measure else "agreement")
         ax.scatter(x + off, part["chance"], marker="D", s=14, color="tab:red", zorder=3,
                    label="chance (a random latent active on the edits)" if i == 0 else None)
-    ax.set_xticks(x, [("pooled" if r.layer == "all" else f"{r.layer}\nt{r.timestep}") + f"\nn={r.n}" for r in first.itertuples()], fontsize=7)
+    ax.set_xticks(x, [(f"pooled\nn={r.n}\n({r.n_directions} dir.)" if r.layer == "all" else f"{r.layer}\nt{r.timestep}\nn={r.n}")
+                      for r in first.itertuples()], fontsize=7)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("agreement (95% Wilson)")
+    ax.set_ylabel("agreement (95% interval)")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
     ax.set_title(title or "pullback directions vs SAE latent labels")
     save_figure(fig, out)
