@@ -14,7 +14,7 @@ import torch
 
 from diffatlas.intervals import wilson
 from diffatlas.links.directions import agreement, latent_attributes, latent_change, relative_change, score_directions
-from diffatlas.links.sae_daam import labelled_latents, latent_mask, link_run, score_image, upsample
+from diffatlas.links.sae_daam import labelled_latents, latent_mask, link_run, pooled, score_image, upsample
 
 torch.set_num_threads(1)
 
@@ -216,6 +216,18 @@ def test_planted_link_run(tmp_path):
     assert set(got) == {("red", 0), ("square", 1)} and (rows["sample_id"] == 100).all()
     assert got["red", 0] == pytest.approx((4 / 9, 1.0, 4 / 9))
     assert got["square", 1] == pytest.approx((0.0, 0.0, 2 / 6))
+
+
+def test_pooled_averages_per_image_first():
+    rows = pd.DataFrame({"layer": "mid", "timestep": 50, "attribute": "colour", "latent": [0, 1, 0],
+                         "sample_id": [7, 7, 8], "iou_sae_daam": [0.2, 0.4, 0.9], "iou_sae_true": [0.0, 0.0, 1.0],
+                         "iou_daam_true": [0.5, 0.5, 0.1]})
+    p = pooled(rows).iloc[0]
+    # image 7: (0.2 + 0.4) / 2 = 0.3, image 8: 0.9 -> 0.6; DAAM's own IoU counted once per image: (0.5 + 0.1) / 2
+    assert (p.n, p.n_images, p.latents) == (3, 2, 2)
+    assert (p.iou_sae_daam, p.iou_sae_true, p.iou_daam_true) == pytest.approx((0.6, 0.5, 0.3))
+    # two images: bootstrap means 0.3, 0.6, 0.9 -> the 95% percentile interval is [0.3, 0.9]
+    assert [p.iou_sae_daam_low, p.iou_sae_daam_high] == pytest.approx([0.3, 0.9])
 
 
 # -- the edited images' activations are the store's ---------------------------------------------

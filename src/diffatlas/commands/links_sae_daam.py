@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     if len(rows) == 0:
         result("no labelled latent names a word of the DAAM images' captions")
     for r in pooled(rows).itertuples():
-        result(f"{r.layer} t{r.timestep} {r.attribute}: {r.latents} latents, n={r.n}: IoU latent-DAAM {r.iou_sae_daam:.2f} "
+        result(f"{r.layer} t{r.timestep} {r.attribute}: {r.latents} latents on {r.n_images} images ({r.n} pairs): IoU latent-DAAM {r.iou_sae_daam:.2f} "
                f"[{r.iou_sae_daam_low:.2f}, {r.iou_sae_daam_high:.2f}], latent-true {r.iou_sae_true:.2f} "
                f"[{r.iou_sae_true_low:.2f}, {r.iou_sae_true_high:.2f}], DAAM-true {r.iou_daam_true:.2f} "
                f"[{r.iou_daam_true_low:.2f}, {r.iou_daam_true_high:.2f}]")

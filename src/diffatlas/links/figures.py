@@ -2,8 +2,8 @@
 
 * :func:`plot_sae_daam` — per SAE run (layer × timestep) and attribute, the mean IoU of the
   latent masks with the DAAM masks of their words, of the latent masks with the true masks,
-  and of the DAAM masks with the true masks (bars: 95% bootstrap intervals over
-  (latent, image) pairs);
+  and of the DAAM masks with the true masks (averaged per image, then over images; bars: 95%
+  bootstrap intervals over images, :func:`diffatlas.links.sae_daam.pooled`);
 * :func:`plot_directions` — per SAE run, the share of pullback directions whose most-changed
   latent carries the judge's factor (95% Wilson interval), beside chance.
 """

@@ -132,13 +132,20 @@ def summarise(rows: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 
 
 def pooled(rows: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """Per (layer, timestep, attribute): every (latent, image) pair pooled; means with 95% bootstrap intervals."""
+    """Per (layer, timestep, attribute): every labelled latent on every image, pooled.
+
+    An image enters once per labelled latent (and DAAM's own IoU is the same for each), so the
+    pairs are not independent: each IoU is averaged per image first, and the mean over images
+    comes with a 95% bootstrap interval over images. ``n``: (latent, image) pairs; ``n_images``.
+    """
     out = []
     for (layer, t, attr), g in rows.groupby(["layer", "timestep", "attribute"], sort=True):
-        rec = {"layer": layer, "timestep": int(t), "attribute": attr, "n": len(g), "latents": int(g["latent"].nunique())}
+        per_image = g.groupby("sample_id")[list(IOUS)].mean()
+        rec = {"layer": layer, "timestep": int(t), "attribute": attr, "n": len(g), "n_images": len(per_image),
+               "latents": int(g["latent"].nunique())}
         for m in IOUS:
-            lo, hi = bootstrap_mean(g[m].to_numpy(), seed=seed)
-            rec.update({m: float(g[m].mean()), f"{m}_low": lo, f"{m}_high": hi})
+            lo, hi = bootstrap_mean(per_image[m].to_numpy(), seed=seed)
+            rec.update({m: float(per_image[m].mean()), f"{m}_low": lo, f"{m}_high": hi})
         out.append(rec)
     return pd.DataFrame(out)
 
