@@ -15,6 +15,9 @@ label:
   (``iou_sae_daam``), latent mask vs the true mask of the object the word names
   (``iou_sae_true``), DAAM mask vs that true mask (``iou_daam_true``, DAAM's own score).
 
+The DAAM maps are read from the DAAM run as stored (float16), so ``iou_daam_true`` can differ
+from the DAAM stage's own table (scored on the float32 maps) where a pixel sits at the threshold.
+
 A latent that does not fire on an image has an all-zero map, hence an empty mask and IoU 0:
 it is kept (``active`` = False), not dropped, so a latent that ignores its own word's object
 scores low instead of vanishing.
