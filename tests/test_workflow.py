@@ -349,10 +349,10 @@ def test_links_tables_agree_with_their_sources(tiny_run):
     daam = pd.read_parquet(results / "daam" / "shapesworld" / "real" / "shapesworld" / "iou_rows.parquet")
     daam = daam[(daam["method"] == "daam") & np.isclose(daam["tau"], 0.4)]
     own = {(int(r.sample_id), str(r.word).lower(), int(r.object)): r.iou for r in daam.itertuples()}
-    # DAAM scored its float32 maps; the run stores them as float16, which the link reads: a pixel at
-    # the threshold may flip, nothing more
+    # DAAM scored its float32 maps; the run stores them as float16, which the link reads: pixels at
+    # the threshold may flip (one pixel of a 32x32 mask moves an IoU by ~1e-3), nothing more
     diff = np.array([abs(r.iou_daam_true - own[(r.sample_id, r.word, r.object)]) for r in rows.itertuples()])
-    assert len(rows) == 0 or (diff.max() < 0.05 and (diff < 1e-9).mean() >= 0.8), diff
+    assert len(rows) == 0 or diff.max() < 0.01, diff
     for r in rows.itertuples():
         assert 0 <= r.iou_sae_daam <= 1 and 0 <= r.iou_sae_true <= 1
     table = pd.read_csv(links / "directions.csv")
