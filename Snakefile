@@ -26,6 +26,7 @@ include: "rules/diffc.smk"
 include: "rules/daam.smk"
 include: "rules/geometry.smk"
 include: "rules/intervene.smk"
+include: "rules/links.smk"
 include: "rules/atlas.smk"  # last: the atlas reads every other target
 
 

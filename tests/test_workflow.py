@@ -164,7 +164,7 @@ def test_budget_from_the_runs_benchmark_files(tiny_run):
         per_rule[rule] = per_rule.get(rule, 0.0) + float(row["s"])
     b = budget(results, ROOT / "rules")
     assert b.stages["jobs"].sum() == len(files)
-    assert set(b.stages["stage"]) == {"data", "world_model", "extract", "sae", "diffc", "daam", "geometry", "intervene", "atlas"}
+    assert set(b.stages["stage"]) == {"data", "world_model", "extract", "sae", "diffc", "daam", "geometry", "intervene", "links", "atlas"}
     stage_of = {"make_dataset": "data", "world_fidelity": "world_model", "extract": "extract", "train_diffc": "diffc"}
     for rule, stage in stage_of.items():
         assert b.rules.set_index("rule").loc[rule, "stage"] == stage
@@ -217,7 +217,7 @@ def test_new_timestep_plans_only_its_jobs(tiny_run):
         if rule in per_time:
             assert wildcards.get("timestep") == str(new), (rule, wildcards)
         else:  # readers of the whole grid only
-            assert rule in ("all", "atlas") or rule.startswith(("sae_summary", "sae_figure_", "diffc_summary", "diffc_figure_")), rule
+            assert rule in ("all", "atlas") or rule.startswith(("sae_summary", "sae_figure_", "diffc_summary", "diffc_figure_", "links_")), rule
 
 
 def test_report_holds_every_figure(tiny_run, tmp_path):
@@ -349,3 +349,28 @@ def test_atlas_in_a_headless_browser(tiny_run, tmp_path):
     visited = browser_check(tiny_run[0] / "atlas", tmp_path / "screenshots")
     assert len(visited) == 6
     assert all((tmp_path / "screenshots" / f"{n}.png").stat().st_size > 1000 for n in ("index", "latent", "daam", "geometry"))
+
+
+def test_links_tables_agree_with_their_sources(tiny_run):
+    """The links stage on the tiny run: its DAAM-vs-truth IoUs are the DAAM stage's own, and the
+    direction table covers every (measure, SAE run, geometry timestep, direction)."""
+    results = tiny_run[0]
+    links = results / "links" / "shapesworld" / "shapesworld"
+    rows = pd.read_parquet(links / "sae_daam.parquet")
+    daam = pd.read_parquet(results / "daam" / "shapesworld" / "real" / "shapesworld" / "iou_rows.parquet")
+    daam = daam[(daam["method"] == "daam") & np.isclose(daam["tau"], 0.4)]
+    own = {(int(r.sample_id), str(r.word).lower(), int(r.object)): r.iou for r in daam.itertuples()}
+    # DAAM scored its float32 maps; the run stores them as float16, which the link reads: pixels at
+    # the threshold may flip (one pixel of a 32x32 mask moves an IoU by ~1e-3), nothing more
+    diff = np.array([abs(r.iou_daam_true - own[(r.sample_id, r.word, r.object)]) for r in rows.itertuples()])
+    assert len(rows) == 0 or diff.max() < 0.01, diff
+    for r in rows.itertuples():
+        assert 0 <= r.iou_sae_daam <= 1 and 0 <= r.iou_sae_true <= 1
+    table = pd.read_csv(links / "directions.csv")
+    # 2 measures x (2 layers x 2 SAE times) x 2 geometry times (999, 500) x 1 edit direction
+    assert len(table) == 16 and set(table["measure"]) == {"raw", "relative"}
+    agree = pd.read_csv(links / "directions_agreement.csv")
+    for measure, part in table.groupby("measure"):
+        pooled = agree[(agree["measure"] == measure) & (agree["layer"] == "all")].iloc[0]
+        scored = part[part["scored"]]
+        assert (pooled.n, pooled.not_scored, pooled.k) == (len(scored), len(part) - len(scored), int(scored["agree"].sum()))
