@@ -197,9 +197,11 @@ def test_errors_on_the_thread_reach_the_consumer_and_early_exit_stops_it():
             return super().read(start, stop)
 
     loader = ShuffleLoader(Broken(pooled[:, None], CHUNK), np.arange(N), 8, torch.Generator().manual_seed(0), buffer=CHUNK)
+    consumed = 0
     with pytest.raises(OSError, match="is missing"):
         for _ in loader:
-            pass
+            consumed += 1
+    assert consumed <= 2 * CHUNK // 8  # only batches of the two readable chunks came through
     assert not loader._prefetcher._thread.is_alive()  # the failed producer is joined
     loader = ShuffleLoader(ArraySource(pooled[:, None], CHUNK), np.arange(N), 8, torch.Generator().manual_seed(0), buffer=CHUNK)
     for i, _ in enumerate(loader):  # endless epochs: the consumer stops

@@ -389,7 +389,7 @@ class ShuffleLoader:
             if carry is not None and not self.drop_last and len(carry[0]) >= self.min_batch:
                 if pending is not None:
                     yield pending
-                pending = self._batch(carry[0], carry[1], torch.arange(len(carry[0])), epoch, False)
+                pending = self._batch(carry[0], carry[1], torch.arange(len(carry[0]), device="cpu"), epoch, False)  # host-side indices
             if pending is None:
                 raise UserError(
                     f"{self.source.where}: {self.n_items} items are fewer than one batch of {b}; lower the batch size"

@@ -112,8 +112,9 @@ def _maps(source: Source, rows: np.ndarray, batch: int) -> Iterator[torch.Tensor
 def channel_stats(maps: Source, rows: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std [C] over ``rows`` of ``maps`` (float64 sums)."""
     c = maps.item_shape[0]
-    s1 = torch.zeros(c, dtype=torch.float64)
-    s2 = torch.zeros(c, dtype=torch.float64)
+    # sums on the host, where the loader's batches are; the caller moves the result to the device
+    s1 = torch.zeros(c, dtype=torch.float64, device="cpu")
+    s2 = torch.zeros(c, dtype=torch.float64, device="cpu")
     count = 0
     for x in _maps(maps, rows, batch):
         x = x.double()
