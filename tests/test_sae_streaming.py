@@ -173,13 +173,13 @@ def test_store_is_read_whole_chunks_once_in_order(tmp_path):
         reads = []
 
         class Spy:  # records every read of the zarr array
-            shape, chunks = data.array.shape, data.array.chunks
+            shape, chunks = data.source.array.shape, data.source.array.chunks
 
-            def __getitem__(self, key, _array=data.array):
+            def __getitem__(self, key, _array=data.source.array):
                 reads.append(key)
                 return _array[key]
 
-        data.array = Spy()
+        data.source.array = Spy()
         got = list(data.chunks())
         assert data.rows_per_read == CHUNK
         assert [k[1] for k in reads] == [slice(s, s + CHUNK) for s in range(0, N, CHUNK)]

@@ -131,12 +131,13 @@ class StoreSamples:
     def __init__(self, store: Any, layer: str, timestep: int, samples: str, *, scale: float, is_val: np.ndarray) -> None:
         if samples not in ("pooled", "spatial"):
             raise UserError(f"config sae.samples = {samples!r} is not allowed; allowed: pooled, spatial")
-        self.where = f"{store.path}: layer {layer!r} at timestep {timestep} ({samples})"
-        self.array, self.t_index = store.layer_array(layer, timestep, spatial=samples == "spatial")
-        shape = self.array.shape
-        self.d = int(shape[2])
-        self.positions = int(np.prod(shape[3:], dtype=np.int64)) if samples == "spatial" else 1
-        grid = getattr(self.array, "shards", None) or self.array.chunks
+        from diffatlas.activations.loader import store_source
+
+        # the loader's store reader (the one that lays out [B, P, C]), read a shard at a time
+        self.source = store_source(store, layer, timestep, samples)
+        self.where = self.source.where
+        self.d, self.positions = int(self.source.item_shape[0]), int(self.source.positions)
+        grid = getattr(self.source.array, "shards", None) or self.source.array.chunks
         self.rows_per_read = int(grid[1])
         self.scale = np.float32(scale)
         self.sample_ids = np.asarray(store.sample_ids)
@@ -155,12 +156,8 @@ class StoreSamples:
     def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         n, step = len(self), self.rows_per_read
         for start in range(0, n, step):
-            raw = np.asarray(self.array[self.t_index, start : start + step])
+            raw = self.source.read(start, start + step)  # [B, P, C]; the last read may be short
             b = raw.shape[0]
-            if self.positions > 1 or raw.ndim > 2:  # spatial [B, C, h, w] -> [B, h·w, C]
-                raw = raw.reshape(b, self.d, -1).transpose(0, 2, 1)
-            else:
-                raw = raw[:, None, :]
             finite = np.isfinite(raw).reshape(b, -1).all(axis=1)
             if not finite.all():
                 bad = np.nonzero(~finite)[0]
