@@ -38,6 +38,7 @@ import logging
 import os
 import string
 from pathlib import Path
+from typing import Any
 
 from diffatlas.errors import UserError
 
@@ -156,15 +157,20 @@ def build_world_tokenizer(words: list[str], path: str | os.PathLike | None = Non
         model_max_length=MODEL_MAX_LENGTH,
     )
     # Guard against a transformers change in the pre-tokenizer / BPE semantics.
-    for w in _normalize_words(words):
+    _check_whole_and_save(tok, {w: vocab[w + SUFFIX] for w in _normalize_words(words)}, path, "world")
+    log.debug("built world tokenizer: %d words, %d tokens, %d merges", len(words), len(vocab), len(merges))
+    return tok
+
+
+def _check_whole_and_save(tok: Any, whole: dict[str, int], path: str | Path | None, kind: str) -> None:
+    """Check that ``tok`` keeps every word of ``whole`` as its one token id, then save it to ``path``."""
+    for w, token_id in whole.items():
         ids = tok(w, add_special_tokens=False).input_ids
-        if ids != [vocab[w + SUFFIX]]:
-            raise RuntimeError(f"world tokenizer does not keep {w!r} whole (got ids {ids})")
+        if ids != [token_id]:
+            raise RuntimeError(f"{kind} tokenizer does not keep {w!r} whole (got ids {ids})")
     if path is not None:
         Path(path).mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(path))
-    log.debug("built world tokenizer: %d words, %d tokens, %d merges", len(words), len(vocab), len(merges))
-    return tok
 
 
 # ------------------------------------------------------------------------------ T5 style
@@ -219,12 +225,7 @@ def build_t5_tokenizer(
         add(c, _CHAR_SCORE)
     tok = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=int(model_max_length))
     vocab = tok.get_vocab()
-    for w in norm:  # guard against a change of the Unigram / pre-tokenizer semantics
-        ids = tok(w, add_special_tokens=False).input_ids
-        if ids != [vocab[T5_SPACE + w]]:
-            raise RuntimeError(f"T5 tokenizer does not keep {w!r} whole (got ids {ids})")
-    if path is not None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(str(path))
+    # guard against a change of the Unigram / pre-tokenizer semantics
+    _check_whole_and_save(tok, {w: vocab[T5_SPACE + w] for w in norm}, path, "T5")
     log.debug("built T5 tokenizer: %d words, %d pieces", len(norm), len(pieces))
     return tok
