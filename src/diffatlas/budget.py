@@ -37,10 +37,10 @@ STAGE_BUDGET_S = {
     "diffc": 90,
     "daam": 100,
     "geometry": 100,
-    "intervene": 30,  # judged steering: its store, a spatial SAE, one experiment cell, the summary (rules/intervene.smk)
+    "intervene": 35,  # judged steering: its store, a spatial SAE, one experiment cell, the summary (rules/intervene.smk)
     "links": 20,  # cross-method links: SAE latents vs DAAM words and pullback directions
     "atlas": 10,  # the static HTML atlas: reads results/, writes pages and thumbnails
-    "reserve": 10,  # later stages: SD3/Flux (issue 21)
+    "reserve": 5,  # later stages: SD3/Flux (issue 21)
 }
 
 _RULE = re.compile(r"^rule\s+([A-Za-z_][A-Za-z0-9_]*)\s*:", re.MULTILINE)
