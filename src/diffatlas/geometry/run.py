@@ -381,9 +381,9 @@ def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_nam
     from diffatlas.intervals import bootstrap_mean, wilson
     from diffatlas.io import atomic_file
 
-    time = _global_time(handle, cfg)
-    timestep = time_index(handle, time)
-    fmap = _pullback(handle, cfg, time)
+    when = _global_time(handle, cfg)
+    timestep = time_index(handle, when)
+    fmap = _pullback(handle, cfg, when)
     ends = initial_noise(handle, 2 * cfg.path_pairs, cfg.seed, first_id=PATH_SAMPLE_OFFSET)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + PATH_SAMPLE_OFFSET)
     tic = time.perf_counter()
@@ -426,7 +426,7 @@ def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_nam
     lengths = {m: wide[m].to_numpy() for m in METHODS}
     lerp_seg = res.segment_lengths["lerp"].cpu().numpy()
     summary = {
-        "model": model_name, **time_record(handle, time), "layer": cfg.layer,
+        "model": model_name, **time_record(handle, when), "layer": cfg.layer,
         "module_path": fmap.layer.module_path, "pooling": cfg.pooling, "prompt": cfg.prompt, "seed": cfg.seed,
         "device": str(handle.device), "dtype": str(handle.dtype).removeprefix("torch."),
         "pairs": P, "segments": L, "n_directions": cfg.n_directions, "tol": cfg.tol,
