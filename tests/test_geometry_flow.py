@@ -320,3 +320,36 @@ def test_steering_a_joint_block_edits_its_image_stream_and_alpha_zero_is_bit_ide
     direction = sae.W_dec[3] / sae.W_dec[3].norm()
     assert torch.equal(text_e, text)
     assert torch.allclose(image_e - image, (2.5 * direction).expand_as(image), atol=1e-5)
+
+
+# ------------------------------------------------------------------ the workflow's plan
+def test_workflow_plans_a_flow_models_geometry_at_its_sigmas(tmp_path):
+    """Dry run: SD3's geometry jobs get its sigma (and global_sigma) and are named by sigma * T."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from diffatlas.models.tiny import make_tiny_model
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "tests" / "workflow" / "tiny_config.yaml").read_text())
+    cfg["results"] = str(tmp_path / "results")
+    cfg["models"] = {"unet": {"path": str(make_tiny_model("pixel", tmp_path / "pixel"))},
+                     "sd3": {"path": str(make_tiny_model("sd3", tmp_path / "sd3")), "timesteps": ["s0.500"]}}
+    cfg["extract"]["models"], cfg["daam"]["models"] = ["unet"], ["unet"]
+    cfg["geometry"].update(models=["sd3"], meaning_models=[], layer="block0.image")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, DIFFATLAS_NO_PROGRESS="1")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "--configfile", str(path)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    geo = str(tmp_path / "results" / "geometry" / "sd3")
+    assert f"--timestep s0.500 --out {geo}/t500" in out, out[-3000:]
+    assert f"--timestep s1.000 --out {geo}/t1000" in out
+    assert f"--basis {geo}/t1000" in out
