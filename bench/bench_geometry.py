@@ -18,11 +18,17 @@ same architecture with random weights):
   variants) or, on CPU, the peak resident set of a fresh process per variant, counted from
   the resident set after the model is loaded and warmed up (Linux ``/proc/self/clear_refs``
   resets the peak). Target (CPU, SD1.5 at 256 px, n = 8): >= 4x lower, σ rel. err < 1e-5.
+* with ``--flow-vs-unet`` (alone): a basis of the same size (``--n`` directions, ``--iters``
+  rounds, batched) on the tiny SD3 transformer (``block0.image`` at σ = 0.5, flow matching) and
+  the tiny latent U-Net (``mid`` at t = 500), both from ``diffatlas.models.tiny``, side by side
+  (alternated, median of ``--repeats``): seconds per round and per round ÷ one full forward
+  pass of that model (the forward-pass units above), and their SD3 / U-Net ratio.
 
 Usage::
 
     python bench/bench_geometry.py [--model DIR | --size sd15] [--n 8] [--iters 3] [--repeats 3] [--timestep 500]
                                    [--threads 1] [--device cpu] [--latent-size 32] [--memory] [--no-speed]
+    python bench/bench_geometry.py --flow-vs-unet [--n 8] [--iters 3] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -193,6 +199,8 @@ def main() -> None:
     ap.add_argument("--strict-fp32", action="store_true",
                     help="memory runs with geometry.conv_tf32 false (CUDA: no TF32 in cuDNN convolutions)")
     ap.add_argument("--attention-chunk", type=int, default=None, help="tokens per attention and feed-forward block (default: the config's)")
+    ap.add_argument("--flow-vs-unet", action="store_true",
+                    help="only: basis time on tiny SD3 (block0.image, sigma 0.5) vs the tiny latent U-Net (mid, t 500)")
     ap.add_argument("--pooling", default="sum", help=argparse.SUPPRESS)
     ap.add_argument("--chunk-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -203,6 +211,9 @@ def main() -> None:
     logging.getLogger("diffatlas.geometry.jacobian").setLevel(logging.ERROR)  # "not converged" is expected here
     if args.chunk_child is not None:
         _memory_child(args)
+        return
+    if args.flow_vs_unet:
+        _flow_vs_unet(args)
         return
     from diffatlas.geometry.config import GeometryConfig
     from diffatlas.geometry.jacobian import forward_ad_safe_attention, top_singular
@@ -224,6 +235,45 @@ def main() -> None:
         if args.no_speed:
             return
         _speed(args, handle, fmap, x, cond, forward_ad_safe_attention, top_singular)
+
+
+def _flow_vs_unet(args) -> None:
+    """Tiny SD3 vs the tiny latent U-Net: the same batched basis rounds, side by side (module docstring)."""
+    from diffatlas.geometry.jacobian import PullbackMap, top_singular
+    from diffatlas.models.loader import load_model
+    from diffatlas.models.tiny import make_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        setups = {}
+        for name, family, time_, layer in (("sd3", "sd3", "s0.500", "block0.image"), ("unet", "sd", 500, "mid")):
+            handle = load_model(make_tiny_model(family, Path(tmp) / family), device=args.device)
+            cond = handle.conditioning([""])
+            fmap = PullbackMap.from_handle(handle, time_, layer=layer, pooling="sum", cond=cond)
+            x = torch.randn(1, handle.latent_channels, handle.latent_size, handle.latent_size,
+                            generator=torch.Generator().manual_seed(0)).to(handle.device)
+            mt = 0.5 if family == "sd3" else 500
+            setups[name] = (handle, fmap, x, lambda h=handle, x=x, c=cond, t=mt: h.model_output(x, t, c))
+        rounds = {k: [] for k in setups}
+        fwd = {k: [] for k in setups}
+        for k, (handle, fmap, x, full) in setups.items():  # warm-up
+            top_singular(fmap, x, args.n, oversample=0, tol=1e-30, max_iters=1, generator=torch.Generator().manual_seed(0))
+        for _ in range(args.repeats):
+            for k, (handle, fmap, x, full) in setups.items():
+                t0 = time.perf_counter()
+                top_singular(fmap, x, args.n, oversample=0, tol=1e-30, max_iters=args.iters,
+                             generator=torch.Generator().manual_seed(0))
+                rounds[k].append((time.perf_counter() - t0) / args.iters)
+                with torch.no_grad():
+                    fwd[k].append(_timed(full, 5))
+        out = {}
+        for k, (handle, fmap, x, _) in setups.items():
+            r, f = statistics.median(rounds[k]), statistics.median(fwd[k])
+            out[k] = r
+            print(f"{k}: layer {fmap.layer.name} ({fmap.layer.module_path}), x_t {tuple(x.shape[1:])}, "
+                  f"{sum(p.numel() for p in handle.denoiser.parameters()) / 1e3:.1f}k params: "
+                  f"{r * 1e3:.1f} ms per round (n = {args.n}) = {r / f:.1f} full forward passes ({f * 1e3:.2f} ms each)",
+                  flush=True)
+        print(f"SD3 / U-Net seconds per basis round: {out['sd3'] / out['unet']:.2f}", flush=True)
 
 
 def _speed(args, handle, fmap, x, cond, forward_ad_safe_attention, top_singular) -> None:

@@ -200,6 +200,18 @@ def trained_times(model, section):
 
 def geometry_times(model):
     """The geometry timesteps of ``model``, latest first: its own models.<model>.timesteps, else
-    geometry.timesteps, plus geometry.global_timestep."""
-    times = step_times(model, "geometry", "geometry", "geometry.models")
-    return sorted(set(times) | {config["geometry"]["global_timestep"]}, reverse=True)
+    geometry.timesteps, plus geometry.global_timestep. A flow-matching model runs at sigmas (plus
+    geometry.global_sigma); like extraction's stores its results are named by the scheduler's
+    timestep sigma * T (t500 for s0.500; the job gets the sigma back through time_arg)."""
+    from diffatlas.models.diffusion import Time, timesteps_for
+
+    scale = flow_scale(model)
+    if scale is None:
+        times = step_times(model, "geometry", "geometry", "geometry.models")
+        return sorted(set(times) | {config["geometry"]["global_timestep"]}, reverse=True)
+    sigmas = [t.value for t in timesteps_for(config, model, "geometry")] + [Time.sigma(config["geometry"]["global_sigma"]).value]
+    off = [s for s in sigmas if abs(s * scale - round(s * scale)) > 1e-6]
+    if off:
+        raise WorkflowError(f"model {model}: geometry sigmas {off} times T = {scale} are not integer timesteps; "
+                            f"allowed: sigmas on the 1/{scale} grid")
+    return sorted({int(round(s * scale)) for s in sigmas}, reverse=True)

@@ -23,7 +23,9 @@
 #   results/figures/geometry/{model}/path_lengths.png   D_geo per segment along lerp / slerp / geodesic, totals
 #
 # The grid is geometry.models x (the model's times + global_timestep); a model's times are its
-# own models.<name>.timesteps, else geometry.timesteps.
+# own models.<name>.timesteps, else geometry.timesteps. A flow-matching model (SD3, Flux) runs at
+# sigmas (its own list, plus global_sigma); its directories are named by sigma * T (t500 for
+# s0.500), as extraction names its stores, and each job gets the sigma (time_arg).
 
 import shlex
 
@@ -66,9 +68,15 @@ geo_cfg = lambda job: lambda wc: GeometryConfig.job_json(config["geometry"], job
 geo_basis_cfg = lambda wc: GeometryConfig.job_json(
     config["geometry"],
     "basis",
-    iterative_timesteps=GeometryConfig.iterative_slice(config["geometry"]["iterative_timesteps"], wc.timestep),
+    iterative_timesteps=GeometryConfig.iterative_slice(config["geometry"]["iterative_timesteps"], time_arg(wc)),
 )
 GEO_TIMESTEPS = {_m: geometry_times(_m) for _m in GEO_MODELS}  # checked at parse time
+
+
+def _geo_global_name(model):
+    """The directory name of ``model``'s global time: global_timestep, or global_sigma * T."""
+    scale = flow_scale(model)
+    return config["geometry"]["global_timestep"] if scale is None else int(round(config["geometry"]["global_sigma"] * scale))
 
 
 # Every timestep directory of the job's model.
@@ -87,6 +95,7 @@ rule geometry_basis:
     params:
         model=lambda wc: model_path(wc.model),
         out=lambda wc: GEO_DIR.format(**wc),
+        time=time_arg,
         model_args=model_args_arg,
         cfg=geo_basis_cfg,
         device=config["device"],
@@ -100,7 +109,7 @@ rule geometry_basis:
         mem_mb=lambda wc, attempt: 3000 * attempt,
         runtime=lambda wc, attempt: 30 * attempt,
     shell:
-        "diffatlas geometry --model {params.model:q} --model-name {wildcards.model} --timestep {wildcards.timestep}"
+        "diffatlas geometry --model {params.model:q} --model-name {wildcards.model} --timestep {params.time}"
         " --out {params.out:q} --config-json {params.cfg:q} --device {params.device:q} --threads {threads}"
         " {params.model_args:q} > {log:q} 2>&1"
 
@@ -110,7 +119,8 @@ rule geometry_global:
         "../envs/torch.yaml"
     input:
         lambda wc: model_input(wc.model),
-        basis=str(Path(GEO_DIR, "basis.safetensors")).replace("{timestep}", str(config["geometry"]["global_timestep"])),
+        # the global time's directory: global_timestep, or a flow model's global_sigma * T
+        basis=lambda wc: str(Path(GEO_DIR, "basis.safetensors")).format(model=wc.model, timestep=_geo_global_name(wc.model)),
     output:
         tensors=str(Path(GEO_GLOBAL, "global.safetensors")),
         meta=str(Path(GEO_GLOBAL, "meta.json")),

@@ -48,7 +48,7 @@ def main() -> None:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + t)
         b = top_singular(fmap, x_t, cfg.n_directions, generator=gen, **_basis_kwargs(cfg))
         a = alpha_at(h, t)
-        gain = x0_update_gain(a, cfg.kappa)
+        gain = x0_update_gain(a**0.5, (1 - a) ** 0.5, cfg.kappa)
         _, x0r = den.eps_x0(x_t, t, clip=False)
         sd_r = channel_stats(x0r)[1]
         print(f"\n=== t={t}  alpha_bar={a:.4e}  gain={gain:.4f} (assumed slope of x0: {1 / gain:.3f}; "

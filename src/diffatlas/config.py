@@ -201,11 +201,22 @@ def num_train_timesteps(model_dir: str | os.PathLike, default: int = 1000) -> in
     return int(scheduler_config(model_dir).get("num_train_timesteps", default))
 
 
+def _time_kind(value: Any) -> str | None:
+    """``"step"`` / ``"sigma"`` of a configured time, None when it does not parse (check_time names it)."""
+    from diffatlas.models.diffusion import Time
+
+    try:
+        return Time.parse(value).kind
+    except UserError:
+        return None
+
+
 def check_timesteps(config: dict[str, Any], model_paths: dict[str, str]) -> None:
     """Every configured time must fit every model it is used with, in that model's convention.
 
     Checked: extract.timesteps, diffc.timesteps (a subset of extract's), geometry.timesteps,
-    geometry.iterative_timesteps, geometry.global_timestep, and a model's own list
+    geometry.iterative_timesteps (each model the entries of its own kind), geometry.global_timestep
+    (step models; flow models take geometry.global_sigma), and a model's own list
     ``models.<name>.timesteps`` (:func:`diffatlas.models.diffusion.timesteps_for`). The
     convention (integer steps with ᾱ, or flow-matching sigmas) and T come from the model's
     scheduler config (:func:`diffatlas.models.diffusion.check_time`); a model is not refused
@@ -241,6 +252,10 @@ def check_timesteps(config: dict[str, Any], model_paths: dict[str, str]) -> None
             ):
                 continue  # the model's own list replaces the global one
             conv, T = model_time(name)
+            if (section, key) == ("geometry", "global_timestep") and conv == "sigma":
+                continue  # a flow-matching model's global time is geometry.global_sigma
             for i, t in enumerate(values):
+                if (section, key) == ("geometry", "iterative_timesteps") and _time_kind(t) not in (None, conv):
+                    continue  # an entry for the other convention's models
                 where = f"{section}.{key}" + (f"[{i}]" if isinstance(value, (list, tuple)) else "")
                 check_time(t, conv, T, where, name)

@@ -19,6 +19,7 @@ from typing import Any
 
 from diffatlas.accel import DTYPES
 from diffatlas.errors import UserError
+from diffatlas.models.diffusion import Time
 from diffatlas.sections import ConfigSection
 
 POOLINGS = ("sum", "mean", "none")
@@ -37,6 +38,16 @@ def _bad(key: str, value: Any, allowed: str) -> UserError:
     return UserError(f"config geometry.{key} = {value!r} is not allowed; allowed: {allowed}")
 
 
+def _is_time(x: Any) -> bool:
+    """A training step (int >= 0) or a flow-matching sigma token ``"s0.500"``."""
+    if _is_int(x):
+        return x >= 0
+    try:
+        return isinstance(x, str) and Time.parse(x).kind == "sigma"
+    except UserError:
+        return False
+
+
 @dataclass(frozen=True)
 class GeometryConfig(ConfigSection):
     """Settings of the pullback-geometry stage (defaults: the CPU demo)."""
@@ -53,9 +64,9 @@ class GeometryConfig(ConfigSection):
     JOBS = {
         "basis": _PULLBACK + _SAMPLING + _BASIS + _EDITS
         + ("edit_samples", "iterative_substeps", "iterative_directions", "iterative_timesteps"),
-        "global": _PULLBACK + _SAMPLING + _EDITS + ("n_directions", "global_timestep", "global_samples"),
+        "global": _PULLBACK + _SAMPLING + _EDITS + ("n_directions", "global_timestep", "global_sigma", "global_samples"),
         # edit_directions rides along only because it is validated against n_directions.
-        "paths": _PULLBACK + _BASIS + ("global_timestep", "path_pairs", "path_segments", "edit_directions"),
+        "paths": _PULLBACK + _BASIS + ("global_timestep", "global_sigma", "path_pairs", "path_segments", "edit_directions"),
     }
 
     models: list[str] = field(default_factory=lambda: ["shapesworld"])
@@ -113,10 +124,14 @@ class GeometryConfig(ConfigSection):
     """Geodesic-shooting steps between consecutive positive strengths (0 = no iterative edits)."""
     iterative_directions: int = 1
     """Top directions edited iteratively (parallel transport), for the first sample."""
-    iterative_timesteps: list[int] | None = field(default_factory=lambda: [999])
-    """Timesteps at which iterative edits are made (null = every timestep; each costs a few basis recomputations)."""
+    iterative_timesteps: list[int | str] | None = field(default_factory=lambda: [999])
+    """Times at which iterative edits are made (null = every time; each costs a few basis recomputations):
+    training steps, and for flow-matching models sigmas ``"s1.000"``; a model uses the entries of its own kind."""
     global_timestep: int = 999
-    """Timestep of the global directions (Park et al.: t = T-1)."""
+    """Timestep of the global directions and path lengths on DDPM-family models (Park et al.: t = T-1)."""
+    global_sigma: float = 1.0
+    """σ of the global directions and path lengths on flow-matching models (SD3, Flux): 1 = pure noise,
+    where their generation starts (the counterpart of t = T-1)."""
     global_samples: int = 3
     """Samples a global direction is applied to in the global-direction figure."""
     global_direction: int = 0
@@ -154,14 +169,18 @@ class GeometryConfig(ConfigSection):
             raise _bad("meaning_models", self.meaning_models, "a list of model names")
         if self.iterative_timesteps is not None and (
             not isinstance(self.iterative_timesteps, (list, tuple))
-            or not all(_is_int(t) and t >= 0 for t in self.iterative_timesteps)
+            or not all(_is_time(t) for t in self.iterative_timesteps)
         ):
-            raise _bad("iterative_timesteps", self.iterative_timesteps, "null or a list of integers >= 0")
+            raise _bad("iterative_timesteps", self.iterative_timesteps,
+                       "null or a list of integers >= 0 (steps) and sigmas 's0.500' (flow-matching models)")
         if not isinstance(self.timesteps, (list, tuple)) or not self.timesteps:
             raise _bad("timesteps", self.timesteps, "a non-empty list of integers >= 0")
         for t in self.timesteps:
-            if not _is_int(t) or t < 0:
-                raise _bad("timesteps", self.timesteps, "a non-empty list of integers >= 0 (training scale 0..T-1)")
+            if not _is_time(t):
+                raise _bad("timesteps", self.timesteps, "a non-empty list of integers >= 0 (training scale 0..T-1) "
+                           "or sigmas 's0.500' (flow-matching models)")
+        if not _is_num(self.global_sigma) or not 0 <= self.global_sigma <= 1:
+            raise _bad("global_sigma", self.global_sigma, "a number in [0, 1] (1 = pure noise, where flow sampling starts)")
         if not isinstance(self.layer, str) or not self.layer:
             raise _bad("layer", self.layer, "a layer alias (mid, up_ft0, ...) or a module path")
         if self.pooling not in POOLINGS:
@@ -194,19 +213,27 @@ class GeometryConfig(ConfigSection):
         """Sorted edit strengths with 0 (the unedited reference) included once."""
         return sorted({0.0, *(float(g) for g in self.edit_strengths)})
 
-    def iterative_at(self, timestep: int) -> bool:
-        """Whether iterative edits are made at ``timestep``."""
+    def iterative_at(self, timestep: "int | str | Time") -> bool:
+        """Whether iterative edits are made at ``timestep`` (a step, or a Time / ``"s0.500"``)."""
         return self.iterative_substeps > 0 and self.iterative_directions > 0 and (
-            self.iterative_timesteps is None or int(timestep) in self.iterative_timesteps
+            self.iterative_timesteps is None
+            or Time.parse(timestep) in {Time.parse(t) for t in self.iterative_timesteps}
         )
 
+    def global_time(self, convention: str) -> Time:
+        """The time of the global directions and path lengths for a model of ``convention``
+        (``"step"``: ``global_timestep``; ``"sigma"``: ``global_sigma``)."""
+        return Time.sigma(self.global_sigma) if convention == "sigma" else Time.step(self.global_timestep)
+
     @staticmethod
-    def iterative_slice(iterative_timesteps: list[int] | None, timestep: int) -> list[int] | None:
+    def iterative_slice(iterative_timesteps: list[int | str] | None, timestep: "int | str | Time") -> list | None:
         """``iterative_timesteps`` as one basis job at ``timestep`` needs it: null stays null
-        (every timestep), a list becomes ``[timestep]`` or ``[]``; the job's edits are the same."""
+        (every timestep), a list becomes ``[timestep]`` (as the list writes it) or ``[]``; the job's
+        edits are the same."""
         if iterative_timesteps is None:
             return None
-        return [int(timestep)] if int(timestep) in iterative_timesteps else []
+        own = Time.parse(timestep)
+        return [t for t in iterative_timesteps if Time.parse(t) == own][:1]
 
     @property
     def n_edit_samples(self) -> int:

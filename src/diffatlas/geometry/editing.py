@@ -29,6 +29,24 @@ Three ways to move a point ``x_t`` along a direction, each followed by DDIM to `
   assumed 1.58; 1.8-9 against 0.18 at t = 500; at t = 100 0.3-1.6 against 0.72, where the
   step lands within 5% of ``x0'``), so at large t the first-order step overshoots ``x0'`` and
   the images saturate. The paper's κ is kept; the claims tables report what it measures.
+
+  **Flow matching** (SD3, Flux; issue 21). Both cases are one formula for a forward process
+  ``x_t = a x0 + b ε``: the predictions satisfy ``x_t = a x0̂ + b ε̂`` exactly, so
+  ``x0̂(x) = (x - b ε̂(x)) / a`` and, with the noise prediction's Jacobian taken as ``κ I``,
+  ``x0̂(x_t + δ) ≈ x0̂(x_t) + δ (1 - κ b) / a``; solving ``x0̂(x_t') = x0'`` gives
+  ``x_t' = x_t + a / (1 - κ b) · (x0' - x0̂(x_t))`` (:func:`x0_update_gain`). DDPM:
+  ``a = sqrt(ᾱ_t)``, ``b = sqrt(1 - ᾱ_t)`` (the paper's equation above, built on the DDIM
+  prediction ``x0 = (x_t - sqrt(1 - ᾱ) ε) / sqrt(ᾱ)``). Flow: ``x_σ = (1 - σ) x0 + σ ε`` and
+  the velocity ``v = ε - x0`` give ``x0̂ = x_σ - σ v`` and ``ε̂ = x_σ + (1 - σ) v``; since
+  ``(1 - σ) x0̂ + σ ε̂ = x_σ``, ``x0̂ = (x_σ - σ ε̂) / (1 - σ)``: ``a = 1 - σ``, ``b = σ``, so it
+  replaces the DDIM update by::
+
+      x_σ' = x_σ + (1 - σ) / (1 - κ σ) · (x0' - x0̂(x_σ)),      x0̂(x) = x - σ v(x)
+
+  exact for a velocity field whose noise prediction is ``ε̂(x) = κ x + c``, i.e.
+  ``v(x) = ((κ - 1) x + c) / (1 - σ)`` (tests/test_geometry_flow.py). At σ = 1 the gain is 0:
+  ``x_1`` is pure noise, ``x0̂ = x_1 - v`` has no part a move of ``x_1`` can set to first
+  order under this assumption, and the x0-normalised edit returns the unedited point.
 * **iterative (geodesic shooting)**: many small steps; after each, the basis is recomputed
   at the new point and the H-space direction ``u`` is parallel-transported: projected onto
   the new tangent space ``span(U')`` and renormalised; it is mapped back to X as the
@@ -40,7 +58,6 @@ Three ways to move a point ``x_t`` along a direction, each followed by DDIM to `
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,7 +66,7 @@ import torch
 from diffatlas.errors import UserError
 from diffatlas.geometry.config import GeometryConfig
 from diffatlas.geometry.jacobian import PullbackBasis, PullbackMap, top_singular
-from diffatlas.geometry.sampling import Denoiser, alpha_at
+from diffatlas.geometry.sampling import Denoiser, geometry_time, noise_coefficients
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +102,30 @@ def normalise_to(x0: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (x0 - mu) / sd.clamp_min(1e-8) * sd_r + mu_r
 
 
-def x0_update_gain(alpha_bar: float, kappa: float) -> float:
-    """``sqrt(ᾱ) / (1 - κ sqrt(1 - ᾱ))``: the move in x_t per unit change of x0 (first order)."""
-    return math.sqrt(alpha_bar) / (1.0 - check_kappa(kappa) * math.sqrt(1.0 - alpha_bar))
+def x0_update_gain(a: float, b: float, kappa: float) -> float:
+    """``a / (1 - κ b)``: the move in x_t per unit change of x0 (first order) for a forward process
+    ``x_t = a x0 + b ε`` (module docstring): ``sqrt(ᾱ) / (1 - κ sqrt(1 - ᾱ))`` for DDPM,
+    ``(1 - σ) / (1 - κ σ)`` for flow matching."""
+    return float(a) / (1.0 - check_kappa(kappa) * float(b))
 
 
 @torch.no_grad()
-def x0_normalise(den: Denoiser, x_t: torch.Tensor, x_edit: torch.Tensor, t: int,
+def x0_normalise(den: Denoiser, x_t: torch.Tensor, x_edit: torch.Tensor, t,
                  kappa: float = GeometryConfig.kappa) -> torch.Tensor:
     """Park et al.'s x0-normalised edit (module docstring): ``x_t' = x_t + gain · (x0' - x0(x_t))``.
 
     x_t: [B, C, H, W] unedited points (or [1, ...], shared by every edit of one sample);
-    x_edit: [B, C, H, W] the one-step edits ``x_t + γ v`` at timestep ``t``. Returns ``x_t'``
+    x_edit: [B, C, H, W] the one-step edits ``x_t + γ v`` at time ``t`` (the model's own: an
+    int step, ``"s0.500"`` or a :class:`~diffatlas.models.diffusion.Time`). Returns ``x_t'``
     [B, C, H, W]. The predictions ``x0(.)`` come from the diffusion core
-    (:meth:`Denoiser.eps_x0`, unclipped), whatever the model's prediction type.
+    (:meth:`Denoiser.eps_x0`, unclipped), whatever the model's prediction type or time
+    convention (flow: ``x0 = x_σ - σ v``).
     """
-    gain = x0_update_gain(alpha_at(den.handle, t), kappa)
-    _, x0_ref = den.eps_x0(x_t, t, clip=False)
-    _, x0_e = den.eps_x0(x_edit, t, clip=False)
+    check_kappa(kappa)
+    time = geometry_time(den.handle, t, "time")
+    gain = x0_update_gain(*noise_coefficients(den.handle, time), kappa)
+    _, x0_ref = den.eps_x0(x_t, time, clip=False)
+    _, x0_e = den.eps_x0(x_edit, time, clip=False)
     return x_t + gain * (normalise_to(x0_e, x0_ref) - x0_ref)
 
 

@@ -26,6 +26,13 @@ def _colours(n: int):
     return [plt.cm.viridis(x) for x in np.linspace(0.0, 0.9, max(n, 1))]
 
 
+def time_label(meta: dict) -> str:
+    """``t=500 (ᾱ=0.277)`` for a step model, ``σ=0.500 (t=500)`` for a flow-matching one (σ·T)."""
+    if meta.get("time_convention") == "sigma":
+        return f"σ={meta['sigma']:.3f} (t={meta['timestep']})"
+    return f"t={meta['timestep']} (ᾱ={meta['alpha_bar']:.3f})"
+
+
 def spectra_figure(run_dirs: list[str], out: str | os.PathLike, title: str | None = None) -> Path:
     from diffatlas.geometry.artifacts import load_basis
 
@@ -35,7 +42,7 @@ def spectra_figure(run_dirs: list[str], out: str | os.PathLike, title: str | Non
         s = tensors["s"].astype(np.float64)  # [N, n]
         idx = np.arange(1, s.shape[1] + 1)
         ratio = float(np.mean(s[:, -1] / s[:, 0]))
-        label = f"t={meta['timestep']} (ᾱ={meta['alpha_bar']:.3f}, σ_{s.shape[1]}/σ_1 = {ratio:.2f})"
+        label = f"{time_label(meta)}, s_{s.shape[1]}/s_1 = {ratio:.2f}"
         for ax, vals in ((axes[0], s), (axes[1], s / s[:, :1])):
             mean, std = vals.mean(0), vals.std(0)
             ax.plot(idx, mean, "o-", color=colour, label=label, ms=3)
@@ -89,7 +96,8 @@ def edits_figure(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
                 it_strengths = [float(g) for g in edits["iterative_strengths"]]
                 if it_strengths == strengths:
                     rows.append((f"s{e} v{d + 1} iterative", edits["iterative"][d]))
-    title = (f"{meta['model']} t={meta['timestep']} (ᾱ={meta['alpha_bar']:.3f}): x' = x_t + γ v_i, then DDIM; "
+    sampler = "Euler (flow)" if meta.get("time_convention") == "sigma" else "DDIM"
+    title = (f"{meta['model']} {time_label(meta)}: x' = x_t + γ v_i, then {sampler}; "
              f"x0-norm κ={meta['config']['kappa']}; random: a random unit direction")
     return _grid(rows, strengths, title, out)
 
@@ -103,7 +111,7 @@ def global_figure(global_dir: str | os.PathLike, out: str | os.PathLike, directi
     strengths = [float(g) for g in tensors["strengths"]]
     kept = tensors["kept"][:, direction].tolist()
     rows = [(f"sample {s} (kept {kept[s]:.2f})", images[s, direction]) for s in range(images.shape[0])]
-    title = (f"{meta['model']}: global direction {direction + 1} at t={meta['timestep']} applied to "
+    title = (f"{meta['model']}: global direction {direction + 1} at {time_label(meta)} applied to "
              f"{images.shape[0]} samples (mean |cos| local-global {meta['mean_cos'][direction]:.2f})")
     return _grid(rows, strengths, title, out)
 

@@ -18,6 +18,18 @@ once per forward (a module that runs twice has no single output to stop at).
 
 Pooling over space: ``sum`` (Park et al.), ``mean``, or ``none`` (the flattened map).
 
+Joint-attention transformers (SD3, Flux; issue 21): a joint block returns ``(text tokens,
+image tokens)``; the layer's stream (``block{i}`` = ``block{i}.image``) is read through
+extraction's one reader, :func:`~diffatlas.activations.hooks.stream_tensor`. So ``h`` is a
+chosen block's image-token output, and ``J = ∂h/∂x_t`` is defined on the image-token stream.
+The image tokens ``[B, N, C]`` are laid back on their patch grid ``[B, C, h, w]`` as extraction
+lays them (row-major patches, the grid found by :func:`~diffatlas.activations.hooks.token_grid`
+from the ``[B, C, H, W]`` latent the map takes; Flux's 2x2-packed tokens land on ``H/2 × W/2``):
+``sum`` / ``mean`` pooling is the same either way, and for ``none`` the flattened ``h`` (and so
+every ``u``) then has one layout, ``[C, h, w]``, for U-Nets and transformers alike, the layout of
+extraction's spatial maps of that layer. A text stream (``block{i}.text``) has no grid and is
+used as the sequence ``[B, L, C]``.
+
 The singular vectors
 --------------------
 :func:`top_singular` runs block subspace iteration on ``JᵀJ`` with Rayleigh–Ritz:
@@ -62,7 +74,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffatlas.activations.hooks import first_tensor
+from diffatlas.activations.hooks import stream_tensor, token_grid
 from diffatlas.accel import HOST_MMAP_MIN_PARAMS, return_large_host_blocks, strict_float32
 from diffatlas.activations.layers import ResolvedLayer, resolve_layers
 from diffatlas.errors import UserError
@@ -135,6 +147,48 @@ class ChunkedAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+def _keeps_own_processor(module: nn.Module) -> bool:
+    """Attention whose processor :class:`ChunkedAttnProcessor` cannot stand in for: joint text-image
+    attention (SD3's ``JointAttnProcessor2_0``: context projections ``add_q_proj`` and a
+    ``(image, text)`` pair out) and q/k-normalised attention (``norm_q``). Such a module keeps
+    its processor; its ``scaled_dot_product_attention`` call is made forward-AD safe instead
+    (:func:`chunked_sdpa`)."""
+    return getattr(module, "add_q_proj", None) is not None or getattr(module, "norm_q", None) is not None
+
+
+def chunked_sdpa(query_chunk: int | None) -> Callable[..., torch.Tensor]:
+    """A drop-in for ``torch.nn.functional.scaled_dot_product_attention`` made of plain ops.
+
+    ``softmax(q kᵀ · scale + mask) v`` for ``query_chunk`` query rows at a time (None = all at
+    once): exact, forward-AD safe (CPU's fused SDPA kernels have no forward derivative), and
+    never the whole attention matrix per tangent. It serves the processors that keep their own
+    maths (SD3's joint attention, Flux's ``FluxAttnProcessor`` through diffusers' dispatcher).
+    Dropout and causal masks are refused (eval-mode denoisers use neither).
+    """
+
+    def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+             dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+             enable_gqa: bool = False) -> torch.Tensor:
+        if dropout_p or is_causal:
+            raise UserError("the pullback Jacobian's attention takes no dropout and no causal mask (eval-mode denoisers)")
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            rep = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
+        scale = scale if scale is not None else query.shape[-1] ** -0.5
+        step = query.shape[-2] if query_chunk is None else query_chunk
+        blocks = []
+        for start in range(0, query.shape[-2], step):
+            rows = slice(start, start + step)
+            scores = (query[..., rows, :] @ key.transpose(-2, -1)) * scale
+            if attn_mask is not None:
+                m = attn_mask[..., rows, :] if attn_mask.shape[-2] > 1 else attn_mask
+                scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
+            blocks.append(scores.softmax(dim=-1) @ value)
+        return torch.cat(blocks, dim=-2) if len(blocks) > 1 else blocks[0]
+
+    return sdpa
+
+
 @contextlib.contextmanager
 def forward_ad_safe_attention(denoiser: nn.Module, query_chunk: int | None = DEFAULT_ATTENTION_CHUNK) -> Iterator[None]:
     """Use an attention processor made of plain matmuls in every attention module for the block.
@@ -146,24 +200,30 @@ def forward_ad_safe_attention(denoiser: nn.Module, query_chunk: int | None = DEF
     against). Every diffusers ``Attention`` module under ``denoiser`` is switched (U-Nets and
     DiTs alike, whether or not the model exposes ``set_attn_processor``), and each module's
     original processor (possibly a custom one, e.g. a DAAM tracer's) is put back on exit,
-    error or not.
+    error or not. Joint and q/k-normalised attention (SD3, Flux: :func:`_keeps_own_processor`;
+    Flux's ``FluxAttention`` is no ``Attention``) keep their processors, and
+    ``torch.nn.functional.scaled_dot_product_attention``, which they call, is
+    :func:`chunked_sdpa` for the block (put back on exit, error or not).
     """
     from diffusers.models.attention import FeedForward
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     processor = AttnProcessor() if query_chunk is None else ChunkedAttnProcessor(query_chunk)
-    saved = [(m, m.processor) for m in denoiser.modules() if isinstance(m, Attention)]
+    saved = [(m, m.processor) for m in denoiser.modules() if isinstance(m, Attention) and not _keeps_own_processor(m)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     feed_forwards = [] if query_chunk is None else [m for m in denoiser.modules() if isinstance(m, FeedForward)]
     # An instance attribute shadows the class's forward; one set before us (a hook library's,
     # or an outer use of this context) is put back afterwards, not deleted.
     own_forwards = [(m, m.__dict__.get("forward")) for m in feed_forwards]
     try:
+        torch.nn.functional.scaled_dot_product_attention = chunked_sdpa(query_chunk)
         for module, _ in saved:
             module.set_processor(processor)
         for module in feed_forwards:
             module.forward = _TokenChunkedForward(module.forward, query_chunk)
         yield
     finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
         for module, processor in saved:
             module.set_processor(processor)
         for module, previous in own_forwards:
@@ -238,12 +298,16 @@ class PullbackMap:
         self._checked = False
 
     @classmethod
-    def from_handle(cls, handle, timestep: int, layer: str = "mid", pooling: str = "sum",
+    def from_handle(cls, handle, timestep, layer: str = "mid", pooling: str = "sum",
                     cond: dict[str, Any] | None = None, prompt: str = "") -> "PullbackMap":
-        """The map of a loaded :class:`~diffatlas.models.loader.ModelHandle` at ``timestep``."""
-        check_timestep(timestep, handle.num_train_timesteps)
+        """The map of a loaded :class:`~diffatlas.models.loader.ModelHandle` at ``timestep``: the
+        model's own time (an int step; for a flow model σ as ``"s0.500"`` or a Time), checked."""
+        from diffatlas.geometry.sampling import geometry_time
+
+        time = geometry_time(handle, timestep)
+        mt = float(time.value) if time.kind == "sigma" else int(time.value)
         cond = cond if cond is not None else handle.conditioning([prompt])
-        return cls(handle.denoiser, lambda x: handle.model_output(x, int(timestep), cond), layer, pooling)
+        return cls(handle.denoiser, lambda x: handle.model_output(x, mt, cond), layer, pooling)
 
     def check(self, x: torch.Tensor) -> None:
         """One full pass (no grad, batch 1): the module must run exactly once per forward.
@@ -272,7 +336,7 @@ class PullbackMap:
         captured: list[torch.Tensor] = []
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            out = first_tensor(output)
+            out = stream_tensor(output, self.layer.stream, self.layer.name)
             if out is None:
                 raise UserError(f"layer {self.layer.name!r} does not output a tensor; select a module that does")
             captured.append(out)
@@ -288,7 +352,18 @@ class PullbackMap:
             handle.remove()
         if not captured:
             raise UserError(f"layer {self.layer.name!r} did not run in the forward pass of {type(self.denoiser).__name__}")
-        return _pool(captured[0], self.pooling, self.layer.name)
+        h = captured[0]
+        if self.layer.stream == "image" and h.ndim == 3 and x.ndim == 4:
+            h = self._on_grid(h, x)
+        return _pool(h, self.pooling, self.layer.name)
+
+    def _on_grid(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Image tokens ``[B, N, C]`` -> ``[B, C, h, w]`` on the patch grid of the latent ``x``."""
+        try:
+            h, w = token_grid(int(tokens.shape[1]), int(x.shape[-2]), int(x.shape[-1]))
+        except ValueError as err:
+            raise UserError(f"layer {self.layer.name!r}: {err}") from None
+        return tokens.transpose(1, 2).unflatten(2, (h, w))
 
 
 def check_timestep(timestep: Any, num_train_timesteps: int) -> int:

@@ -30,6 +30,13 @@ Path grammar (``results/geometry/{model}/``)::
 
 Sample ``i`` of every timestep starts from the same ``x_T`` (seeded per sample id) and is
 brought to ``t`` by DDIM, so sample ``i`` at two timesteps lies on one trajectory.
+
+Flow-matching models (SD3, Flux) run at σ (``"s0.500"``): sampling, edits and denoising use the
+core's Euler flow step (:mod:`diffatlas.geometry.sampling`), generation starts at σ = 1, and the
+directory of σ is named by the scheduler's timestep σ·T (``t500``), as extraction names its
+stores. Every ``meta.json`` records the time in the model's convention (``time``,
+``time_convention``), the scheduler timestep, σ (flow) or ᾱ (DDPM; the other is NaN, written as
+null), the noising rule and the layer alias.
 """
 
 from __future__ import annotations
@@ -49,8 +56,18 @@ from diffatlas.errors import UserError
 from diffatlas.geometry.artifacts import load_basis
 from diffatlas.geometry.config import GeometryConfig
 from diffatlas.geometry.editing import geodesic_shoot, linear_edits, x0_normalise
-from diffatlas.geometry.jacobian import PullbackMap, check_timestep, top_singular
-from diffatlas.geometry.sampling import CLEAN, Denoiser, alpha_at, decode_uint8, initial_noise
+from diffatlas.geometry.jacobian import PullbackMap, top_singular
+from diffatlas.geometry.sampling import (
+    CLEAN,
+    Denoiser,
+    decode_uint8,
+    geometry_time,
+    initial_noise,
+    start_time,
+    time_index,
+    time_record,
+)
+from diffatlas.models.diffusion import Time
 from diffatlas.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -87,12 +104,20 @@ def _basis_kwargs(cfg: GeometryConfig) -> dict[str, Any]:
                 chunk_size=cfg.chunk_size, attention_chunk=cfg.attention_chunk, conv_tf32=cfg.conv_tf32)
 
 
-def _provenance(handle, cfg: GeometryConfig, model_name: str, fmap: PullbackMap | None, timestep: int | None) -> dict[str, Any]:
+def _global_time(handle, cfg: GeometryConfig) -> Time:
+    """The time of the global directions and path lengths for this model's convention, checked."""
+    conv = "sigma" if handle.time_convention == "sigma" else "step"
+    key = "geometry.global_sigma" if conv == "sigma" else "geometry.global_timestep"
+    return geometry_time(handle, cfg.global_time(conv), key)
+
+
+def _provenance(handle, cfg: GeometryConfig, model_name: str, fmap: PullbackMap | None, timestep: Time | None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model": model_name,
         "model_info": handle.describe(),
         "layer": cfg.layer,
         "module_path": fmap.layer.module_path if fmap is not None else None,
+        "stream": fmap.layer.stream if fmap is not None else None,
         "pooling": cfg.pooling,
         "prompt": cfg.prompt,
         "guidance_scale": cfg.guidance_scale,
@@ -105,22 +130,23 @@ def _provenance(handle, cfg: GeometryConfig, model_name: str, fmap: PullbackMap 
         "config": cfg.to_dict(),
     }
     if timestep is not None:
-        out["timestep"] = int(timestep)
-        out["alpha_bar"] = alpha_at(handle, int(timestep))
+        out.update(time_record(handle, timestep))
     return out
 
 
 @torch.no_grad()
-def sample_points(handle, den: Denoiser, cfg: GeometryConfig, timestep: int, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_T, x_t) [n, C, h, w]: seeded Gaussian starts, DDIM from T-1 down to ``timestep``."""
+def sample_points(handle, den: Denoiser, cfg: GeometryConfig, timestep, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_T, x_t) [n, C, h, w]: seeded Gaussian starts, DDIM (flow: Euler) from the start of
+    generation (T-1; σ = 1) down to ``timestep``."""
     n = cfg.n_samples if n is None else n
+    time = geometry_time(handle, timestep)
     x_T = initial_noise(handle, n, cfg.seed)
-    T = handle.num_train_timesteps
-    x_t = den.ddim(x_T, T - 1, timestep, cfg.ddim_steps) if timestep < T - 1 else x_T.clone()
+    start = start_time(handle)
+    x_t = den.ddim(x_T, start, time, cfg.ddim_steps) if time.value < start.value else x_T.clone()
     return x_T, x_t
 
 
-def _denoise_images(handle, den: Denoiser, x: torch.Tensor, timestep: int, cfg: GeometryConfig) -> np.ndarray:
+def _denoise_images(handle, den: Denoiser, x: torch.Tensor, timestep: Time, cfg: GeometryConfig) -> np.ndarray:
     """x [..., C, h, w] at ``timestep`` -> uint8 images [..., H, W, 3] after DDIM to the clean sample."""
     lead = x.shape[:-3]
     flat = x.reshape(-1, *x.shape[-3:])
@@ -165,7 +191,8 @@ def _iterative_edits(fmap: PullbackMap, b0, x0: torch.Tensor, strengths: list[fl
 
 def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.PathLike, model_name: str) -> dict[str, Any]:
     """Local bases of ``cfg.n_samples`` samples at ``timestep``, their edits; written to ``out_dir``."""
-    timestep = check_timestep(timestep, handle.num_train_timesteps)
+    timestep = geometry_time(handle, timestep)
+    ti = time_index(handle, timestep)  # the step, or σ·T: names the directory, seeds the draws
     timings: dict[str, float] = {}
     fmap = _pullback(handle, cfg, timestep)
     den = _denoiser(handle, cfg)
@@ -175,15 +202,15 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
 
     tic = time.perf_counter()
     # A CPU generator on every device: the start vectors (and so the bases) do not depend on it.
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + timestep)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + ti)
     k = cfg.n_directions + cfg.oversample
     tried = (f"{x_t.shape[0]} samples x {k} directions (n_directions + oversample), x_t {tuple(x_t.shape[1:])}, "
              f"chunk_size {cfg.chunk_size}, attention_chunk {cfg.attention_chunk}")
     lower = "geometry.chunk_size (directions per pass), geometry.attention_chunk or geometry.n_samples"
-    with out_of_memory_hint(f"geometry basis (t={timestep})", tried, lower):
+    with out_of_memory_hint(f"geometry basis ({timestep})", tried, lower):
         basis = top_singular(fmap, x_t, cfg.n_directions, generator=gen, **_basis_kwargs(cfg))
     timings["basis_s"] = time.perf_counter() - tic
-    log.info("t=%d: %d samples, %d directions in %d rounds (%.1fs); sigma_1 %.3g, max residual %.2e",
+    log.info("%s: %d samples, %d directions in %d rounds (%.1fs); singular value 1 %.3g, max residual %.2e",
              timestep, x_t.shape[0], cfg.n_directions, basis.iterations, timings["basis_s"],
              float(basis.s[:, 0].mean()), float(basis.residuals.max()))
 
@@ -198,7 +225,7 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
     ])
     # The same one-step edit along random unit directions (one per edited v): the ablation's control.
     # γ = 0 is the unedited image the semantic edits already denoised, so only γ != 0 is denoised.
-    rand = random_directions(cfg, timestep, (E, m, *x_t.shape[1:]), x_t)
+    rand = random_directions(cfg, ti, (E, m, *x_t.shape[1:]), x_t)
     moved = [g for g in strengths if g != 0]
     randomised = torch.stack([linear_edits(x_t[i], rand[i], moved) for i in range(E)])  # [E, m, S-1, C, h, w]
     both = _denoise_images(handle, den, torch.stack([edited, normalised]), timestep, cfg)
@@ -220,7 +247,7 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
     it_info: dict[str, Any] = {}
     if mi and any(g != 0 for g in strengths):
         tic = time.perf_counter()
-        with out_of_memory_hint(f"geometry iterative edits (t={timestep})", tried, lower):
+        with out_of_memory_hint(f"geometry iterative edits ({timestep})", tried, lower):
             pts, sig, coss = _iterative_edits(fmap, basis.sample(0), x_t[:1], strengths, mi, cfg, gen)
         tensors["iterative"] = torch.from_numpy(np.ascontiguousarray(_denoise_images(handle, den, pts, timestep, cfg)))
         tensors["iterative_strengths"] = torch.tensor(sig, dtype=torch.float32, device="cpu")
@@ -241,8 +268,11 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
         max_residual=float(basis.residuals.max()),
         singular_values_mean=basis.s.mean(0).tolist(),
         edit={"samples": E, "directions": m, "strengths": strengths, "kappa": cfg.kappa,
-              "normalised": "Park et al.: x_t' = x_t + sqrt(abar)/(1 - kappa sqrt(1-abar)) (x0' - x0(x_t)), "
-                            "x0' = x0(x_t + gamma v) with x0(x_t)'s per-image, per-channel mean/std (unclipped x0)",
+              "normalised": (("flow matching: x_s' = x_s + (1 - sigma)/(1 - kappa sigma) (x0' - x0(x_s)), x0 = x_s - sigma v"
+                              if timestep.kind == "sigma" else
+                              "Park et al.: x_t' = x_t + sqrt(abar)/(1 - kappa sqrt(1-abar)) (x0' - x0(x_t))")
+                             + ", x0' = x0(x_t + gamma v) with x0(x_t)'s per-image, per-channel mean/std (unclipped x0)"),
+              "sampler": "Euler steps of the flow ODE (x' = x + (s' - s) v)" if timestep.kind == "sigma" else "DDIM (eta = 0)",
               "random": "one unit direction per edited v, Gaussian then normalised, one-step linear edit"},
         iterative=it_info,
         timings=timings,
@@ -258,7 +288,8 @@ def run_timestep(handle, cfg: GeometryConfig, timestep: int, out_dir: str | os.P
                 "x_T": x_T.float().contiguous().cpu(),
             },
             str(Path(tmp, "basis.safetensors")),
-            metadata={"model": model_name, "layer": cfg.layer, "timestep": str(timestep), "pooling": cfg.pooling},
+            metadata={"model": model_name, "layer": cfg.layer, "timestep": str(ti), "time": str(timestep),
+                      "pooling": cfg.pooling},
         )
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(Path(tmp, "edits.safetensors")))
         write_json(Path(tmp, "meta.json"), meta)
@@ -276,9 +307,11 @@ def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_di
     from diffatlas.geometry.global_directions import global_directions, global_to_x
 
     tensors, meta_t = load_basis(basis_dir, torch=True)
-    timestep = int(meta_t["timestep"])
-    if timestep != cfg.global_timestep:
-        raise UserError(f"{basis_dir} holds timestep {timestep}, not geometry.global_timestep = {cfg.global_timestep}")
+    timestep = _global_time(handle, cfg)
+    held = Time.parse(meta_t.get("time", meta_t["timestep"]))
+    if held != timestep:
+        key = "global_sigma" if timestep.kind == "sigma" else "global_timestep"
+        raise UserError(f"{basis_dir} holds time {held}, not geometry.{key} = {timestep}")
     v, u, sv, x_t = tensors["v"], tensors["u"], tensors["s"], tensors["x_t"]
     N, n = v.shape[:2]
     g = global_directions(u)  # ū [n, d]: matched and averaged in H
@@ -327,7 +360,7 @@ def run_global(handle, cfg: GeometryConfig, basis_dir: str | os.PathLike, out_di
             str(Path(tmp, "global.safetensors")),
         )
         write_json(Path(tmp, "meta.json"), meta)
-    log.info("global directions at t=%d from %d samples: mean |cos| of local u to global ū %s", timestep, N,
+    log.info("global directions at %s from %d samples: mean |cos| of local u to global ū %s", timestep, N,
              [round(c, 3) for c in meta["mean_cos"]])
     return meta
 
@@ -348,8 +381,9 @@ def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_nam
     from diffatlas.intervals import bootstrap_mean, wilson
     from diffatlas.io import atomic_file
 
-    timestep = check_timestep(cfg.global_timestep, handle.num_train_timesteps)
-    fmap = _pullback(handle, cfg, timestep)
+    when = _global_time(handle, cfg)
+    timestep = time_index(handle, when)
+    fmap = _pullback(handle, cfg, when)
     ends = initial_noise(handle, 2 * cfg.path_pairs, cfg.seed, first_id=PATH_SAMPLE_OFFSET)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + PATH_SAMPLE_OFFSET)
     tic = time.perf_counter()
@@ -392,7 +426,7 @@ def run_paths(handle, cfg: GeometryConfig, out_csv: str | os.PathLike, model_nam
     lengths = {m: wide[m].to_numpy() for m in METHODS}
     lerp_seg = res.segment_lengths["lerp"].cpu().numpy()
     summary = {
-        "model": model_name, "timestep": timestep, "alpha_bar": alpha_at(handle, timestep), "layer": cfg.layer,
+        "model": model_name, **time_record(handle, when), "layer": cfg.layer,
         "module_path": fmap.layer.module_path, "pooling": cfg.pooling, "prompt": cfg.prompt, "seed": cfg.seed,
         "device": str(handle.device), "dtype": str(handle.dtype).removeprefix("torch."),
         "pairs": P, "segments": L, "n_directions": cfg.n_directions, "tol": cfg.tol,
@@ -465,6 +499,7 @@ def run_measures(run_dirs: list[str], psd_csv: str | os.PathLike, dist_csv: str 
     runs = []
     for d in run_dirs:
         tensors, meta = load_basis(d, torch=True)
+        meta["alpha_bar"] = float("nan") if meta.get("alpha_bar") is None else meta["alpha_bar"]  # null for σ
         runs.append((int(meta["timestep"]), tensors, meta))
     runs.sort(key=lambda r: -r[0])
     psd_rows, dist_rows, sample_rows = [], [], []

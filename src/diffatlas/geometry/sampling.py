@@ -1,4 +1,8 @@
-"""Deterministic DDIM between any two training timesteps, with the model's own schedule.
+"""Deterministic sampling between any two times, with the model's own schedule and time.
+
+A model's time is a :class:`~diffatlas.models.diffusion.Time` in its own convention: an integer
+training step for DDPM-family schedulers (DDIM below), or σ in [0, 1] for flow-matching models
+(SD3, Flux: the Euler step of the flow ODE, see "Flow matching" at the end).
 
 The geometry stage needs DDIM segments that start or stop at arbitrary training timesteps
 (``T-1 -> t`` to reach the point whose basis is computed, ``t -> clean`` after an edit), while
@@ -18,6 +22,16 @@ against the guided change under strong guidance (colours flip on the ShapesWorld
 
 A segment ``t -> s`` takes ``max(1, round(steps · (t - s) / T))`` equal steps, so one
 ``ddim_steps`` setting means the same step size everywhere.
+
+Flow matching
+-------------
+For a flow-matching model the model output is the velocity ``v = ε - x0`` and a segment
+``σ -> σ'`` (``CLEAN`` = σ 0) is Euler steps of the core's :func:`~diffatlas.models.diffusion.flow_step`
+``x_σ' = x_σ + (σ' - σ) v`` over ``max(1, round(steps · (σ - σ')))`` equal steps (the same
+share of ``ddim_steps`` as a step segment of the same fraction of the noise axis); no DDIM
+formula is used on a flow model. Its clean estimate is ``x0 = x_σ - σ v`` (``flow_eps_x0``),
+never clipped (``FlowMatchEulerDiscreteScheduler`` has no ``clip_sample``). Generation starts at
+σ = 1 (pure noise, ``x_1 = ε``), a DDPM-family one at step T-1.
 """
 
 from __future__ import annotations
@@ -26,14 +40,90 @@ import numpy as np
 import torch
 
 from diffatlas.activations.noise import sample_noise
-from diffatlas.models.diffusion import CLEAN, cfg_combine, clip_x0, eps_x0, uses_cfg
+from diffatlas.models.diffusion import (
+    CLEAN,
+    DDPM_NOISING_RULE,
+    FLOW_NOISING_RULE,
+    Time,
+    cfg_combine,
+    check_time,
+    clip_x0,
+    eps_x0,
+    flow_eps_x0,
+    flow_scheduler_timestep,
+    flow_step,
+    uses_cfg,
+)
 
-__all__ = ["CLEAN", "Denoiser", "alpha_at", "decode_uint8", "initial_noise", "segment", "split_prediction", "to_uint8"]
+__all__ = ["CLEAN", "Denoiser", "alpha_at", "decode_uint8", "initial_noise", "segment", "split_prediction", "to_uint8",
+           "geometry_time", "start_time", "time_index", "time_record", "noise_coefficients", "sigma_segment", "is_flow"]
 
 
-def alpha_at(handle, t: int) -> float:
+def is_flow(handle) -> bool:
+    """Whether ``handle``'s time is σ (flow matching: SD3, Flux) rather than an integer step."""
+    return getattr(handle, "time_convention", "step") == "sigma"
+
+
+def geometry_time(handle, t: "Time | str | int", where: str = "--timestep") -> Time:
+    """``t`` (``500``, ``"t500"``, ``"s0.500"`` or a Time) checked against the model's own convention.
+
+    UserError (naming ``where``, the model and what is allowed) for a sigma on a step model, a
+    step on a flow model, or a step outside 0..T-1.
+    """
+    conv = "sigma" if is_flow(handle) else "step"
+    return check_time(t, conv, None if conv == "sigma" else int(handle.num_train_timesteps), where,
+                      str(getattr(handle, "model_id", "")))
+
+
+def start_time(handle) -> Time:
+    """Where generation starts: step T-1, or σ = 1 (pure noise) for a flow-matching model."""
+    return Time.sigma(1.0) if is_flow(handle) else Time.step(int(handle.num_train_timesteps) - 1)
+
+
+def time_index(handle, t: Time) -> int:
+    """The integer that names ``t`` in paths and seeds: the step, or for σ the scheduler's
+    timestep ``σ · T`` rounded (the name extraction gives a flow model's store: t500 for s0.500)."""
+    if t.kind == "step":
+        return int(t.value)
+    return int(round(flow_scheduler_timestep(t.value, int(handle.num_train_timesteps))))
+
+
+def time_record(handle, t: Time) -> dict:
+    """What an artifact records of its time: the model's convention, the scheduler's timestep
+    (σ · T for flow models), σ or ᾱ (NaN on the other axis), and the noising rule."""
+    flow = t.kind == "sigma"
+    return {
+        "time": str(t),
+        "time_convention": t.kind,
+        "timestep": time_index(handle, t),
+        "scheduler_timestep": flow_scheduler_timestep(t.value, int(handle.num_train_timesteps)) if flow else int(t.value),
+        "sigma": float(t.value) if flow else float("nan"),
+        "alpha_bar": float("nan") if flow else alpha_at(handle, t),
+        "noising_rule": FLOW_NOISING_RULE if flow else DDPM_NOISING_RULE,
+    }
+
+
+def alpha_at(handle, t: "int | Time") -> float:
     """ᾱ_t on the training scale; ``t = CLEAN`` gives the scheduler's final ᾱ."""
-    return handle.schedule.alpha_bar(int(t))
+    return handle.schedule.alpha_bar(t.value if isinstance(t, Time) else int(t))
+
+
+def noise_coefficients(handle, t: Time) -> tuple[float, float]:
+    """``(a, b)`` of the forward process ``x_t = a x0 + b ε`` at ``t``: ``(sqrt(ᾱ), sqrt(1 - ᾱ))``
+    for a step, ``(1 - σ, σ)`` for flow matching."""
+    if t.kind == "sigma":
+        return 1.0 - float(t.value), float(t.value)
+    a = alpha_at(handle, t)
+    return float(np.sqrt(a)), float(np.sqrt(1.0 - a))
+
+
+def sigma_segment(s_from: float, s_to: float, steps: int) -> list[float]:
+    """σ values visited from ``s_from`` down to ``s_to`` (0 = clean), both included: equal Euler
+    steps, ``max(1, round(steps · (s_from - s_to)))`` of them (``steps`` = steps over σ 1 -> 0)."""
+    if s_to >= s_from:
+        return [float(s_from)]
+    n = max(1, int(round(steps * (s_from - s_to))))
+    return [float(v) for v in np.linspace(float(s_from), float(s_to), n + 1)]
 
 
 def segment(t_from: int, t_to: int, steps: int, num_train_timesteps: int) -> list[int]:
@@ -58,6 +148,10 @@ def split_prediction(handle, out: torch.Tensor, x: torch.Tensor, a: float) -> tu
 class Denoiser:
     """Noise / x0 predictions of a model at one prompt, with optional CFG, in batches.
 
+    Times are the model's own (:class:`Time`, or an int step / ``CLEAN`` for a step model; a
+    float σ for a flow model); for a flow model the output is the velocity, CFG combines
+    velocities (as diffusers' SD3 pipeline does).
+
     ``cond`` / ``uncond`` come from ``handle.conditioning``; ``guidance_scale <= 1`` runs the
     conditional pass only. ``amp``: autocast dtype of the passes (None = the weights' own);
     outputs come back in the input's dtype, so the DDIM arithmetic stays in float32.
@@ -72,25 +166,41 @@ class Denoiser:
         self.uncond = handle.conditioning([""]) if uses_cfg(self.guidance) else None
         self.batch_size = max(1, int(batch_size))
 
+    @property
+    def flow(self) -> bool:
+        return is_flow(self.handle)
+
+    def _model_time(self, t: "Time | int | float") -> "int | float":
+        """``t`` as the handle's ``model_output`` takes it: an int step, or a float σ."""
+        if isinstance(t, Time):
+            return float(t.value) if t.kind == "sigma" else int(t.value)
+        return float(t) if self.flow else int(t)
+
     @torch.no_grad()
-    def output(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        """Raw model output for ``x`` [B, C, h, w] at training timestep ``t`` (CFG combined)."""
+    def output(self, x: torch.Tensor, t: "Time | int | float") -> torch.Tensor:
+        """Raw model output for ``x`` [B, C, h, w] at time ``t`` (CFG combined)."""
         from diffatlas.accel import autocast
 
+        mt = self._model_time(t)
         outs = []
         for chunk in x.split(self.batch_size):
             with autocast(x.device, self.amp):
-                out = self.handle.model_output(chunk, int(t), self.cond).to(x.dtype)
+                out = self.handle.model_output(chunk, mt, self.cond).to(x.dtype)
                 if self.uncond is not None:
-                    out_u = self.handle.model_output(chunk, int(t), self.uncond).to(x.dtype)
+                    out_u = self.handle.model_output(chunk, mt, self.uncond).to(x.dtype)
             if self.uncond is not None:
                 out = cfg_combine(out_u, out, self.guidance)
             outs.append(out)
         return torch.cat(outs)
 
     @torch.no_grad()
-    def eps_x0(self, x: torch.Tensor, t: int, clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ε̂, x0̂) at ``t``; x0̂ clipped like the scheduler clips it unless ``clip=False``."""
+    def eps_x0(self, x: torch.Tensor, t: "Time | int | float", clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε̂, x0̂) at ``t``; x0̂ clipped like the scheduler clips it unless ``clip=False``.
+
+        Flow matching: ``ε̂ = x_σ + (1 - σ) v``, ``x0̂ = x_σ - σ v`` (the core's ``flow_eps_x0``), unclipped.
+        """
+        if self.flow:
+            return flow_eps_x0(self.output(x, t), x, float(self._model_time(t)))
         a = alpha_at(self.handle, t)
         eps, x0 = split_prediction(self.handle, self.output(x, t), x, a)
         r = self.handle.schedule.clip_sample_range
@@ -100,8 +210,18 @@ class Denoiser:
         return eps_x0(x0_clipped, x, a, "sample")[0], x0_clipped
 
     @torch.no_grad()
-    def ddim(self, x: torch.Tensor, t_from: int, t_to: int, steps: int) -> torch.Tensor:
-        """DDIM (η = 0) from ``x`` at ``t_from`` down to ``t_to`` (``CLEAN`` = the clean sample)."""
+    def ddim(self, x: torch.Tensor, t_from: "Time | int", t_to: "Time | int", steps: int) -> torch.Tensor:
+        """Deterministic sampling from ``x`` at ``t_from`` down to ``t_to`` (``CLEAN`` = the clean sample):
+        DDIM (η = 0) on a step model, Euler steps of the flow ODE on a flow model (module docstring)."""
+        if self.flow:
+            s_from = float(t_from.value if isinstance(t_from, Time) else t_from)
+            s_to = 0.0 if (not isinstance(t_to, Time) and t_to == CLEAN) else float(t_to.value if isinstance(t_to, Time) else t_to)
+            path = sigma_segment(s_from, s_to, steps)
+            for s, s_next in zip(path[:-1], path[1:]):
+                x = flow_step(self.output(x, s), x, s, s_next)
+            return x
+        t_from = t_from.value if isinstance(t_from, Time) else t_from
+        t_to = t_to.value if isinstance(t_to, Time) else t_to
         path = segment(int(t_from), int(t_to), steps, self.handle.num_train_timesteps)
         for t, s in zip(path[:-1], path[1:]):
             x = self.handle.schedule.ddim_step(self.output(x, t), x, t, s)

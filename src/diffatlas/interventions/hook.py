@@ -11,7 +11,10 @@ them (:mod:`diffatlas.activations.hooks`):
 * ``[B, C]`` vectors: one position;
 * a tuple (down blocks return ``(hidden, res_samples)``) has its first tensor edited, and so
   is every skip tensor that *is* that hidden state (the block's last residual), so the edit
-  reaches the up path exactly as the layer's output would.
+  reaches the up path exactly as the layer's output would;
+* a joint-attention block (SD3, Flux) returns ``(text tokens, image tokens)``: the layer's
+  stream (``block{i}`` = ``block{i}.image``) is read through extraction's one reader,
+  :func:`~diffatlas.activations.hooks.stream_tensor`, and only that element is replaced.
 
 CFG rows follow the house layout (:mod:`diffatlas.models.diffusion`): with guidance the batch
 is ``[uncond rows, cond rows]``; ``cfg_branch = "cond"`` edits the second half only.
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffatlas.activations.hooks import first_tensor
+from diffatlas.activations.hooks import stream_tensor
 from diffatlas.activations.layers import ResolvedLayer
 from diffatlas.errors import UserError
 from diffatlas.interventions.edit import SteeringSAE, apply_delta, edit_delta
@@ -100,7 +103,7 @@ class InterventionHook:
 
     def _edit(self, module: nn.Module, inputs: Any, output: Any) -> Any:
         self.passes += 1
-        x = first_tensor(output)
+        x = stream_tensor(output, self.layer.stream, self.layer.name)
         if x is None:
             raise UserError(f"layer {self.layer.name!r} does not output a tensor; select a module that does")
         rows = self._rows(x.shape[0], x.device)
