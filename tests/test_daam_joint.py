@@ -207,6 +207,10 @@ def test_bad_input_names_the_word_or_prompt(handles):
         t5.model_max_length = old
     with pytest.raises(UserError, match="match none of the joint attention modules"):
         AttentionTracer(h.denoiser, layers=["up_blocks.*attn2"])
+    from diffatlas.daam.realimage import trace_real_images
+
+    with pytest.raises(UserError, match="flow-matching sd3 model; allowed: DDPM-family"):
+        trace_real_images(sd3, np.zeros((1, 32, 32, 3), np.uint8), ["a red circle"])
 
 
 def test_kernel_lse_and_the_by_hand_fallback_agree_with_softmax():
