@@ -172,7 +172,7 @@ def test_cfg_rows_sd3_conditional_half_flux_all_rows(handles):
 
 
 def test_daam_generate_command_on_sd3_and_flux(paths, tmp_path):
-    cfg = json.dumps({"steps": 2, "batch_size": 2, "n_images": 1,
+    cfg = json.dumps({"steps": 2, "batch_size": 2, "n_images": 1, "time_resolved": True,
                       "prompt_sets": {"caps": {"kind": "shapesworld_captions", "n_prompts": 2}}})
     for fam in FAMILIES:
         out = tmp_path / fam
@@ -189,6 +189,12 @@ def test_daam_generate_command_on_sd3_and_flux(paths, tmp_path):
 
         run = TracedRun.load(out / "run")
         assert len(run) == 2 and run.maps[0].tokens.start_token == (fam == "sd3")
+        import zarr
+
+        g = zarr.open_group(str(out / "run" / "maps.zarr"), mode="r")
+        # per-step maps on the 8x8 token grid; steps on the sigma*1000 scale (Flux's input is sigma)
+        assert g["steps__8x8"].shape[:3] == (2, 2, g["token_maps"].shape[1])
+        assert [round(s * 1000) for s in info["sigmas"]] == g["timestep"][:].tolist()
 
 
 def test_bad_input_names_the_word_or_prompt(handles):

@@ -56,7 +56,9 @@ log = logging.getLogger(__name__)
 #: single-stream (Flux) block. Used when ``daam.layers`` is the UNet default.
 JOINT_LAYERS = ("transformer_blocks.*.attn", "single_transformer_blocks.*.attn")
 
-#: The text stream turned into word maps, per family (see module docstring).
+#: The text stream turned into word maps, per family (see module docstring). Both start at
+#: joint position 0, which the time-resolved writer (``words.write_time_resolved``, first
+#: positions of the raw trace) relies on.
 TEXT_STREAM = {"sd3": "clip", "flux": "t5"}
 
 #: Tokenisations (names in :func:`diffatlas.models.text_tokens.tokenisations`) of each stream.
