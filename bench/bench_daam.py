@@ -12,6 +12,12 @@ jobs when --threads is 1).
 Peak memory is measured in a fresh subprocess per side (peak RSS on CPU; on CUDA also
 ``torch.cuda.max_memory_allocated``), plus the bytes held by the tracer's accumulators.
 Target (issue 7): ratio <= 1.3 on CPU for the ShapesWorld model.
+
+    python bench/bench_daam.py --families sd3,flux  # joint attention: tiny SD3 and Flux side by side
+
+``--families`` benches tiny random models of those families (``diffatlas.models.tiny``) in
+one run, each traced vs plain with the same alternation, and prints one ratio line per
+family (target, issue 21: <= 1.3). Peak memory is not measured in this mode.
 """
 
 from __future__ import annotations
@@ -63,6 +69,73 @@ def prompts(n: int) -> list[str]:
     return list(generate_shapesworld({"n_samples": n, "seed": 1, "two_object_fraction": 0.5}).meta["caption"])
 
 
+def plain_call_kwargs(handle) -> dict:
+    """The pipeline arguments trace_generation adds for joint-attention models (same work on both sides)."""
+    if handle.family in ("sd3", "flux"):
+        return {"max_sequence_length": handle.t5_length, "height": handle.image_size, "width": handle.image_size}
+    return {}
+
+
+def time_sides(handle, ps: list[str], steps: int, guidance: float, batch: int, repeats: int) -> tuple[dict, dict]:
+    """Wall-clock and CPU seconds of each run, plain and traced alternating, after a warm-up."""
+    import torch
+
+    from diffatlas.daam.trace import trace_generation
+
+    extra = plain_call_kwargs(handle)
+
+    def plain() -> None:
+        for s in range(0, len(ps), batch):
+            chunk = ps[s : s + batch]
+            gens = [torch.Generator().manual_seed(s + j) for j in range(len(chunk))]
+            handle.pipeline(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                            output_type="np", **extra)
+
+    def traced() -> None:
+        trace_generation(handle, ps, steps=steps, guidance=guidance, batch_size=batch)
+
+    plain()
+    traced()  # warm-up
+    times: dict[str, list[float]] = {"plain": [], "traced": []}
+    cpu: dict[str, list[float]] = {"plain": [], "traced": []}
+    for _ in range(repeats):
+        for name, fn in (("plain", plain), ("traced", traced)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return times, cpu
+
+
+def bench_families(args: argparse.Namespace) -> int:
+    """Tiny joint-attention models side by side: traced / plain per family."""
+    import torch
+
+    from diffatlas.daam.trace import AttentionTracer
+    from diffatlas.models.loader import load_model
+    from diffatlas.models.tiny import make_tiny_model
+
+    torch.set_num_threads(args.threads)
+    ps = prompts(args.prompts)
+    root = Path(tempfile.mkdtemp(prefix="bench_daam_joint_"))
+    rows = []
+    for fam in args.families.split(","):
+        handle = load_model(str(make_tiny_model(fam, root / fam)), device=args.device)
+        n_att = len(AttentionTracer(handle.denoiser).modules)
+        times, cpu = time_sides(handle, ps, args.steps, args.guidance, args.batch, args.repeats)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+        rows.append((fam, n_att, med, med_cpu, times))
+    print(f"tiny joint-attention models: {len(ps)} prompts x {args.steps} steps, guidance {args.guidance}, "
+          f"batch {args.batch}, {args.threads} thread(s), {args.device}, {args.repeats} repeats (target <= 1.3)")
+    for fam, n_att, med, med_cpu, times in rows:
+        print(f"  {fam:5s} ({n_att} joint attention modules): plain {med['plain']:.2f} s, traced {med['traced']:.2f} s; "
+              f"ratio traced / plain {med['traced'] / med['plain']:.3f} wall-clock, "
+              f"{med_cpu['traced'] / med_cpu['plain']:.3f} CPU time "
+              f"(runs plain {', '.join(f'{t:.2f}' for t in times['plain'])}; traced {', '.join(f'{t:.2f}' for t in times['traced'])})")
+    return 0
+
+
 def one_side(model: str, side: str, n: int, steps: int, guidance: float, batch: int, device: str) -> dict:
     """Run one side once (in this process) and report peak memory."""
     import torch
@@ -98,9 +171,15 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--families", default=None, help="comma-separated tiny families to bench instead, e.g. sd3,flux")
     parser.add_argument("--_side", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ["BENCH_THREADS"] = str(args.threads)
+    if args.families:
+        import logging
+
+        logging.disable(logging.WARNING)
+        return bench_families(args)
     if args._side:
         print(json.dumps(one_side(args.model, args._side, args.prompts, args.steps, args.guidance, args.batch, args.device)))
         return 0
@@ -110,7 +189,7 @@ def main() -> int:
     import torch
 
     from diffatlas.daam.processor import find_cross_attention
-    from diffatlas.daam.trace import AttentionTracer, layout_from_pipeline, trace_generation
+    from diffatlas.daam.trace import AttentionTracer, layout_from_pipeline
     from diffatlas.models.loader import load_model
 
     logging.disable(logging.WARNING)
@@ -119,26 +198,7 @@ def main() -> int:
     handle = load_model(model, device=args.device)
     ps = prompts(args.prompts)
     n_att = len(find_cross_attention(handle.denoiser))
-
-    def plain() -> None:
-        for s in range(0, len(ps), args.batch):
-            chunk = ps[s : s + args.batch]
-            gens = [torch.Generator().manual_seed(s + j) for j in range(len(chunk))]
-            handle.pipeline(prompt=chunk, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gens, output_type="np")
-
-    def traced() -> None:
-        trace_generation(handle, ps, steps=args.steps, guidance=args.guidance, batch_size=args.batch)
-
-    plain()
-    traced()  # warm-up
-    times: dict[str, list[float]] = {"plain": [], "traced": []}
-    cpu: dict[str, list[float]] = {"plain": [], "traced": []}
-    for _ in range(args.repeats):
-        for name, fn in (("plain", plain), ("traced", traced)):
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
+    times, cpu = time_sides(handle, ps, args.steps, args.guidance, args.batch, args.repeats)
     # Accumulator size for one batch (what tracing holds while the pipeline runs).
     with AttentionTracer(handle.denoiser) as tr:
         chunk = ps[: args.batch]

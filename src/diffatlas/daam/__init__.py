@@ -1,6 +1,7 @@
 """DAAM: word attribution maps from cross-attention, checked against known masks.
 
 - :mod:`~diffatlas.daam.processor`: the attention processor that records maps on the fly.
+- :mod:`~diffatlas.daam.joint`: the same for joint text-image attention (SD3, Flux).
 - :mod:`~diffatlas.daam.trace`: the tracer, CFG bookkeeping, generation with tracing.
 - :mod:`~diffatlas.daam.words`: token -> word maps, masks at τ, saved runs.
 - :mod:`~diffatlas.daam.realimage`: maps of real images (noise or invert, then denoise).

@@ -81,6 +81,7 @@ class MapAccumulator:
     slot: int = 0
     slot_rows: dict[int, int] = field(default_factory=dict)
     timesteps: list[float] = field(default_factory=list)
+    text_len: int = 0  # text tokens of the current call (joint attention: where image tokens start)
     layers_seen: set[str] = field(default_factory=set)
     enabled: bool = True
 
@@ -120,6 +121,10 @@ class MapAccumulator:
         """Add one call's probabilities ``[rows*heads, h*w, tokens]`` (summed over heads here)."""
         rows = probs.shape[0] // heads
         summed = probs.reshape(rows, heads, probs.shape[1], probs.shape[2]).sum(1, dtype=torch.float32)
+        self.add_summed(layer, summed, heads, hw)
+
+    def add_summed(self, layer: str, summed: torch.Tensor, heads: int, hw: tuple[int, int]) -> None:
+        """Add one call's maps already summed over its ``heads``: float32 ``[rows, h*w, tokens]``."""
         key = (self.slot, hw[0], hw[1])
         if key in self.sums:
             self.sums[key].add_(summed)
@@ -270,18 +275,20 @@ def find_cross_attention(
 
 @contextlib.contextmanager
 def install_processors(
-    modules: dict[str, torch.nn.Module], accumulator: MapAccumulator
-) -> Iterator[dict[str, DAAMAttnProcessor]]:
-    """Put a :class:`DAAMAttnProcessor` on each module; restore the original objects on exit.
+    modules: dict[str, torch.nn.Module], accumulator: MapAccumulator, make: Any = None
+) -> Iterator[dict[str, Any]]:
+    """Put a :class:`DAAMAttnProcessor` (or ``make(name, accumulator, original)``, e.g. the
+    joint-attention processor) on each module; restore the original objects on exit.
 
     The originals are the very processor objects that were installed (not fresh defaults),
     so a user's custom processors survive tracing, also when the block raises.
     """
     originals = {name: m.processor for name, m in modules.items()}
-    installed: dict[str, DAAMAttnProcessor] = {}
+    installed: dict[str, Any] = {}
+    make = make or DAAMAttnProcessor
     try:
         for name, m in modules.items():
-            proc = DAAMAttnProcessor(name, accumulator, originals[name])
+            proc = make(name, accumulator, originals[name])
             m.set_processor(proc)
             installed[name] = proc
         yield installed

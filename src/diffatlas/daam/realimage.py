@@ -81,6 +81,12 @@ def trace_real_images(
     An image without a caption is a :class:`UserError` naming its sample id.
     """
     check_text_model(handle, model_name)
+    if handle.time_convention != "step":
+        raise UserError(
+            f"daam real-image mode (daam.datasets) noises and denoises with DDIM; model {model_name or handle.model_id!r} "
+            f"is a flow-matching {handle.family} model; allowed: DDPM-family models here, and prompt sets "
+            "(daam-generate) for flow-matching models"
+        )
     if mode not in MODES:
         raise UserError(f"daam real-image mode {mode!r} is not allowed; allowed: {', '.join(MODES)}")
     images = np.asarray(images)

@@ -14,7 +14,13 @@ pipeline call, :func:`layout_from_pipeline` asks the pipeline what it did
 * diffusers pipelines (``StableDiffusionPipeline``, SDXL) expose
   ``do_classifier_free_guidance``, computed from the guidance scale the call actually used:
   with guidance the batch is ``[negative rows, conditional rows]``, without it every row is
+  conditional (SD3 too);
+* ``FluxPipeline`` (guidance-distilled or guidance-free) has no negative rows: every row is
   conditional.
+
+Joint-attention transformers (SD3, Flux) are traced by
+:class:`~diffatlas.daam.joint.JointDAAMProcessor` on every joint block (the map grid is the
+image-token grid; see :mod:`diffatlas.daam.joint`).
 
 The number of rows the tracer saw is checked against that layout, so a pipeline that
 batches differently fails loudly instead of silently mixing branches.
@@ -37,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffatlas.daam import joint
 from diffatlas.daam.processor import DEFAULT_LAYERS, MapAccumulator, find_cross_attention, install_processors
 
 from diffatlas.daam.words import TracedRun  # noqa: F401  (re-exported: runs are saved/loaded there)
@@ -83,6 +90,12 @@ def layout_from_pipeline(pipe: Any, n_items: int) -> CFGLayout:
                 f"{type(pipe).__name__} generated {recorded['num_images']} images in its last call, expected {n_items}"
             )
         return CFGLayout(int(recorded["batch_size"]), rows, bool(recorded["do_cfg"]), type(pipe).__name__)
+    if hasattr(getattr(getattr(pipe, "transformer", None), "config", None), "guidance_embeds"):
+        # FluxPipeline: guidance is distilled into the model (an embedding) or absent; there
+        # is no negative batch half. Its optional "true CFG" runs the negative prompt as a
+        # second call per step, which would show up as a second slot and fail collect()'s
+        # row check instead of being mixed in.
+        return CFGLayout.batched(n_items, False, source=type(pipe).__name__)
     if hasattr(pipe, "do_classifier_free_guidance"):
         if not hasattr(pipe, "_guidance_scale"):
             raise RuntimeError(f"{type(pipe).__name__} has not been called yet; its CFG layout is unknown")
@@ -124,12 +137,13 @@ class RawTrace:
         items: Sequence[int] | None = None,
         tokens: int | None = None,
         step: int | None = None,
+        offset: int = 0,
     ) -> torch.Tensor:
         """Image-size maps ``[items, tokens, H, W]`` (float32).
 
         Every resolution is upsampled bicubically to ``out_hw``, clamped at zero, and the
         resolutions summed. ``tokens`` keeps the first positions only (the prompt, not the
-        padding); ``step`` aggregates one step of a time-resolved trace instead of all.
+        padding), counted from ``offset`` (where a joint text sequence's traced stream starts); ``step`` aggregates one step of a time-resolved trace instead of all.
         """
         source = self.maps if step is None else {(h, w): m for (s, h, w), m in self.per_step.items() if s == step}
         if not source:
@@ -139,8 +153,8 @@ class RawTrace:
             m = m.float()
             if items is not None:
                 m = m[list(items)]
-            if tokens is not None:
-                m = m[:, :tokens]
+            if tokens is not None or offset:
+                m = m[:, offset : None if tokens is None else offset + tokens]
             up = m if tuple(hw) == tuple(out_hw) else F.interpolate(m, size=tuple(out_hw), mode="bicubic", align_corners=False)
             up = up.clamp(min=0)
             total = up if total is None else total + up
@@ -171,9 +185,22 @@ class AttentionTracer:
         model_name: str | None = None,
     ) -> None:
         self.denoiser = denoiser
-        self.modules = find_cross_attention(denoiser, layers, model_name)
         self.accumulator = MapAccumulator(time_resolved=time_resolved)
         self._stack: contextlib.ExitStack | None = None
+        self._make: Any = None
+        patterns = [layers] if isinstance(layers, str) else list(layers)
+        # Joint-attention transformers (SD3, Flux) have no attn2: the UNet default layers
+        # stand for "every joint block" there (the paper traces every cross-attention layer
+        # that carries text; in these models that is every block).
+        self.family = joint.joint_family(denoiser)
+        if self.family is not None:
+            if tuple(patterns) == tuple(DEFAULT_LAYERS):
+                patterns = list(joint.JOINT_LAYERS)
+            self.modules = joint.find_joint_attention(denoiser, patterns, model_name)
+            self._make = lambda name, acc, original: joint.JointDAAMProcessor(name, acc, original, self.family)
+        else:
+            self.modules = find_cross_attention(denoiser, patterns, model_name)
+        self.layers = patterns
 
     # -- install / remove ------------------------------------------------------------
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -183,12 +210,19 @@ class AttentionTracer:
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
         if isinstance(t, torch.Tensor):
             t = float(t.reshape(-1)[0]) if t.numel() else 0.0
+        if self.family is not None:
+            # Joint attention: the map grid is the image-token grid; the text length tells
+            # Flux's single-stream blocks where the image tokens start.
+            hw = joint.token_grid(self.family, self.denoiser, {"hidden_states": sample, **kwargs})
+            self.accumulator.text_len = int(kwargs["encoder_hidden_states"].shape[1])
+            self.accumulator.begin_call(hw, joint.timestep_to_train_scale(self.family, float(t)), int(sample.shape[0]))
+            return
         self.accumulator.begin_call((int(sample.shape[-2]), int(sample.shape[-1])), float(t), int(sample.shape[0]))
 
     def __enter__(self) -> "AttentionTracer":
         stack = contextlib.ExitStack()
         try:
-            stack.enter_context(install_processors(self.modules, self.accumulator))
+            stack.enter_context(install_processors(self.modules, self.accumulator, self._make))
             handle = self.denoiser.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
             stack.callback(handle.remove)
         except BaseException:
@@ -300,6 +334,17 @@ def build_word_maps(
     return [WordMaps(agg[i, : a.n_positions], a) for i, a in enumerate(aligned)]
 
 
+def build_joint_word_maps(raw: RawTrace, aligned: Sequence[tuple[Any, int]], out_hw: tuple[int, int]) -> list["WordMaps"]:
+    """One :class:`WordMaps` per traced item of a joint-attention model; ``aligned[i]`` is item
+    i's ``(PromptTokens, stream offset)`` from :func:`diffatlas.daam.joint.joint_prompt_tokens`."""
+    from diffatlas.daam.words import WordMaps
+
+    offset = aligned[0][1]
+    n_pos = max(a.n_positions for a, _ in aligned)
+    agg = raw.aggregate(out_hw, tokens=n_pos, offset=offset).numpy()  # [items, n_pos, H, W]
+    return [WordMaps(agg[i, : a.n_positions], a) for i, (a, _) in enumerate(aligned)]
+
+
 def text_window(handle: Any) -> int:
     """Tokens the text encoder reads (77 for CLIP)."""
     tok = handle.tokenizers[0]
@@ -358,6 +403,13 @@ def trace_generation(
     window = text_window(handle)
     size = int(out_size or handle.image_size)
     tracer = AttentionTracer(handle.denoiser, layers, time_resolved, model_name or handle.model_id)
+    call_extra: dict[str, Any] = {}
+    if tracer.family is not None:
+        # Joint attention: every prompt's word layout first (a word a tokenisation lacks, or a
+        # prompt past T5's limit, fails before any generation); the pipeline reads the same
+        # T5 length as the layout, at the model's own image size.
+        joint_layout = {p: joint.joint_prompt_tokens(handle, p) for p in dict.fromkeys(prompts)}
+        call_extra = {"max_sequence_length": handle.t5_length, "height": handle.image_size, "width": handle.image_size}
     images, maps, items, per_step = [], [], [], []
     per_batch = max(1, batch_size // n_images)
     with tracer:
@@ -375,12 +427,16 @@ def trace_generation(
                 guidance_scale=guidance,
                 generator=gens,
                 output_type="np",
+                **call_extra,
             )
             layout = layout_from_pipeline(pipe, n_items)
             raw = tracer.collect(layout)
             per_item_prompts = [p for p in chunk for _ in range(n_images)]
             images.append(_to_uint8(out.images))
-            maps.extend(build_word_maps(raw, per_item_prompts, tok, (size, size), window))
+            if tracer.family is not None:
+                maps.extend(build_joint_word_maps(raw, [joint_layout[p] for p in per_item_prompts], (size, size)))
+            else:
+                maps.extend(build_word_maps(raw, per_item_prompts, tok, (size, size), window))
             for j in range(n_items):
                 items.append(
                     {"prompt_index": start + j // n_images, "image_index": j % n_images, "seed": seeds[j], "sample_id": -1}
@@ -401,8 +457,11 @@ def trace_generation(
         "map_size": size,
         "aggregation": "sum over heads, layers, timesteps per resolution; bicubic upsampling; clamp >= 0; sum over resolutions",
         "trace": describe(last_raw),
-        "timesteps": [int(round(t)) for t in last_raw.timesteps],
-        "alpha_bar": [float(handle.ddpm_alphas("DAAM")[int(round(t))]) for t in last_raw.timesteps],
         "time_resolved": bool(time_resolved),
     }
+    if tracer.family is not None:
+        info.update(joint.describe_joint(handle, tracer, last_raw))
+    else:
+        info["timesteps"] = [int(round(t)) for t in last_raw.timesteps]
+        info["alpha_bar"] = [float(handle.ddpm_alphas("DAAM")[int(round(t))]) for t in last_raw.timesteps]
     return TracedRun(np.concatenate(images), maps, items, info, per_step)

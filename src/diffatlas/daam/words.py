@@ -19,6 +19,10 @@ digits (with inner apostrophes: "don't"); punctuation tokens belong to no word.
 * ``mask(word, tau)``: the map scaled to [0, 1] by its own min and max, thresholded
   ``> tau`` (the ``daam.tau`` config key; the DAAM paper uses 0.4).
 
+For joint-attention models (SD3, Flux; :mod:`diffatlas.daam.joint`) the maps of the traced
+text stream use the same layout; a T5 stream has no start token (``start_token=False``:
+content starts at position 0).
+
 Prompts longer than the window are never an error: the words that fall (partly) outside are
 logged once and recorded in :attr:`PromptTokens.truncated_words`; asking for a word whose
 tokens were all cut off is a :class:`UserError` that says so.
@@ -67,6 +71,12 @@ class PromptTokens:
     window: int
     n_content_tokens: int  # before truncation
     truncated_words: list[str] = field(default_factory=list)
+    start_token: bool = True  # position 0 is a start token (CLIP); T5 streams have none
+
+    @property
+    def first_content(self) -> int:
+        """Position of the first content token (after the start token, if any)."""
+        return 1 if self.start_token else 0
 
     @property
     def n_positions(self) -> int:
@@ -75,11 +85,11 @@ class PromptTokens:
 
     @property
     def content_positions(self) -> list[int]:
-        return list(range(1, self.end_position))
+        return list(range(self.first_content, self.end_position))
 
     @property
     def truncated(self) -> bool:
-        return self.n_content_tokens + 2 > self.window
+        return self.n_content_tokens + self.first_content + 1 > self.window
 
     def find(self, word: str) -> list[Word]:
         """All occurrences of ``word`` (case-insensitive)."""
@@ -197,7 +207,7 @@ class WordMaps:
     def _source(self, normalize: bool) -> np.ndarray:
         if not normalize:
             return self.token_maps
-        content = self.token_maps[1 : self.tokens.end_position]
+        content = self.token_maps[self.tokens.first_content : self.tokens.end_position]
         total = content.sum(0, keepdims=True) if len(content) else np.zeros_like(self.token_maps[:1])
         return self.token_maps / (total + 1e-8)
 
@@ -229,6 +239,9 @@ class WordMaps:
 
     def start_map(self, normalize: bool = False) -> np.ndarray:
         """Map of the start-of-text token (position 0).  -> [H, W]."""
+        if not self.tokens.start_token:
+            raise UserError(f"daam: the text stream of prompt {self.prompt[:60]!r} (T5) has no start token; "
+                            "allowed: word maps and end_map()")
         return self._source(normalize)[0]
 
     def end_map(self, normalize: bool = False) -> np.ndarray:
@@ -311,6 +324,7 @@ class TracedRun:
                         "n_content_tokens": t.n_content_tokens,
                         "truncated_words": json.dumps(t.truncated_words),
                         "tokens": json.dumps(t.tokens),
+                        "start_token": t.start_token,
                     }
                 )
                 for wd in t.words:
@@ -349,7 +363,7 @@ class TracedRun:
         words = pd.read_parquet(path / "words.parquet")
         by_item = {i: df for i, df in words.groupby("item")}
         maps, item_dicts = [], []
-        reserved = {"item", "prompt", "n_positions", "window", "n_content_tokens", "truncated_words", "tokens"}
+        reserved = {"item", "prompt", "n_positions", "window", "n_content_tokens", "truncated_words", "tokens", "start_token"}
         for row in items.to_dict("records"):
             i = int(row["item"])
             wdf = by_item.get(i)
@@ -365,6 +379,7 @@ class TracedRun:
                 window=int(row["window"]),
                 n_content_tokens=int(row["n_content_tokens"]),
                 truncated_words=json.loads(row["truncated_words"]),
+                start_token=bool(row.get("start_token", True)),  # runs written before joint attention: CLIP
             )
             maps.append(WordMaps(np.asarray(token_maps[i], dtype=np.float32), tokens))
             item_dicts.append({k: v for k, v in row.items() if k not in reserved})
