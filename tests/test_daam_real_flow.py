@@ -240,3 +240,41 @@ def test_start_time_comes_from_one_key_per_convention():
                     ({"real_t": 0.5}, "daam.real_t = 0.5 is not allowed; allowed: a training step")):
         with pytest.raises(UserError, match=msg):
             DAAMConfig(**kw)
+
+
+def test_workflow_plans_daam_real_for_flow_models_with_their_sigma(setup, tmp_path):
+    """Dry run: daam_real jobs for a tiny SD3 and Flux model, each handed daam.real_sigma; a
+    real_sigma that is no sigma stops the run at parse time, by name."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root_dir = Path(__file__).resolve().parents[1]
+    _, paths, _, _ = setup
+    cfg = yaml.safe_load((root_dir / "tests" / "workflow" / "tiny_config.yaml").read_text())
+    cfg["results"] = str(tmp_path / "results")
+    cfg["models"] = {fam: {"path": str(paths[fam])} for fam in FAMILIES}
+    cfg["daam"].update(models=list(FAMILIES), real_sigma="s0.450")
+    env = dict(os.environ, DIFFATLAS_NO_PROGRESS="1")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    targets = [str(tmp_path / "results" / "daam" / fam / "real" / "shapesworld") for fam in FAMILIES]
+
+    def dry_run(config: dict) -> subprocess.CompletedProcess:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return subprocess.run([sys.executable, "-m", "snakemake", *targets, "-n", "-p", "--cores", "1",
+                               "--configfile", str(path)], cwd=root_dir, env=env, capture_output=True, text=True, timeout=600)
+
+    proc = dry_run(cfg)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for fam in FAMILIES:
+        line = next(ln for ln in out.splitlines() if ln.startswith("Shell command: diffatlas daam-real") and f"--model-name {fam} " in ln)
+        assert '"real_sigma": "s0.450"' in line and f"--model {paths[fam]}" in line
+    cfg["daam"]["real_sigma"] = "t400"
+    proc = dry_run(cfg)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "daam.real_sigma = 't400' is not allowed" in out and "Traceback" not in out, out[-3000:]
