@@ -6,6 +6,9 @@
 #       (+ cohyponym.csv, adjective_swaps.csv for entanglement sets)
 #   results/daam/{model}/real/{dataset}/          real images noised/inverted and denoised with
 #       their captions (daam-real): run/, summary.csv (vs true masks), threshold_curve.csv, relations.csv
+#       The start time is the model's own convention: daam.real_t (training step) for DDPM-family
+#       models, daam.real_sigma for flow-matching ones (SD3, Flux); the job picks by the model's
+#       scheduler (DAAMConfig.real_start), so one daam_real rule serves both and gets both keys.
 #   results/figures/daam/{model}/overlays_prompts_{prompt_set}.png, overlays_real_{dataset}.png,
 #       miou.png (table + threshold curve), relations.png (mIoH vs mIoD),
 #       entanglement_{prompt_set}.png (entanglement sets only)

@@ -16,6 +16,7 @@ from diffatlas.daam.trace import AttentionTracer, trace_generation
 from diffatlas.errors import UserError
 from diffatlas.models.loader import load_model
 from diffatlas.models.tiny import make_tiny_model
+from joint_oracles import capture_attention_inputs, hand_maps
 
 FAMILIES = ("sd3", "flux")
 PROMPTS = ["a red circle left of a blue square", "a small green triangle"]
@@ -33,74 +34,6 @@ def handles(paths):
     return {fam: load_model(p) for fam, p in paths.items()}
 
 
-# ------------------------------------------------------------------ attention by hand (float64)
-def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, S, n*d] -> [B, n, S, d]"""
-    return x.reshape(x.shape[0], x.shape[1], n, -1).transpose(1, 2)
-
-
-def _norm(module, x):
-    return x if module is None else module(x)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each consecutive channel pair (x[2k], x[2k+1]) by its angle θ_k, written as the
-    complex product (x[2k] + i x[2k+1]) e^{iθ_k}; cos/sin [S, d] hold each θ_k twice."""
-    theta = torch.atan2(sin[:, 0::2], cos[:, 0::2]).double()
-    z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
-    return torch.view_as_real(z * torch.polar(torch.ones_like(theta), theta)).flatten(-2)
-
-
-def _softmax_text_columns(q_img: torch.Tensor, k_all: torch.Tensor, text: slice) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(d)) over ALL keys, its text columns, summed over heads: [B, N, T]."""
-    p = torch.softmax(q_img @ k_all.transpose(-1, -2) / math.sqrt(q_img.shape[-1]), dim=-1)
-    return p[..., text].sum(1)
-
-
-def hand_maps(family: str, calls: dict[str, dict], text_len: int) -> torch.Tensor:
-    """Sum over the traced attention modules of the image→text joint-softmax columns."""
-    import copy
-
-    total = 0
-    for name, kw in calls.items():
-        m = copy.deepcopy(kw["module"]).double()
-        x = kw["hidden_states"].double()
-        n = m.heads
-        if family == "sd3":  # sequence [image; text]
-            e = kw["encoder_hidden_states"].double()
-            q = _norm(m.norm_q, _heads(m.to_q(x), n))
-            k = _norm(m.norm_k, _heads(m.to_k(x), n))
-            ek = _norm(m.norm_added_k, _heads(m.add_k_proj(e), n))
-            total = total + _softmax_text_columns(q, torch.cat([k, ek], 2), slice(x.shape[1], None))
-            continue
-        cos, sin = (t.double() for t in kw["image_rotary_emb"])
-        if name.startswith("single_"):  # [text; image] in hidden_states
-            q = _rope(m.norm_q(_heads(m.to_q(x), n)), cos, sin)
-            k = _rope(m.norm_k(_heads(m.to_k(x), n)), cos, sin)
-            total = total + _softmax_text_columns(q[:, :, text_len:], k, slice(0, text_len))
-        else:  # double-stream: text from encoder_hidden_states, placed first
-            e = kw["encoder_hidden_states"].double()
-            q = torch.cat([m.norm_added_q(_heads(m.add_q_proj(e), n)), m.norm_q(_heads(m.to_q(x), n))], 2)
-            k = torch.cat([m.norm_added_k(_heads(m.add_k_proj(e), n)), m.norm_k(_heads(m.to_k(x), n))], 2)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            total = total + _softmax_text_columns(q[:, :, text_len:], k, slice(0, text_len))
-    return total
-
-
-def _capture_attention_inputs(denoiser, names):
-    """Forward pre-hooks that keep each attention module's inputs (of its last call)."""
-    calls, handles = {}, []
-    modules = dict(denoiser.named_modules())
-    for name in names:
-        def hook(mod, args, kwargs, name=name):
-            kw = dict(kwargs)
-            if args:
-                kw["hidden_states"] = args[0]
-            calls[name] = {"module": mod, **kw}
-        handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
-    return calls, handles
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_traced_maps_equal_attention_by_hand_and_outputs_are_unchanged(handles, family):
     h = handles[family]
@@ -114,7 +47,7 @@ def test_traced_maps_equal_attention_by_hand_and_outputs_are_unchanged(handles, 
                        "flux": ["single_transformer_blocks.0.attn", "transformer_blocks.0.attn"]}[family]
     assert names == expected_blocks  # every joint block (Flux: double- and single-stream)
 
-    calls, hooks = _capture_attention_inputs(h.denoiser, names)
+    calls, hooks = capture_attention_inputs(h.denoiser, names)
     with torch.no_grad():
         plain = h.model_output(x, 0.6, cond)
     for hk in hooks:
@@ -215,8 +148,9 @@ def test_bad_input_names_the_word_or_prompt(handles):
         AttentionTracer(h.denoiser, layers=["up_blocks.*attn2"])
     from diffatlas.daam.realimage import trace_real_images
 
-    with pytest.raises(UserError, match="flow-matching sd3 model; allowed: DDPM-family"):
-        trace_real_images(sd3, np.zeros((1, 32, 32, 3), np.uint8), ["a red circle"])
+    # real images on a flow model start from a sigma; a training step is refused by name
+    with pytest.raises(UserError, match="start time = 400 is not allowed for model .*flow-matching model, whose times are sigmas"):
+        trace_real_images(sd3, np.zeros((1, 32, 32, 3), np.uint8), ["a red circle"], t_start=400)
 
 
 def test_kernel_lse_and_the_by_hand_fallback_agree_with_softmax():

@@ -4,8 +4,11 @@
         --dataset results/data/shapesworld --out results/daam/shapesworld/real/shapesworld \\
         --config-json '{"n_real": 32, "real_t": 400, "real_mode": "noise"}'
 
-Each of the first ``n_real`` images is noised (``real_mode: noise``) or DDIM-inverted
-(``invert``) to ``real_t`` and denoised with its caption while the cross-attention is traced.
+Each of the first ``n_real`` images is noised (``real_mode: noise``) or inverted (``invert``:
+DDIM inversion) to ``real_t`` and denoised with its caption while the cross-attention is traced.
+Flow-matching models (SD3, Flux) start from ``real_sigma`` instead (``x = (1 - σ) x0 + σ ε``,
+or Euler flow inversion) and denoise with Euler steps on their scheduler's σ grid; their joint
+attention is traced (``diffatlas.daam.joint``).
 Writes ``OUT/run/`` and the tables (summary.csv: mIoU of noun masks vs the true object masks
 with the whole-image and centre-prior baselines; summary_all_words.csv; summary_by_role.csv
 (shape, colour and size words apart); threshold_curve.csv; relations.csv with mIoU/mIoD/mIoH

@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffatlas.errors import UserError
 from diffatlas.sections import ConfigSection
+
+if TYPE_CHECKING:
+    from diffatlas.models.diffusion import Time
 
 PROMPT_KINDS = ("shapesworld_captions", "list", "entanglement")
 REAL_MODES = ("noise", "invert")
@@ -167,7 +170,7 @@ class DAAMConfig(ConfigSection):
     JOB_FREE_KEYS = ("models", "datasets")
     JOBS = {
         "generate": _TRACE + ("prompt_sets", "n_images", "guidance", "map_size"),
-        "real": _TRACE + ("n_real", "real_mode", "real_t", "real_guidance"),
+        "real": _TRACE + ("n_real", "real_mode", "real_t", "real_sigma", "real_guidance"),
         "figure": ("overlay_items",),
     }
 
@@ -202,9 +205,11 @@ class DAAMConfig(ConfigSection):
     n_real: int = 32
     """Real-image mode: the first n dataset images with a caption."""
     real_mode: str = "noise"
-    """noise: noise the image to real_t; invert: DDIM-invert it to real_t."""
-    real_t: int = 400
-    """Training-scale timestep real images are noised/inverted to."""
+    """noise: noise the image to its start time; invert: invert it there (DDIM, or Euler flow inversion)."""
+    real_t: int | str = 400
+    """DDPM-family models: training-scale timestep real images are noised/inverted to (400 or 't400')."""
+    real_sigma: float | str = "s0.600"
+    """Flow-matching models (SD3, Flux): sigma real images are noised/inverted to ('s0.600' or 0.6)."""
     real_guidance: float = 1.0
     """CFG scale while denoising real images (1: conditional only)."""
     overlay_items: int = 6
@@ -234,7 +239,8 @@ class DAAMConfig(ConfigSection):
         _int("n_real", self.n_real, 1)
         if self.real_mode not in REAL_MODES:
             raise UserError(f"config daam.real_mode = {self.real_mode!r} is not allowed; allowed: {', '.join(REAL_MODES)}")
-        _int("real_t", self.real_t, 0)
+        self.real_start("step")  # both start times parse, each in its own convention
+        self.real_start("sigma")
         _num("real_guidance", self.real_guidance, 0.0)
         _int("overlay_items", self.overlay_items, 1)
         if not isinstance(self.prompt_sets, dict):
@@ -243,6 +249,34 @@ class DAAMConfig(ConfigSection):
             if not isinstance(spec, dict):
                 raise UserError(f"config daam.prompt_sets.{name} must be a mapping with a 'kind'")
             self.prompt_set(name)  # validates the entry
+
+    def real_start(self, convention: str) -> "Time":
+        """The start time of real-image DAAM for a model of ``convention`` (``"step"``: ``real_t``;
+        ``"sigma"``: ``real_sigma``), as a :class:`~diffatlas.models.diffusion.Time`.
+
+        The one place that picks the key: the daam-real job and the workflow's checks ask here.
+        """
+        from diffatlas.models.diffusion import Time
+
+        key, value = ("real_sigma", self.real_sigma) if convention == "sigma" else ("real_t", self.real_t)
+        allowed = ("a flow-matching sigma in (0, 1]: 's0.600' or 0.6" if convention == "sigma"
+                   else "a training step: an integer >= 0 or 't400'")
+        try:
+            if convention == "sigma" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                t = Time.sigma(value)
+            elif isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise UserError("not a time")
+            else:
+                t = Time.parse(value)
+        except UserError:
+            t = None
+        if t is None or t.kind != convention or (t.kind == "sigma" and t.value <= 0):
+            raise UserError(f"config daam.{key} = {value!r} is not allowed; allowed: {allowed}")
+        return t
+
+    def real_start_key(self, convention: str) -> str:
+        """The config key :meth:`real_start` reads for ``convention`` (named in errors)."""
+        return "daam.real_sigma" if convention == "sigma" else "daam.real_t"
 
     def prompt_set(self, name: str) -> PromptSet:
         if name not in self.prompt_sets:

@@ -140,12 +140,16 @@ def run_real(handle: Any, cfg: Any, dataset_dir: Any, out: Any, model_name: str 
             f"daam real-image mode: dataset {dataset_dir} has images without a caption (sample ids {missing[:5]}"
             f"{'...' if len(missing) > 5 else ''}); real-image DAAM needs a caption per image"
         )
+    # the start time in the model's convention: daam.real_t (steps, capped at T - 1) or daam.real_sigma
+    conv = handle.time_convention
+    start = cfg.real_start(conv)
+    start = min(start.value, handle.num_train_timesteps - 1) if conv == "step" else start
     run = trace_real_images(
         handle,
         ds.images[:n],
         captions[:n],
         sample_ids=[int(s) for s in meta["sample_id"].iloc[:n]],
-        t_start=min(cfg.real_t, handle.num_train_timesteps - 1),
+        t_start=start,
         steps=cfg.steps,
         mode=cfg.real_mode,
         guidance=cfg.real_guidance,
@@ -154,6 +158,7 @@ def run_real(handle: Any, cfg: Any, dataset_dir: Any, out: Any, model_name: str 
         time_resolved=cfg.time_resolved,
         batch_size=cfg.batch_size,
         model_name=model_name,
+        start_key=cfg.real_start_key(conv),
     )
     run.info.update({"dataset": str(dataset_name or Path(dataset_dir).name), "model_name": model_name})
     tables, notes = _score_run(run, cfg, meta.iloc[:n].reset_index(drop=True), None if ds.masks is None else ds.masks[:n], "real")
