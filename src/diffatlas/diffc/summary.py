@@ -19,7 +19,7 @@ from diffatlas.intervals import wilson
 from diffatlas.io import read_json
 
 COLUMNS = [
-    "model", "dataset", "layer", "module_path", "timestep", "alpha_bar", "granularity", "method",
+    "model", "dataset", "layer", "module_path", "timestep", "alpha_bar", "sigma", "granularity", "method",
     "accuracy", "accuracy_ci_low", "accuracy_ci_high", "n_correct", "n_seeds", "accuracy_seed_mean",
     "accuracy_seed_std", "accuracy_seed_min", "accuracy_seed_max", "macro_f1", "train_accuracy", "val_accuracy", "chance_uniform", "majority_baseline",
     "n_classes", "n_train", "n_val", "n_test", "n_warnings", "metrics_path",
@@ -46,6 +46,7 @@ def summary_rows(metrics: dict, path: str) -> list[dict]:
                         "module_path": metrics.get("module_path"),
                         "timestep": int(metrics["timestep"]),
                         "alpha_bar": metrics["alpha_bar"],
+                        "sigma": metrics.get("sigma"),  # flow-matching models (timestep = σ·T); absent before
                         "granularity": gran,
                         "method": method,
                         "accuracy": m["accuracy"],
