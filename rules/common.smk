@@ -267,6 +267,21 @@ def layers_with_maps(model):
     return [l for l in ExtractConfig.from_dict(extract_section(model)).layers_with_maps if not is_text_stream(l)]
 
 
+def diffc_layers(model):
+    """Diff-C's layers of ``model``: diffc.layers when set (each extracted for the model, with
+    maps), else its extraction layers that keep maps (a text-token stream has none)."""
+    layers = trained_layers(model, "diffc")
+    if config["diffc"].get("layers"):
+        bare = [l for l in layers if is_text_stream(l)]
+        if bare:
+            raise WorkflowError(
+                f"config diffc.layers = {bare} are text-token streams (pooled over tokens, no spatial map), but "
+                f"Diff-C trains on spatial maps; allowed: layers with maps of model {model}: {layers_with_maps(model)}"
+            )
+        return layers
+    return [l for l in layers if not is_text_stream(l)]
+
+
 def geometry_times(model):
     """The geometry timesteps of ``model``, latest first: its own models.<model>.timesteps, else
     geometry.timesteps, plus geometry.global_timestep."""

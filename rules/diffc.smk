@@ -34,21 +34,6 @@ if not config["extract"].get("spatial", True):
     )
 
 
-def diffc_layers(model):
-    """Diff-C's layers of ``model``: diffc.layers when set (each extracted for the model, with
-    maps), else its extraction layers that keep maps (a text-token stream has none)."""
-    layers = trained_layers(model, "diffc")
-    if DIFFC.get("layers"):
-        bare = [l for l in layers if is_text_stream(l)]
-        if bare:
-            raise WorkflowError(
-                f"config diffc.layers = {bare} are text-token streams (pooled over tokens, no spatial map), but "
-                f"Diff-C trains on spatial maps; allowed: layers with maps of model {model}: {layers_with_maps(model)}"
-            )
-        return layers
-    return [l for l in layers if not is_text_stream(l)]
-
-
 DIFFC_LAYERS = {m: diffc_layers(m) for m in DIFFC_MODELS}
 DIFFC_TIMESTEPS = {m: trained_times(m, "diffc") for m in DIFFC_MODELS}
 
