@@ -212,7 +212,12 @@ def trained_times(model, section):
     own = config[section].get("timesteps")
     if not own:
         return extracted
-    named = [store_time(model, Time.parse(t), f"{section}.timesteps") for t in own]
+    named = []
+    for i, t in enumerate(own):
+        try:
+            named.append(store_time(model, Time.parse(t), f"{section}.timesteps"))
+        except UserError as err:
+            raise WorkflowError(f"config {section}.timesteps[{i}] (model {model}): {err}") from None
     missing = [t for t, n in zip(own, named) if n not in extracted]
     if missing:
         raise WorkflowError(
@@ -264,7 +269,12 @@ def layers_with_maps(model):
     extract.spatial, extract.spatial_layers), less text-token streams, which never have one."""
     from diffatlas.activations.config import ExtractConfig
 
-    return [l for l in ExtractConfig.from_dict(extract_section(model)).layers_with_maps if not is_text_stream(l)]
+    key = f"models.{model}.layers" if config["models"][model].get("layers") is not None else "extract.layers"
+    try:
+        section = ExtractConfig.from_dict(extract_section(model))
+    except UserError as err:
+        raise WorkflowError(f"model {model}: {key} = {layers_for(config, model)!r}: {err}") from None
+    return [l for l in section.layers_with_maps if not is_text_stream(l)]
 
 
 def diffc_layers(model):

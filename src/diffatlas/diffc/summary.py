@@ -26,6 +26,11 @@ COLUMNS = [
 ]  # fmt: skip
 
 
+def _number(value: float | None) -> float:
+    """A recorded level as a float column value (None, JSON's null for NaN: NaN)."""
+    return float("nan") if value is None else float(value)
+
+
 def summary_rows(metrics: dict, path: str) -> list[dict]:
     """Rows of one job's ``metrics.json`` (already parsed)."""
     rows = []
@@ -45,8 +50,9 @@ def summary_rows(metrics: dict, path: str) -> list[dict]:
                         "layer": metrics["layer"],
                         "module_path": metrics.get("module_path"),
                         "timestep": int(metrics["timestep"]),
-                        "alpha_bar": metrics["alpha_bar"],
-                        "sigma": metrics.get("sigma"),  # flow-matching models (timestep = σ·T); absent before
+                        # ᾱ_t of DDPM-family models, σ of flow-matching ones (timestep = σ·T); the other NaN
+                        "alpha_bar": _number(metrics["alpha_bar"]),
+                        "sigma": _number(metrics.get("sigma")),
                         "granularity": gran,
                         "method": method,
                         "accuracy": m["accuracy"],
