@@ -8,7 +8,7 @@ from pathlib import Path
 # Import the package from this checkout, so the workflow and the library never disagree.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from diffatlas.config import LAYER_WILDCARD, NAME_WILDCARD, check_revisions, check_timesteps, validate_config
+from diffatlas.config import LAYER_WILDCARD, NAME_WILDCARD, check_model_layers, check_revisions, check_timesteps, layers_for, validate_config
 from diffatlas.daam.config import DAAMConfig
 from diffatlas.diffc.config import DiffCConfig
 from diffatlas.errors import UserError
@@ -100,6 +100,7 @@ def model_input(name):
 try:
     check_timesteps(config, {name: model_path(name) for name in config["models"]})
     check_revisions(config, {name: model_path(name) for name in config["models"]})
+    check_model_layers(config, {name: model_path(name) for name in config["models"]})
 except UserError as _err:
     raise WorkflowError(str(_err)) from None
 
@@ -153,49 +154,142 @@ def time_arg(wc):
     return wc.timestep if scale is None else f"s{int(wc.timestep) / scale:.3f}"
 
 
+#: Stages that run a flow-matching model at its sigmas. Their results are named, like the
+#: extraction stores they read, by the scheduler's timestep sigma * T (t250 for s0.250), and
+#: every artifact records sigma beside it (the store's ``sigma`` coordinate); the maths is the
+#: same as at a training step. Geometry noises with ᾱ and supports training steps only.
+SIGMA_STAGES = ("extraction", "sae", "diffc")
+
+
+def store_time(model, time, where):
+    """The training-scale name (t{name}) of ``time`` (a diffatlas Time) on ``model``: the step,
+    or for a flow-matching model its scheduler timestep sigma * T, which must be an integer."""
+    scale = flow_scale(model)
+    if time.kind == "step" or scale is None:
+        return time.value
+    named = time.value * scale
+    if abs(named - round(named)) > 1e-6:
+        raise WorkflowError(f"model {model}: {where} sigma {time} times T = {scale} is not an integer "
+                            f"timestep; allowed: sigmas on the 1/{scale} grid")
+    return int(round(named))
+
+
+def time_label(model, timestep):
+    """A stored time in ``model``'s own convention, for messages: 't250', or 's0.250' for a
+    flow-matching model (whose stores are named by sigma * T)."""
+    scale = flow_scale(model)
+    return f"t{timestep}" if scale is None else f"s{int(timestep) / scale:.3f}"
+
+
 def step_times(model, section, stage, drop_from):
-    """The training steps ``stage`` runs ``model`` at: ``models.<model>.timesteps`` if set, else
-    ``<section>.timesteps`` (diffatlas.models.diffusion.timesteps_for). Results are named by
-    training step (t{timestep}). Extraction also runs flow-matching models at sigmas: their
-    stores are named by the scheduler's timestep sigma * T (t500 for s0.500; the store records
-    sigma beside it). The other stages noise with ᾱ, so a sigma is refused naming the model
-    rather than skipped; ``drop_from`` is the key to remove it from.
+    """The times ``stage`` runs ``model`` at, as the integers its results are named by (t{timestep}):
+    ``models.<model>.timesteps`` if set, else ``<section>.timesteps``
+    (diffatlas.models.diffusion.timesteps_for). A flow-matching model's sigmas are named by its
+    scheduler's timestep sigma * T (t500 for s0.500; the store records sigma beside it) in the
+    stages of SIGMA_STAGES; any other stage refuses a sigma naming the model rather than
+    skipping it; ``drop_from`` is the key to remove it from.
     """
     from diffatlas.models.diffusion import timesteps_for
 
     times = timesteps_for(config, model, section)
     sigmas = [str(t) for t in times if t.kind != "step"]
-    scale = flow_scale(model) if sigmas and stage == "extraction" else None
-    if scale is not None:
-        named = [t.value * scale for t in times]
-        off = [str(t) for t, v in zip(times, named) if abs(v - round(v)) > 1e-6]
-        if off:
-            raise WorkflowError(f"model {model}: extraction sigmas {off} times T = {scale} are not integer "
-                                f"timesteps; allowed: sigmas on the 1/{scale} grid")
-        return [int(round(v)) for v in named]
-    if sigmas:
+    if sigmas and stage not in SIGMA_STAGES:
         raise WorkflowError(
             f"model {model}: {stage} times {sigmas} are flow-matching sigmas; {stage} supports "
             f"training steps (DDPM-family models) only: drop the model from {drop_from}"
         )
-    return [t.value for t in times]
+    return [store_time(model, t, f"{stage} time") for t in times]
 
 
 def trained_times(model, section):
-    """The times ``section`` (sae or diffc) trains ``model`` at: ``<section>.timesteps`` when set
-    (each must be extracted for the model), else the model's extraction times
-    (models.<model>.timesteps, else extract.timesteps)."""
+    """The times ``section`` (sae or diffc) trains ``model`` at, named as its stores are:
+    ``<section>.timesteps`` when set (each must be extracted for the model; steps, or sigmas
+    for a flow-matching model), else the model's extraction times (models.<model>.timesteps,
+    else extract.timesteps)."""
+    from diffatlas.models.diffusion import Time
+
     extracted = step_times(model, "extract", section, "extract.models")
     own = config[section].get("timesteps")
     if not own:
         return extracted
-    missing = [t for t in own if t not in extracted]
+    named = []
+    for i, t in enumerate(own):
+        try:
+            named.append(store_time(model, Time.parse(t), f"{section}.timesteps"))
+        except UserError as err:
+            raise WorkflowError(f"config {section}.timesteps[{i}] (model {model}): {err}") from None
+    missing = [t for t, n in zip(own, named) if n not in extracted]
     if missing:
         raise WorkflowError(
             f"config {section}.timesteps = {missing} are not extracted for model {model}; allowed: its "
-            f"extraction times {extracted} (models.{model}.timesteps, else extract.timesteps)"
+            f"extraction times {[time_label(model, t) for t in extracted]} (models.{model}.timesteps, else extract.timesteps)"
         )
-    return own
+    return named
+
+
+def is_text_stream(layer):
+    """A joint block's text-token stream (block{i}.text): pooled over the tokens, no map."""
+    from diffatlas.activations.layers import is_text_stream as _text
+
+    return _text(layer)
+
+
+def trained_layers(model, section):
+    """The layers ``section`` (sae or diffc) trains ``model`` at: ``<section>.layers`` when set
+    (each must be extracted for the model), else the model's extraction layers
+    (models.<model>.layers, else extract.layers; diffatlas.config.layers_for)."""
+    extracted = layers_for(config, model)
+    own = config[section].get("layers")
+    if not own:
+        return extracted
+    missing = [l for l in own if l not in extracted]
+    if missing:
+        raise WorkflowError(
+            f"config {section}.layers = {missing} are not extracted for model {model}; allowed: its "
+            f"extraction layers {extracted} (models.{model}.layers, else extract.layers)"
+        )
+    return list(own)
+
+
+def extract_section(model):
+    """The extract section as ``model``'s jobs see it: its own layers (models.<model>.layers)
+    in place of extract.layers, extract.spatial_layers narrowed to them (spatial_layers names
+    layers; a model without one keeps no map of it). Unchanged for a model without own layers."""
+    section = dict(config["extract"])
+    own = config["models"][model].get("layers")
+    if own is not None:
+        section["layers"] = list(own)
+        if section.get("spatial_layers") is not None:
+            section["spatial_layers"] = [l for l in section["spatial_layers"] if l in own]
+    return section
+
+
+def layers_with_maps(model):
+    """The extraction layers of ``model`` that keep spatial maps (ExtractConfig.layers_with_maps:
+    extract.spatial, extract.spatial_layers), less text-token streams, which never have one."""
+    from diffatlas.activations.config import ExtractConfig
+
+    key = f"models.{model}.layers" if config["models"][model].get("layers") is not None else "extract.layers"
+    try:
+        section = ExtractConfig.from_dict(extract_section(model))
+    except UserError as err:
+        raise WorkflowError(f"model {model}: {key} = {layers_for(config, model)!r}: {err}") from None
+    return [l for l in section.layers_with_maps if not is_text_stream(l)]
+
+
+def diffc_layers(model):
+    """Diff-C's layers of ``model``: diffc.layers when set (each extracted for the model, with
+    maps), else its extraction layers that keep maps (a text-token stream has none)."""
+    layers = trained_layers(model, "diffc")
+    if config["diffc"].get("layers"):
+        bare = [l for l in layers if is_text_stream(l)]
+        if bare:
+            raise WorkflowError(
+                f"config diffc.layers = {bare} are text-token streams (pooled over tokens, no spatial map), but "
+                f"Diff-C trains on spatial maps; allowed: layers with maps of model {model}: {layers_with_maps(model)}"
+            )
+        return layers
+    return [l for l in layers if not is_text_stream(l)]
 
 
 def geometry_times(model):

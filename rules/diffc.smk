@@ -13,8 +13,11 @@
 #   results/figures/diffc/{model}/{dataset}/accuracy_vs_timestep.png
 #   results/figures/diffc/{dataset}/models_accuracy_vs_timestep.png   (when several models)
 #
-# The grid is extract.models x extract.datasets x diffc.layers (default extract.layers) x
-# diffc.timesteps (default: the model's own models.<name>.timesteps, else extract.timesteps).
+# The grid is extract.models x extract.datasets x diffc.layers (default: the model's own
+# models.<name>.layers, else extract.layers, those with spatial maps) x diffc.timesteps
+# (default: the model's own models.<name>.timesteps, else extract.timesteps). A flow-matching
+# model (SD3, Flux) is classified at its sigmas: results are named like its stores, by the
+# scheduler's timestep sigma * T (t250 for s0.250), and metrics.json records sigma beside it.
 # One job trains both label granularities: they share the expensive part (reading the maps)
 # and the split, so coarse and fine are scored on the same test samples, and the job count
 # stays at one per (layer, timestep).
@@ -24,20 +27,15 @@ from snakemake.exceptions import WorkflowError
 DIFFC = config["diffc"]
 DIFFC_MODELS = config["extract"]["models"]
 DIFFC_DATASETS = config["extract"]["datasets"]
-DIFFC_LAYERS = DIFFC.get("layers") or config["extract"]["layers"]
-_missing = [v for v in DIFFC_LAYERS if v not in config["extract"]["layers"]]
-if _missing:
-    raise WorkflowError(
-        f"config diffc.layers = {_missing} are not extracted; allowed: values of extract.layers {config['extract']['layers']}"
-    )
-
-
-DIFFC_TIMESTEPS = {m: trained_times(m, "diffc") for m in DIFFC_MODELS}
 
 if not config["extract"].get("spatial", True):
     raise WorkflowError(
         "config extract.spatial = false, but Diff-C trains on spatial maps; set extract.spatial: true"
     )
+
+
+DIFFC_LAYERS = {m: diffc_layers(m) for m in DIFFC_MODELS}
+DIFFC_TIMESTEPS = {m: trained_times(m, "diffc") for m in DIFFC_MODELS}
 
 # Path templates of the stage (filled by Snakemake wildcards or str.format).
 DIFFC_STORE = EXTRACT_STORE  # the per-time store of the job's timestep (rules/extract.smk)
@@ -48,7 +46,7 @@ DIFFC_METRICS = [
     str(Path(DIFFC_DIR, "metrics.json")).format(model=m, dataset=d, layer=l, timestep=t)
     for m in DIFFC_MODELS
     for d in DIFFC_DATASETS
-    for l in DIFFC_LAYERS
+    for l in DIFFC_LAYERS[m]
     for t in DIFFC_TIMESTEPS[m]
 ]
 # Summary and figures: seconds of CPU each, run on the submitting host (SLURM profile).

@@ -26,9 +26,11 @@ from diffatlas.activations.config import ExtractConfig
 
 EXTRACT_STORE = str(Path(RESULTS, "activations", "{model}", "{dataset}", "t{timestep}.zarr"))
 EXTRACT_SHARD_STORE = str(Path(RESULTS, "activations", "{model}", "{dataset}", "shards", "t{timestep}", "{shard}.zarr"))
-# The section less the job grid (ExtractConfig.JOB_FREE_KEYS); the job's timestep comes as
-# --timestep. Used through a function, so "{label}" in prompt_template is no wildcard.
-EXTRACT_CFG = ExtractConfig.job_json(config["extract"])
+# The section less the job grid (ExtractConfig.JOB_FREE_KEYS), per model: a model's own
+# layers (models.<name>.layers) replace extract.layers for it (extract_section); the job's
+# timestep comes as --timestep. Used through a function, so "{label}" in prompt_template is
+# no wildcard.
+EXTRACT_CFGS = {m: ExtractConfig.job_json(extract_section(m)) for m in config["models"]}
 
 
 rule extract:
@@ -43,7 +45,7 @@ rule extract:
         model_path=lambda wc: model_path(wc.model),
         # --revision REV / --allow-pickle-weights as separate arguments, each quoted (:q)
         model_args=model_args_arg,
-        cfg=lambda wc: EXTRACT_CFG,
+        cfg=lambda wc: EXTRACT_CFGS[wc.model],
         time=time_arg,  # the step, or a flow model's sigma (its store is named t{sigma * T})
         device=config["device"],
     log:
@@ -77,7 +79,7 @@ rule extract_shard:
     params:
         model_path=lambda wc: model_path(wc.model),
         model_args=model_args_arg,
-        cfg=lambda wc: EXTRACT_CFG,
+        cfg=lambda wc: EXTRACT_CFGS[wc.model],
         time=time_arg,  # the step, or a flow model's sigma (its store is named t{sigma * T})
         device=config["device"],
     log:
@@ -125,7 +127,8 @@ rule gather_extract:
         "diffatlas gather-activations --out {output:q} --parts {input:q} --dataset {params.dataset:q} > {log:q} 2>&1"
 
 
-# A model's own time list (models.<name>.timesteps) replaces extract.timesteps for it. Stores
+# A model's own lists (models.<name>.layers, models.<name>.timesteps) replace extract.layers
+# and extract.timesteps for it (extract_section, EXTRACT_CFGS). Stores
 # are named by training step (t{timestep}); a flow-matching model's sigmas are named by its
 # scheduler's timestep sigma * T (s0.500 -> t500) and passed to the job as sigmas (time_arg).
 for _m in config["extract"]["models"]:

@@ -18,8 +18,11 @@
 #   results/figures/sae/{model}/{dataset}/gallery/{layer}/t{timestep}.png
 #   results/figures/sae/{dataset}/label_stats_across_models.png
 #
-# The grid is extract.models x extract.datasets x sae.layers (default extract.layers) x
-# sae.timesteps (default: the model's own models.<name>.timesteps, else extract.timesteps).
+# The grid is extract.models x extract.datasets x sae.layers (default: the model's own
+# models.<name>.layers, else extract.layers) x sae.timesteps (default: the model's own
+# models.<name>.timesteps, else extract.timesteps). A flow-matching model (SD3, Flux) trains
+# at its sigmas: its runs are named like its stores, by the scheduler's timestep sigma * T
+# (t250 for s0.250), and metrics.json, cfg.json and spatial.json record sigma beside it.
 
 import shlex
 
@@ -27,15 +30,7 @@ from snakemake.exceptions import WorkflowError
 
 SAE_MODELS = config["extract"]["models"]
 SAE_DATASETS = config["extract"]["datasets"]
-SAE_LAYERS = config["sae"].get("layers") or config["extract"]["layers"]
-
-_unknown = [v for v in SAE_LAYERS if v not in config["extract"]["layers"]]
-if _unknown:
-    raise WorkflowError(
-        f"config sae.layers = {_unknown} are not extracted; allowed: values of extract.layers {config['extract']['layers']}"
-    )
-
-
+SAE_LAYERS = {m: trained_layers(m, "sae") for m in SAE_MODELS}
 SAE_TIMESTEPS = {m: trained_times(m, "sae") for m in SAE_MODELS}
 
 
@@ -59,16 +54,13 @@ localrules:
     sae_gallery,
 
 
-# Layers whose spatial maps are stored (extract.spatial, extract.spatial_layers): they get sae_spatial.
-SAE_SPATIAL_LAYERS = (
-    [l for l in SAE_LAYERS if config["extract"].get("spatial_layers") in (None, []) or l in config["extract"]["spatial_layers"]]
-    if config["extract"].get("spatial", True)
-    else []
-)
+# Layers whose spatial maps are stored (extract.spatial, extract.spatial_layers; no text-token
+# stream): they get sae_spatial. By name across the models (a layer's maps depend on its name only).
+SAE_SPATIAL_LAYERS = sorted({l for m in SAE_MODELS for l in SAE_LAYERS[m] if l in layers_with_maps(m)})
 
 
-# Every (layer, timestep) of one model x dataset, as wildcards for SAE_DIR (the model's times).
-sae_grid = lambda model: [dict(layer=l, timestep=t) for l in SAE_LAYERS for t in SAE_TIMESTEPS[model]]
+# Every (layer, timestep) of one model x dataset, as wildcards for SAE_DIR (the model's layers and times).
+sae_grid = lambda model: [dict(layer=l, timestep=t) for l in SAE_LAYERS[model] for t in SAE_TIMESTEPS[model]]
 
 
 # Seconds on the submitting host, reading only the store's metadata: a setting that cannot

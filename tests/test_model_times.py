@@ -79,8 +79,7 @@ def test_section_list_wins_and_must_be_extracted_for_the_model(two_models):
 
 
 def _flow_matching_copy(model: str, tmp: Path) -> str:
-    """The tiny model with a flow-matching scheduler config, whose times are sigmas (the
-    config check accepts them; the stages must refuse them)."""
+    """The tiny model with a flow-matching scheduler config, whose times are sigmas."""
     flow = tmp / "tiny_flow_model"
     if not flow.exists():
         shutil.copytree(model, flow)
@@ -89,13 +88,17 @@ def _flow_matching_copy(model: str, tmp: Path) -> str:
     return str(flow)
 
 
-def test_sigma_time_for_an_sae_model_is_refused_naming_it(two_models):
+def test_a_flow_models_sigmas_name_its_sae_and_diffc_jobs_by_sigma_times_T(two_models):
+    """SAE and Diff-C run a flow-matching model at its sigmas, named like its stores by the
+    scheduler's timestep sigma * T (s0.500 -> t500; T = 1000 from the scheduler config)."""
     cfg, tmp = two_models
     cfg = yaml.safe_load(yaml.safe_dump(cfg))
     cfg["models"]["own"] = {"path": _flow_matching_copy(cfg["models"]["own"]["path"], tmp), "timesteps": ["s0.500"]}
-    cfg["geometry"]["models"] = ["plain"]  # geometry's global_timestep is a step: refused earlier
+    cfg["geometry"]["models"] = ["plain"]  # geometry noises with ᾱ: training steps only
     proc = _dry_run(cfg, tmp)
-    assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "model own:" in out and "s0.500" in out and "flow-matching sigmas" in out, out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
+    assert proc.returncode == 0, out[-3000:]
+    planned = {(rule, wc["timestep"]) for rule, wc in planned_jobs(out)
+               if rule in ("extract", "train_sae", "train_diffc") and wc.get("model") == "own"}
+    assert planned == {("extract", "500"), ("train_sae", "500"), ("train_diffc", "500")}, planned
+

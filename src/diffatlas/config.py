@@ -259,3 +259,58 @@ def check_timesteps(config: dict[str, Any], model_paths: dict[str, str]) -> None
                     continue  # an entry for the other convention's models
                 where = f"{section}.{key}" + (f"[{i}]" if isinstance(value, (list, tuple)) else "")
                 check_time(t, conv, T, where, name)
+
+
+def layers_for(config: dict[str, Any], model: str, section: str = "extract") -> list[str]:
+    """The layers a stage runs ``model`` at: ``models.<model>.layers`` if set, else ``<section>.layers``.
+
+    The one place the per-model default lives (as :func:`diffatlas.models.diffusion.timesteps_for`
+    for times): a UNet's ``mid`` / ``up_ft1`` do not exist on SD3 or Flux (``block{i}``,
+    ``block{i}.image``, ``single_block{i}``), so a run holding both names each model's own list.
+    """
+    own = ((config.get("models") or {}).get(model) or {}).get("layers")
+    return list(own if own is not None else (config.get(section) or {}).get("layers") or [])
+
+
+def _meta_denoiser(model_dir: Path) -> Any:
+    """The denoiser of a diffusers model directory built from its config on the meta device
+    (no weights read, no memory): enough to list its layer aliases and module paths."""
+    import json
+
+    import diffusers
+    import torch
+
+    index = json.loads((model_dir / "model_index.json").read_text())
+    for sub in ("unet", "transformer"):
+        entry = index.get(sub)
+        if isinstance(entry, list) and len(entry) == 2 and entry[1] and (model_dir / sub / "config.json").exists():
+            cls = getattr(diffusers, entry[1], None)
+            if cls is None:
+                return None
+            with torch.device("meta"):
+                return cls.from_config(cls.load_config(str(model_dir / sub)))
+    return None
+
+
+def check_model_layers(config: dict[str, Any], model_paths: dict[str, str]) -> None:
+    """Each model's own ``models.<name>.layers`` must name layers that model has.
+
+    Checked when the workflow is planned, on the denoiser built from its config on the meta
+    device, with the extraction's own resolver (:func:`diffatlas.activations.layers.resolve_layers`),
+    so the error lists the aliases of that model's family. Hub ids and models not built yet
+    (a trained world model) are checked by the extraction job when the model loads.
+    """
+    from diffatlas.activations.layers import resolve_layers
+
+    for name, block in (config.get("models") or {}).items():
+        own = (block or {}).get("layers")
+        local = Path(os.path.expanduser(str(model_paths.get(name, ""))))
+        if own is None or not (local / "model_index.json").exists():
+            continue
+        denoiser = _meta_denoiser(local)
+        if denoiser is None:
+            continue
+        try:
+            resolve_layers(denoiser, own)
+        except UserError as err:
+            raise UserError(f"config models.{name}.layers = {own!r} (model {name!r}): {err}") from None

@@ -51,6 +51,13 @@ STREAMS = {"text": 0, "image": 1}
 _GLOB_CHARS = set("*?[")
 
 
+def is_text_stream(name: str) -> bool:
+    """True for a text-token stream alias (``block{i}.text``, ``single_block{i}.text``): a
+    sequence pooled over its tokens, stored without a map (:attr:`ResolvedLayer.keeps_maps`).
+    Known from the name alone, so the workflow plans map-reading jobs without the model."""
+    return bool(_ALIAS_RE.match(name)) and name.endswith(".text")
+
+
 @dataclass(frozen=True)
 class ResolvedLayer:
     """One selected module.

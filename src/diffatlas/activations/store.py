@@ -440,6 +440,26 @@ class ActivationStore:
             )
         return int(hits[0])
 
+    def time_record(self, timestep: Any) -> dict[str, Any]:
+        """A stored time in the model's own convention, for the artifacts read from it:
+        ``timestep`` (the training step; a flow-matching model's scheduler timestep σ·T),
+        ``alpha_bar`` (ᾱ_t; None for flow matching, which has none), ``sigma`` (σ of a
+        flow-matching model, else None), ``time`` (its string form 't250' / 's0.250'),
+        and the extraction's ``time_convention`` and ``noising_rule``."""
+        from diffatlas.models.diffusion import Time
+
+        i = self.t_index(timestep)
+        sigma = None if self.sigma is None or np.isnan(self.sigma[i]) else float(self.sigma[i])
+        ab = float(self.alpha_bar[i])
+        return {
+            "timestep": int(self.timesteps[i]),
+            "alpha_bar": None if np.isnan(ab) else ab,
+            "sigma": sigma,
+            "time": str(Time.step(int(self.timesteps[i])) if sigma is None else Time.sigma(sigma)),
+            "time_convention": self.attrs.get("time_convention", "step" if sigma is None else "sigma"),
+            "noising_rule": self.attrs.get("noising_rule"),
+        }
+
     def _array(self, template: str, layer: str, timestep: int) -> tuple[Any, int]:
         """The zarr array holding ``layer`` at ``timestep`` and the timestep's index in it."""
         g, i = self._where[self.t_index(timestep)]

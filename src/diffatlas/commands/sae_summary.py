@@ -39,8 +39,10 @@ def main(argv: list[str]) -> int:
     with atomic_file(out) as tmp:
         table.to_csv(tmp, index=False) if out.suffix == ".csv" else table.to_parquet(tmp, index=False)
     show = table[["layer", "timestep", "fve", "l0", "dead_fraction"]].copy()
+    # a run with fewer eligible latents than an interval needs has no interval; none at all, no value
+    number = lambda v, fmt: "n/a" if v is None or v != v else format(v, fmt)
     for col in ("purity_fine", "purity_coarse", "sigma_label_fine"):
-        show[col] = [f"{v:.3f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in
+        show[col] = [f"{number(v, '.3f')} [{number(lo, '.2f')}, {number(hi, '.2f')}]" for v, lo, hi in
                      zip(table[col], table[f"{col}_ci_low"], table[f"{col}_ci_high"])]  # fmt: skip
     result(show.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0

@@ -25,9 +25,11 @@ class DiffCConfig(ConfigSection):
     JOB_FREE_KEYS = ("layers", "timesteps", "threads")  # the grid, and the rule's threads
 
     layers: list[str] | None = None
-    """Layers to classify (names as in extract.layers, each with spatial maps); null = extract.layers (workflow grid)."""
-    timesteps: list[int] | None = None
-    """Training-scale timesteps to classify (each in extract.timesteps); null = extract.timesteps (workflow grid)."""
+    """Layers to classify (each extracted, with spatial maps); null = each model's extraction
+    layers that keep maps (models.<name>.layers, else extract.layers; workflow grid)."""
+    timesteps: list[int | str] | None = None
+    """Times to classify (each extracted): steps, or a flow-matching model's sigmas ('s0.500');
+    null = each model's extraction times (workflow grid)."""
     threads: int = 1
     """CPU threads per train_diffc job (several small jobs run side by side)."""
     granularities: list[str] = field(default_factory=lambda: ["coarse", "fine"])

@@ -109,7 +109,7 @@ def plot_vs_timestep(df: pd.DataFrame, model: str, dataset: str) -> plt.Figure:
             for method in ("diffc", "probe"):
                 s = sub[(sub["layer"] == layer) & (sub["method"] == method)].sort_values("timestep")
                 _errorbar(ax, s["timestep"].to_numpy(), s, color=colour, label=f"{LABEL[method]}, {layer}", **STYLE[method])
-        _finish(ax, sub, gran, "timestep t (training scale; noisier to the right)")
+        _finish(ax, sub, gran, "timestep t (training scale, flow-matching models σ·T; noisier to the right)")
     fig.suptitle(f"Diff-C vs linear probe by timestep: {model} on {dataset}")
     _legend(fig, axes, "method, layer")
     return fig
@@ -134,7 +134,7 @@ def plot_models(df: pd.DataFrame, dataset: str, models: list[str] | None = None)
                     for _, row in best.iterrows():
                         ax.annotate(row["layer"], (row["timestep"], row["accuracy"]), fontsize=6, color=colour,
                                     xytext=(3, 3), textcoords="offset points")  # fmt: skip
-        _finish(ax, sub, gran, "timestep t (training scale)")
+        _finish(ax, sub, gran, "timestep t (training scale; flow-matching models: σ·T)")
     fig.suptitle(f"Models compared on {dataset} (best layer at each timestep)")
     _legend(fig, axes, "method, model")
     return fig

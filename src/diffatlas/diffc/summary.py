@@ -19,11 +19,16 @@ from diffatlas.intervals import wilson
 from diffatlas.io import read_json
 
 COLUMNS = [
-    "model", "dataset", "layer", "module_path", "timestep", "alpha_bar", "granularity", "method",
+    "model", "dataset", "layer", "module_path", "timestep", "alpha_bar", "sigma", "granularity", "method",
     "accuracy", "accuracy_ci_low", "accuracy_ci_high", "n_correct", "n_seeds", "accuracy_seed_mean",
     "accuracy_seed_std", "accuracy_seed_min", "accuracy_seed_max", "macro_f1", "train_accuracy", "val_accuracy", "chance_uniform", "majority_baseline",
     "n_classes", "n_train", "n_val", "n_test", "n_warnings", "metrics_path",
 ]  # fmt: skip
+
+
+def _number(value: float | None) -> float:
+    """A recorded level as a float column value (None, JSON's null for NaN: NaN)."""
+    return float("nan") if value is None else float(value)
 
 
 def summary_rows(metrics: dict, path: str) -> list[dict]:
@@ -45,7 +50,9 @@ def summary_rows(metrics: dict, path: str) -> list[dict]:
                         "layer": metrics["layer"],
                         "module_path": metrics.get("module_path"),
                         "timestep": int(metrics["timestep"]),
-                        "alpha_bar": metrics["alpha_bar"],
+                        # ᾱ_t of DDPM-family models, σ of flow-matching ones (timestep = σ·T); the other NaN
+                        "alpha_bar": _number(metrics["alpha_bar"]),
+                        "sigma": _number(metrics.get("sigma")),
                         "granularity": gran,
                         "method": method,
                         "accuracy": m["accuracy"],

@@ -294,7 +294,7 @@ def run_diffc_job(
     dev = pick_device(device)
     timings = JobTimings()
     store = ActivationStore(store_path)
-    t_idx = store.t_index(timestep)  # UserError naming the stored timesteps
+    store.t_index(timestep)  # a time the store lacks: UserError naming the stored times
     if layer not in store.layers:
         raise UserError(f"layer {layer!r} is not in {store.path}; stored layers: {', '.join(store.layers)}")
 
@@ -380,8 +380,7 @@ def run_diffc_job(
         "dataset": dataset_name or extraction.get("dataset"),
         "layer": layer,
         "module_path": store.attrs.get("layers", {}).get(layer),
-        "timestep": int(timestep),
-        "alpha_bar": float(store.alpha_bar[t_idx]),
+        **store.time_record(timestep),  # timestep, ᾱ_t or σ (flow matching), the noising rule
         "seed": cfg.seed,
         "prompt": extraction.get("prompt"),
         "pooling": extraction.get("pooling"),
@@ -406,6 +405,7 @@ def run_diffc_job(
         "layer": layer,
         "timestep": str(timestep),
         "alpha_bar": repr(metrics["alpha_bar"]),
+        "sigma": repr(metrics["sigma"]),
         "seed": str(cfg.seed),
         "prompt": str(metrics["prompt"]),
         "pooling": str(metrics["pooling"]),

@@ -604,8 +604,8 @@ def analyse_saved(
     metrics, latents = analyse(sae, samples, cfg, device=device)
     provenance = {k: meta.get(k) for k in ("model", "dataset", "module_path", "pooling", "prompt", "conditioning", "noise")}
     metrics = {
-        **provenance, "store": str(store.path), "layer": layer, "timestep": timestep,
-        "alpha_bar": float(store.alpha_bar[store.t_index(timestep)]), "samples": cfg.samples, "seed": cfg.seed,
+        **provenance, "store": str(store.path), "layer": layer, **store.time_record(timestep),
+        "samples": cfg.samples, "seed": cfg.seed,
         "sae": str(sae_dir), **metrics,
     }
     with atomic_dir(out_dir) as tmp:

@@ -69,9 +69,11 @@ class SAEConfig(ConfigSection):
     expansion: int = 4
     """n_latents = expansion × d, with d the layer's channel count."""
     layers: list[str] | None = None
-    """Layers to train on (workflow grid); null = extract.layers."""
-    timesteps: list[int] | None = None
-    """Training-scale timesteps (workflow grid); null = extract.timesteps."""
+    """Layers to train on (workflow grid); null = each model's extraction layers
+    (models.<name>.layers, else extract.layers)."""
+    timesteps: list[int | str] | None = None
+    """Times to train on (workflow grid): steps, or a flow-matching model's sigmas ('s0.500');
+    null = each model's extraction times (models.<name>.timesteps, else extract.timesteps)."""
     steps: int = 20000
     """Cap on optimiser steps (ignored when ``epochs`` is set); training stops earlier on a
     plateau of validation FVE (``patience``, ``min_delta``)."""

@@ -101,7 +101,7 @@ def plot_across_models(summary: pd.DataFrame, title: str | None = None) -> "plt.
         chance = f"chance_{col}"
         if chance in summary and np.isfinite(summary[chance].mean()):
             ax.axhline(summary[chance].mean(), color="grey", linestyle=":", linewidth=1)
-        ax.set_xlabel("timestep (training scale)")
+        ax.set_xlabel("timestep (training scale; flow-matching models: σ·T)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

@@ -146,7 +146,9 @@ def curves(latents: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- the grid summary ---------------------------------------------------------------------------
-SUMMARY_KEYS = ("model", "dataset", "layer", "timestep", "alpha_bar", "samples", "d_in", "n_latents", "k", "seed")
+#: ``timestep`` is the training step, or a flow-matching model's scheduler timestep σ·T, with
+#: ``sigma`` beside it (None for DDPM-family models, whose level is ``alpha_bar``).
+SUMMARY_KEYS = ("model", "dataset", "layer", "timestep", "alpha_bar", "sigma", "samples", "d_in", "n_latents", "k", "seed")
 
 
 def summary_row(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -402,7 +402,7 @@ def run(
     store = ActivationStore(store_path)
     if layer not in store.layers:
         raise UserError(f"layer {layer!r} is not in {store.path}; stored layers: {', '.join(store.layers)}")
-    t_index = store.t_index(timestep)
+    store.t_index(timestep)  # a time the store lacks: UserError naming the stored times
     # Check the architecture against the layer's channel count before reading any data.
     arch = cfg.arch(int(store.group[POOLED.format(layer)].shape[2]), layer)
     data = prepare(store, layer, timestep, cfg)
@@ -426,8 +426,7 @@ def run(
         "store": str(store.path),
         "layer": layer,
         "module_path": attrs.get("layers", {}).get(layer),
-        "timestep": int(timestep),
-        "alpha_bar": float(store.alpha_bar[t_index]),
+        **store.time_record(timestep),  # timestep, ᾱ_t or σ (flow matching), the noising rule
         "samples": cfg.samples,
         "pooling": attrs.get("pooling"),
         "prompt": attrs.get("prompt"),
