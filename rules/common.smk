@@ -157,8 +157,8 @@ def time_arg(wc):
 #: Stages that run a flow-matching model at its sigmas. Their results are named, like the
 #: extraction stores they read, by the scheduler's timestep sigma * T (t250 for s0.250), and
 #: every artifact records sigma beside it (the store's ``sigma`` coordinate); the maths is the
-#: same as at a training step. Geometry noises with ᾱ and supports training steps only.
-SIGMA_STAGES = ("extraction", "sae", "diffc")
+#: same as at a training step (geometry samples and edits with the core's Euler flow step).
+SIGMA_STAGES = ("extraction", "sae", "diffc", "geometry")
 
 
 def store_time(model, time, where):
@@ -297,15 +297,22 @@ def geometry_times(model):
     geometry.timesteps, plus geometry.global_timestep. A flow-matching model runs at sigmas (plus
     geometry.global_sigma); like extraction's stores its results are named by the scheduler's
     timestep sigma * T (t500 for s0.500; the job gets the sigma back through time_arg)."""
-    from diffatlas.models.diffusion import Time, timesteps_for
+    times = step_times(model, "geometry", "geometry", "geometry.models")
+    return sorted(set(times) | {geometry_global_name(model)}, reverse=True)
 
-    scale = flow_scale(model)
-    if scale is None:
-        times = step_times(model, "geometry", "geometry", "geometry.models")
-        return sorted(set(times) | {config["geometry"]["global_timestep"]}, reverse=True)
-    sigmas = [t.value for t in timesteps_for(config, model, "geometry")] + [Time.sigma(config["geometry"]["global_sigma"]).value]
-    off = [s for s in sigmas if abs(s * scale - round(s * scale)) > 1e-6]
-    if off:
-        raise WorkflowError(f"model {model}: geometry sigmas {off} times T = {scale} are not integer timesteps; "
-                            f"allowed: sigmas on the 1/{scale} grid")
-    return sorted({int(round(s * scale)) for s in sigmas}, reverse=True)
+
+def geometry_global_name(model):
+    """The training-scale name of ``model``'s global geometry time: geometry.global_timestep, or
+    for a flow-matching model geometry.global_sigma * T."""
+    from diffatlas.models.diffusion import Time
+
+    if flow_scale(model) is None:
+        return store_time(model, Time.step(config["geometry"]["global_timestep"]), "geometry.global_timestep")
+    return store_time(model, Time.sigma(config["geometry"]["global_sigma"]), "geometry.global_sigma")
+
+
+def geometry_section(model):
+    """config['geometry'] as ``model`` runs it: h is models.<model>.geometry_layer when set (a
+    UNet's mid does not exist on SD3 or Flux), else geometry.layer."""
+    own = config["models"][model].get("geometry_layer")
+    return config["geometry"] if own is None else {**config["geometry"], "layer": own}

@@ -64,19 +64,14 @@ GEO_GLOBAL = str(Path(GEO_ROOT, "global"))
 GEO_FIGURES = str(Path(RESULTS, "figures", "geometry", "{model}"))
 # Each job's settings carry only the keys it reads (GeometryConfig.JOBS); a basis job's
 # iterative_timesteps is cut to its own timestep, so adding a timestep re-runs no finished job.
-geo_cfg = lambda job: lambda wc: GeometryConfig.job_json(config["geometry"], job)
+geo_cfg = lambda job: lambda wc: GeometryConfig.job_json(geometry_section(wc.model), job)
 geo_basis_cfg = lambda wc: GeometryConfig.job_json(
-    config["geometry"],
+    geometry_section(wc.model),
     "basis",
     iterative_timesteps=GeometryConfig.iterative_slice(config["geometry"]["iterative_timesteps"], time_arg(wc)),
 )
 GEO_TIMESTEPS = {_m: geometry_times(_m) for _m in GEO_MODELS}  # checked at parse time
 
-
-def _geo_global_name(model):
-    """The directory name of ``model``'s global time: global_timestep, or global_sigma * T."""
-    scale = flow_scale(model)
-    return config["geometry"]["global_timestep"] if scale is None else int(round(config["geometry"]["global_sigma"] * scale))
 
 
 # Every timestep directory of the job's model.
@@ -120,7 +115,7 @@ rule geometry_global:
     input:
         lambda wc: model_input(wc.model),
         # the global time's directory: global_timestep, or a flow model's global_sigma * T
-        basis=lambda wc: str(Path(GEO_DIR, "basis.safetensors")).format(model=wc.model, timestep=_geo_global_name(wc.model)),
+        basis=lambda wc: str(Path(GEO_DIR, "basis.safetensors")).format(model=wc.model, timestep=geometry_global_name(wc.model)),
     output:
         tensors=str(Path(GEO_GLOBAL, "global.safetensors")),
         meta=str(Path(GEO_GLOBAL, "meta.json")),

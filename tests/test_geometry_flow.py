@@ -324,7 +324,9 @@ def test_steering_a_joint_block_edits_its_image_stream_and_alpha_zero_is_bit_ide
 
 # ------------------------------------------------------------------ the workflow's plan
 def test_workflow_plans_a_flow_models_geometry_at_its_sigmas(tmp_path):
-    """Dry run: SD3's geometry jobs get its sigma (and global_sigma) and are named by sigma * T."""
+    """Dry run, a UNet and SD3 side by side: SD3's geometry jobs get its sigma (and global_sigma),
+    are named by sigma * T and read its own h (models.sd3.geometry_layer); the UNet keeps
+    geometry.layer and its steps."""
     import os
     import subprocess
     import sys
@@ -338,9 +340,10 @@ def test_workflow_plans_a_flow_models_geometry_at_its_sigmas(tmp_path):
     cfg = yaml.safe_load((root / "tests" / "workflow" / "tiny_config.yaml").read_text())
     cfg["results"] = str(tmp_path / "results")
     cfg["models"] = {"unet": {"path": str(make_tiny_model("pixel", tmp_path / "pixel"))},
-                     "sd3": {"path": str(make_tiny_model("sd3", tmp_path / "sd3")), "timesteps": ["s0.500"]}}
+                     "sd3": {"path": str(make_tiny_model("sd3", tmp_path / "sd3")), "timesteps": ["s0.500"],
+                             "geometry_layer": "block0.image"}}
     cfg["extract"]["models"], cfg["daam"]["models"] = ["unet"], ["unet"]
-    cfg["geometry"].update(models=["sd3"], meaning_models=[], layer="block0.image")
+    cfg["geometry"].update(models=["unet", "sd3"], meaning_models=[], layer="mid", timesteps=[300], global_timestep=900)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, DIFFATLAS_NO_PROGRESS="1")
@@ -353,3 +356,11 @@ def test_workflow_plans_a_flow_models_geometry_at_its_sigmas(tmp_path):
     assert f"--timestep s0.500 --out {geo}/t500" in out, out[-3000:]
     assert f"--timestep s1.000 --out {geo}/t1000" in out
     assert f"--basis {geo}/t1000" in out
+    unet = str(tmp_path / "results" / "geometry" / "unet")
+    assert f"--timestep 300 --out {unet}/t300" in out and f"--timestep 900 --out {unet}/t900" in out
+    # each basis job's settings name its model's own h (the JSON is shell-quoted in the command)
+    jobs = [line for line in out.splitlines() if "diffatlas geometry --model" in line]
+    sd3_jobs = [line for line in jobs if f"{geo}/t" in line]
+    unet_jobs = [line for line in jobs if f"{unet}/t" in line]
+    assert sd3_jobs and unet_jobs, out[-3000:]
+    assert all('block0.image' in line for line in sd3_jobs) and all('"layer": "mid"' in line and "block0" not in line for line in unet_jobs), jobs
