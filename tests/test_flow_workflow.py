@@ -56,8 +56,10 @@ def flow_run(tmp_path_factory):
         "flux": {"path": str(make_tiny_model("flux", tmp / "flux")), "timesteps": list(FLUX_SIGMAS), "layers": FLUX_LAYERS},
     }
     cfg["extract"].update(models=["unet", "sd3", "flux"], layers=["mid"], timesteps=[100])
-    # DAAM, geometry and steering stay on the UNet (DAAM on joint attention: issue 21 item 4)
-    for section in ("geometry", "daam", "intervene"):
+    # DAAM on all three (joint attention on SD3 and Flux); geometry (tests/test_geometry_flow.py)
+    # and steering stay on the UNet here
+    cfg["daam"].update(models=["unet", "sd3", "flux"], real_sigma="s0.700")
+    for section in ("geometry", "intervene"):
         cfg[section]["models"] = ["unet"]
     cfg["intervene"]["dataset"] = "shapesworld"
     cfg["geometry"]["meaning_models"] = []
@@ -96,10 +98,23 @@ def test_extraction_sae_and_diffc_run_on_flow_stores(flow_run):
     for m, layers, times in (("sd3", SD3_LAYERS[:1], SD3_SIGMAS.values()), ("flux", FLUX_LAYERS, FLUX_SIGMAS.values())):
         targets += [str(res / "sae" / m / "shapesworld" / l / f"t{t}" / "spatial.json") for l in layers for t in times]
         targets.append(str(res / "figures" / "sae" / m / "shapesworld" / "label_stats_vs_timestep.png"))
+        # DAAM on real images (noised to daam.real_sigma) and on generated captions, scored
+        targets += [str(res / "daam" / m / "real" / "shapesworld"), str(res / "daam" / m / "prompts" / "captions"),
+                    str(res / "figures" / "daam" / m / "miou.png")]
     proc = _snakemake(cfg, tmp, *targets)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     for t in targets:
         assert Path(t).exists(), t
+    for m in ("sd3", "flux"):
+        for run in ("real/shapesworld", "prompts/captions"):
+            assert (res / "daam" / m / run / "summary.csv").exists(), (m, run)
+    # the DAAM runs traced the joint attention of their own family, from the configured sigma
+    for m in ("sd3", "flux"):
+        info = json.loads((res / "daam" / m / "real" / "shapesworld" / "run" / "info.json").read_text())
+        assert info["joint_attention"]["family"] == m
+        assert info["sigma_start"] == pytest.approx(0.7)
+        generated = json.loads((res / "daam" / m / "prompts" / "captions" / "run" / "info.json").read_text())
+        assert generated["joint_attention"]["family"] == m
 
     # every artifact records the model's own time: sigma and sigma * T, or the step and ᾱ
     for m, layers, times in (("sd3", SD3_LAYERS, SD3_SIGMAS), ("flux", FLUX_LAYERS, FLUX_SIGMAS), ("unet", ["mid"], {"t100": 100})):
