@@ -347,7 +347,7 @@ def test_atlas_pages_show_the_results_numbers(tiny_run):
     for r in rates.to_dict("records"):
         row = {"data-attribute": r["attribute"], "data-word": r["value"], "data-experiment": r["experiment"],
                "data-condition": r["condition"], "data-alpha": str(float(r["alpha"])), "data-column": "rate"}
-        assert [v for v, _ in values(page, row)] == [r["rate"], r["ci_low"], r["ci_high"]]
+        assert [v for v, _ in values(page, row)] == pytest.approx([r["rate"], r["ci_low"], r["ci_high"]], rel=1e-12)
     # links: the agreement rows are directions_agreement.csv's
     agree = pd.read_csv(results / "links" / "shapesworld" / "shapesworld" / "directions_agreement.csv", dtype={"timestep": str})
     page = atlas / "links" / "shapesworld" / "shapesworld.html"
