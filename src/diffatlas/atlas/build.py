@@ -539,7 +539,7 @@ def verdict_rows(verdicts: Any, rates: Any, selection: Any, latent_href: Any) ->
             "attrs": tables.row_attrs(v, match), "attribute": v["attribute"], "value": v["value"],
             "latent": v.get("latent"), "latent_href": latent_href(v.get("latent")), "status": v.get("status"),
             "purity": None if sel is None else sel.get("purity"), "candidates": None if sel is None else sel.get("n_candidates"),
-            "steers": bool(v.get("steers")), "removes": bool(v.get("removes")), "best_alpha": best,
+            "steers": tables.truth(v.get("steers")), "removes": tables.truth(v.get("removes")), "best_alpha": best,
             "latent_rate": rate("steer", "latent", best), "baseline": rate("steer", "baseline"),
             "random_latent": rate("steer", "random_latent", best), "random_direction": rate("steer", "random_direction", best),
             "ablated": rate("ablate", "latent"), "ablate_baseline": rate("ablate", "baseline"),
@@ -549,6 +549,7 @@ def verdict_rows(verdicts: Any, rates: Any, selection: Any, latent_href: Any) ->
 
 
 def pd_series(record: dict[str, Any], keys: list[str]) -> Any:
+    """The ``keys`` of one table row as a Series, to compare with another table's rows."""
     import pandas as pd
 
     return pd.Series({k: record[k] for k in keys})

@@ -22,6 +22,13 @@ def is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def truth(v: Any) -> bool:
+    """A verdict cell as a bool: True/False as pandas reads them, or their text ("True", "true")."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    return str(v).strip().lower() == "true"
+
+
 def scalar(col: str, v: Any) -> dict[str, Any]:
     """One cell: kind ``int`` / ``num`` / ``bool`` / ``text``."""
     if isinstance(v, (bool, np.bool_)):
