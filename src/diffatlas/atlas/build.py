@@ -422,12 +422,14 @@ class Atlas:
         if not (sae_dir / "latents.parquet").exists():
             self.note_missing(f"steering SAE of {model} {layer} t={t}", sae_dir / "latents.parquet", "run the intervene_sae rule")
             return
-        dataset = str((record.get("sae") or {}).get("dataset") or (sources.read_json(sae_dir / "cfg.json") or {}).get("dataset", ""))
+        sae = record.get("sae") or {}
+        dataset = str(sae.get("dataset") or (sources.read_json(sae_dir / "cfg.json") or {}).get("dataset", ""))
         table = pd.read_parquet(sae_dir / "latents.parquet")
         ctx = {"model": model, "dataset": dataset, "layer": layer, "timestep": t,
                "crumbs": [(f"intervene/{model}.html", f"interventions of {model}")],
-               "source": f"The steering SAE of the interventions experiment ({sae_dir}): trained on activations taken as "
-                         "generation takes them (caption conditioning), not the SAE of the layer × timestep grid."}
+               "source": f"A latent of the interventions experiment's steering SAE ({sae_dir}; "
+                         f"{sae.get('samples', '?')} samples, conditioning {sae.get('conditioning', '?')}), "
+                         "not of the SAE of the layer × timestep grid."}
         for r in table[table["latent"].isin(chosen)].to_dict("records"):
             self.latent_page(base, r, None, ctx)
 
