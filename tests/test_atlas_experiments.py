@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import re
 from html.parser import HTMLParser
 from pathlib import Path
 
