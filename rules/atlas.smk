@@ -11,6 +11,25 @@
 
 ATLAS_DIR = str(Path(RESULTS, "atlas"))
 ATLAS_INPUTS = list(ALL_TARGETS)
+# The files the interventions and links pages read beyond the stages' targets (experiment
+# directories, the links tables and records), named so the DAG orders them before the atlas;
+# empty lists where a stage does not run in this config.
+ATLAS_INTERVENE = [INTERVENE_RUN.format(model=m, **g) for m in INTERVENE.models for g in intervene_grid(m)]
+ATLAS_INTERVENE += [str(Path(INTERVENE_SAE.format(model=m, **g), "latents.parquet")) for m in INTERVENE.models for g in intervene_grid(m)]
+ATLAS_INTERVENE += [INTERVENE_SUMMARY.format(model=m) for m in INTERVENE.models]
+ATLAS_LINKS = [
+    str(Path(LINKS_DIR.format(model=m, dataset=d), name))
+    for m in LINKS_DAAM_MODELS
+    for d in LINKS_DAAM_DATASETS
+    if SAE_SPATIAL_LAYERS
+    for name in ("sae_daam_summary.csv", "sae_daam.json")
+]
+ATLAS_LINKS += [
+    str(Path(LINKS_DIR.format(model=m, dataset=d), name))
+    for m in LINKS_DIRECTION_MODELS
+    for d in SAE_DATASETS
+    for name in ("directions.csv", "directions_agreement.csv", "directions.json")
+]
 
 localrules:
     atlas,  # reads files and writes small PNGs: seconds on the submitting host
@@ -21,6 +40,8 @@ rule atlas:
         "../envs/analysis.yaml"
     input:
         ATLAS_INPUTS,
+        intervene=ATLAS_INTERVENE,
+        links=ATLAS_LINKS,
         fidelity=WORLD_FIDELITY_FILES[0],
     output:
         directory(ATLAS_DIR),

@@ -73,9 +73,11 @@ def check_links(atlas: Path) -> int:
         for link in parsed.links:
             url = urlparse(link)
             assert not url.scheme and not url.netloc, f"{page}: external link {link}"
-            target = (page.parent / unquote(url.path)).resolve()
+            target = (page.parent / unquote(url.path)).resolve() if url.path else page
             assert target.is_file(), f"{page}: broken link {link}"
             assert atlas in target.parents, f"{page}: {link} points outside the atlas"
+            if url.fragment:  # an anchor: the target page has an element with that id
+                assert f'id="{url.fragment}"' in target.read_text(encoding="utf-8"), f"{page}: {link}: no such anchor"
         for img in parsed.imgs:
             if "figure" not in img.get("class", ""):
                 assert img.get("loading") == "lazy", f"{page}: image {img.get('src')} not lazy"
@@ -93,39 +95,48 @@ def values(page: Path, where: dict[str, str]) -> list[tuple[float, str]]:
     return [(value, text) for ctx, value, text in parse(page).values if all(ctx.get(k) == str(v) for k, v in where.items())]
 
 
-def browser_check(atlas: Path, shots: Path) -> list[str]:
-    """Open the atlas in headless chromium (Selenium), follow links from the index to a latent
-    page, a DAAM page and a geometry page; on each: every image loaded (naturalWidth > 0), no
-    SEVERE console entry, every link resolves. Saves a screenshot per page under ``shots``.
-    -> the page URLs visited. Skips (or fails under CI=true) when chromium is absent."""
-    import pytest
+class Browser:
+    """Headless chromium (Selenium) on an atlas: ``check_page`` asserts every image loaded
+    (naturalWidth > 0), no SEVERE console entry and every link resolving, and saves a screenshot.
+    Skips (or fails under CI=true) when chromium or selenium is absent."""
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = "/usr/bin/chromedriver"
-    if not chromium or not Path(driver_path).exists():
-        msg = "Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg + "; CI must install them (scripts/test.sh does)")
-        pytest.skip(msg)
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-        from selenium.webdriver.common.by import By
-    except ImportError:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("selenium is not installed (pip install -e '.[test]')")
-        pytest.skip("selenium is not installed")
+    def __init__(self, shots: Path) -> None:
+        import pytest
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--allow-file-access-from-files"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
-    shots.mkdir(parents=True, exist_ok=True)
-    visited = []
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        driver_path = "/usr/bin/chromedriver"
+        if not chromium or not Path(driver_path).exists():
+            msg = "Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(msg + "; CI must install them (scripts/test.sh does)")
+            pytest.skip(msg)
+        try:
+            from selenium import webdriver
+            from selenium.webdriver.chrome.service import Service
+        except ImportError:
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail("selenium is not installed (pip install -e '.[test]')")
+            pytest.skip("selenium is not installed")
 
-    def check_page(name: str) -> None:
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = chromium
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--allow-file-access-from-files"):
+            opts.add_argument(arg)
+        opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        self.driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+        self.driver.set_window_size(1200, 900)
+        self.shots = shots
+        shots.mkdir(parents=True, exist_ok=True)
+        self.visited: list[str] = []
+
+    def __enter__(self) -> "Browser":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.driver.quit()
+
+    def check_page(self, name: str) -> None:
+        driver = self.driver
         driver.execute_script("window.scrollTo(0, document.body.scrollHeight)")
         # lazy images load when near the viewport: make them eager before checking
         driver.execute_script("document.querySelectorAll('img').forEach(i => { i.loading = 'eager'; });")
@@ -142,36 +153,60 @@ def browser_check(atlas: Path, shots: Path) -> list[str]:
             assert href.startswith("file://"), f"{driver.current_url}: link leaves the file system: {href}"
             assert Path(unquote(urlparse(href).path)).is_file(), f"{driver.current_url}: broken link {href}"
         driver.execute_script("window.scrollTo(0, 0)")
-        driver.save_screenshot(str(shots / f"{name}.png"))
-        visited.append(driver.current_url)
+        driver.save_screenshot(str(self.shots / f"{name}.png"))
+        self.visited.append(driver.current_url)
 
-    def hrefs(pattern: str) -> list[str]:
-        links = driver.execute_script("return [...document.querySelectorAll('a[href]')].map(a => a.href)")
+    def hrefs(self, pattern: str) -> list[str]:
+        links = self.driver.execute_script("return [...document.querySelectorAll('a[href]')].map(a => a.href)")
         found = [h for h in links if re.search(pattern, h)]
-        assert found, f"{driver.current_url}: no link matching {pattern!r}"
+        assert found, f"{self.driver.current_url}: no link matching {pattern!r}"
         return found
 
-    def follow(pattern: str, name: str) -> None:
-        driver.get(hrefs(pattern)[0])
-        check_page(name)
+    def follow(self, pattern: str, name: str) -> None:
+        self.driver.get(self.hrefs(pattern)[0])
+        self.check_page(name)
 
-    try:
-        driver.set_window_size(1200, 900)
+
+def browser_walk(atlas: Path, shots: Path, steps: list[tuple[str, str | None]]) -> list[str]:
+    """Open the atlas's index, then follow on each page the first link matching each step's
+    pattern (None: the index again), checking every page (:class:`Browser`). -> URLs visited."""
+    with Browser(shots) as b:
+        index = (atlas / "index.html").resolve().as_uri()
+        for name, pattern in steps:
+            if pattern is None:
+                b.driver.get(index)
+                b.check_page(name)
+            else:
+                b.follow(pattern, name)
+        return b.visited
+
+
+def browser_check(atlas: Path, shots: Path) -> list[str]:
+    """Open the atlas in headless chromium, follow links from the index to a latent page, a DAAM
+    page and a geometry page, and, where the index has them, the interventions page with a
+    steering latent and the links page (:class:`Browser` checks each). Saves a screenshot per
+    page under ``shots``. -> the page URLs visited."""
+    from selenium.webdriver.common.by import By
+
+    with Browser(shots) as b:
+        driver = b.driver
         index = (atlas / "index.html").resolve().as_uri()
         driver.get(index)
-        check_page("index")
-        follow(r"/grid\.html$", "grid")
+        b.check_page("index")
+        b.follow(r"/grid\.html$", "grid")
         # the first layer x timestep cell whose SAE has ranked latents
-        for cell in hrefs(r"/t\d+/index\.html$"):
+        for cell in b.hrefs(r"/t\d+/index\.html$"):
             driver.get(cell)
             if driver.find_elements(By.CSS_SELECTOR, "a[href^='latent']"):
                 break
-        check_page("sae_run")
-        follow(r"/latent\d+\.html$", "latent")
+        b.check_page("sae_run")
+        b.follow(r"/latent\d+\.html$", "latent")
         driver.get(index)
-        follow(r"/daam/.+\.html$", "daam")
+        b.follow(r"/daam/.+\.html$", "daam")
         driver.get(index)
-        follow(r"/geometry/.+\.html$", "geometry")
-    finally:
-        driver.quit()
-    return visited
+        b.follow(r"/geometry/.+\.html$", "geometry")
+        for name, pattern in (("intervene", r"/intervene/[^/]+\.html$"), ("links", r"/links/.+\.html$")):
+            driver.get(index)
+            if driver.find_elements(By.CSS_SELECTOR, f"a[href^='{name}/']"):
+                b.follow(pattern, name)
+        return b.visited

@@ -314,11 +314,12 @@ def test_atlas_pages_show_the_results_numbers(tiny_run):
         lat = int(page.stem.removeprefix("latent"))
         for key in ("purity_fine", "entropy_fine", "purity_coarse"):
             ((value, _),) = values(page, {"data-metric": key})
-            assert value == pytest.approx(latents.loc[lat, key], rel=1e-12)
+            # nan_ok: a latent the links tables name gets a page even when unranked (no top-n statistics)
+            assert value == pytest.approx(latents.loc[lat, key], rel=1e-12, nan_ok=True)
         for attr in ("colour", "shape", "size", "position"):  # ShapesWorld's attributes, one row each
             for key in ("purity", "purity_active"):
                 ((value, _),) = values(page, {"data-attribute": attr, "data-metric": key})
-                assert value == pytest.approx(latents.loc[lat, f"{key}_{attr}"], rel=1e-12)
+                assert value == pytest.approx(latents.loc[lat, f"{key}_{attr}"], rel=1e-12, nan_ok=True)
     # DAAM: the mIoU column equals summary.csv's; world: fidelity rates equal the JSON's
     daam = pd.read_csv(results / "daam" / "shapesworld" / "real" / "shapesworld" / "summary.csv")
     shown = [v for v, _ in values(atlas / "daam" / "shapesworld" / "real_shapesworld.html", {"data-metric": "miou"})]
@@ -341,14 +342,29 @@ def test_atlas_pages_show_the_results_numbers(tiny_run):
     shown = [float(v) for v in re.findall(r'data-column="value" data-value="([^"]+)"', table)]
     assert shown == pytest.approx(claims["value"].tolist(), nan_ok=True) and len(shown) == len(claims)
     assert re.findall(r'data-column="verdict">([^<]+)<', table) == claims["verdict"].tolist()
+    # interventions: every rate of the experiment's rates.csv, with its interval, in its row
+    page = atlas / "intervene" / "shapesworld.html"
+    rates = pd.read_csv(results / "intervene" / "shapesworld" / "experiment" / "mid" / "t600" / "rates.csv")
+    for r in rates.to_dict("records"):
+        row = {"data-attribute": r["attribute"], "data-word": r["value"], "data-experiment": r["experiment"],
+               "data-condition": r["condition"], "data-alpha": str(float(r["alpha"])), "data-column": "rate"}
+        assert [v for v, _ in values(page, row)] == pytest.approx([r["rate"], r["ci_low"], r["ci_high"]], rel=1e-12)
+    # links: the agreement rows are directions_agreement.csv's
+    agree = pd.read_csv(results / "links" / "shapesworld" / "shapesworld" / "directions_agreement.csv", dtype={"timestep": str})
+    page = atlas / "links" / "shapesworld" / "shapesworld.html"
+    for r in agree.to_dict("records"):
+        row = {"data-table": "agreement", "data-measure": r["measure"], "data-layer": r["layer"], "data-timestep": r["timestep"]}
+        shown = [v for v, _ in values(page, {**row, "data-column": "agreement"})]
+        assert shown == pytest.approx([r["agreement"], r["low"], r["high"]], rel=1e-12, nan_ok=True)
 
 
 def test_atlas_in_a_headless_browser(tiny_run, tmp_path):
     from atlas_checks import browser_check
 
     visited = browser_check(tiny_run[0] / "atlas", tmp_path / "screenshots")
-    assert len(visited) == 6
-    assert all((tmp_path / "screenshots" / f"{n}.png").stat().st_size > 1000 for n in ("index", "latent", "daam", "geometry"))
+    assert len(visited) == 8  # index, grid, SAE run, latent, DAAM, geometry, interventions, links
+    assert all((tmp_path / "screenshots" / f"{n}.png").stat().st_size > 1000
+               for n in ("index", "latent", "daam", "geometry", "intervene", "links"))
 
 
 def test_links_tables_agree_with_their_sources(tiny_run):

@@ -11,7 +11,15 @@ Layout of the atlas folder (every link is relative, so it opens from the file sy
     sae/{model}/{dataset}/{layer}/t{t}/latent{j}.html     one latent: images, maps, labels
     daam/{model}/{kind}_{name}.html             word maps, masks, IoU; per-role table
     geometry/{model}.html                       spectra, edit strips, global directions
+    intervene/{model}.html                      the judged steering experiment: layer × timestep
+                                                table, verdicts, rates with intervals, figure
+    intervene/{model}/sae/{layer}/t{t}/latent{j}.html   a steering SAE's chosen latent
+    links/{model}/{dataset}.html                SAE latent ↔ DAAM word IoUs; pullback direction
+                                                ↔ most-changed latents, agreement and chance
     world.html                                  the world model's fidelity and samples
+
+Latents named by the links tables get their latent page even when they are not among the
+ranked ones shown on the SAE run's page, so every latent a table names links somewhere.
 
 Each page is rendered with :meth:`jinja2.Template.stream` straight to its file, and the
 latents of an SAE are handed to the templates as generators, so memory holds one page's rows.
@@ -30,7 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 from markupsafe import Markup, escape
 
-from diffatlas.atlas import images, sources
+from diffatlas.atlas import images, sources, tables
 from diffatlas.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -70,6 +78,11 @@ class Atlas:
         self.pages = 0
         self._thumbs: set[str] = set()
         self._datasets: dict[str, sources.DatasetImages] = {}
+        self._latent_pages: set[str] = set()  # atlas-relative paths of the latent pages written
+        self._geometry_anchors: set[str] = set()  # "geometry/{model}.html#t{t}-{mode}-d{d}" written
+        self._daam_pages: set[str] = set()
+        # latents the links tables name, per SAE run (model, dataset, layer, t): they get a page too
+        self._wanted: dict[tuple[str, str, str, int], set[int]] = {}
 
     # ------------------------------------------------------------------ helpers
     def page(self, template: str, rel: str, **ctx: Any) -> None:
@@ -106,13 +119,24 @@ class Atlas:
     def note_missing(self, what: str, path: Path, how: str) -> None:
         self.missing.append(f"{what}: {path} not found ({how})")
 
+    def latent_href(self, base: str, latent: Any) -> str | None:
+        """Atlas-relative path of latent ``latent``'s page under ``base`` if it was written, else None."""
+        if latent is None or not sources.finite(latent) or int(latent) < 0:
+            return None
+        rel = f"{base}/latent{int(latent)}.html"
+        return rel if rel in self._latent_pages else None
+
     # ------------------------------------------------------------------ sections
     def build(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(TEMPLATES / "atlas.css", self.out / "atlas.css")
+        self.want_linked_latents()
         grids = list(self.sae_section())
         daam = list(self.daam_section())
         geometry = list(self.geometry_section())
+        # after the SAE, DAAM and geometry pages: these pages link into them
+        intervene = list(self.intervene_section())
+        links = list(self.links_section())
         world = self.world_section()
         data_figs = [self.figure(p) for p in sources.figures(self.results, "data")]
         if not grids:
@@ -121,7 +145,14 @@ class Atlas:
             self.note_missing("DAAM", self.results / "daam", "run the daam stage")
         if not geometry:
             self.note_missing("geometry", self.results / "geometry", "run the geometry stage")
+        if not intervene:
+            self.note_missing("judged interventions", self.results / "intervene",
+                              "not run: the intervene stage runs for the models in config intervene.models")
+        if not links:
+            self.note_missing("cross-method links", self.results / "links",
+                              "not run: the links stage needs SAE runs with DAAM real-image runs or judged geometry")
         self.page("index.html", "index.html", grids=grids, daam=daam, geometry=geometry, world=world,
+                  intervene=intervene, links=links,
                   data_figures=data_figs, missing=self.missing, results=str(self.results))
         log.info("atlas: %d pages, %d thumbnails in %s", self.pages, len(self._thumbs), self.out)
         return self.out / "index.html"
@@ -150,7 +181,9 @@ class Atlas:
         if maps is None:
             self.note_missing(f"spatial maps of {model}/{dataset} {layer} t={t}", run / "spatial_maps.safetensors",
                               "run the sae_spatial rule")
-        ctx = {"model": model, "dataset": dataset, "layer": layer, "timestep": t}
+        ctx = {"model": model, "dataset": dataset, "layer": layer, "timestep": t,
+               "crumbs": [(f"sae/{model}/{dataset}/grid.html", f"{model} / {dataset}"), (f"{base}/index.html", f"{layer} t={t}")],
+               "source": None}
 
         def rows() -> Iterator[dict[str, Any]]:
             for r in top.to_dict("records"):
@@ -159,6 +192,27 @@ class Atlas:
         self.page("sae_run.html", f"{base}/index.html", metrics=metrics, spatial=spatial, latents=rows(), **ctx)
         for r in top.to_dict("records"):
             self.latent_page(base, r, maps.get(int(r["latent"])) if maps else None, ctx)
+        # latents a links table names that are not among the ranked ones shown
+        extra = sorted(self._wanted.get((model, dataset, layer, t), set()) - {int(j) for j in top["latent"]})
+        if extra:
+            import pandas as pd
+
+            table = pd.read_parquet(run / "latents.parquet")
+            for r in table[table["latent"].isin(extra)].to_dict("records"):
+                self.latent_page(base, r, maps.get(int(r["latent"])) if maps else None, ctx)
+
+    def want_linked_latents(self) -> None:
+        """Collect the latents the links tables name (SAE-DAAM summary, directions' top latents)."""
+        for model, dataset in sources.links_pairs(self.results):
+            folder = self.results / "links" / model / dataset
+            for name, column in (("sae_daam_summary.csv", "latent"), ("directions.csv", "top_latents")):
+                table = sources.read_table(folder / name)
+                if table is None or not {"layer", "timestep", column} <= set(table.columns):
+                    continue
+                for r in table[["layer", "timestep", column]].to_dict("records"):
+                    if sources.finite(r["timestep"]):
+                        self._wanted.setdefault((model, dataset, str(r["layer"]), int(r["timestep"])), set()).update(
+                            sources.latent_list(r[column]))
 
     def latent_page(self, base: str, row: dict[str, Any], latent_maps: tuple[np.ndarray, np.ndarray] | None,
                     ctx: dict[str, Any]) -> None:
@@ -186,6 +240,7 @@ class Atlas:
                        "entropy": row.get(f"entropy_{a}"), "purity_active": row.get(f"purity_active_{a}")} for a in attrs]
         self.page("latent.html", f"{base}/latent{latent}.html", row=row, tiles=tiles, hist=hist, attributes=attributes,
                   hist_max=max((c for _, c in hist), default=1), has_maps=latent_maps is not None, **ctx)
+        self._latent_pages.add(f"{base}/latent{latent}.html")
 
     def daam_section(self) -> Iterator[dict[str, Any]]:
         for model in sources.models_with(self.results, "daam"):
@@ -193,6 +248,7 @@ class Atlas:
             for kind, name, folder in sources.daam_runs(self.results, model):
                 rel = f"daam/{model}/{kind}_{name}.html"
                 self.daam_page(model, kind, name, folder, rel, figs)
+                self._daam_pages.add(rel)
                 yield {"model": model, "kind": kind, "name": name, "href": rel}
 
     def daam_page(self, model: str, kind: str, name: str, folder: Path, rel: str, figs: list[str]) -> None:
@@ -278,8 +334,12 @@ class Atlas:
                                 path = f"{img_dir}/t{t}_{mode}_s{s}_d{d}_{k}.png"
                                 images.thumbnail(arr[s, d, k], self.out / path, side=64)
                                 cells.append({"strength": g, "image": path})
+                            # the first sample's strip of a direction is its anchor (links' direction table points here)
+                            anchor = f"t{t}-{mode}-d{d}" if s == 0 else None
+                            if anchor:
+                                self._geometry_anchors.add(f"{rel}#{anchor}")
                             yield {"timestep": t, "alpha_bar": meta.get("alpha_bar"), "mode": mode, "sample": s, "direction": d,
-                                   "factor": judged.get((t, mode, d)), "cells": cells}
+                                   "factor": judged.get((t, mode, d)), "cells": cells, "anchor": anchor}
 
         global_rows = []
         gpath = root / "global" / "global.safetensors"
@@ -309,6 +369,108 @@ class Atlas:
         cols = ["claim", "measure", "value", "low", "high", "n", "verdict", "direction", "detail"]
         return table[[c for c in cols if c in table.columns]].to_dict("records")
 
+    # ------------------------------------------------------------------ interventions
+    def intervene_section(self) -> Iterator[dict[str, Any]]:
+        for model in sources.intervene_models(self.results):
+            rel = f"intervene/{model}.html"
+            self.intervene_page(model, rel)
+            yield {"model": model, "href": rel}
+
+    def intervene_page(self, model: str, rel: str) -> None:
+        """The judged steering experiment of ``model``: the layer × timestep table (summary.csv),
+        then per experiment directory its verdicts beside the rates they rest on, and the rates."""
+        root = self.results / "intervene" / model
+        summary = sources.read_table(root / "summary.csv")
+        cells = []
+        for layer, t, folder in sources.intervene_runs(self.results, model):
+            verdicts = sources.read_table(folder / "verdicts.csv")
+            rates = sources.read_table(folder / "rates.csv")
+            selection = sources.read_table(folder / "selection.csv")
+            record = sources.read_json(folder / "record.json") or {}
+            base = f"intervene/{model}/sae/{layer}/t{t}"
+            self.steering_latent_pages(model, layer, t, base, verdicts, record)
+            cells.append({
+                "layer": layer, "timestep": t, "anchor": f"{layer}-t{t}", "record": record,
+                "verdicts": list(verdict_rows(verdicts, rates, selection, lambda j: self.latent_href(base, j))),
+                "rates": None if rates is None else tables.table(
+                    rates, keys=rate_keys(rates), hide=CELL_COLUMNS, intervals={"rate": ("ci_low", "ci_high")},
+                    links={"latent": lambda r: self.latent_href(base, r.get("latent"))}),
+            })
+        layers = list(dict.fromkeys([c["layer"] for c in cells] + ([] if summary is None else [str(v) for v in summary["layer"]])))
+        times = sorted({c["timestep"] for c in cells} | (set() if summary is None else {int(v) for v in summary["timestep"]}))
+        grid: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        if summary is not None:
+            for r in summary.to_dict("records"):
+                grid.setdefault((str(r["layer"]), int(r["timestep"])), []).append(r)
+        ran = {(c["layer"], c["timestep"]) for c in cells}
+        figs = [self.figure(p) for p in sources.figures(self.results, "intervene", model)]
+        self.page("intervene.html", rel, model=model, layers=layers, times=times, grid=grid, ran=ran, cells=cells,
+                  summary=None if summary is None else tables.table(summary, keys=("layer", "timestep", "attribute"),
+                                                                   hide=("model",)),
+                  figures=figs)
+
+    def steering_latent_pages(self, model: str, layer: str, t: int, base: str, verdicts: Any, record: dict[str, Any]) -> None:
+        """A latent page for each latent the experiment chose, from the steering SAE's latents.parquet."""
+        import pandas as pd
+
+        sae_dir = self.results / "intervene" / model / "sae" / layer / f"t{t}"
+        if verdicts is None or "latent" not in verdicts:
+            return
+        chosen = sorted({int(j) for j in verdicts["latent"] if sources.finite(j) and int(j) >= 0})
+        if not chosen:
+            return
+        if not (sae_dir / "latents.parquet").exists():
+            self.note_missing(f"steering SAE of {model} {layer} t={t}", sae_dir / "latents.parquet", "run the intervene_sae rule")
+            return
+        sae = record.get("sae") or {}
+        dataset = str(sae.get("dataset") or (sources.read_json(sae_dir / "cfg.json") or {}).get("dataset", ""))
+        table = pd.read_parquet(sae_dir / "latents.parquet")
+        ctx = {"model": model, "dataset": dataset, "layer": layer, "timestep": t,
+               "crumbs": [(f"intervene/{model}.html", f"interventions of {model}")],
+               "source": f"A latent of the interventions experiment's steering SAE ({sae_dir}; "
+                         f"{sae.get('samples', '?')} samples, conditioning {sae.get('conditioning', '?')}), "
+                         "not of the SAE of the layer × timestep grid."}
+        for r in table[table["latent"].isin(chosen)].to_dict("records"):
+            self.latent_page(base, r, None, ctx)
+
+    # ------------------------------------------------------------------ links
+    def links_section(self) -> Iterator[dict[str, Any]]:
+        for model, dataset in sources.links_pairs(self.results):
+            rel = f"links/{model}/{dataset}.html"
+            self.links_page(model, dataset, rel)
+            yield {"model": model, "dataset": dataset, "href": rel}
+
+    def links_page(self, model: str, dataset: str, rel: str) -> None:
+        folder = self.results / "links" / model / dataset
+        sae_base = lambda r: f"sae/{model}/{dataset}/{r['layer']}/t{int(r['timestep'])}"  # noqa: E731
+        sae_daam = sources.read_table(folder / "sae_daam_summary.csv")
+        agreement = sources.read_table(folder / "directions_agreement.csv")
+        directions = sources.read_table(folder / "directions.csv")
+        geometry = f"geometry/{model}.html"
+
+        def direction_href(r: dict[str, Any]) -> str | None:
+            href = f"{geometry}#t{r.get('geo_timestep')}-{r.get('mode')}-d{r.get('direction')}"
+            return href if href in self._geometry_anchors else None
+
+        daam_rel = f"daam/{model}/real_{dataset}.html"
+        figs = [self.figure(p) for p in sources.figures(self.results, "links", model, dataset)]
+        self.page(
+            "links.html", rel, model=model, dataset=dataset, figures=figs,
+            daam_href=daam_rel if daam_rel in self._daam_pages else None,
+            geometry_href=geometry if (self.out / geometry).exists() else None,
+            sae_daam_record=sources.read_json(folder / "sae_daam.json"),
+            directions_record=sources.read_json(folder / "directions.json"),
+            sae_daam=None if sae_daam is None else tables.table(
+                sae_daam, keys=("layer", "timestep", "latent", "word"),
+                links={"latent": lambda r: self.latent_href(sae_base(r), r.get("latent"))}),
+            agreement=None if agreement is None else tables.table(
+                agreement, keys=("measure", "layer", "timestep"), intervals={"agreement": ("low", "high")}),
+            directions=None if directions is None else tables.table(
+                directions, keys=("measure", "layer", "timestep", "geo_timestep", "direction"),
+                links={"direction": direction_href},
+                latent_lists={"top_latents": lambda r, j: self.latent_href(sae_base(r), j)}),
+        )
+
     def world_section(self) -> dict[str, Any] | None:
         record, json_path, samples_path = sources.fidelity(self.results, self.fidelity_record)
         if record is None:
@@ -327,6 +489,72 @@ class Atlas:
         figs = [self.figure(p) for p in sources.figures(self.results, "world_model")]
         self.page("world.html", "world.html", record=record, rates=rates, tiles=tiles, source=str(json_path), figures=figs)
         return {"href": "world.html", "gate": record.get("gate", {}).get("passed")}
+
+
+#: Columns of an experiment's tables that name its (model, layer, timestep) cell: the page's section says them.
+CELL_COLUMNS = ("model", "layer", "timestep")
+#: Columns of rates.csv that name a row (with any column a stage adds to both rates and verdicts).
+RATE_KEYS = ("attribute", "value", "experiment", "condition", "alpha")
+#: Columns of verdicts.csv the verdict table lays out itself; any other is shown as it comes.
+VERDICT_SHOWN = ("attribute", "value", "latent", "status", "steers", "best_alpha", "rate_best", "ci_low_best",
+                 "ci_high_best", "baseline_rate", "control_rate_best", "removes", "ablated_absent_rate",
+                 "baseline_absent_rate", "control_absent_rate")
+
+
+def rate_keys(rates: Any) -> list[str]:
+    """The columns naming a row of rates.csv: :data:`RATE_KEYS` and any column it has beyond the known ones."""
+    from diffatlas.interventions.judged import RATE_COLUMNS
+
+    return [*RATE_KEYS, *[c for c in rates.columns if c not in RATE_COLUMNS and c not in CELL_COLUMNS]]
+
+
+def verdict_rows(verdicts: Any, rates: Any, selection: Any, latent_href: Any) -> Iterator[dict[str, Any]]:
+    """Per word of verdicts.csv: the verdicts, and from rates.csv the rows they rest on (with their
+    intervals and n): the latent at its best α, the baseline, both controls at that α, and the three
+    ablation rates. Rows of rates.csv match on attribute, value and any column both tables share
+    beyond the known ones (a mode column a later experiment adds)."""
+    if verdicts is None:
+        return
+    from diffatlas.interventions.judged import RATE_COLUMNS, SELECTION_COLUMNS
+
+    known = set(VERDICT_SHOWN) | set(CELL_COLUMNS) | set(RATE_COLUMNS) | set(SELECTION_COLUMNS)
+    shared = [] if rates is None else [c for c in verdicts.columns if c in rates.columns and c not in known]
+    match = ["attribute", "value", *shared]
+    extra = [c for c in verdicts.columns if c not in VERDICT_SHOWN and c not in CELL_COLUMNS]
+    for v in verdicts.to_dict("records"):
+        mine = None if rates is None else rates[(rates[match] == pd_series(v, match)).all(axis=1)]
+
+        def rate(experiment: str, condition: str, alpha: Any = None) -> dict[str, Any] | None:
+            if mine is None:
+                return None
+            r = mine[(mine["experiment"] == experiment) & (mine["condition"] == condition)]
+            if alpha is not None:
+                r = r[np.isclose(r["alpha"].astype(float), float(alpha))] if sources.finite(alpha) else r.iloc[:0]
+            return r.iloc[0].to_dict() if len(r) else None
+
+        best = v.get("best_alpha")
+        sel = None
+        if selection is not None:
+            s = selection[(selection["attribute"] == v["attribute"]) & (selection["value"] == v["value"])]
+            sel = s.iloc[0].to_dict() if len(s) else None
+        yield {
+            "attrs": tables.row_attrs(v, match), "attribute": v["attribute"], "value": v["value"],
+            "latent": v.get("latent"), "latent_href": latent_href(v.get("latent")), "status": v.get("status"),
+            "purity": None if sel is None else sel.get("purity"), "candidates": None if sel is None else sel.get("n_candidates"),
+            "steers": tables.truth(v.get("steers")), "removes": tables.truth(v.get("removes")), "best_alpha": best,
+            "latent_rate": rate("steer", "latent", best), "baseline": rate("steer", "baseline"),
+            "random_latent": rate("steer", "random_latent", best), "random_direction": rate("steer", "random_direction", best),
+            "ablated": rate("ablate", "latent"), "ablate_baseline": rate("ablate", "baseline"),
+            "ablate_random": rate("ablate", "random_latent"),
+            "extra": [tables.scalar(c, v[c]) for c in extra],
+        }
+
+
+def pd_series(record: dict[str, Any], keys: list[str]) -> Any:
+    """The ``keys`` of one table row as a Series, to compare with another table's rows."""
+    import pandas as pd
+
+    return pd.Series({k: record[k] for k in keys})
 
 
 def build_atlas(results: str | os.PathLike, out: str | os.PathLike, fidelity_record: str | os.PathLike | None = None,

@@ -139,3 +139,45 @@ def fidelity(results: Path, record: os.PathLike | None) -> tuple[dict[str, Any] 
             samples = json_path.with_name("fidelity_samples.npy")
             return json.loads(json_path.read_text()), json_path, samples if samples.exists() else None
     return None, None, None
+
+
+def read_table(path: Path) -> pd.DataFrame | None:
+    """A results CSV whose text cells stay text ("none" is a word, not a missing value), or None."""
+    return pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.exists() else None
+
+
+#: The judged interventions experiment's files per (model, layer, timestep) directory
+#: (diffatlas.interventions.experiment) that the atlas shows.
+INTERVENE_FILES = ("verdicts.csv", "rates.csv", "selection.csv", "record.json")
+
+
+def intervene_runs(results: Path, model: str) -> list[tuple[str, int, Path]]:
+    """(layer, timestep, experiment directory) of every finished experiment of ``model``: layer, then time."""
+    runs = []
+    for folder in (results / "intervene" / model / "experiment").glob("*/t*"):
+        if folder.name[1:].isdigit() and (folder / "verdicts.csv").exists():
+            runs.append((folder.parent.name, int(folder.name[1:]), folder))
+    return sorted(runs, key=lambda r: (r[0], r[1]))
+
+
+def intervene_models(results: Path) -> list[str]:
+    """Models with an intervene summary or at least one finished experiment directory."""
+    root = results / "intervene"
+    return sorted(p.name for p in root.glob("*") if p.is_dir() and ((p / "summary.csv").exists() or intervene_runs(results, p.name)))
+
+
+#: The links stage's files per (model, dataset) (diffatlas.links): SAE latent ↔ DAAM word and
+#: pullback direction ↔ SAE latents, each a table, its summary and its provenance record.
+LINKS_FILES = ("sae_daam_summary.csv", "sae_daam.json", "directions.csv", "directions_agreement.csv", "directions.json")
+
+
+def links_pairs(results: Path) -> list[tuple[str, str]]:
+    """(model, dataset) with any links table, sorted."""
+    return sorted({(p.parent.parent.name, p.parent.name) for name in LINKS_FILES for p in (results / "links").glob(f"*/*/{name}")})
+
+
+def latent_list(text: Any) -> list[int]:
+    """The latents of a comma-separated cell of directions.csv ("12,3,40"); [] when empty."""
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        return []
+    return [int(float(s)) for s in str(text).split(",") if s.strip()]
