@@ -264,6 +264,10 @@ def test_code_of_one_latent_equals_the_saes_topk_code(tmp_path, gather):
         assert torch.allclose(z, dense[..., j], atol=1e-5), j
         zr = sae.code(x, j, where=rows[:, None].expand(3, 20), gather=gather)
         assert torch.allclose(zr[rows], dense[rows][..., j], atol=1e-5) and torch.equal(zr[1], torch.zeros(20))
+    # one latent per vector
+    per = torch.randint(0, n, (3, 20))
+    z = sae.code(x, per, gather=gather)
+    assert torch.allclose(z, dense.gather(-1, per[..., None])[..., 0], atol=1e-5)
     assert (dense > 0).any(-1).any() and (dense == 0).any()
 
 

@@ -139,10 +139,12 @@ class SteeringSAE:
             return W.to(dtype), b.to(dtype)
         return self._cached(f"enc{device}{dtype}", make)
 
-    def code(self, v: torch.Tensor, j: int, where: torch.Tensor | None = None, *, gather: bool | None = None) -> torch.Tensor:
+    def code(self, v: torch.Tensor, j: int | torch.Tensor, where: torch.Tensor | None = None, *,
+             gather: bool | None = None) -> torch.Tensor:
         """z_j of raw vectors ``v [..., C]`` -> ``[...]`` (float32): the post-TopK code of latent j.
 
-        Only latent j's code is needed, so the SAE is not decoded and the TopK is not taken:
+        ``j``: one latent, or a long tensor of ``v``'s leading shape (each vector its own latent).
+        Only latent j's code is needed, so the SAE is not decoded and no TopK is taken:
         ``z_j = ReLU(pre_j)`` when j is among the k largest pre-activations (fewer than k
         latents have a strictly larger one; with exact ties TopK's own pick is arbitrary), else
         0. Where ``pre_j <= 0`` the code is 0 whatever the ranking, so the full pre-activations
@@ -156,7 +158,12 @@ class SteeringSAE:
         flat = v.reshape(-1, v.shape[-1])
         W32, b32 = self._encoder(flat.device, torch.float32)
         xs = flat.to(torch.float32) * self.scale
-        pre_j = xs @ W32[int(j)] + b32[int(j)]  # [N], float32
+        if isinstance(j, torch.Tensor):
+            jv = j.to(flat.device, torch.long).expand(shape).reshape(-1)  # [N]
+            pre_j = (xs * W32[jv]).sum(-1) + b32[jv]
+        else:
+            jv = torch.full((flat.shape[0],), int(j), dtype=torch.long, device=flat.device)
+            pre_j = xs @ W32[int(j)] + b32[int(j)]  # [N], float32
         cand = pre_j > 0
         if where is not None:
             cand = cand & where.reshape(-1)
@@ -168,13 +175,13 @@ class SteeringSAE:
             z = torch.zeros_like(pre_j)
             if idx.numel():
                 pre = torch.nn.functional.linear(xs.index_select(0, idx), W32, b32)  # [m, n]
-                rank = (pre > pre[:, int(j), None]).sum(1)  # latents strictly above j
+                rank = (pre > pre.gather(1, jv.index_select(0, idx)[:, None])).sum(1)  # latents strictly above j
                 z[idx] = torch.where(rank < k, pre_j.index_select(0, idx), torch.zeros_like(rank, dtype=z.dtype))
             return z.reshape(shape)
         dtype = flat.dtype if flat.device.type != "cpu" and flat.dtype in (torch.float16, torch.bfloat16) else torch.float32
         W, b = self._encoder(flat.device, dtype)
         pre = torch.nn.functional.linear(xs.to(dtype), W, b)
-        rank = (pre > pre[:, int(j), None]).sum(1)
+        rank = (pre > pre.gather(1, jv[:, None])).sum(1)
         return torch.where(cand & (rank < k), pre_j, torch.zeros_like(pre_j)).reshape(shape)
 
 
