@@ -55,6 +55,8 @@ def main() -> int:
     parser.add_argument("--expansion", type=int, default=8)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latent", type=int, default=0, help="latent edited; -1: the one active at the most positions of "
+                        "the probe pass (an edit that changes something; the old default 0 is usually inactive)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -104,10 +106,16 @@ def main() -> int:
     sae.save(tmp / "sae", {"model": "bench", "layer": layer.name, "module_path": layer.module_path, "samples": "spatial",
                            "input_scale": 1.0})
 
+    latent = args.latent
+    if latent < 0:
+        x = seen["x"]
+        v = x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
+        with torch.no_grad():
+            latent = int(sae.codes(v.reshape(-1, d).float()).gt(0).sum(0).argmax())
     hooks = {}
     edits = {name: EDITS[name] for name in args.edits}
     for name, kw in edits.items():
-        spec = Intervention(latent=0, t_max=handle.num_train_timesteps - 1, t_min=0, **kw)
+        spec = Intervention(latent=latent, t_max=handle.num_train_timesteps - 1, t_min=0, **kw)
         hooks[name] = prepare(handle, tmp / "sae", args.layer, spec, model="bench", steps=args.steps,
                               guidance_scale=args.guidance)[0]
 
@@ -127,7 +135,7 @@ def main() -> int:
             cpu[name].append(time.process_time() - c0)
     med = {s: (statistics.median(wall[s]), statistics.median(cpu[s])) for s in sides}
     print(f"model {model} ({handle.family}), layer {layer.name} ({layer.module_path}, C = {d}), SAE n = {args.expansion * d}, "
-          f"k = {sae.k}; {args.prompts} prompts x {args.steps} steps, latent {handle.latent_size}, CFG {args.guidance}, {args.device}, "
+          f"k = {sae.k}, latent {latent}; {args.prompts} prompts x {args.steps} steps, latent side {handle.latent_size}, CFG {args.guidance}, {args.device}, "
           f"{args.threads} thread(s), median of {args.repeats}")
     print(f"  plain        wall {med['plain'][0]:.3f} s  cpu {med['plain'][1]:.3f} s")
     for name in edits:
