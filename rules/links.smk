@@ -10,9 +10,19 @@
 #       sae_daam.json, directions.json   provenance and settings (model, runs, tau, device, ...)
 #   results/figures/links/{model}/{dataset}/sae_daam.png, directions.png
 #
+# Settings: the links section (LinksConfig; recorded in sae_daam.json / directions.json).
 # SAE-DAAM runs for models in both extract.models and daam.models, datasets in both
 # extract.datasets and daam.datasets, over the SAE layers with spatial maps; directions for
 # geometry.meaning_models (the judge's factors) among extract.models.
+
+from diffatlas.links.config import LinksConfig
+
+try:
+    LinksConfig.from_dict(config["links"])
+except UserError as _err:
+    raise WorkflowError(str(_err)) from None
+# Each job gets only the keys it reads (LinksConfig.JOBS): changing top_changed re-runs no SAE-DAAM link.
+LINKS_CFG = {job: LinksConfig.job_json(config["links"], job) for job in LinksConfig.JOBS}
 
 LINKS_DIR = str(Path(RESULTS, "links", "{model}", "{dataset}"))
 LINKS_FIGURES = str(Path(RESULTS, "figures", "links", "{model}", "{dataset}"))
@@ -47,6 +57,7 @@ rule links_sae_daam:
     params:
         runs=lambda wc: " ".join(shlex.quote(r) for r in links_runs(wc, True)),
         stores=lambda wc: " ".join(shlex.quote(SAE_STORE.format(model=wc.model, dataset=wc.dataset, timestep=g["timestep"])) for g in sae_grid(wc.model) if g["layer"] in SAE_SPATIAL_LAYERS),
+        cfg=lambda wc: LINKS_CFG["sae_daam"],
         device=config["device"],
     log:
         log_path("links_sae_daam", "{model}", "{dataset}"),
@@ -59,7 +70,8 @@ rule links_sae_daam:
         runtime=lambda wc, attempt: 10 * attempt,
     shell:
         "diffatlas links-sae-daam --runs {params.runs} --stores {params.stores} --daam {input.daam:q} --dataset {input.dataset:q}"
-        " --rows {output.rows:q} --summary {output.summary:q} --record {output.record:q} --device {params.device:q} --threads {threads} > {log:q} 2>&1"
+        " --rows {output.rows:q} --summary {output.summary:q} --record {output.record:q} --config-json {params.cfg:q}"
+        " --device {params.device:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule links_directions:
@@ -79,6 +91,7 @@ rule links_directions:
         model_args=model_args_arg,
         runs=lambda wc: " ".join(shlex.quote(r) for r in links_runs(wc, False)),
         geometry=lambda wc: " ".join(shlex.quote(d) for d in geo_runs(wc)),
+        cfg=lambda wc: LINKS_CFG["directions"],
         device=config["device"],
     log:
         log_path("links_directions", "{model}", "{dataset}"),
@@ -92,7 +105,8 @@ rule links_directions:
     shell:
         "diffatlas links-directions --model {params.model_path:q} --model-name {wildcards.model} --runs {params.runs}"
         " --geometry {params.geometry} --meaning {input.meaning:q} --table {output.table:q} --agreement {output.agreement:q}"
-        " --record {output.record:q} --device {params.device:q} --threads {threads} {params.model_args:q} > {log:q} 2>&1"
+        " --record {output.record:q} --config-json {params.cfg:q} --device {params.device:q} --threads {threads}"
+        " {params.model_args:q} > {log:q} 2>&1"
 
 
 rule links_figure_sae_daam:

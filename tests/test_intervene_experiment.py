@@ -101,6 +101,23 @@ def test_verdicts_need_the_interval_above_baseline_and_both_controls():
     assert bool(v.loc["red", "removes"]) and v.loc["red", "ablated_absent_rate"] == 1.0
 
 
+def test_verdicts_compare_the_latent_with_the_controls_of_its_own_mode():
+    """Steering where active clears its own controls; everywhere it does not (a control of that mode steers too)."""
+    sel = pd.DataFrame({"attribute": ["colour"], "value": ["red"], "latent": [4], "status": ["chosen"]})
+    rows = judged_rows("red", "steer", "baseline", 0.0, [False] * 10)
+    for where, ctrl in (("everywhere", 10), ("active", 0)):
+        for condition, hits in (("latent", 10), ("random_latent", ctrl), ("random_direction", 0)):
+            rows += [{**r, "where": where} for r in judged_rows("red", "steer", condition, 8.0, [True] * hits + [False] * (10 - hits))]
+    rates = rate_table(pd.DataFrame(rows))
+    assert set(rates["where"]) == {"none", "everywhere", "active"}
+    v = verdicts(rates, sel, ["everywhere", "active"]).set_index("where")
+    assert not bool(v.loc["everywhere", "steers"]) and bool(v.loc["active", "steers"])
+    assert v.loc["everywhere", "control_rate_best"] == 1.0 and v.loc["active", "control_rate_best"] == 0.0
+    assert v.loc["active", "baseline_rate"] == 0.0
+    with pytest.raises(UserError, match="steering where"):
+        verdicts(rates, sel, ["inside"])
+
+
 def test_verdicts_at_small_n_say_no_when_intervals_overlap():
     """2/2 against 0/2: Wilson [0.342, 1] and [0, 0.658] overlap, so no verdict of causation."""
     sel = pd.DataFrame({"attribute": ["colour"], "value": ["red"], "latent": [4], "status": ["chosen"]})
@@ -141,6 +158,15 @@ def test_per_image_edits_equal_the_single_latent_edit_row_by_row():
     steer = Intervention(latent=0, mode="steer", alpha=1.0)
     got = edit_delta(torch.cat([x, x]), torch.ones(4, dtype=torch.bool), steer, PerImageSAE.of(base, [0, 0], vec))
     assert torch.equal(got, torch.cat([vec, vec])[:, None, :].expand(4, 3, 4))
+    # steer where active: image b's vector only at the positions where its own latent fires (by hand from
+    # the SAE's dense TopK codes, row by row)
+    where = Intervention(latent=0, mode="steer", alpha=1.0, where="active")
+    got = edit_delta(torch.cat([x, x]), torch.ones(4, dtype=torch.bool), where, PerImageSAE.of(base, lat, vec))
+    for b in range(2):
+        fires = base.sae.codes(x[b] * base.scale)[:, lat[b]] > 0  # [P]
+        assert fires.any() and not fires.all()
+        hand = fires[:, None].float() * vec[b][None]
+        assert torch.equal(got[b], hand) and torch.equal(got[2 + b], hand)
 
 
 def test_word_prompts_name_or_avoid_the_value():
@@ -157,6 +183,12 @@ def test_config_checks_the_sae_overrides():
         InterventionConfig(sae={"samples": "everywhere"})
     with pytest.raises(UserError, match="intervene.alphas"):
         InterventionConfig(alphas=[0.0])
+    with pytest.raises(UserError, match=r"intervene.where = 'inside' is not allowed; allowed: one of everywhere, active"):
+        InterventionConfig(where="inside")
+    with pytest.raises(UserError, match=r"intervene.where"):
+        InterventionConfig(where=["active", "active"])
+    assert InterventionConfig(where=["active", "everywhere"]).where_modes == ["active", "everywhere"]
+    assert InterventionConfig().where_modes == ["everywhere"]
     store = json.loads(InterventionConfig(layers=["up_ft1"]).store_json({"layers": ["mid"], "conditioning": "empty"}))
     assert store["layers"] == ["up_ft1"] and store["conditioning"] == "caption" and store["spatial_max_size"] is None
     sae = json.loads(InterventionConfig().sae_json({"k": 4, "samples": "pooled"}))
@@ -187,7 +219,7 @@ def tiny_chain(tmp_path_factory):
 
 def test_experiment_and_summary_through_the_cli(tiny_chain, capsys):
     root, model, sae = tiny_chain
-    cfg = {"alphas": [4.0, 64.0], "n_prompts": 2, "steps": 3, "window": 100, "min_active": 1}
+    cfg = {"alphas": [4.0, 64.0], "n_prompts": 2, "steps": 3, "window": 100, "min_active": 1, "where": ["everywhere", "active"]}
     out = root / "exp" / "mid" / "t600"
     assert cli(["intervene-experiment", "--model", str(model), "--model-name", "tiny", "--sae", str(sae), "--layer", "mid",
                 "--timestep", "600", "--config-json", json.dumps(cfg), "--device", "cpu", "--out", str(out)]) == 0
@@ -196,12 +228,13 @@ def test_experiment_and_summary_through_the_cli(tiny_chain, capsys):
     record = json.loads((out / "record.json").read_text())
     assert len(sel) == 7 and set(sel["value"]) == {"red", "green", "blue", "yellow", "circle", "square", "triangle"}
     chosen = sel[sel["latent"] >= 0]
-    # one image per prompt: steer = baseline + 2 alphas x 3 conditions, ablate = baseline + 2 conditions
-    assert len(judged) == len(chosen) * 2 * (1 + 2 * 3 + 1 + 2)
+    # one image per prompt: steer = baseline + 2 modes x 2 alphas x 3 conditions, ablate = baseline + 2 conditions
+    assert len(judged) == len(chosen) * 2 * (1 + 2 * 2 * 3 + 1 + 2)
+    assert set(judged["where"]) == {"none", "everywhere", "active"} and record["where"]["modes"] == ["everywhere", "active"]
     # recount every rate from judged.csv (the images' verdicts)
     for r in rates.itertuples():
         rows = judged[(judged["value"] == r.value) & (judged["experiment"] == r.experiment)
-                      & (judged["condition"] == r.condition) & (judged["alpha"] == r.alpha)]
+                      & (judged["condition"] == r.condition) & (judged["alpha"] == r.alpha) & (judged["where"] == r.where)]
         hits = rows["present"].sum() if r.experiment == "steer" else (~rows["present"]).sum()
         assert (r.n, r.k) == (2, hits)
         p, z = r.k / r.n, 1.959963984540054
@@ -224,13 +257,14 @@ def test_experiment_and_summary_through_the_cli(tiny_chain, capsys):
     images = load_file(str(out / "images.safetensors"))["images"].numpy()
     assert images.shape[0] == len(judged)
     base = images[((judged["experiment"] == "steer") & (judged["condition"] == "baseline")).to_numpy()]
-    big = images[((judged["condition"] == "latent") & (judged["alpha"] == 64.0)).to_numpy()]
+    big = images[((judged["condition"] == "latent") & (judged["alpha"] == 64.0) & (judged["where"] == "everywhere")).to_numpy()]
     assert (base != big).reshape(len(base), -1).any(1).all()
 
     table, fig = root / "summary.csv", root / "fig" / "dose.png"
     assert cli(["intervene-summary", "--table", str(table), "--figure", str(fig), str(out)]) == 0
     summary = pd.read_csv(table, keep_default_na=False)
-    assert list(summary["attribute"]) == ["colour", "shape"] and list(summary["words"]) == [4, 3]
+    assert list(summary["attribute"]) == ["colour", "colour", "shape", "shape"] and list(summary["words"]) == [4, 4, 3, 3]
+    assert list(summary["where"]) == ["everywhere", "active"] * 2
     assert (summary["n_steer"] == 2).all()
     # every word is listed as steering or not
     for row in summary.itertuples():

@@ -244,6 +244,33 @@ def test_planted_toy_through_one_ddim_step(tmp_path):
     assert torch.allclose(out - base, expected, atol=1e-8)
 
 
+# ------------------------------------------------------------------ latent j's code without the full TopK
+@pytest.mark.parametrize("gather", [True, False])
+def test_code_of_one_latent_equals_the_saes_topk_code(tmp_path, gather):
+    """z_j by rank (only at pre_j > 0 when gathering) equals column j of the SAE's dense TopK codes."""
+    torch.manual_seed(0)
+    d, n, k = 12, 48, 5
+    sae_dir = save_sae(tmp_path / "sae", d, n=n, k=k, scale=0.7)
+    sae = SteeringSAE.load(sae_dir)
+    with torch.no_grad():
+        sae.sae.b_enc.normal_(0, 0.3)
+        sae.sae.b_pre.normal_(0, 0.2)
+    sae._cache.clear()
+    x = torch.randn(3, 20, d)  # [B, P, C]
+    dense = sae.sae.codes(x.reshape(-1, d) * 0.7).reshape(3, 20, n)  # brute force: topk of every vector
+    rows = torch.tensor([True, False, True])
+    for j in range(n):
+        z = sae.code(x, j, gather=gather)
+        assert torch.allclose(z, dense[..., j], atol=1e-5), j
+        zr = sae.code(x, j, where=rows[:, None].expand(3, 20), gather=gather)
+        assert torch.allclose(zr[rows], dense[rows][..., j], atol=1e-5) and torch.equal(zr[1], torch.zeros(20))
+    # one latent per vector
+    per = torch.randint(0, n, (3, 20))
+    z = sae.code(x, per, gather=gather)
+    assert torch.allclose(z, dense.gather(-1, per[..., None])[..., 0], atol=1e-5)
+    assert (dense > 0).any(-1).any() and (dense == 0).any()
+
+
 # ------------------------------------------------------------------ bad input
 def test_bad_input_names_the_artifact(handles, tmp_path):
     handle, _ = handles["pixel"]

@@ -216,6 +216,25 @@ def test_planted_link_run(tmp_path):
     assert set(got) == {("red", 0), ("square", 1)} and (rows["sample_id"] == 100).all()
     assert got["red", 0] == pytest.approx((4 / 9, 1.0, 4 / 9))
     assert got["square", 1] == pytest.approx((0.0, 0.0, 2 / 6))
+    # the links section's purity threshold: latent 0's red purity 0.8 < 0.85 drops red; square (0.9) stays
+    from diffatlas.links.config import LinksConfig
+
+    strict = link_run(run_dir, None, daam, meta, masks, tau=0.4, links=LinksConfig(min_purity=0.85))
+    assert set(zip(strict["word"], strict["latent"])) == {("square", 1)}
+
+
+def test_links_config_names_the_key_and_allowed_values():
+    from diffatlas.errors import UserError
+    from diffatlas.links.config import LinksConfig
+
+    with pytest.raises(UserError, match=r"config links.min_purity = 1.5 is not allowed; allowed: a number in \[0, 1\]"):
+        LinksConfig(min_purity=1.5)
+    with pytest.raises(UserError, match=r"config links.noise_draws = 0 is not allowed; allowed: an integer >= 1"):
+        LinksConfig(noise_draws=0)
+    with pytest.raises(UserError, match=r"config links.edit_mode = 'iterative' is not allowed; allowed: normalised, linear"):
+        LinksConfig(edit_mode="iterative")
+    # each job's settings hold only the keys it reads
+    assert json.loads(LinksConfig.job_json(LinksConfig().to_dict(), "sae_daam")) == {"latents_per_word": 2, "min_purity": 0.5, "seed": 0}
 
 
 def test_pooled_averages_per_image_first():

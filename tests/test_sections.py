@@ -22,13 +22,14 @@ from diffatlas.diffc.config import DiffCConfig
 from diffatlas.errors import UserError
 from diffatlas.geometry.config import GeometryConfig
 from diffatlas.interventions.config import InterventionConfig
+from diffatlas.links.config import LinksConfig
 from diffatlas.sae.config import SAEConfig
 from diffatlas.sections import ConfigSection
 from diffatlas.world.config import FidelityConfig, WorldModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((ROOT / "config.schema.yaml").read_text())
-SECTIONS = [ExtractConfig, SAEConfig, DiffCConfig, DAAMConfig, GeometryConfig, InterventionConfig, WorldModelConfig, FidelityConfig]
+SECTIONS = [ExtractConfig, SAEConfig, DiffCConfig, DAAMConfig, GeometryConfig, InterventionConfig, LinksConfig, WorldModelConfig, FidelityConfig]
 
 
 def schema_properties(section: str) -> dict:

@@ -5,7 +5,8 @@ go through ``--model`` with the extraction hooks at each ``--runs`` SAE run's la
 timestep (as its store was extracted); the SAE encodes them, and per direction the latents
 whose codes change most are compared with the factor ``--meaning`` (meaning_summary.csv)
 assigns to it. Writes one row per (run, geometry timestep, direction) (``--table``) and the
-agreement rates with 95% Wilson intervals and chance (``--agreement``). See
+agreement rates with 95% Wilson intervals and chance (``--agreement``). Settings: the
+``links`` config section (edit mode, noise draws, latents per direction, seed). See
 :mod:`diffatlas.links.directions`.
 
 Example::
@@ -21,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 
+from diffatlas.links.config import LinksConfig
 from diffatlas.logs import result
 from diffatlas.runner import Runner
 
-RUNNER = Runner("links-directions", __doc__, model="required", device=True, threads=True)
+RUNNER = Runner("links-directions", __doc__, section=LinksConfig, model="required", device=True, threads=True)
 
 
 def main(argv: list[str]) -> int:
@@ -35,15 +37,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--table", required=True, help="output CSV, one row per (run, geometry timestep, direction)")
     ap.add_argument("--agreement", required=True, help="output CSV, agreement per run and pooled")
     ap.add_argument("--record", default=None, help="output JSON: provenance and settings")
-    ap.add_argument("--noise-draws", type=int, default=None, help="forward-noise draws per edit sample (default: NOISE_DRAWS of diffatlas.links.directions)")
+    ap.add_argument("--noise-draws", type=int, default=None, help="forward-noise draws per edit sample (overrides links.noise_draws)")
     args = ap.parse_args(argv)
+    cfg = RUNNER.config(args, {"noise_draws": args.noise_draws})
     handle = RUNNER.load_model(args)
 
-    from diffatlas.links.directions import NOISE_DRAWS, run
+    from diffatlas.links.directions import run
 
-    _, agree = run(handle, args.runs, args.geometry, args.meaning, args.table, args.agreement, device=handle.device,
-                   model_name=RUNNER.model_name(args), record=args.record,
-                   noise_draws=NOISE_DRAWS if args.noise_draws is None else args.noise_draws)
+    _, agree = run(handle, args.runs, args.geometry, args.meaning, args.table, args.agreement, links=cfg, device=handle.device,
+                   model_name=RUNNER.model_name(args), record=args.record)
     for r in agree.itertuples():
         where = "pooled" if r.layer == "all" else f"{r.layer} t{r.timestep}"
         result(f"{r.measure} change, {where}: most-changed latent's attribute = judge's factor {r.k}/{r.n} = {r.agreement:.2f} "

@@ -1,7 +1,7 @@
 """``diffatlas links-sae-daam``: SAE latent maps vs DAAM word maps vs true masks, on the same images.
 
 For each ``--runs`` SAE run (with its ``--stores`` activation store, spatial maps needed),
-every latent labelled with a caption word (majority colour/shape/size, purity >= 0.5) is
+every latent labelled with a caption word (majority colour/shape/size, purity >= links.min_purity) is
 encoded position by position on the images of the DAAM real-image run ``--daam``, its map
 upsampled and thresholded as DAAM's (the run's tau), and scored by IoU against the word's
 DAAM mask and the object's true mask (``--dataset``). Writes one row per (run, latent, image)
@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 
+from diffatlas.links.config import LinksConfig
 from diffatlas.logs import result
 from diffatlas.runner import Runner
 
-RUNNER = Runner("links-sae-daam", __doc__, device=True, threads=True)
+RUNNER = Runner("links-sae-daam", __doc__, section=LinksConfig, device=True, threads=True)
 
 
 def main(argv: list[str]) -> int:
@@ -37,15 +38,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--summary", required=True, help="output CSV, one row per (layer, timestep, latent, word)")
     ap.add_argument("--record", default=None, help="output JSON: provenance and settings")
     args = ap.parse_args(argv)
+    cfg = RUNNER.config(args)
     device = RUNNER.setup(args)
 
     from diffatlas.links.sae_daam import pooled, run
 
     stores = args.stores or [None] * len(args.runs)
-    rows, _ = run(args.runs, stores, args.daam, args.dataset, args.rows, args.summary, device=device, record=args.record)
+    rows, _ = run(args.runs, stores, args.daam, args.dataset, args.rows, args.summary, device=device, record=args.record,
+                  cfg=cfg)
     if len(rows) == 0:
         result("no labelled latent names a word of the DAAM images' captions")
-    for r in pooled(rows).itertuples():
+    for r in pooled(rows, seed=cfg.seed).itertuples():
         result(f"{r.layer} t{r.timestep} {r.attribute}: {r.latents} latents on {r.n_images} images ({r.n} pairs): IoU latent-DAAM {r.iou_sae_daam:.2f} "
                f"[{r.iou_sae_daam_low:.2f}, {r.iou_sae_daam_high:.2f}], latent-true {r.iou_sae_true:.2f} "
                f"[{r.iou_sae_true_low:.2f}, {r.iou_sae_true_high:.2f}], DAAM-true {r.iou_daam_true:.2f} "

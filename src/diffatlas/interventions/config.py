@@ -23,6 +23,9 @@ from diffatlas.sections import ConfigSection
 
 #: Attributes the judge reads from an image (:mod:`diffatlas.world.judge`): the words steered.
 JUDGED_ATTRIBUTES = ("colour", "shape")
+#: Where the steering vector is added (``intervene.where``): at every position, or only where
+#: the chosen latent is active (z_j > 0 at that position and pass); the spec's names for them.
+STEER_WHERE = {"everywhere": "all", "active": "active"}
 #: Store conditionings (:data:`diffatlas.activations.config.CONDITIONINGS`).
 STORE_CONDITIONINGS = ("empty", "class_template", "caption")
 
@@ -45,7 +48,8 @@ class InterventionConfig(ConfigSection):
     JOBS = {
         "store": ("conditioning",),
         "sae": ("sae",),
-        "experiment": ("attributes", "alphas", "n_prompts", "window", "steps", "guidance", "cfg_branch", "min_active", "seed"),
+        "experiment": ("attributes", "alphas", "where", "n_prompts", "window", "steps", "guidance", "cfg_branch", "min_active",
+                       "seed"),
         "summary": (),
     }
 
@@ -69,6 +73,9 @@ class InterventionConfig(ConfigSection):
     alphas: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
     """Steering strengths, in multiples of the chosen latent's mean activation when active (latents.parquet mean_act):
     the edit adds alpha x mean_act x W_dec[j] / input_scale at every position (alpha = 0, the baseline, is always run)."""
+    where: Any = "everywhere"
+    """Where the steering vector is added: everywhere (every position) or active (only where the chosen latent is active,
+    z_j > 0; the controls are added at the same positions), or a list of both to run each (the tables' where column)."""
     n_prompts: int = 3
     """Prompts per word and experiment: the n of every rate (each prompt its own seed)."""
     steps: int = 10
@@ -106,12 +113,20 @@ class InterventionConfig(ConfigSection):
         if not isinstance(self.alphas, list) or not self.alphas or not all(
                 isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and a > 0 for a in self.alphas):
             raise _bad("alphas", self.alphas, "a non-empty list of finite numbers > 0 (alpha = 0 is always run)")
+        modes = self.where if isinstance(self.where, list) else [self.where]
+        if not modes or any(m not in STEER_WHERE for m in modes) or len(set(modes)) != len(modes):
+            raise _bad("where", self.where, f"one of {', '.join(STEER_WHERE)}, or a non-empty list of distinct values from them")
         if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
             raise _bad("guidance", self.guidance, "a finite number (<= 1: no CFG)")
         if self.cfg_branch not in CFG_BRANCHES:
             raise _bad("cfg_branch", self.cfg_branch, ", ".join(CFG_BRANCHES))
         self.reject_unknown()
         self.sae_config({})  # the overrides must be sae keys with valid values
+
+    @property
+    def where_modes(self) -> list[str]:
+        """:attr:`where` as a list (everywhere / active), in the order given."""
+        return list(self.where) if isinstance(self.where, list) else [self.where]
 
     def sae_config(self, sae_section: dict[str, Any]) -> "Any":
         """The steering SAE's settings: ``sae_section`` with :attr:`sae` on top (an :class:`SAEConfig`)."""

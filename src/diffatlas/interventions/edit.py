@@ -116,23 +116,73 @@ class SteeringSAE:
                             f"outputs {channels} channels")
 
     # -- tensors ---------------------------------------------------------------------------
+    def _cached(self, key: str, make) -> torch.Tensor:
+        if key not in self._cache:
+            with torch.no_grad():
+                self._cache[key] = make()
+        return self._cache[key]
+
     def atom(self, j: int, like: torch.Tensor) -> torch.Tensor:
         """Decoder atom a_j = W_dec[j] ``[C]`` (float32, on ``like``'s device), cached."""
-        key = f"atom{j}{like.device}"
-        if key not in self._cache:
-            self._cache[key] = self.sae.W_dec[int(j)].detach().to(like.device, torch.float32)
-        return self._cache[key]
+        return self._cached(f"atom{j}{like.device}", lambda: self.sae.W_dec[int(j)].detach().to(like.device, torch.float32))
 
     def direction(self, j: int, kind: str, like: torch.Tensor) -> torch.Tensor:
         """The steering direction ``[C]`` in the layer's raw units (module docstring)."""
         a = self.atom(j, like)
         return a / torch.linalg.vector_norm(a) if kind == "unit" else a / self.scale
 
-    def code(self, v: torch.Tensor, j: int) -> torch.Tensor:
-        """z_j of raw vectors ``v [..., C]`` -> ``[...]`` (float32): the post-TopK code of latent j."""
-        flat = v.reshape(-1, v.shape[-1]).to(torch.float32) * self.scale
-        vals, idx = self.sae.encode(flat)
-        return (vals * (idx == int(j))).sum(-1).reshape(v.shape[:-1])
+    def _encoder(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_enc ``[n, C]``, effective bias ``b_enc − W_enc b_pre`` ``[n]``) on ``device`` in ``dtype``, cached."""
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            W = self.sae.W_enc.detach().to(device, torch.float32)
+            b = self.sae.b_enc.detach().to(device, torch.float32) - W @ self.sae.b_pre.detach().to(device, torch.float32)
+            return W.to(dtype), b.to(dtype)
+        return self._cached(f"enc{device}{dtype}", make)
+
+    def code(self, v: torch.Tensor, j: int | torch.Tensor, where: torch.Tensor | None = None, *,
+             gather: bool | None = None) -> torch.Tensor:
+        """z_j of raw vectors ``v [..., C]`` -> ``[...]`` (float32): the post-TopK code of latent j.
+
+        ``j``: one latent, or a long tensor of ``v``'s leading shape (each vector its own latent).
+        Only latent j's code is needed, so the SAE is not decoded and no TopK is taken:
+        ``z_j = ReLU(pre_j)`` when j is among the k largest pre-activations (fewer than k
+        latents have a strictly larger one; with exact ties TopK's own pick is arbitrary), else
+        0. Where ``pre_j <= 0`` the code is 0 whatever the ranking, so the full pre-activations
+        (the one costly product, ``[N, C] x [C, n]``) are computed only at the candidate
+        vectors ``pre_j > 0`` (and ``where``, a bool mask of ``v``'s leading shape: vectors
+        never edited). Gathering the candidates needs their count on the host, so it is done
+        where that is free (``gather``: default on CPU); on an accelerator every vector is
+        ranked, in the activation's dtype, with no host sync.
+        """
+        shape = v.shape[:-1]
+        flat = v.reshape(-1, v.shape[-1])
+        W32, b32 = self._encoder(flat.device, torch.float32)
+        xs = flat.to(torch.float32) * self.scale
+        if isinstance(j, torch.Tensor):
+            jv = j.to(flat.device, torch.long).expand(shape).reshape(-1)  # [N]
+            pre_j = (xs * W32[jv]).sum(-1) + b32[jv]
+        else:
+            jv = torch.full((flat.shape[0],), int(j), dtype=torch.long, device=flat.device)
+            pre_j = xs @ W32[int(j)] + b32[int(j)]  # [N], float32
+        cand = pre_j > 0
+        if where is not None:
+            cand = cand & where.reshape(-1)
+        if gather is None:
+            gather = flat.device.type == "cpu"
+        k = self.sae.k
+        if gather:
+            idx = cand.nonzero().squeeze(1)
+            z = torch.zeros_like(pre_j)
+            if idx.numel():
+                pre = torch.nn.functional.linear(xs.index_select(0, idx), W32, b32)  # [m, n]
+                rank = (pre > pre.gather(1, jv.index_select(0, idx)[:, None])).sum(1)  # latents strictly above j
+                z[idx] = torch.where(rank < k, pre_j.index_select(0, idx), torch.zeros_like(rank, dtype=z.dtype))
+            return z.reshape(shape)
+        dtype = flat.dtype if flat.device.type != "cpu" and flat.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        W, b = self._encoder(flat.device, dtype)
+        pre = torch.nn.functional.linear(xs.to(dtype), W, b)
+        rank = (pre > pre.gather(1, jv[:, None])).sum(1)
+        return torch.where(cand & (rank < k), pre_j, torch.zeros_like(pre_j)).reshape(shape)
 
 
 def pooled(x: torch.Tensor, how: str) -> torch.Tensor:
@@ -143,8 +193,9 @@ def pooled(x: torch.Tensor, how: str) -> torch.Tensor:
 def edit_delta(x: torch.Tensor, rows: torch.Tensor, spec: Intervention, sae: SteeringSAE) -> torch.Tensor | None:
     """The change to add to activations ``x [B, P, C]`` on rows ``rows [B]`` (bool), or None for none.
 
-    The result is ``[B, P, C]`` float32, zero off the edited rows / positions; ``None`` means
-    nothing changes anywhere (so the caller leaves ``x`` untouched).
+    The result is ``[B, P, C]`` in x's dtype, zero off the edited rows / positions; ``None``
+    means the spec changes nothing whatever the activations (α = 0 steering). No host sync:
+    whether anything changed stays on the device (:func:`changed`).
     """
     j = spec.latent
     if spec.mode == "steer":
@@ -155,32 +206,43 @@ def edit_delta(x: torch.Tensor, rows: torch.Tensor, spec: Intervention, sae: Ste
             mask = rows[:, None].expand(x.shape[0], x.shape[1])
         else:
             mask = _active(x, rows, j, sae)
-        if not bool(mask.any()):
-            return None
-        return mask[..., None].to(torch.float32) * d
-    # clamp / ablate through the SAE: Δz_j a_j / input_scale, the SAE's error term kept
+        return mask[..., None].to(x.dtype) * d.to(x.dtype)
+    # clamp / ablate through the SAE: Δz_j a_j / input_scale, the SAE's error term kept (no decode:
+    # decode(z') − decode(z) is Δz_j a_j, the decoder being linear in the code)
+    active_only = spec.where == "active"
     if sae.granularity == "position":
-        z = sae.code(x, j)  # [B, P]
-        sel = rows[:, None] & ((z > 0) if spec.where == "active" else torch.ones_like(z, dtype=torch.bool))
+        sel = rows[:, None].expand(x.shape[0], x.shape[1])
+        z = sae.code(x, j, where=sel)  # 0 off the edited rows (never ranked there)
+        if active_only:
+            sel = sel & (z > 0)
         dz = torch.where(sel, spec.target - z, torch.zeros_like(z))
         spread = 1.0
     else:
-        z = sae.code(pooled(x, sae.pooling), j)  # [B]
-        sel = rows & ((z > 0) if spec.where == "active" else torch.ones_like(z, dtype=torch.bool))
+        z = sae.code(pooled(x, sae.pooling), j, where=rows)  # [B]
+        sel = rows & (z > 0) if active_only else rows
         dz = torch.where(sel, spec.target - z, torch.zeros_like(z))[:, None].expand(x.shape[0], x.shape[1])
         spread = 1.0 if sae.pooling == "mean" else 1.0 / x.shape[1]
-    if not bool((dz != 0).any()):
-        return None
-    return dz[..., None] * (sae.atom(j, x) * (spread / sae.scale))
+    return (dz[..., None] * (sae.atom(j, x) * (spread / sae.scale))).to(x.dtype)
 
 
 def _active(x: torch.Tensor, rows: torch.Tensor, j: int, sae: SteeringSAE) -> torch.Tensor:
     """Where latent j is active, ``[B, P]`` bool, on rows ``rows`` only (per the SAE's granularity)."""
     if sae.granularity == "position":
-        return rows[:, None] & (sae.code(x, j) > 0)
-    return (rows & (sae.code(pooled(x, sae.pooling), j) > 0))[:, None].expand(x.shape[0], x.shape[1])
+        sel = rows[:, None].expand(x.shape[0], x.shape[1])
+        return sel & (sae.code(x, j, where=sel) > 0)
+    return (rows & (sae.code(pooled(x, sae.pooling), j, where=rows) > 0))[:, None].expand(x.shape[0], x.shape[1])
+
+
+def changed(delta: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: does ``delta`` change anything (kept on the device: no host sync)."""
+    return (delta != 0).any()
 
 
 def apply_delta(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``x + delta`` in x's dtype, with every element where ``delta`` is 0 kept bit for bit."""
-    return torch.where(delta != 0, x + delta.to(x.dtype), x)
+    """``x + delta`` in x's dtype and memory layout, with every element where ``delta`` is 0 kept bit for bit.
+
+    The layout matters: ``delta`` arrives as a strided view of ``[B, P, C]``, and a result laid
+    out like it (channels last) would make the next convolution round differently even where
+    nothing changed.
+    """
+    return torch.where(delta != 0, x + delta.to(x.dtype), x, out=torch.empty_like(x))

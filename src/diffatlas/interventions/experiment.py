@@ -4,7 +4,9 @@ For each word of the steered attributes (ShapesWorld colours and shapes) with it
 (:func:`diffatlas.interventions.judged.select_latents`), all with the same seeds per prompt:
 
 * **steer** prompts that name another value ("a blue circle" for red) by adding, at every
-  position and every pass inside the window ``t ± window``,
+  position (``intervene.where: everywhere``) or only at positions where latent j is active
+  (``active``: z_j > 0 at that position and pass, read through the SAE; the controls are added
+  at the same positions) and every pass inside the window ``t ± window``,
   ``α · mean_act_j · W_dec[j] / input_scale`` (α in multiples of what the latent adds when it
   fires: ``mean_act_j`` is its mean activation when active, ``latents.parquet``), and as
   controls a vector of the same norm along a random other latent's decoder row and along a
@@ -38,7 +40,7 @@ import pandas as pd
 import torch
 
 from diffatlas.errors import UserError
-from diffatlas.interventions.config import InterventionConfig
+from diffatlas.interventions.config import STEER_WHERE, InterventionConfig
 from diffatlas.interventions.edit import SteeringSAE
 from diffatlas.interventions.generate import check_window, resolve_layer, sample, sampler_timesteps
 from diffatlas.interventions.hook import InterventionHook
@@ -83,12 +85,18 @@ class PerImageSAE(SteeringSAE):
     def direction(self, j: int, kind: str, like: torch.Tensor) -> torch.Tensor:
         return self._per_row(self.row_vector, like.shape[0]).to(like.device, torch.float32)[:, None, :]
 
-    def code(self, v: torch.Tensor, j: int) -> torch.Tensor:
+    def code(self, v: torch.Tensor, j: int | torch.Tensor, where: torch.Tensor | None = None, *,
+             gather: bool | None = None) -> torch.Tensor:
         lat = self._per_row(self.row_latent, v.shape[0]).to(v.device)
-        lat = lat.reshape(-1, *([1] * (v.ndim - 2))).expand(v.shape[:-1]).reshape(-1)
-        flat = v.reshape(-1, v.shape[-1]).to(torch.float32) * self.scale
-        vals, idx = self.sae.encode(flat)
-        return (vals * (idx == lat[:, None])).sum(-1).reshape(v.shape[:-1])
+        lat = lat.reshape(-1, *([1] * (v.ndim - 2))).expand(v.shape[:-1])
+        return super().code(v, lat, where, gather=gather)
+
+
+def edit_where(experiment: str, condition: str, where: str) -> str:
+    """The ``where`` column of a judged image: none (baseline), active (ablation), else the steering mode."""
+    if condition == "baseline":
+        return "none"
+    return "active" if experiment == "ablate" else where
 
 
 def word_prompts(attribute: str, value: str, names_it: bool, n: int, seed: int) -> list[str]:
@@ -177,22 +185,25 @@ def run_experiment(handle: Any, sae_dir: str | Path, layer: str, timestep: int, 
     prefix: dict[str, torch.Tensor] = {}  # the state before the window's first step, per experiment
     images: list[np.ndarray] = []
 
-    def batch(experiment: str, condition: str, alpha: float) -> None:
+    def batch(experiment: str, condition: str, alpha: float, where: str = "everywhere") -> None:
         ps, lat, vec, meta = [], [], [], []
         for w in words:
             c = controls[(w.attribute, w.value)]
             j = c["random_latent"] if condition == "random_latent" else int(w.latent)
+            # the latent whose code the edit reads: the ablated one; for steering, the chosen latent
+            # (where it is active, the vector of the condition is added)
+            read = j if experiment == "ablate" else int(w.latent)
             if condition == "random_direction":
                 u = c["random_direction"]
             else:
                 u = W[j] / W[j].norm()
             for p in prompts[(w.attribute, w.value, experiment)]:
                 ps.append(p)
-                lat.append(j)
+                lat.append(read)
                 vec.append(u * (alpha * c["unit_norm"]))
                 meta.append({"attribute": w.attribute, "value": w.value, "latent": int(w.latent), "experiment": experiment,
                              "condition": condition, "alpha": float(alpha), "edited_latent": j if condition != "random_direction" else -1,
-                             "prompt": p, "noise_id": len(ps) - 1})  # row of the batch = its noise seed's id
+                             "where": edit_where(experiment, condition, where), "prompt": p, "noise_id": len(ps) - 1})  # row of the batch = its noise seed's id
         if not ps:
             return
         hook = None
@@ -200,7 +211,8 @@ def run_experiment(handle: Any, sae_dir: str | Path, layer: str, timestep: int, 
             prefix[experiment] = sample(handle, ps, seed=cfg.seed, steps=cfg.steps, guidance_scale=cfg.guidance, stop=first_edit)
         else:
             spec = Intervention(latent=int(lat[0]), mode="steer" if experiment == "steer" else "ablate",
-                                alpha=1.0 if experiment == "steer" else 0.0, direction="unit", where="all",
+                                alpha=1.0 if experiment == "steer" else 0.0, direction="unit",
+                                where=STEER_WHERE[where] if experiment == "steer" else "all",
                                 cfg_branch=cfg.cfg_branch, **window)
             sae = PerImageSAE.of(base, lat, torch.stack(vec) if experiment == "steer" else None)
             hook = InterventionHook(handle.denoiser, resolved, spec, sae, guided=guided)
@@ -219,15 +231,16 @@ def run_experiment(handle: Any, sae_dir: str | Path, layer: str, timestep: int, 
     first_edit = next(i for i, t in enumerate(ts) if window["t_min"] <= t <= window["t_max"]) if share_prefix else 0
     batch("steer", "baseline", 0.0)
     batch("ablate", "baseline", 0.0)
-    for alpha in cfg.alphas:
-        for condition in ("latent", "random_latent", "random_direction"):
-            batch("steer", condition, float(alpha))
+    for where in cfg.where_modes:
+        for alpha in cfg.alphas:
+            for condition in ("latent", "random_latent", "random_direction"):
+                batch("steer", condition, float(alpha), where)
     for condition in ("latent", "random_latent"):
         batch("ablate", condition, 0.0)
 
     judged = pd.DataFrame(judged_rows)
     rates = rate_table(judged.drop(columns=["prompt", "noise_id", "found", "edited_latent"]) if len(judged) else judged)
-    verdict_table = verdicts(rates, selection)
+    verdict_table = verdicts(rates, selection, cfg.where_modes)
     cell = {"model": model, "layer": resolved.name, "timestep": int(timestep)}
     seconds = time.perf_counter() - t0
     record = {
@@ -242,7 +255,11 @@ def run_experiment(handle: Any, sae_dir: str | Path, layer: str, timestep: int, 
                 "input_scale": base.scale, "n_latents": base.n_latents, "k": base.sae.k,
                 **{k: base.cfg.get(k) for k in ("model", "dataset", "layer", "module_path", "timestep", "conditioning", "prompt", "store")}},
         "settings": cfg.to_dict(),
-        "alpha_unit": "alpha x mean_act_j x |W_dec[j]| / input_scale = the norm added at every position (controls: the same norm)",
+        "alpha_unit": "alpha x mean_act_j x |W_dec[j]| / input_scale = the norm added at each edited position (controls: the same norm)",
+        "where": {"modes": cfg.where_modes,
+                  "meaning": "everywhere: every position; active: positions where the chosen latent j is active (z_j > 0), "
+                             "read at each pass, controls added at the same positions; ablate rows: active (z_j := 0 changes "
+                             "only where z_j > 0); baseline rows: none"},
         "cfg": {"guidance_scale": float(cfg.guidance), "guided": guided, "branch": cfg.cfg_branch},
         "judge": "diffatlas.world.judge.judge_images; steer counts images showing the value, ablate images not showing it",
         "intervals": "Wilson 95% (diffatlas.intervals.wilson)",

@@ -33,7 +33,7 @@ from torch import nn
 from diffatlas.activations.hooks import stream_tensor
 from diffatlas.activations.layers import ResolvedLayer
 from diffatlas.errors import UserError
-from diffatlas.interventions.edit import SteeringSAE, apply_delta, edit_delta
+from diffatlas.interventions.edit import SteeringSAE, apply_delta, changed, edit_delta
 from diffatlas.interventions.spec import Intervention
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,9 @@ class InterventionHook:
         sae: the SAE (checked against the layer by the caller, see :meth:`SteeringSAE.check`).
         guided: True when each pass holds CFG rows ``[uncond, cond]``.
 
-    Attributes ``passes`` and ``edited_passes`` count the passes seen and edited (for the record).
+    Attributes ``passes`` and ``edited_passes`` count the passes seen and changed (for the record;
+    the changed count is kept on the activations' device and read only when asked, so the hook
+    itself never waits for the device).
     """
 
     def __init__(self, denoiser: nn.Module, layer: ResolvedLayer, spec: Intervention, sae: SteeringSAE,
@@ -62,7 +64,12 @@ class InterventionHook:
         self._handles: list[Any] = []
         self._times: list[int] | None = None
         self.passes = 0
-        self.edited_passes = 0
+        self._edited: list[torch.Tensor] = []  # per edited pass, a 0-d bool on the device: did it change anything
+
+    @property
+    def edited_passes(self) -> int:
+        """Passes whose output the edit changed (reads the device-side flags: one sync, when asked)."""
+        return sum(bool(f) for f in self._edited)
 
     def __enter__(self) -> "InterventionHook":
         try:
@@ -123,7 +130,7 @@ class InterventionHook:
             delta = edit_delta(v, rows, self.spec, self.sae)
         if delta is None:
             return None
-        self.edited_passes += 1
+        self._edited.append(changed(delta))
         if x.ndim == 4:
             delta = delta.transpose(1, 2).reshape(x.shape)
         elif x.ndim == 2:

@@ -47,7 +47,10 @@ OUTCOME = {"steer": "present", "ablate": "absent"}
 SELECTION_COLUMNS = ["attribute", "value", "latent", "status", "purity", "purity_active", "n_active", "mean_act",
                      "n_candidates"]
 RATE_COLUMNS = ["attribute", "value", "latent", "experiment", "condition", "alpha", "outcome", "n", "k", "rate",
-                "ci_low", "ci_high"]
+                "ci_low", "ci_high", "where"]
+#: ``where`` of a rate: steering everywhere / where active (``intervene.where``); ``none`` for the
+#: baselines; ``active`` for ablations (z_j := 0 changes only where z_j > 0).
+WHERE_MODES = ("everywhere", "active")
 
 
 def select_latents(latents: pd.DataFrame, attribute: str, values: Sequence[str], min_active: int) -> pd.DataFrame:
@@ -86,12 +89,17 @@ def attribute_present(verdict: dict[str, Any], attribute: str, value: str) -> bo
 def rate_table(judged: pd.DataFrame) -> pd.DataFrame:
     """Rates with Wilson intervals from one row per image.
 
-    ``judged`` columns: attribute, value, latent, experiment, condition, alpha, present (bool).
-    Returns :data:`RATE_COLUMNS`, one row per (attribute, value, experiment, condition, alpha).
+    ``judged`` columns: attribute, value, latent, experiment, condition, alpha, present (bool),
+    and where (without it: steering everywhere). Returns :data:`RATE_COLUMNS`, one row per
+    (attribute, value, experiment, condition, alpha, where).
     """
     if judged.empty:
         return pd.DataFrame(columns=RATE_COLUMNS)
-    keys = ["attribute", "value", "latent", "experiment", "condition", "alpha"]
+    default = [("none" if c == "baseline" else "active" if e == "ablate" else "everywhere")
+               for e, c in zip(judged["experiment"], judged["condition"])]
+    given = judged["where"] if "where" in judged.columns else pd.Series([None] * len(judged), index=judged.index)
+    judged = judged.assign(where=[d if not isinstance(w, str) else w for w, d in zip(given, default)])
+    keys = ["attribute", "value", "latent", "experiment", "condition", "alpha", "where"]
     rows = []
     for key, group in judged.groupby(keys, sort=False):
         rec = dict(zip(keys, key))
@@ -104,18 +112,25 @@ def rate_table(judged: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RATE_COLUMNS)
 
 
-def verdicts(rates: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
-    """Per word of ``selection``: steers / removes (module docstring), the best α and its rates.
+def verdicts(rates: pd.DataFrame, selection: pd.DataFrame, where_modes: Sequence[str] = ("everywhere",)) -> pd.DataFrame:
+    """Per word of ``selection`` and steering mode of ``where_modes``: steers / removes (module
+    docstring), the best α and its rates. The latent and both controls are compared within one
+    mode; the baseline and the ablation are shared by the modes.
 
-    Columns: attribute, value, latent, status, steers, best_alpha, rate_best, ci_low_best, ci_high_best,
+    Columns: attribute, value, latent, status, where, steers, best_alpha, rate_best, ci_low_best, ci_high_best,
     baseline_rate, control_rate_best (the larger control's rate at the best α), removes,
     ablated_absent_rate, baseline_absent_rate, control_absent_rate. The best α is the one whose
     interval clears the others' upper ends by the most (the first on ties).
     """
+    bad = [m for m in where_modes if m not in WHERE_MODES]
+    if bad or not where_modes:
+        raise UserError(f"steering where = {list(where_modes)!r} is not allowed; allowed: {', '.join(WHERE_MODES)}")
+    if "where" not in rates.columns:
+        rates = rates.assign(where="everywhere")
     out = []
-    for sel in selection.itertuples(index=False):
+    for sel, where in ((s, m) for s in selection.itertuples(index=False) for m in where_modes):
         rec: dict[str, Any] = {"attribute": sel.attribute, "value": sel.value, "latent": sel.latent, "status": sel.status,
-                               "steers": False, "best_alpha": np.nan, "rate_best": np.nan, "ci_low_best": np.nan,
+                               "where": where, "steers": False, "best_alpha": np.nan, "rate_best": np.nan, "ci_low_best": np.nan,
                                "ci_high_best": np.nan, "baseline_rate": np.nan, "control_rate_best": np.nan,
                                "removes": False, "ablated_absent_rate": np.nan, "baseline_absent_rate": np.nan,
                                "control_absent_rate": np.nan}
@@ -125,10 +140,11 @@ def verdicts(rates: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
         base_high = float(base["ci_high"].iloc[0]) if not base.empty else np.nan
         if not base.empty:
             rec["baseline_rate"] = float(base["rate"].iloc[0])
-        lat = steer[steer["condition"] == "latent"].sort_values("alpha")
+        in_mode = steer[steer["where"] == where]
+        lat = in_mode[in_mode["condition"] == "latent"].sort_values("alpha")
         best_margin = -np.inf
         for row in lat.itertuples(index=False):
-            ctrl = steer[(steer["alpha"] == row.alpha) & steer["condition"].isin(["random_latent", "random_direction"])]
+            ctrl = in_mode[(in_mode["alpha"] == row.alpha) & in_mode["condition"].isin(["random_latent", "random_direction"])]
             margin = row.ci_low - np.nanmax([base_high, *ctrl["ci_high"].to_numpy(float)])
             if margin > best_margin:
                 best_margin = margin

@@ -3,10 +3,10 @@
 Reads the experiment directories of one model (:mod:`diffatlas.interventions.experiment`),
 each one (layer, timestep) cell, and writes
 
-* the summary table, one row per (layer, timestep, attribute): words, words with a latent,
+* the summary table, one row per (layer, timestep, attribute, steering mode ``where``): words, words with a latent,
   how many steer and how many are removed by ablation (verdicts as in
   :mod:`diffatlas.interventions.judged`), which ones, and the n behind each rate; and
-* the figure: one row of panels per cell, one panel per word: the rate at which the judge finds
+* the figure: one row of panels per cell and steering mode, one panel per word: the rate at which the judge finds
   the word's value against α (0 = baseline) for the latent, a random latent and a random
   direction of the same norm, each with its 95% Wilson band; the title gives the latent, its
   purity and the ablation's absence rates. A word with no latent gets an empty, labelled panel.
@@ -26,14 +26,15 @@ from diffatlas.interventions.experiment import RATES, SELECTION, VERDICTS
 
 CELL = ["model", "layer", "timestep"]
 SUMMARY_COLUMNS = [*CELL, "attribute", "words", "with_latent", "steer", "ablate", "steering_words", "not_steering_words",
-                   "removed_words", "n_steer", "n_ablate", "mean_purity"]
+                   "removed_words", "n_steer", "n_ablate", "mean_purity", "where"]
 # colour, label, line style (distinct, so curves that coincide stay visible)
 CONDITION_STYLE = {"latent": ("C0", "latent j", "o-"), "random_latent": ("C1", "random latent (same norm)", "s--"),
                    "random_direction": ("C2", "random direction (same norm)", "^:")}
 
 
 def read_cells(runs: Sequence[str | os.PathLike]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(rates, verdicts, selection) of every experiment directory, concatenated."""
+    """(rates, verdicts, selection) of every experiment directory, concatenated (tables written
+    before the steering mode was recorded read as steering everywhere)."""
     parts: dict[str, list[pd.DataFrame]] = {RATES: [], VERDICTS: [], SELECTION: []}
     for run in runs:
         for name in parts:
@@ -43,16 +44,23 @@ def read_cells(runs: Sequence[str | os.PathLike]) -> tuple[pd.DataFrame, pd.Data
             parts[name].append(pd.read_csv(path, keep_default_na=False, na_values=[""]))
     if not runs:
         raise UserError("intervene-summary: give at least one experiment directory")
-    return tuple(pd.concat(parts[n], ignore_index=True) for n in (RATES, VERDICTS, SELECTION))  # type: ignore[return-value]
+    rates, verdicts, selection = (pd.concat(parts[n], ignore_index=True) for n in (RATES, VERDICTS, SELECTION))
+    if "where" not in verdicts.columns:
+        verdicts = verdicts.assign(where="everywhere")
+    if "where" not in rates.columns:
+        rates = rates.assign(where=np.where(rates["condition"] == "baseline", "none",
+                                            np.where(rates["experiment"] == "ablate", "active", "everywhere")))
+    return rates, verdicts, selection
 
 
 def summary_table(rates: pd.DataFrame, verdicts: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, layer, timestep, attribute); columns :data:`SUMMARY_COLUMNS`."""
     rows = []
-    for key, v in verdicts.groupby([*CELL, "attribute"], sort=False):
-        rec = dict(zip([*CELL, "attribute"], key))
-        r = rates[(rates[CELL + ["attribute"]] == pd.Series(rec)).all(axis=1)] if len(rates) else rates
-        s = selection[(selection[CELL + ["attribute"]] == pd.Series(rec)).all(axis=1)]
+    for key, v in verdicts.groupby([*CELL, "attribute", "where"], sort=False):
+        rec = dict(zip([*CELL, "attribute", "where"], key))
+        cell = pd.Series({k: rec[k] for k in [*CELL, "attribute"]})
+        r = rates[(rates[CELL + ["attribute"]] == cell).all(axis=1)] if len(rates) else rates
+        s = selection[(selection[CELL + ["attribute"]] == cell).all(axis=1)]
         chosen = v[v["latent"] >= 0]
         rows.append({
             **rec,
@@ -80,13 +88,17 @@ def figure(rates: pd.DataFrame, verdicts: pd.DataFrame, selection: pd.DataFrame,
     """Dose-response curves with Wilson bands, one row per cell, one panel per word (module docstring)."""
     from diffatlas.plotting import plt, save_figure
 
-    cells = verdicts[CELL].drop_duplicates().sort_values(["layer", "timestep"], kind="mergesort").to_numpy().tolist()
+    cells = verdicts[[*CELL, "where"]].drop_duplicates().sort_values(["layer", "timestep"], kind="mergesort").to_numpy().tolist()
     words = verdicts[["attribute", "value"]].drop_duplicates().to_numpy().tolist()
     height = 2.4 * len(cells) + 0.8  # inches: rows of panels, a title band and a legend band of 0.4 each
     fig, axes = plt.subplots(len(cells), len(words), figsize=(2.3 * len(words), height), squeeze=False, sharey=True)
     for ci, cell in enumerate(cells):
-        in_cell = lambda t: t[(t[CELL] == pd.Series(dict(zip(CELL, cell)))).all(axis=1)]  # noqa: E731
+        in_cell = lambda t: t[(t[CELL] == pd.Series(dict(zip(CELL, cell[:3])))).all(axis=1)]  # noqa: E731
+        where = cell[3]
         r_cell, v_cell = in_cell(rates), in_cell(verdicts)
+        v_cell = v_cell[v_cell["where"] == where]
+        # this mode's steering rows, the shared baseline and ablation rows
+        r_cell = r_cell[(r_cell["condition"] == "baseline") | (r_cell["experiment"] == "ablate") | (r_cell["where"] == where)]
         for wi, (attr, value) in enumerate(words):
             ax = axes[ci][wi]
             v = v_cell[(v_cell["attribute"] == attr) & (v_cell["value"] == value)]
@@ -117,7 +129,7 @@ def figure(rates: pd.DataFrame, verdicts: pd.DataFrame, selection: pd.DataFrame,
             ax.set_ylim(-0.03, 1.03)
             ax.set_xlabel("α (× mean act.)", fontsize=7)
             ax.tick_params(labelsize=7)
-        axes[ci][0].set_ylabel(f"{cell[1]} t{cell[2]}\nrate value present (n={_n(r_cell, 'steer')})", fontsize=7)
+        axes[ci][0].set_ylabel(f"{cell[1]} t{cell[2]} ({where})\nrate value present (n={_n(r_cell, 'steer')})", fontsize=7)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if not handles:
         for row_axes in axes:

@@ -12,7 +12,7 @@ strengths of one sample share it and only the edit differs), and the run's SAE e
 pooled vectors (× the run's input scale). Then, per direction,
 
 * ``change_j`` = mean over samples and nonzero strengths of ``|z_j(edit) − z_j(strength 0)|``
-  (post-TopK codes), and the :data:`TOP_CHANGED` latents with the largest change, under two
+  (post-TopK codes), and the ``links.top_changed`` latents with the largest change, under two
   measures (:data:`MEASURES`): ``raw`` (the change itself) and ``relative`` (divided by the
   latent's mean activation when active on the dataset, ``mean_act`` of latents.parquet). Raw
   change favours latents with a large activation scale whatever the direction (on the demo the
@@ -47,19 +47,12 @@ import torch
 
 from diffatlas.errors import UserError
 from diffatlas.intervals import bootstrap_mean, wilson
+from diffatlas.links.config import LinksConfig
 
 log = logging.getLogger(__name__)
 
-#: Latents reported per direction (the most changed first).
-TOP_CHANGED = 3
 #: Judge factors (diffatlas.geometry.meaning.FACTORS) that an SAE attribute can express.
 FACTOR_ATTRIBUTE = {"colour": "colour", "shape": "shape", "size": "size", "position": "position"}
-#: Forward-noise draws per edit sample (each shared by the sample's directions and strengths);
-#: the change is averaged over them. One draw is noisy: on the demo, another seed moved the
-#: pooled raw agreement from 0.24 to 0.43; raise it where time allows (--noise-draws).
-NOISE_DRAWS = 1
-#: The edits linked: Park et al.'s x0-normalised one-step edits.
-EDIT_MODE = "normalised"
 UNLABELLED = "unlabelled"
 MEASURES = ("raw", "relative")
 
@@ -103,7 +96,7 @@ def latent_attributes(latents: pd.DataFrame, chance: dict[str, float], top_laten
 
 
 def score_directions(change: np.ndarray, active: np.ndarray, attribute: pd.Series, factors: Sequence[str],
-                     top: int = TOP_CHANGED) -> pd.DataFrame:
+                     top: int = LinksConfig.top_changed) -> pd.DataFrame:
     """One row per direction: its factor, top latents, their attributes, agreement.
 
     change [m, n]; active bool [n] (latents firing on any of the edits); attribute: by latent id;
@@ -203,17 +196,20 @@ def check_model(store: Any, model_name: str | None) -> None:
 
 def run(handle: Any, sae_runs: Sequence[str | os.PathLike], geometry_dirs: Sequence[str | os.PathLike],
         meaning_summary: str | os.PathLike, out_table: str | os.PathLike, out_agreement: str | os.PathLike,
-        mode: str = EDIT_MODE, device: torch.device | str = "cpu", model_name: str | None = None,
-        record: str | os.PathLike | None = None, noise_draws: int = NOISE_DRAWS) -> tuple[pd.DataFrame, pd.DataFrame]:
+        links: LinksConfig | None = None, device: torch.device | str = "cpu", model_name: str | None = None,
+        record: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Link the edits of every geometry timestep directory to every SAE run; write both tables
-    (and, with ``record``, a JSON of the provenance and settings)."""
+    (and, with ``record``, a JSON of the provenance and settings).
+
+    ``links``: the links section (edit mode, noise draws, latents per direction, bootstrap seed).
+    """
     from diffatlas.activations.store import ActivationStore
     from diffatlas.geometry.artifacts import load_basis, load_edits
     from diffatlas.io import atomic_file, read_json
     from diffatlas.sae.model import TopKSAE
 
-    if noise_draws < 1:
-        raise UserError(f"links: noise draws = {noise_draws} is not allowed; allowed: an integer >= 1")
+    links = links or LinksConfig()
+    mode, noise_draws = links.edit_mode, links.noise_draws
     summary = pd.read_csv(meaning_summary)
     need = {"timestep", "mode", "direction", "dominant"}
     if not need <= set(summary.columns):
@@ -274,7 +270,7 @@ def run(handle: Any, sae_runs: Sequence[str | os.PathLike], geometry_dirs: Seque
                 active = (z > 0).any(axis=(0, 1, 2))
                 scale = latents.set_index("latent")["mean_act"].reindex(np.arange(change.shape[1])).to_numpy()
                 for measure, ch in (("raw", change), ("relative", relative_change(change, scale))):
-                    df = score_directions(ch, active, attribute, b["factors"])
+                    df = score_directions(ch, active, attribute, b["factors"], top=links.top_changed)
                     df.insert(0, "geo_timestep", b["geo_timestep"])
                     df.insert(0, "timestep", t)
                     df.insert(0, "layer", cfg["layer"])
@@ -282,7 +278,7 @@ def run(handle: Any, sae_runs: Sequence[str | os.PathLike], geometry_dirs: Seque
                     df.insert(0, "mode", mode)
                     rows.append(df)
     table = pd.concat(rows, ignore_index=True)
-    agree = pd.concat([agreement(g).assign(measure=m) for m, g in table.groupby("measure", sort=False)], ignore_index=True)
+    agree = pd.concat([agreement(g, seed=links.seed).assign(measure=m) for m, g in table.groupby("measure", sort=False)], ignore_index=True)
     agree = agree[["measure", *[c for c in agree.columns if c != "measure"]]]
     with atomic_file(out_table) as tmp:
         table.to_csv(tmp, index=False)
@@ -296,7 +292,7 @@ def run(handle: Any, sae_runs: Sequence[str | os.PathLike], geometry_dirs: Seque
             "model_name": model_name, "device": str(device), "dtype": "float32 codes; extraction as the store's",
             "sae_runs": [str(r) for r in sae_runs], "geometry": [str(g) for g in geometry_dirs],
             "meaning_summary": str(meaning_summary), "edit_mode": mode, "measures": list(MEASURES),
-            "top_changed": TOP_CHANGED, "factor_attribute": FACTOR_ATTRIBUTE,
+            "top_changed": links.top_changed, "factor_attribute": FACTOR_ATTRIBUTE, "links_config": links.to_dict(),
             "noise": f"{noise_draws} seeded draw(s) per (geometry timestep, edit sample), each shared by its directions "
                      "and strengths; the change is averaged over draws",
             "extraction": extraction, "n_rows": len(table),

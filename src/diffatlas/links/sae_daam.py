@@ -25,8 +25,8 @@ scores low instead of vanishing.
 A latent is *labelled* with a word when, among the run's ranked latents (``rank`` in
 ``[0, top_latents)``, the summary's set), its majority value of the word's attribute
 (``majority_colour``, ``majority_shape``, ``majority_size``) is the word and its purity for
-that attribute (``purity_colour``, ...) is at least :data:`MIN_PURITY`; the
-:data:`LATENTS_PER_WORD` purest (then best-ranked) latents per word are kept.
+that attribute (``purity_colour``, ...) is at least ``links.min_purity``; the
+``links.latents_per_word`` purest (then best-ranked) latents per word are kept.
 
 Outputs: one row per (run, latent, image) (Parquet) and one per (layer, timestep, latent,
 word) with the mean of each IoU and its 95% bootstrap interval over images (CSV).
@@ -50,15 +50,12 @@ from diffatlas.daam.measures import iou
 from diffatlas.daam.words import threshold_mask
 from diffatlas.errors import UserError
 from diffatlas.intervals import bootstrap_mean
+from diffatlas.links.config import LinksConfig
 
 log = logging.getLogger(__name__)
 
 #: Roles of caption words (the dataset's parse) -> the SAE attribute that labels them.
 ROLE_ATTRIBUTE = {"colour": "colour", "shape": "shape", "size": "size"}
-#: A latent's purity for an attribute must reach this to carry that attribute's label.
-MIN_PURITY = 0.5
-#: Latents kept per label word (the purest first).
-LATENTS_PER_WORD = 2
 IOUS = ("iou_sae_daam", "iou_sae_true", "iou_daam_true")
 
 
@@ -78,7 +75,7 @@ def latent_mask(latent_map: np.ndarray, hw: tuple[int, int], tau: float) -> np.n
 
 
 def labelled_latents(latents: pd.DataFrame, words: Sequence[tuple[str, str]], top_latents: int,
-                     min_purity: float = MIN_PURITY, per_word: int = LATENTS_PER_WORD) -> pd.DataFrame:
+                     min_purity: float = LinksConfig.min_purity, per_word: int = LinksConfig.latents_per_word) -> pd.DataFrame:
     """Latents labelled with each ``(word, attribute)``: -> columns word, attribute, latent, purity, rank.
 
     ``latents``: a run's ``latents.parquet``; only ranked latents (``0 <= rank < top_latents``) count.
@@ -154,7 +151,7 @@ def pooled(rows: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 
 
 def link_run(run_dir: str | os.PathLike, store_path: str | os.PathLike | None, daam_run: Any, meta: pd.DataFrame,
-             masks: np.ndarray, tau: float, device: torch.device | str = "cpu") -> pd.DataFrame:
+             masks: np.ndarray, tau: float, device: torch.device | str = "cpu", links: LinksConfig | None = None) -> pd.DataFrame:
     """Rows (one per labelled latent × DAAM image naming its word) of one SAE run.
 
     ``daam_run``: a loaded :class:`~diffatlas.daam.words.TracedRun` of real images;
@@ -179,9 +176,10 @@ def link_run(run_dir: str | os.PathLike, store_path: str | os.PathLike | None, d
     ids = [int(it["sample_id"]) for it in daam_run.items]
     targets = {sid: caption_targets(meta, sid) for sid in ids}
     words = sorted({(t["word"], t["attribute"]) for ts in targets.values() for t in ts})
-    labelled = labelled_latents(latents, words, top_latents)
+    links = links or LinksConfig()
+    labelled = labelled_latents(latents, words, top_latents, links.min_purity, links.latents_per_word)
     if labelled.empty:
-        log.warning("%s: no ranked latent is labelled with a caption word (purity >= %.2f)", run_dir, MIN_PURITY)
+        log.warning("%s: no ranked latent is labelled with a caption word (purity >= %.2f)", run_dir, links.min_purity)
         return pd.DataFrame()
     # Every labelled latent encoded on every DAAM image (the spatial module's encoding).
     lat = labelled.drop_duplicates("latent")
@@ -208,9 +206,10 @@ def link_run(run_dir: str | os.PathLike, store_path: str | os.PathLike | None, d
 
 def run(sae_runs: Sequence[str | os.PathLike], stores: Sequence[str | os.PathLike | None], daam_dir: str | os.PathLike,
         dataset_dir: str | os.PathLike, out_rows: str | os.PathLike, out_summary: str | os.PathLike,
-        device: torch.device | str = "cpu", record: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        device: torch.device | str = "cpu", record: str | os.PathLike | None = None,
+        cfg: LinksConfig | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Link every SAE run to the DAAM real-image run ``daam_dir``; write the rows and the summary
-    (and, with ``record``, a JSON of the provenance and settings).
+    (and, with ``record``, a JSON of the provenance and settings). ``cfg``: the links section.
 
     ``stores``: the activation store of each run (None: the one its cfg.json records).
     """
@@ -232,11 +231,12 @@ def run(sae_runs: Sequence[str | os.PathLike], stores: Sequence[str | os.PathLik
     ds = load_dataset(dataset_dir)
     if ds.masks is None or "words" not in ds.meta.columns:
         raise UserError(f"dataset {dataset_dir} has no object masks or caption parse ('words'); the link needs ShapesWorld-like data")
-    frames = [link_run(r, s, daam_run, ds.meta, ds.masks, tau, device) for r, s in zip(sae_runs, stores)]
+    cfg = cfg or LinksConfig()
+    frames = [link_run(r, s, daam_run, ds.meta, ds.masks, tau, device, cfg) for r, s in zip(sae_runs, stores)]
     cols = ["layer", "timestep", "latent", "word", "attribute", "purity", "rank", "sample_id", "object", "tau",
             *IOUS, "active", "sae_area", "daam_area"]
     rows = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else pd.DataFrame(columns=cols)
-    summary = summarise(rows)
+    summary = summarise(rows, seed=cfg.seed)
     with atomic_file(out_rows) as tmp:
         rows.to_parquet(tmp, index=False)
     with atomic_file(out_summary) as tmp:
@@ -249,7 +249,8 @@ def run(sae_runs: Sequence[str | os.PathLike], stores: Sequence[str | os.PathLik
             "daam_t_start": daam_run.info.get("t_start"), "daam_seed": daam_run.info.get("seed"), "tau": tau,
             "dataset": str(dataset_dir), "n_images": len(daam_run.items), "sae_runs": [str(r) for r in sae_runs],
             "stores": [None if s is None else str(s) for s in stores], "device": str(device), "dtype": "float32",
-            "min_purity": MIN_PURITY, "latents_per_word": LATENTS_PER_WORD, "role_attribute": ROLE_ATTRIBUTE,
+            "min_purity": cfg.min_purity, "latents_per_word": cfg.latents_per_word, "role_attribute": ROLE_ATTRIBUTE,
+            "links_config": cfg.to_dict(),
             "upsampling": "bicubic, clamp >= 0 (as DAAM's maps); threshold: min-max scaled > tau",
             "sae_encoding": "the run's SAE on each position of the stored spatial maps (sae.spatial.latent_maps); a "
                             "pooled-trained SAE reads positions less well (its per-position FVE: sae-spatial's spatial.json)",
