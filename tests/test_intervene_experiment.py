@@ -322,3 +322,12 @@ def test_run_summary_reports_the_intervene_table(tmp_path):
     assert stages_run(tmp_path) == ["intervene"]
     text = summarise_run(tmp_path)
     assert "m mid t500 colour: 1 of 3 latents steer (red), 0 removed by ablation (of 4 words; n = 60 images per rate)" in text
+    # with both steering modes (intervene.where: both) each line names its mode
+    pd.DataFrame([
+        {"model": "m", "layer": "mid", "timestep": 500, "attribute": "colour", "words": 4, "with_latent": 3, "steer": s,
+         "ablate": 0, "steering_words": w, "not_steering_words": "", "removed_words": "", "n_steer": 60, "n_ablate": 60,
+         "mean_purity": 0.8, "where": where} for s, w, where in ((1, "red", "everywhere"), (0, "", "active"))
+    ]).to_csv(tmp_path / "intervene" / "m" / "summary.csv", index=False)
+    text = summarise_run(tmp_path)
+    assert "m mid t500 colour steered everywhere: 1 of 3 latents steer (red)" in text
+    assert "m mid t500 colour steered active: 0 of 3 latents steer, 0 removed" in text

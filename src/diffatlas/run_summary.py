@@ -163,7 +163,8 @@ def intervene_lines(results: Path) -> list[str]:
         table = pd.read_csv(path, keep_default_na=False, na_values=[""])
         for r in table.itertuples(index=False):
             steering = f" ({r.steering_words})" if isinstance(r.steering_words, str) and r.steering_words else ""
-            lines.append(f"    {r.model} {r.layer} t{r.timestep} {r.attribute}: {r.steer} of {r.with_latent} latents steer"
+            where = f" steered {r.where}" if isinstance(getattr(r, "where", None), str) else ""
+            lines.append(f"    {r.model} {r.layer} t{r.timestep} {r.attribute}{where}: {r.steer} of {r.with_latent} latents steer"
                          f"{steering}, {r.ablate} removed by ablation (of {r.words} words; n = {r.n_steer} images per rate)")
     if lines:
         lines.insert(0, "  judged steering with SAE latents (95% Wilson intervals apart from baseline and controls):")
