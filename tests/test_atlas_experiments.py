@@ -56,7 +56,9 @@ def latents_table(purity: dict[int, float], ranked: set[int]) -> pd.DataFrame:
 def intervene_tree(results: Path, where: bool) -> None:
     """One experiment cell (mid, t = 500): red steers at α = 16, circle does not; green has no latent.
 
-    ``where``: the tables carry an extra ``where`` column (two modes), as a later experiment may add.
+    ``where``: the tables carry the ``where`` column of ``intervene.where: both`` (as
+    diffatlas.interventions.judged writes it): steering rows in each mode, the baseline once as
+    ``none``, the ablations once as ``active``; one verdict per word and mode.
     """
     modes = ["everywhere", "active"] if where else [None]
     rates, verdicts = [], []
@@ -68,13 +70,17 @@ def intervene_tree(results: Path, where: bool) -> None:
             base = 0.01 * (1 + m) + (0.1 if value == "circle" else 0.0)
             for cond, alpha, k in (("baseline", 0.0, 1), ("latent", 4.0, 3), ("latent", 16.0, 12), ("random_latent", 4.0, 2),
                                    ("random_latent", 16.0, 1), ("random_direction", 4.0, 2), ("random_direction", 16.0, 3)):
+                if cond == "baseline" and m > 0:
+                    continue  # one baseline, shared by the modes
                 r = base + k / 20 + alpha / 1000
+                mode_of = {} if mode is None else {"where": "none" if cond == "baseline" else mode}
                 rates.append({**word, "experiment": "steer", "condition": cond, "alpha": alpha, "outcome": "present", "n": 16,
-                              "k": k + m, "rate": r, "ci_low": r - 0.0625, "ci_high": r + 0.125, **extra, **CELL})
-            for cond, k in (("baseline", 0), ("latent", 5), ("random_latent", 1)):
+                              "k": k + m, "rate": r, "ci_low": r - 0.0625, "ci_high": r + 0.125, **mode_of, **CELL})
+            for cond, k in (("baseline", 0), ("latent", 5), ("random_latent", 1)) if m == 0 else ():
                 r = base + k / 16 + 0.003
                 rates.append({**word, "experiment": "ablate", "condition": cond, "alpha": 0.0, "outcome": "absent", "n": 8,
-                              "k": k, "rate": r, "ci_low": r - 0.03125, "ci_high": r + 0.25, **extra, **CELL})
+                              "k": k, "rate": r, "ci_low": r - 0.03125, "ci_high": r + 0.25,
+                              **({} if mode is None else {"where": "active"}), **CELL})
             verdicts.append({**word, "status": "chosen", "steers": steers and m == 0, "best_alpha": 16.0, "rate_best": 0.0,
                              "ci_low_best": 0.0, "ci_high_best": 0.0, "baseline_rate": 0.0, "control_rate_best": 0.0,
                              "removes": value == "circle", "ablated_absent_rate": 0.0, "baseline_absent_rate": 0.0,
@@ -212,7 +218,7 @@ def test_intervene_page_shows_every_rate_with_interval_and_n(built):
     assert "intervene/m.html" in parse(atlas / "index.html").links
     run = results / "intervene" / "m" / "experiment" / "mid" / "t500"
     rates = read_csv(run / "rates.csv")
-    assert len(rates) == (2 if where else 1) * 20
+    assert len(rates) == (32 if where else 20)  # 2 words x (7 steer + 3 ablate), the 6 non-baseline steers per mode
     for r in rates:
         key = {"data-attribute": r["attribute"], "data-word": r["value"], "data-experiment": r["experiment"],
                "data-condition": r["condition"], "data-alpha": str(float(r["alpha"]))}
@@ -252,7 +258,7 @@ def test_intervene_verdicts_sit_beside_the_rates_they_rest_on(built):
         assert marker == STEER_LATENTS[int(v["latent"])]
         # each shown rate is the rates.csv row of that word, condition and alpha (best alpha: 16)
         mine = [r for r in rates if r["attribute"] == v["attribute"] and r["value"] == v["value"]
-                and (not where or r["where"] == v["where"])]
+                and (not where or r["where"] in (v["where"], "none") or r["experiment"] == "ablate")]
         expect = {
             "latent_rate": ("steer", "latent", "16.0"), "baseline": ("steer", "baseline", None),
             "random_latent": ("steer", "random_latent", "16.0"), "random_direction": ("steer", "random_direction", "16.0"),

@@ -505,7 +505,8 @@ def rate_keys(rates: Any) -> list[str]:
     """The columns naming a row of rates.csv: :data:`RATE_KEYS` and any column it has beyond the known ones."""
     from diffatlas.interventions.judged import RATE_COLUMNS
 
-    return [*RATE_KEYS, *[c for c in rates.columns if c not in RATE_COLUMNS and c not in CELL_COLUMNS]]
+    mode = ["where"] if "where" in rates.columns else []
+    return [*RATE_KEYS, *mode, *[c for c in rates.columns if c not in RATE_COLUMNS and c not in CELL_COLUMNS]]
 
 
 def verdict_rows(verdicts: Any, rates: Any, selection: Any, latent_href: Any) -> Iterator[dict[str, Any]]:
@@ -521,8 +522,13 @@ def verdict_rows(verdicts: Any, rates: Any, selection: Any, latent_href: Any) ->
     shared = [] if rates is None else [c for c in verdicts.columns if c in rates.columns and c not in known]
     match = ["attribute", "value", *shared]
     extra = [c for c in verdicts.columns if c not in VERDICT_SHOWN and c not in CELL_COLUMNS]
+    # The steering mode (intervene.where): a verdict of mode m rests on the steering rates of mode
+    # m, the baseline (where = none) and the ablations (where = active, whatever the mode).
+    by_mode = rates is not None and "where" in verdicts.columns and "where" in rates.columns
     for v in verdicts.to_dict("records"):
         mine = None if rates is None else rates[(rates[match] == pd_series(v, match)).all(axis=1)]
+        if by_mode:
+            mine = mine[(mine["where"] == v["where"]) | (mine["condition"] == "baseline") | (mine["experiment"] == "ablate")]
 
         def rate(experiment: str, condition: str, alpha: Any = None) -> dict[str, Any] | None:
             if mine is None:
@@ -538,7 +544,7 @@ def verdict_rows(verdicts: Any, rates: Any, selection: Any, latent_href: Any) ->
             s = selection[(selection["attribute"] == v["attribute"]) & (selection["value"] == v["value"])]
             sel = s.iloc[0].to_dict() if len(s) else None
         yield {
-            "attrs": tables.row_attrs(v, match), "attribute": v["attribute"], "value": v["value"],
+            "attrs": tables.row_attrs(v, [*match, *(["where"] if by_mode else [])]), "attribute": v["attribute"], "value": v["value"],
             "latent": v.get("latent"), "latent_href": latent_href(v.get("latent")), "status": v.get("status"),
             "purity": None if sel is None else sel.get("purity"), "candidates": None if sel is None else sel.get("n_candidates"),
             "steers": tables.truth(v.get("steers")), "removes": tables.truth(v.get("removes")), "best_alpha": best,
