@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from diffatlas.daam.processor import choose_modules
 from diffatlas.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,7 @@ def find_joint_attention(
         for name, m in denoiser.named_modules()
         if fnmatch.fnmatchcase(name, JOINT_LAYERS[0]) or fnmatch.fnmatchcase(name, JOINT_LAYERS[1])
     }
-    chosen = {n: m for n, m in joint.items() if any(fnmatch.fnmatchcase(n, p) for p in layers)}
-    if not chosen:
-        examples = ", ".join(list(joint)[:4])
-        raise UserError(
-            f"daam layers {list(layers)} match none of the joint attention modules of {label!r}; "
-            f"allowed: globs over module paths such as {examples}"
-        )
+    chosen = choose_modules(joint, list(layers), label, "joint attention")
     for name, m in chosen.items():
         if type(m.processor) not in stock:
             raise UserError(

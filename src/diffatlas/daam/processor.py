@@ -263,12 +263,18 @@ def find_cross_attention(
             f"model {label!r} has no cross-attention modules (a class-conditioned DiT, or an unconditional "
             "model): DAAM needs text cross-attention (a UNet2DConditionModel such as SD or the ShapesWorld model)"
         )
-    chosen = {n: m for n, m in cross.items() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    return choose_modules(cross, patterns, label, "cross-attention")
+
+
+def choose_modules(modules: dict[str, Any], patterns: Sequence[str], label: str, kind: str) -> dict[str, Any]:
+    """The ``modules`` (path -> module) whose path matches a glob of ``patterns``; a UserError
+    naming the model ``label`` and example paths of its ``kind`` modules when none does."""
+    chosen = {n: m for n, m in modules.items() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
     if not chosen:
-        examples = ", ".join(list(cross)[:4])
+        examples = ", ".join(list(modules)[:4])
         raise UserError(
-            f"daam layers {patterns} match none of the cross-attention modules of {label!r}; "
-            f"its cross-attention modules look like: {examples}"
+            f"daam layers {list(patterns)} match none of the {kind} modules of {label!r}; "
+            f"allowed: globs over module paths such as {examples}"
         )
     return chosen
 
