@@ -4,7 +4,7 @@
 
     world_model:
       source: shipped          # shipped | trained
-      train: {steps: 5000, batch_size: 16, ...}       # -> WorldModelConfig
+      train: {architecture: unet, steps: 5000, batch_size: 16, ...}       # -> WorldModelConfig
       fidelity: {n_single: 48, n_two: 48, ...}        # -> FidelityConfig
 
 The JSON Schema checks the section before any job runs; ``__post_init__`` re-checks every
@@ -116,7 +116,8 @@ class WorldModelConfig(ConfigSection):
     norm_num_groups: int = 16
     """GroupNorm groups of the UNet."""
     text_hidden_size: int = 64
-    """CLIP text encoder width (= the UNet's cross_attention_dim)."""
+    """CLIP text encoder width (= the UNet's cross_attention_dim); ``sd3``: T5's width and the
+    transformer's joint_attention_dim, CLIP-L and CLIP-G half of it each."""
     text_layers: int = 2
     """CLIP text encoder layers."""
     text_heads: int = 4

@@ -190,7 +190,8 @@ def build_sd3_pipeline(cfg: WorldModelConfig):
         text_encoder_3 = T5EncoderModel(T5Config(
             vocab_size=len(tok3), d_model=cfg.text_hidden_size, d_kv=cfg.text_hidden_size // cfg.text_heads,
             d_ff=2 * cfg.text_hidden_size, num_layers=cfg.text_layers, num_heads=cfg.text_heads,
-            relative_attention_num_buckets=8, pad_token_id=tok3.pad_token_id, eos_token_id=tok3.eos_token_id,
+            relative_attention_num_buckets=8, dropout_rate=0.0,  # no dropout: a resumed run repeats the steps exactly
+            pad_token_id=tok3.pad_token_id, eos_token_id=tok3.eos_token_id,
             decoder_start_token_id=tok3.pad_token_id))
         transformer = SD3Transformer2DModel(
             sample_size=cfg.image_size, patch_size=cfg.sd3_patch_size, in_channels=3, out_channels=3,
