@@ -156,7 +156,8 @@ def test_flow_sampler_is_the_sd3_pipelines_loop(tiny_sd3, guidance):
     ref = handle.pipeline(captions, height=256, width=256, latents=noise, num_inference_steps=4,
                           guidance_scale=guidance, output_type="latent", max_sequence_length=handle.t5_length).images
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
-    assert flow_sigmas(handle.scheduler.config, 4) == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    # diffusers' grid at shift 1: N sigmas evenly from 1 down to 1/T, then 0.
+    assert flow_sigmas(handle.scheduler.config, 4) == pytest.approx([*np.linspace(1.0, 1 / 1000, 4), 0.0], abs=1e-6)
 
 
 def test_fidelity_gate_runs_on_the_sd3_model(tiny_sd3, tmp_path):
@@ -172,7 +173,7 @@ def test_fidelity_gate_runs_on_the_sd3_model(tiny_sd3, tmp_path):
     imgs = np.load(tmp_path / "s.npy")
     assert imgs.shape == (5, 32, 32, 3) and imgs.dtype == np.uint8
     assert rec["model"]["family"] == "sd3" and rec["model"]["scheduler"] == "FlowMatchEulerDiscreteScheduler"
-    assert rec["sampler"]["name"] == "flow Euler" and rec["sampler"]["sigmas"] == [1.0, 0.5, 0.0]
+    assert rec["sampler"]["name"] == "flow Euler" and rec["sampler"]["sigmas"] == [1.0, 0.001, 0.0]
     assert rec["gate"]["thresholds"] == GATE and rec["shape_accuracy"]["n"] == 3 and rec["two_object_rate"]["n"] == 2
     lo, hi = rec["shape_accuracy"]["ci95"]
     assert 0 <= lo <= rec["shape_accuracy"]["rate"] <= hi <= 1
