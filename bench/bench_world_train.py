@@ -13,9 +13,14 @@ alike), full training steps (text encoder + UNet forward, backward, AdamW) of:
 * ``four_heads``: 4 attention heads of 16 channels instead of the default 2 of 32 (the
   CPU attention kernel is slower on narrow heads).
 
+* ``sd3:L:H:D`` (any number of them): the SD3 world model (``world_model.architecture: sd3``)
+  with L joint-attention blocks of H heads of D channels, through the trainer's own
+  rectified-flow loss (``diffatlas.world.train.flow_matching_loss``): candidates for its size.
+
 Prints images/s (wall clock) and CPU seconds per image for each, and the ratios. Usage::
 
     python bench/bench_world_train.py [--threads 2] [--batch 16] [--steps 4]
+    python bench/bench_world_train.py --threads 1 --variants default,sd3:4:2:32,sd3:6:2:32,sd3:4:3:32
 """
 
 from __future__ import annotations
@@ -34,8 +39,37 @@ class _Identity(torch.nn.Module):
         return (hidden_states,)
 
 
+def _sd3_variant(name: str, batch: int):
+    """A training step of the SD3 world model ``sd3:layers:heads:head_dim`` (the trainer's loss)."""
+    from diffatlas.world.config import WorldModelConfig
+    from diffatlas.world.train import build_pipeline, flow_matching_loss, sample_batch, step_generator, to_model_space
+
+    _, layers, heads, head_dim = name.split(":")
+    cfg = WorldModelConfig(architecture="sd3", batch_size=batch, sd3_layers=int(layers), sd3_heads=int(heads),
+                           sd3_head_dim=int(head_dim))
+    pipe = build_pipeline(cfg)
+    mods = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+    for m in mods:
+        m.train()
+    params = [p for m in mods for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    images, captions = sample_batch(cfg, 0)
+    x0 = to_model_space(images)
+
+    def step():
+        loss = flow_matching_loss(pipe, cfg, x0, captions, step_generator(0, 0), torch.device("cpu"))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, sum(p.numel() for p in pipe.transformer.parameters())
+
+
 def _variant(name: str, batch: int):
     from diffusers import UNet2DConditionModel
+
+    if name.startswith("sd3:"):
+        return _sd3_variant(name, batch)
 
     from diffatlas.world.config import WorldModelConfig
     from diffatlas.world.train import build_pipeline
@@ -101,9 +135,9 @@ def main() -> None:
             cpu[n] += time.process_time() - c0
     imgs = args.steps * args.batch
     print(f"threads={args.threads} batch={args.batch} timed steps={args.steps} (torch {torch.__version__})")
-    print(f"{'variant':<14}{'UNet params':>12}{'images/s':>10}{'CPU ms/image':>14}")
+    print(f"{'variant':<14}{'denoiser params':>16}{'images/s':>10}{'CPU ms/image':>14}")
     for n in names:
-        print(f"{n:<14}{runs[n][1]:>12,}{imgs / wall[n]:>10.1f}{1000 * cpu[n] / imgs:>14.1f}")
+        print(f"{n:<14}{runs[n][1]:>16,}{imgs / wall[n]:>10.1f}{1000 * cpu[n] / imgs:>14.1f}")
     if "default" in names and "no_attention" in names:
         share = 1 - cpu["no_attention"] / cpu["default"]
         print(f"attention (16x16, 8x8, mid; self+cross+FF) share of a training step: {share:.1%} of CPU time")

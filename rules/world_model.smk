@@ -1,11 +1,14 @@
 # world_model stage: the ShapesWorld text-to-image model.
 #
 # - train_world_model (only when world_model.source == "trained"): trains the model into
-#   results/world_model/model (diffusers layout). Its resumable checkpoint lives in
+#   results/world_model/model (diffusers layout) with the denoiser of
+#   world_model.train.architecture: unet (ShapesWorldPipeline, the shipped model's) or sd3
+#   (StableDiffusion3Pipeline on pixels, rectified flow; resources/models/shapesworld-sd3). Its resumable checkpoint lives in
 #   results/world_model/checkpoints, outside the declared output, so an interrupted or
 #   failed job resumes instead of starting over (Snakemake removes a failed job's outputs).
 # - world_fidelity: measures the caption fidelity of whichever model models.shapesworld
-#   resolves to: results/world_model/fidelity.json + the samples (minutes of sampling).
+#   resolves to: results/world_model/fidelity.json + the samples (minutes of sampling);
+#   a flow-matching (sd3) model is sampled with the core's flow Euler step.
 # - world_samples_figure: results/figures/world_model/samples.png from the fidelity record.
 #
 # A model that carries its own fidelity record (fidelity.json + fidelity_samples.npy beside its

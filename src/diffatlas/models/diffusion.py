@@ -31,7 +31,7 @@ Its one string form for paths and wildcards is ``t250`` / ``s0.500``.
 between data and noise, and the network predicts its velocity::
 
     forward noising   x_σ = (1 - σ) x0 + σ ε                                   (flow_add_noise)
-    velocity          v = dx_σ/dσ = ε - x0
+    velocity          v = dx_σ/dσ = ε - x0                                     (flow_velocity)
                       =>  x0 = x_σ - σ v,   ε = x_σ + (1 - σ) v                (flow_eps_x0)
     Euler step σ -> σ' x_σ' = x_σ + (σ' - σ) v                                  (flow_step)
 
@@ -411,6 +411,11 @@ def flow_add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: float | torch.T
     """Flow-matching forward process ``x_σ = (1 - σ) x0 + σ ε`` (σ a float or ``[B]``)."""
     s = _sigma_like(sigma, x0)
     return (1 - s) * x0 + s * noise.to(x0.device, x0.dtype)
+
+
+def flow_velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity ``v = ε - x0`` of the straight path (the flow model's training target)."""
+    return noise.to(x0.device, x0.dtype) - x0
 
 
 def flow_eps_x0(v: torch.Tensor, x_t: torch.Tensor, sigma: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -633,6 +633,11 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "low_cpu_mem_usage": False,
                               # safetensors only, unless pickle weights are allowed and needed
                               "use_safetensors": None if pickled else True}
+    for name, spec in index.items():
+        # A component saved as absent ([null, null]) is passed as None: diffusers would refuse
+        # the pipeline otherwise (the pixel-space SD3 ShapesWorld model has no VAE).
+        if not name.startswith("_") and spec == [None, None]:
+            kwargs[name] = None
     if family == "sd":
         # The safety checker is a 1 GB CLIP vision model that analyses never use.
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -4,7 +4,7 @@
 
     world_model:
       source: shipped          # shipped | trained
-      train: {steps: 5000, batch_size: 16, ...}       # -> WorldModelConfig
+      train: {architecture: unet, steps: 5000, batch_size: 16, ...}       # -> WorldModelConfig
       fidelity: {n_single: 48, n_two: 48, ...}        # -> FidelityConfig
 
 The JSON Schema checks the section before any job runs; ``__post_init__`` re-checks every
@@ -23,6 +23,20 @@ from diffatlas.errors import UserError
 from diffatlas.sections import ConfigSection
 
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2", "scaled_linear")
+#: Denoisers of the world model: SD's UNet (epsilon, DDIM) or SD3's joint-attention transformer (flow matching).
+ARCHITECTURES = ("unet", "sd3")
+#: How the flow-matching noise level sigma of a training example is drawn (``sd3`` only).
+SIGMA_SAMPLINGS = ("logit_normal", "uniform")
+
+#: Fields that only one architecture reads. The other architecture's fields are left out of
+#: the trajectory hash, so adding SD3 fields did not change the hash of a UNet run (its
+#: checkpoints still resume) and vice versa.
+ARCHITECTURE_FIELDS = {
+    "unet": ("block_out_channels", "layers_per_block", "num_attention_heads", "norm_num_groups", "snr_gamma",
+             "beta_schedule", "channels_last"),
+    "sd3": ("sd3_layers", "sd3_heads", "sd3_head_dim", "sd3_patch_size", "text_max_length", "sigma_sampling",
+            "logit_mean", "logit_std", "flow_shift"),
+}
 LR_SCHEDULES = ("constant", "cosine")
 
 #: Fields that do not change the training trajectory up to a given step: a checkpoint made
@@ -57,6 +71,10 @@ class WorldModelConfig(ConfigSection):
 
     SECTION = "world_model.train"
 
+    architecture: str = "unet"
+    """Denoiser: ``unet`` (the shipped UNet, epsilon loss, DDIM) or ``sd3`` (a small
+    ``SD3Transformer2DModel`` on pixels, rectified-flow loss, flow Euler sampling). Set as
+    ``world_model.architecture`` in the workflow config."""
     steps: int = 5000
     """Optimiser steps. Raising it and re-running resumes from the last checkpoint."""
     batch_size: int = 16
@@ -98,11 +116,33 @@ class WorldModelConfig(ConfigSection):
     norm_num_groups: int = 16
     """GroupNorm groups of the UNet."""
     text_hidden_size: int = 64
-    """CLIP text encoder width (= the UNet's cross_attention_dim)."""
+    """CLIP text encoder width (= the UNet's cross_attention_dim); ``sd3``: T5's width and the
+    transformer's joint_attention_dim, CLIP-L and CLIP-G half of it each."""
     text_layers: int = 2
     """CLIP text encoder layers."""
     text_heads: int = 4
     """CLIP text encoder heads."""
+    sd3_layers: int = 4
+    """``sd3``: joint-attention blocks of the transformer (the last one is context_pre_only, as in SD3)."""
+    sd3_heads: int = 2
+    """``sd3``: attention heads (width = sd3_heads * sd3_head_dim)."""
+    sd3_head_dim: int = 32
+    """``sd3``: channels per head (32, as the UNet's heads: CPU attention is slower on narrower heads)."""
+    sd3_patch_size: int = 2
+    """``sd3``: pixels per side of an image token (SD3's 2: 32x32 px -> 256 tokens)."""
+    text_max_length: int = 16
+    """``sd3``: tokens each text encoder reads (CLIP-L, CLIP-G, T5). The longest ShapesWorld
+    caption is 11 CLIP tokens; SD3's 77 + 256 would make the text stream ~110 of ~365 joint tokens."""
+    sigma_sampling: str = "logit_normal"
+    """``sd3``: training sigma density: SD3's ``logit_normal`` (sigma = sigmoid(N(logit_mean, logit_std))),
+    or ``uniform`` on (0, 1)."""
+    logit_mean: float = 0.0
+    """``sd3``: mean of the logit-normal sigma density (SD3: 0)."""
+    logit_std: float = 1.0
+    """``sd3``: standard deviation of the logit-normal sigma density (SD3: 1)."""
+    flow_shift: float = 1.0
+    """``sd3``: ``shift`` of the saved FlowMatchEulerDiscreteScheduler (sampling sigmas); SD3 uses 3 at
+    1024 px and the shift grows with resolution, so 32 px takes none (1)."""
     train_text_encoder: bool = True
     """Train the text encoder jointly (True) or keep its random initialisation frozen."""
     beta_schedule: str = "linear"
@@ -116,6 +156,10 @@ class WorldModelConfig(ConfigSection):
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise UserError(
+                f"config world_model.architecture = {self.architecture!r} is not allowed; allowed: {', '.join(ARCHITECTURES)}"
+            )
         _check_int("train.steps", self.steps, 1)
         _check_int("train.batch_size", self.batch_size, 1)
         _check_float("train.lr", self.lr, 0.0, 1.0, lo_open=True)
@@ -164,6 +208,29 @@ class WorldModelConfig(ConfigSection):
                 f"config world_model.train.text_hidden_size = {self.text_hidden_size} is not allowed; "
                 f"allowed: a multiple of text_heads ({self.text_heads})"
             )
+        _check_int("train.sd3_layers", self.sd3_layers, 1, 48)
+        _check_int("train.sd3_heads", self.sd3_heads, 1, 64)
+        _check_int("train.sd3_head_dim", self.sd3_head_dim, 4, 256)
+        _check_int("train.sd3_patch_size", self.sd3_patch_size, 1, 8)
+        if self.image_size % self.sd3_patch_size:
+            raise UserError(
+                f"config world_model.train.sd3_patch_size = {self.sd3_patch_size} is not allowed with image_size "
+                f"{self.image_size}; allowed: a divisor of image_size"
+            )
+        _check_int("train.text_max_length", self.text_max_length, 4, 77)
+        if self.sigma_sampling not in SIGMA_SAMPLINGS:
+            raise UserError(
+                f"config world_model.train.sigma_sampling = {self.sigma_sampling!r} is not allowed; allowed: {', '.join(SIGMA_SAMPLINGS)}"
+            )
+        _check_float("train.logit_mean", self.logit_mean, -10.0, 10.0)
+        _check_float("train.logit_std", self.logit_std, 0.0, 10.0, lo_open=True)
+        _check_float("train.flow_shift", self.flow_shift, 0.0, 100.0, lo_open=True)
+        if self.architecture == "sd3" and self.text_hidden_size % (2 * self.text_heads):
+            raise UserError(
+                f"config world_model.train.text_hidden_size = {self.text_hidden_size} is not allowed for architecture sd3; "
+                f"allowed: a multiple of 2 * text_heads = {2 * self.text_heads} (CLIP-L and CLIP-G take half the "
+                "width each, T5 the whole width)"
+            )
         if not isinstance(self.train_text_encoder, bool):
             raise UserError(f"config world_model.train.train_text_encoder = {self.train_text_encoder!r} is not allowed; allowed: true, false")
         if self.beta_schedule not in BETA_SCHEDULES:
@@ -182,7 +249,11 @@ class WorldModelConfig(ConfigSection):
 
     def trajectory_hash(self) -> str:
         """Hash of every field that changes the training trajectory (resume compatibility)."""
-        free = self.resume_free_fields()
+        free = set(self.resume_free_fields()) | {
+            f for arch, fields in ARCHITECTURE_FIELDS.items() if arch != self.architecture for f in fields
+        }
+        if self.architecture == "unet":
+            free.add("architecture")  # the hash of UNet runs from before the field existed
         d = {k: v for k, v in self.to_dict().items() if k not in free}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

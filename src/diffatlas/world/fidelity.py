@@ -8,9 +8,12 @@ Protocol (all of it a function of :class:`~diffatlas.world.config.FidelityConfig
 * **two-object captions** ``"a {colour} {shape} and a {colour} {shape}"`` (two different fine
   classes drawn from ``seed``): how often exactly two objects appear (the gate), and how often
   both named objects are there with their shape and colour;
-* samples come from the model's own pipeline (DDIM, ``num_inference_steps``, classifier-free
-  guidance ``guidance_scale``); the starting noise of sample ``i`` is drawn once for all from
-  ``seed``, so the numbers do not depend on ``batch_size``.
+* samples of a UNet model come from its own pipeline (DDIM, ``num_inference_steps``,
+  classifier-free guidance ``guidance_scale``); samples of a flow-matching model (the SD3
+  world model) from the diffusion core's flow Euler sampler (:func:`generate_flow`: the
+  model's own scheduler's sigmas, the same CFG, :func:`~diffatlas.models.diffusion.flow_step`);
+  the starting noise of sample ``i`` is drawn once for all from ``seed``, so the numbers do
+  not depend on ``batch_size``.
 
 The quality gate of the shipped model: shape accuracy >= 0.90 and colour accuracy >= 0.85
 on single-object captions, two objects for two-object captions >= 0.60 of the time.
@@ -30,6 +33,7 @@ import torch
 
 from diffatlas.errors import UserError
 from diffatlas.intervals import wilson
+from diffatlas.models.diffusion import cfg_batch, cfg_split, flow_step, uses_cfg
 from diffatlas.world.config import FidelityConfig
 from diffatlas.world.judge import judge_images, matches_caption
 
@@ -81,6 +85,55 @@ def generate(pipe, captions: list[str], cfg: FidelityConfig, device: torch.devic
     return np.concatenate(out) if out else np.zeros((0, s, s, 3), np.uint8)
 
 
+def flow_sigmas(scheduler_config: Any, steps: int) -> list[float]:
+    """The sigmas a flow sampler of ``steps`` steps visits, 1 -> 0 (the last is 0): those of a
+    ``FlowMatchEulerDiscreteScheduler`` with the model's config (its shift) after ``set_timesteps``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    sched.set_timesteps(int(steps))
+    return [float(x) for x in sched.sigmas]
+
+
+@torch.no_grad()
+def generate_flow(handle, captions: list[str], cfg: FidelityConfig) -> np.ndarray:
+    """One image per caption from a flow-matching model (:func:`sample_flow`).  -> uint8 [N, S, S, 3]."""
+    from diffatlas.geometry.sampling import decode_uint8
+
+    return decode_uint8(handle, sample_flow(handle, captions, cfg), batch_size=cfg.batch_size)
+
+
+@torch.no_grad()
+def sample_flow(handle, captions: list[str], cfg: FidelityConfig) -> torch.Tensor:
+    """Clean denoiser-space samples ``[N, C, h, w]`` of a flow-matching model, one per caption,
+    with the core's Euler step.
+
+    ``x`` starts as the same seeded noise :func:`generate` draws (N(0, I) = x at σ = 1) and
+    moves ``x <- x + (σ' - σ) v`` down the scheduler's sigmas, with ``v`` the model's velocity
+    (``handle.model_output``) guided as ``v_u + w (v_c - v_u)`` when ``guidance_scale > 1``
+    (StableDiffusion3Pipeline's guidance; its negative prompt is "").
+    """
+    s, c = handle.latent_size, handle.latent_channels
+    g = torch.Generator().manual_seed(cfg.seed)
+    noise = torch.randn((len(captions), c, s, s), generator=g)
+    sigmas = flow_sigmas(handle.scheduler.config, cfg.num_inference_steps)
+    guided = uses_cfg(cfg.guidance_scale)
+    uncond = handle.conditioning([""]) if guided else None
+    out = []
+    for start in range(0, len(captions), cfg.batch_size):
+        chunk = captions[start : start + cfg.batch_size]
+        x = noise[start : start + len(chunk)].to(device=handle.device, dtype=handle.dtype)
+        cond = handle.conditioning(chunk)
+        if guided:
+            n = len(chunk)
+            cond = {k: torch.cat([uncond[k].expand(n, *uncond[k].shape[1:]), v]) for k, v in cond.items()}
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            v = handle.model_output(cfg_batch(x) if guided else x, sigma, cond).to(x.dtype)
+            x = flow_step(cfg_split(v, cfg.guidance_scale) if guided else v, x, sigma, sigma_next)
+        out.append(x)
+    return torch.cat(out) if out else torch.zeros((0, c, s, s), dtype=handle.dtype)
+
+
 def _rate(flags: list[bool]) -> dict[str, Any]:
     k, n = int(sum(flags)), len(flags)
     return {"rate": round(k / n, 4) if n else None, "k": k, "n": n, "ci95": [round(x, 4) for x in wilson(k, n)]}
@@ -122,12 +175,18 @@ def _nan(x: float | None) -> float:
     return float("nan") if x is None else float(x)
 
 
-def evaluate_pipeline(pipe, cfg: FidelityConfig, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Generate, judge and score.  -> {"metrics", "single", "two", "images_single", "images_two", ...}."""
+def evaluate_pipeline(pipe, cfg: FidelityConfig, device: torch.device | str = "cpu", handle=None) -> dict[str, Any]:
+    """Generate, judge and score.  -> {"metrics", "single", "two", "images_single", "images_two", ...}.
+
+    A ``handle`` of a flow-matching model samples with :func:`generate_flow` (``pipe`` unused).
+    """
     single, two = fidelity_captions(cfg)
     captions = [c["caption"] for c in single + two]
     t0 = time.perf_counter()
-    images = generate(pipe, captions, cfg, device)
+    if handle is not None and handle.time_convention == "sigma":
+        images = generate_flow(handle, captions, cfg)
+    else:
+        images = generate(pipe, captions, cfg, device)
     gen_s = time.perf_counter() - t0
     verdicts = judge_images(images)
     vs, vt = verdicts[: len(single)], verdicts[len(single) :]
@@ -183,7 +242,7 @@ def sample_grid(images: np.ndarray, record: dict[str, Any], path: str | os.PathL
         return "n/a" if rate is None else f"{rate:.2f}"
 
     head = (f"shape {fmt('shape_accuracy')}  colour {fmt('colour_accuracy')}  two objects {fmt('two_object_rate')}"
-            f"  (DDIM {record['sampler']['num_inference_steps']} steps, CFG {record['sampler']['guidance_scale']};"
+            f"  ({record['sampler'].get('name', 'DDIM')} {record['sampler']['num_inference_steps']} steps, CFG {record['sampler']['guidance_scale']};"
             " frame: green = judge agrees)")
     model = record.get("model", {})
     fig.suptitle(f"{Path(str(model.get('path', ''))).name} ({model.get('revision', '')})\n{head}", fontsize=7)
@@ -201,14 +260,26 @@ def run_fidelity(model_path: str | os.PathLike, cfg: FidelityConfig, out_json: s
     handle = load_model(str(model_path), device=device, revision=revision, allow_pickle_weights=allow_pickle_weights)
     pipe = handle.pipeline
     pipe.set_progress_bar_config(disable=True)
-    result = evaluate_pipeline(pipe, cfg, handle.device)
+    result = evaluate_pipeline(pipe, cfg, handle.device, handle=handle)
+    flow = handle.time_convention == "sigma"
+    if flow:
+        from diffatlas.models.diffusion import FLOW_NOISING_RULE
+
+        sampler = {"name": "flow Euler", "num_inference_steps": cfg.num_inference_steps,
+                   "sigmas": [round(x, 6) for x in flow_sigmas(handle.scheduler.config, cfg.num_inference_steps)],
+                   "shift": handle.scheduler.config.get("shift"), "noising_rule": FLOW_NOISING_RULE,
+                   "guidance_scale": cfg.guidance_scale, "negative_prompt": ""}
+    else:
+        sampler = {"name": "DDIM", "num_inference_steps": cfg.num_inference_steps, "eta": 0.0,
+                   "guidance_scale": cfg.guidance_scale, "negative_prompt": ""}
+    model = {"path": str(model_path), "revision": handle.revision, "family": handle.family,
+             "image_size": handle.image_size, "scheduler": type(handle.scheduler).__name__}
+    if not flow:  # the UNet record keeps its keys (the shipped record stays valid)
+        model["beta_schedule"] = handle.scheduler.config.get("beta_schedule")
     record = {
-        "model": {"path": str(model_path), "revision": handle.revision, "family": handle.family,
-                  "image_size": handle.image_size, "scheduler": type(handle.scheduler).__name__,
-                  "beta_schedule": handle.scheduler.config.get("beta_schedule")},
+        "model": model,
         "config": cfg.to_dict(),
-        "sampler": {"name": "DDIM", "num_inference_steps": cfg.num_inference_steps, "eta": 0.0,
-                    "guidance_scale": cfg.guidance_scale, "negative_prompt": ""},
+        "sampler": sampler,
         "judge": "diffatlas.world.judge.judge_images (deterministic colour/shape detector)",
         "seed": cfg.seed,
         "device": str(handle.device),

@@ -1,4 +1,8 @@
-"""Train the ShapesWorld text-to-image model: epsilon-prediction DDPM loss, CFG dropout, EMA.
+"""Train the ShapesWorld text-to-image model: epsilon-prediction DDPM loss (UNet) or the
+rectified-flow loss (SD3 transformer), CFG dropout, EMA.
+
+``cfg.architecture`` picks the denoiser. ``unet`` is the shipped model and what follows
+describes it; ``sd3`` differs only in steps 2-4, see :func:`flow_matching_loss`.
 
 What a training step does (all of it a pure function of ``cfg.seed`` and the step index,
 so a resumed run repeats exactly the steps an uninterrupted run would have taken):
@@ -42,7 +46,7 @@ import torch
 
 from diffatlas.errors import UserError
 from diffatlas.io import atomic_dir, read_json
-from diffatlas.models.diffusion import add_noise, images_to_tensor
+from diffatlas.models.diffusion import add_noise, flow_add_noise, flow_velocity, images_to_tensor
 from diffatlas.world.config import WorldModelConfig
 
 log = logging.getLogger(__name__)
@@ -85,6 +89,13 @@ def make_scheduler(cfg: WorldModelConfig):
 
 
 def build_pipeline(cfg: WorldModelConfig):
+    """A freshly initialised pipeline of ``cfg.architecture`` (weights drawn from ``cfg.seed``)."""
+    if cfg.architecture == "sd3":
+        return build_sd3_pipeline(cfg)
+    return build_unet_pipeline(cfg)
+
+
+def build_unet_pipeline(cfg: WorldModelConfig):
     """A freshly initialised ShapesWorldPipeline (weights drawn from ``cfg.seed``).
 
     Uses the models engineer's factories, so module paths match SD's: ``down_blocks``,
@@ -125,6 +136,86 @@ def build_pipeline(cfg: WorldModelConfig):
             )
         )
     return ShapesWorldPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tok, scheduler=make_scheduler(cfg))
+
+
+def make_flow_scheduler(cfg: WorldModelConfig):
+    """SD3's scheduler (flow matching, T = 1000) with ``cfg.flow_shift``: it sets the sampling sigmas."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.flow_shift)
+
+
+def sd3_tokenizers(cfg: WorldModelConfig) -> tuple[Any, Any, Any]:
+    """Fresh CLIP-L, CLIP-G and T5 tokenizers over the ShapesWorld vocabulary, ``cfg.text_max_length`` tokens each."""
+    from diffatlas.data.shapesworld import VOCABULARY
+    from diffatlas.models.tokenizer import build_t5_tokenizer, build_world_tokenizer
+
+    tok, tok2 = build_world_tokenizer(list(VOCABULARY)), build_world_tokenizer(list(VOCABULARY))
+    for t in (tok, tok2):
+        # StableDiffusion3Pipeline pads CLIP prompts to the tokenizer's model_max_length.
+        t.model_max_length = cfg.text_max_length
+    return tok, tok2, build_t5_tokenizer(list(VOCABULARY), model_max_length=cfg.text_max_length)
+
+
+def build_sd3_pipeline(cfg: WorldModelConfig):
+    """A freshly initialised ``StableDiffusion3Pipeline`` on pixels (no VAE; weights from ``cfg.seed``).
+
+    SD3's layout at ShapesWorld size: a ``SD3Transformer2DModel`` on the 3 x S x S image in
+    patches of ``sd3_patch_size`` (32 px, patch 2: 256 image tokens) with ``sd3_layers``
+    joint-attention blocks; CLIP-L and CLIP-G (with projections) of ``text_hidden_size / 2``
+    each, whose penultimate states side by side are exactly as wide as T5's
+    (``text_hidden_size`` = the transformer's ``joint_attention_dim``, so SD3's zero padding
+    of CLIP to T5's width is empty); a T5 encoder with the offline T5 tokenizer. T5 is kept
+    (not ``text_encoder_3=None``) so the model has all three tokenisations DAAM reads words
+    from and the loader's T5-length check sees a T5 tokenizer; it costs a few % of a step.
+    """
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from diffatlas.models.architecture import world_text_encoder_config
+
+    tok, tok2, tok3 = sd3_tokenizers(cfg)
+    half = cfg.text_hidden_size // 2
+
+    def clip(t):
+        return CLIPTextModelWithProjection(CLIPTextConfig(**world_text_encoder_config(
+            len(t), hidden_size=half, num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+            bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id,
+            projection_dim=half)))
+
+    width = cfg.sd3_heads * cfg.sd3_head_dim
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        text_encoder, text_encoder_2 = clip(tok), clip(tok2)
+        text_encoder_3 = T5EncoderModel(T5Config(
+            vocab_size=len(tok3), d_model=cfg.text_hidden_size, d_kv=cfg.text_hidden_size // cfg.text_heads,
+            d_ff=2 * cfg.text_hidden_size, num_layers=cfg.text_layers, num_heads=cfg.text_heads,
+            relative_attention_num_buckets=8, dropout_rate=0.0,  # no dropout: a resumed run repeats the steps exactly
+            pad_token_id=tok3.pad_token_id, eos_token_id=tok3.eos_token_id,
+            decoder_start_token_id=tok3.pad_token_id))
+        transformer = SD3Transformer2DModel(
+            sample_size=cfg.image_size, patch_size=cfg.sd3_patch_size, in_channels=3, out_channels=3,
+            num_layers=cfg.sd3_layers, attention_head_dim=cfg.sd3_head_dim, num_attention_heads=cfg.sd3_heads,
+            joint_attention_dim=cfg.text_hidden_size,
+            caption_projection_dim=width,  # = heads * head_dim, as in SD3
+            pooled_projection_dim=cfg.text_hidden_size,  # CLIP-L + CLIP-G pooled projections
+            pos_embed_max_size=cfg.image_size // cfg.sd3_patch_size,
+        )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=make_flow_scheduler(cfg), vae=None,
+        text_encoder=text_encoder, tokenizer=tok, text_encoder_2=text_encoder_2, tokenizer_2=tok2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tok3,
+    )
+
+
+def denoiser_name(cfg: WorldModelConfig) -> str:
+    """Attribute of the pipeline holding the denoiser: ``unet`` or ``transformer``."""
+    return "transformer" if cfg.architecture == "sd3" else "unet"
+
+
+def text_encoder_names(cfg: WorldModelConfig) -> tuple[str, ...]:
+    """Attributes of the pipeline holding its text encoders."""
+    return ("text_encoder", "text_encoder_2", "text_encoder_3") if cfg.architecture == "sd3" else ("text_encoder",)
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -279,7 +370,7 @@ def load_checkpoint(
 
 
 def pipeline_from_checkpoint(path: str | os.PathLike, ema_weights: bool = True):
-    """The ShapesWorldPipeline of a training checkpoint (``checkpoint_dir/last``), read only.
+    """The pipeline of a training checkpoint (``checkpoint_dir/last``), read only.
 
     Lets a user look at (or run the fidelity check on) a run in progress. -> (pipeline, step).
     """
@@ -291,10 +382,9 @@ def pipeline_from_checkpoint(path: str | os.PathLike, ema_weights: bool = True):
     pipe = build_pipeline(cfg)
     tensors = load_file(str(path / "model.safetensors"))
     prefix = "ema." if ema_weights else ""
-    _load_prefixed(pipe.unet, tensors, f"{prefix}unet")
-    _load_prefixed(pipe.text_encoder, tensors, f"{prefix}text_encoder")
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
+    for name in (denoiser_name(cfg), *text_encoder_names(cfg)):
+        _load_prefixed(getattr(pipe, name), tensors, f"{prefix}{name}")
+        getattr(pipe, name).eval()
     return pipe, int(meta["step"])
 
 
@@ -344,6 +434,58 @@ def _tokenize(tokenizer, captions: list[str], cache: dict[str, torch.Tensor]) ->
     return torch.stack([cache[c] for c in captions])
 
 
+#: The training objectives, recorded in diffatlas_training.json.
+EPSILON_OBJECTIVE = "epsilon prediction, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t ~ U{0..T-1}, Min-SNR weight"
+FLOW_OBJECTIVE = ("rectified flow (velocity), x_sigma = (1 - sigma) x0 + sigma eps, target v = eps - x0, "
+                  "plain MSE, sigma from world_model.train.sigma_sampling")
+
+
+def sample_sigmas(cfg: WorldModelConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Training noise levels σ ``[n]`` in (0, 1) from ``cfg.sigma_sampling``.
+
+    ``logit_normal`` is SD3's choice (Esser et al. 2024, "lognorm(0.00, 1.00)", their best
+    sampler in the rectified-flow comparison): σ = sigmoid(u), u ~ N(logit_mean, logit_std²).
+    It spends the steps on the middle of the path, where the velocity is hardest to predict
+    (near σ = 0 and σ = 1 it is nearly ε or nearly -x0 from the input alone), and is the
+    same as a time-weighted uniform loss. ``uniform``: σ ~ U(0, 1), the plain rectified flow.
+    """
+    if cfg.sigma_sampling == "uniform":
+        return torch.rand((n,), generator=generator)
+    return torch.sigmoid(torch.randn((n,), generator=generator) * cfg.logit_std + cfg.logit_mean)
+
+
+def sd3_condition(pipe, captions: list[str], device: torch.device, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(encoder_hidden_states, pooled_projections) of ``captions`` from the pipeline's own
+    ``encode_prompt``, so training conditions the transformer exactly as sampling does."""
+    with torch.set_grad_enabled(grad):
+        emb, _, pooled, _ = pipe.encode_prompt(
+            prompt=captions, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+            max_sequence_length=int(pipe.tokenizer_3.model_max_length),
+        )
+    return emb, pooled
+
+
+def flow_matching_loss(pipe, cfg: WorldModelConfig, x0: torch.Tensor, captions: list[str], g: torch.Generator,
+                       device: torch.device) -> torch.Tensor:
+    """The rectified-flow loss of one batch (SD3's objective), with the core's noising rule and velocity.
+
+    σ from :func:`sample_sigmas` and ε ~ N(0, I) from ``g``; ``x_σ = (1 - σ) x0 + σ ε``
+    (:func:`~diffatlas.models.diffusion.flow_add_noise`); the transformer, called as SD3's
+    pipeline calls it (timestep σ·T), predicts ``v = ε - x0``
+    (:func:`~diffatlas.models.diffusion.flow_velocity`); loss = mean squared error. No Min-SNR
+    weight: the logit-normal σ density already plays the weighting's part.
+    """
+    sigma = sample_sigmas(cfg, x0.shape[0], g)
+    noise = torch.randn(x0.shape, generator=g)
+    x0, sigma, noise = x0.to(device), sigma.to(device), noise.to(device)
+    x_t = flow_add_noise(x0, noise, sigma)
+    emb, pooled = sd3_condition(pipe, captions, device, cfg.train_text_encoder)
+    T = int(pipe.scheduler.config.num_train_timesteps)
+    v = pipe.transformer(hidden_states=x_t, timestep=sigma * T, encoder_hidden_states=emb,
+                         pooled_projections=pooled).sample
+    return (v.float() - flow_velocity(x0, noise)).pow(2).mean()
+
+
 def train_world_model(
     cfg: WorldModelConfig,
     out_dir: str | os.PathLike,
@@ -372,14 +514,18 @@ def train_world_model(
 
     device = torch.device(device)
     pipe = build_pipeline(cfg)
-    unet, text_encoder = pipe.unet.to(device), pipe.text_encoder.to(device)
-    if cfg.channels_last and device.type == "cpu":
-        unet.to(memory_format=torch.channels_last)
-    models = {"unet": unet, "text_encoder": text_encoder}
+    flow = cfg.architecture == "sd3"
+    denoiser = getattr(pipe, denoiser_name(cfg)).to(device)
+    channels_last = cfg.channels_last and device.type == "cpu" and not flow  # a UNet's convolutions only
+    if channels_last:
+        denoiser.to(memory_format=torch.channels_last)
+    encoders = {name: getattr(pipe, name).to(device) for name in text_encoder_names(cfg)}
+    models = {denoiser_name(cfg): denoiser, **encoders}
     ema = {k: copy.deepcopy(m).requires_grad_(False).eval() for k, m in models.items()}
-    text_encoder.requires_grad_(cfg.train_text_encoder)
-    unet.train()
-    text_encoder.train(cfg.train_text_encoder)
+    denoiser.train()
+    for enc in encoders.values():
+        enc.requires_grad_(cfg.train_text_encoder)
+        enc.train(cfg.train_text_encoder)
     params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
     ema_params = [e for k in models for e, p in zip(ema[k].parameters(), models[k].parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
@@ -387,17 +533,20 @@ def train_world_model(
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     state = (load_checkpoint(ckpt, cfg, models, ema, optimizer) if (ckpt is not None and resume) else None) or TrainState()
 
-    alphas_cumprod = pipe.scheduler.alphas_cumprod.to(torch.float32)
-    loss_weight = min_snr_weights(alphas_cumprod, cfg.snr_gamma).to(device)
-    alphas_cumprod = alphas_cumprod.to(device)
-    T = alphas_cumprod.shape[0]
+    if not flow:
+        alphas_cumprod = pipe.scheduler.alphas_cumprod.to(torch.float32)
+        loss_weight = min_snr_weights(alphas_cumprod, cfg.snr_gamma).to(device)
+        alphas_cumprod = alphas_cumprod.to(device)
+        T = alphas_cumprod.shape[0]
     tok_cache: dict[str, torch.Tensor] = {}
 
-    n_unet, n_text = count_parameters(unet), count_parameters(text_encoder)
+    parameters = {k: count_parameters(m) for k, m in models.items()}
+    n_den, n_text = parameters[denoiser_name(cfg)], sum(parameters[k] for k in encoders)
     log.info(
-        "training ShapesWorld model: UNet %.2fM + text encoder %.2fM parameters, %d steps x batch %d on %s "
+        "training ShapesWorld model (%s): %s %.2fM + text encoders %.2fM parameters, %d steps x batch %d on %s "
         "(start at step %d, trajectory %s)",
-        n_unet / 1e6, n_text / 1e6, cfg.steps, cfg.batch_size, device, state.step, cfg.trajectory_hash(),
+        cfg.architecture, denoiser_name(cfg), n_den / 1e6, n_text / 1e6, cfg.steps, cfg.batch_size, device,
+        state.step, cfg.trajectory_hash(),
     )
 
     t_call = time.perf_counter()
@@ -409,18 +558,21 @@ def train_world_model(
             images, captions = sample_batch(cfg, step)
             x0 = to_model_space(images)
             g = step_generator(cfg.seed, step)
-            t = torch.randint(0, T, (x0.shape[0],), generator=g)
-            noise = torch.randn(x0.shape, generator=g)
-            x0, t, noise = x0.to(device), t.to(device), noise.to(device)
-            x_t = add_noise(x0, noise, alphas_cumprod[t].view(-1, 1, 1, 1))
-            if cfg.channels_last and device.type == "cpu":
-                x_t = x_t.contiguous(memory_format=torch.channels_last)
-            ids = _tokenize(pipe.tokenizer, captions, tok_cache).to(device)
-            with torch.set_grad_enabled(cfg.train_text_encoder):
-                context = text_encoder(ids).last_hidden_state
-            eps = unet(x_t, t, encoder_hidden_states=context).sample
-            per_sample = (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))
-            loss = (loss_weight[t] * per_sample).mean()
+            if flow:
+                loss = flow_matching_loss(pipe, cfg, x0, captions, g, device)
+            else:
+                t = torch.randint(0, T, (x0.shape[0],), generator=g)
+                noise = torch.randn(x0.shape, generator=g)
+                x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+                x_t = add_noise(x0, noise, alphas_cumprod[t].view(-1, 1, 1, 1))
+                if channels_last:
+                    x_t = x_t.contiguous(memory_format=torch.channels_last)
+                ids = _tokenize(pipe.tokenizer, captions, tok_cache).to(device)
+                with torch.set_grad_enabled(cfg.train_text_encoder):
+                    context = pipe.text_encoder(ids).last_hidden_state
+                eps = pipe.unet(x_t, t, encoder_hidden_states=context).sample
+                per_sample = (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))
+                loss = (loss_weight[t] * per_sample).mean()
             if not torch.isfinite(loss):
                 raise UserError(f"training diverged: loss is {loss.item()} at step {step}; lower world_model.train.lr (now {cfg.lr})")
 
@@ -476,7 +628,9 @@ def train_world_model(
         "images_per_second": round(state.images_seen / max(state.elapsed_s, 1e-9), 2),
         "final_loss": state.loss_history[-1][1] if state.loss_history else None,
         "loss_history": state.loss_history,
-        "parameters": {"unet": n_unet, "text_encoder": n_text},
+        "parameters": parameters,
+        "architecture": cfg.architecture,
+        "objective": FLOW_OBJECTIVE if flow else EPSILON_OBJECTIVE,
         "config": cfg.to_dict(),
         "trajectory_hash": cfg.trajectory_hash(),
         "device": str(device),
@@ -504,12 +658,24 @@ def save_model(pipe, ema: dict[str, torch.nn.Module], out_dir: str | os.PathLike
     from diffatlas.models.pipeline import ShapesWorldPipeline
     from diffatlas.models.tokenizer import build_world_tokenizer
 
-    unet = ema["unet"].to("cpu").to(memory_format=torch.contiguous_format)
-    # A fresh tokenizer, not the one used in training: the fast backend keeps the padding and
+    # Fresh tokenizers, not the ones used in training: the fast backend keeps the padding and
     # truncation of its last call and would write them into tokenizer.json, so a retrained
     # model's files would differ from the shipped ones for no reason (loaders reset them).
-    final = ShapesWorldPipeline(unet=unet, text_encoder=ema["text_encoder"].to("cpu"),
-                                tokenizer=build_world_tokenizer(list(VOCABULARY)), scheduler=pipe.scheduler)
+    if "transformer" in ema:
+        from diffusers import StableDiffusion3Pipeline
+
+        cfg = WorldModelConfig.from_dict(summary["config"])
+        tok, tok2, tok3 = sd3_tokenizers(cfg)
+        final = StableDiffusion3Pipeline(
+            transformer=ema["transformer"].to("cpu"), scheduler=pipe.scheduler, vae=None,
+            text_encoder=ema["text_encoder"].to("cpu"), tokenizer=tok,
+            text_encoder_2=ema["text_encoder_2"].to("cpu"), tokenizer_2=tok2,
+            text_encoder_3=ema["text_encoder_3"].to("cpu"), tokenizer_3=tok3,
+        )
+    else:
+        unet = ema["unet"].to("cpu").to(memory_format=torch.contiguous_format)
+        final = ShapesWorldPipeline(unet=unet, text_encoder=ema["text_encoder"].to("cpu"),
+                                    tokenizer=build_world_tokenizer(list(VOCABULARY)), scheduler=pipe.scheduler)
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         final.save_pretrained(str(tmp), safe_serialization=True)
