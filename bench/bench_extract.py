@@ -25,11 +25,26 @@ machine may be shared, so every comparison interleaves its variants:
 
 ``--model``: ``shapesworld`` (default: resources/models/shapesworld when present, else random
 weights of its architecture; weights do not change the timing), a saved diffusers model
-directory, a tiny family (``sd``, ``sdxl``, ``dit``, ``pixel``), or a size of
-``diffatlas make-tiny-model --size`` (``sd15``, ``sd2v``: random weights at the published size).
+directory (SD3 and Flux included), a tiny family (``sd``, ``sdxl``, ``dit``, ``pixel``, ``sd3``,
+``flux``), or a size of ``diffatlas make-tiny-model --size`` (``sd15``, ``sd2v``: random weights
+at the published size).
+
+Flow-matching models (SD3, Flux) run at sigmas (``--timesteps s0.250 s0.500``; by default
+extract's default timesteps t as σ = t / T), and without ``--layers`` at the image-token stream
+of every block (``block{i}.image``, ``single_block{i}.image``: extract's default layers are U-Net
+blocks). Both variants take their inputs from extraction's own steps (``_Runner``): the seeded
+ε, ``noised`` (x_σ = (1 - σ) x0 + σ ε through the diffusion core) and the denoiser's time (σ,
+which the model handle passes to SD3 as σ·T and to Flux as σ).
+
+The slope needs work well above a job's fixed cost: with tiny models (~1 ms an image on the CPU)
+use ``--n 512`` or more; at ``--n 64`` (batch 64) it spans one 32-image batch (~0.1 s) and the
+ratio is noise. Last measured (CPU, 1 thread, shared 2-core machine, ``--quick --repeats 2``,
+with maps, wall): tiny SD3 1.00, Flux 0.94, UNet ``sd`` 1.56 at ``--n 512``; at ``--n 64`` SD3
+0.87-1.00, Flux 0.88-0.98 with one negative outlier in three runs.
 
     python bench/bench_extract.py                                   # ShapesWorld, CPU, 128 images
     python bench/bench_extract.py --n 256 --repeats 3 --rss
+    python bench/bench_extract.py --model sd3 --quick --n 512 --threads 1    # tiny SD3 at s0.050 s0.250 s0.500
     python bench/bench_extract.py --device cuda --model sd15 --n 256 --batch-size 32 \\
         --layers mid up_ft0 up_ft1 up_ft2 down_ft2
 """
