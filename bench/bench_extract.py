@@ -13,7 +13,7 @@ machine may be shared, so every comparison interleaves its variants:
    layer (what per-layer scripts do).
 2. end to end, as the workflow runs it (one ``extract_activations`` job per timestep): the
    per-image rate, the slope of job time between a one-batch job and an ``--n``-image job (so
-   fixed costs cancel), divided by the bare rate (VAE encode + UNet forwards of the same
+   fixed costs cancel), divided by the bare rate (VAE encode + denoiser forwards of the same
    batches, same autocast), with spatial maps and without. Target >= 0.90 with maps. Two
    diagnostic rows: passes run to the end (no early stop: the pure cost of capture and
    storage) and the synchronous writer (what the background writer saves). On the CPU the
@@ -25,11 +25,26 @@ machine may be shared, so every comparison interleaves its variants:
 
 ``--model``: ``shapesworld`` (default: resources/models/shapesworld when present, else random
 weights of its architecture; weights do not change the timing), a saved diffusers model
-directory, a tiny family (``sd``, ``sdxl``, ``dit``, ``pixel``), or a size of
-``diffatlas make-tiny-model --size`` (``sd15``, ``sd2v``: random weights at the published size).
+directory (SD3 and Flux included), a tiny family (``sd``, ``sdxl``, ``dit``, ``pixel``, ``sd3``,
+``flux``), or a size of ``diffatlas make-tiny-model --size`` (``sd15``, ``sd2v``: random weights
+at the published size).
+
+Flow-matching models (SD3, Flux) run at sigmas (``--timesteps s0.250 s0.500``; by default
+extract's default timesteps t as σ = t / T), and without ``--layers`` at the image-token stream
+of every block (``block{i}.image``, ``single_block{i}.image``: extract's default layers are U-Net
+blocks). Both variants take their inputs from extraction's own steps (``_Runner``): the seeded
+ε, ``noised`` (x_σ = (1 - σ) x0 + σ ε through the diffusion core) and the denoiser's time (σ,
+which the model handle passes to SD3 as σ·T and to Flux as σ).
+
+The slope needs work well above a job's fixed cost: with tiny models (~1 ms an image on the CPU)
+use ``--n 512`` or more; at ``--n 64`` (batch 64) it spans one 32-image batch (~0.1 s) and the
+ratio is noise. Last measured (CPU, 1 thread, shared 2-core machine, ``--quick --repeats 2``,
+with maps, wall): tiny SD3 1.00, Flux 0.94, UNet ``sd`` 1.56 at ``--n 512``; at ``--n 64`` SD3
+0.87-1.00, Flux 0.88-0.98 with one negative outlier in three runs.
 
     python bench/bench_extract.py                                   # ShapesWorld, CPU, 128 images
     python bench/bench_extract.py --n 256 --repeats 3 --rss
+    python bench/bench_extract.py --model sd3 --quick --n 512 --threads 1    # tiny SD3 at s0.050 s0.250 s0.500
     python bench/bench_extract.py --device cuda --model sd15 --n 256 --batch-size 32 \\
         --layers mid up_ft0 up_ft1 up_ft2 down_ft2
 """
@@ -124,31 +139,43 @@ def autocast(cfg, device: torch.device):
     return autocast(device, amp_dtype(cfg.dtype, device, "extract"))
 
 
-def bare_forward(handle, images, cfg, device, clock: Clock) -> float:
-    """Seconds of VAE encode + UNet forward per (timestep, batch), as extraction runs them.
+def runner(handle, cfg, n: int, device, layers=None, stop_early: bool = True):
+    """Extraction's own per-batch steps (:class:`diffatlas.activations.extract._Runner`) for
+    ``n`` images with sample ids 0..n-1: its times in the model's convention (steps, or σ),
+    its seeded forward noising (``noised``), the denoiser's time argument (``_timestep``:
+    the step, or σ, which the handle turns into SD3's σ·T or Flux's σ) and its conditioning."""
+    from diffatlas.activations.extract import _Runner, model_times, prompts_for
 
-    Inputs are built and the seeded noise drawn outside the timing: only the model's work
-    counts (with extraction's autocast).
+    prompts = prompts_for(cfg, ["x"] * n, [""] * n, str(getattr(handle, "family", "")))
+    return _Runner(handle, cfg, layers or [], set(), prompts, np.arange(n, dtype=np.int64), device, stop_early,
+                   model_times(cfg, handle))
+
+
+def bare_forward(handle, images, cfg, device, clock: Clock) -> float:
+    """Seconds of VAE encode + denoiser forward per (timestep, batch), as extraction runs them.
+
+    Inputs are built, conditioning encoded and the seeded noise drawn outside the timing:
+    only the model's work counts (with extraction's autocast); x_t is formed inside the
+    timing from extraction's own noising (a UNet's ᾱ rule or a flow model's σ rule).
     """
     from diffatlas.activations.extract import images_to_tensor
-    from diffatlas.activations.noise import add_noise, sample_noise
 
     n, bs = len(images), cfg.batch_size
+    run_ = runner(handle, cfg, n, device)
     work = []
     with torch.no_grad():
-        for t in sorted(cfg.timesteps):
+        for t in sorted(run_.times):
             for s in range(0, n, bs):
                 x = images_to_tensor(images[s : s + bs], handle.image_size, device)
                 shape = handle.encode_images(x[:1]).shape[1:]
-                work.append((x, sample_noise(list(range(s, s + len(x))), t, shape, cfg.seed).to(device),
-                             float(handle.alphas_cumprod[t]), torch.full((len(x),), t, device=device),
-                             handle.conditioning([""] * len(x))))
+                noise = run_.noise(t, range(s, s + len(x)), tuple(shape)).to(device)
+                work.append((x, noise, t, run_._timestep(t, len(x)), run_.cond(s, s + len(x))))
 
     def run():
         with torch.no_grad(), autocast(cfg, device):
-            for x, noise, ab, tt, cond in work:
+            for x, noise, t, tt, cond in work:
                 x0 = handle.encode_images(x).float()
-                handle.predict_noise(add_noise(x0, noise, ab), tt, cond)
+                handle.predict_noise(run_.noised(x0, t, noise), tt, cond)
 
     return clock.time(run)
 
@@ -200,34 +227,37 @@ def paired_passes(handle, images, cfg, device, clock: Clock) -> dict[str, float]
     from diffatlas.activations.extract import images_to_tensor
     from diffatlas.activations.hooks import ActivationCapture
     from diffatlas.activations.layers import resolve_layers
-    from diffatlas.activations.noise import add_noise, sample_noise
 
     layers = resolve_layers(handle.denoiser, cfg.layers)
-    names = [x.name for x in layers]
-    kw = dict(spatial_max_size=cfg.spatial_max_size, pooling=cfg.pooling)
+    names = [x.name for x in layers if x.keeps_maps]  # text-token streams have no map
+    kw = dict(spatial_max_size=cfg.spatial_max_size, pooling=cfg.pooling, grid=getattr(handle, "token_grid", None))
+    run_ = runner(handle, cfg, len(images), device)
     caps = {
         "capture": ActivationCapture(handle.denoiser, layers, spatial_layers=names, stop_early=True, **kw),
         "capture_full": ActivationCapture(handle.denoiser, layers, spatial_layers=names, stop_early=False, **kw),
     }
-    singles = [ActivationCapture(handle.denoiser, [x], spatial_layers=[x.name], stop_early=False, **kw) for x in layers]
+    singles = [ActivationCapture(handle.denoiser, [x], spatial_layers={x.name} & set(names), stop_early=False, **kw)
+               for x in layers]
     n, bs = len(images), cfg.batch_size
     totals = dict.fromkeys(["bare", "capture", "capture_full", "per_layer"], 0.0)
 
     def noised(x0, ids, t):
-        return add_noise(x0, sample_noise(ids, t, x0.shape[1:], cfg.seed), float(handle.alphas_cumprod[t]))
+        return run_.noised(x0, t, run_.noise(t, ids, x0.shape[1:]))
 
     def to_host(res):
         for c in res.values():
-            c.pooled.cpu().numpy(), c.spatial.cpu().numpy()
+            c.pooled.cpu().numpy()
+            if c.spatial is not None:
+                c.spatial.cpu().numpy()
 
     k = 0
     with torch.no_grad(), autocast(cfg, device):
-        for t in sorted(cfg.timesteps):
+        for t in sorted(run_.times):
             for s in range(0, n, bs):
                 ids = list(range(s, min(n, s + bs)))
                 x0 = handle.encode_images(images_to_tensor(images[s : s + bs], handle.image_size, device)).float()
-                cond = handle.conditioning([""] * len(ids))
-                tt = torch.full((len(ids),), t, device=device)
+                cond = run_.cond(s, s + len(ids))
+                tt = run_._timestep(t, len(ids))
                 x_t = noised(x0, ids, t)
 
                 def bare():
@@ -260,16 +290,23 @@ def store_creation(handle, cfg, n: int, tmp: Path, device) -> float:
     from diffatlas.activations.store import ActivationWriter, LayerSpec
 
     layers = resolve_layers(handle.denoiser, cfg.layers)
+    run_ = runner(handle, cfg, 1, device)
+    t = run_.times[0]
+    maps = [x.name for x in layers if x.keeps_maps]
     x = images_to_tensor(np.zeros((1, handle.image_size, handle.image_size, 3), np.uint8), handle.image_size, device)
     with torch.no_grad(), autocast(cfg, device), ActivationCapture(
-        handle.denoiser, layers, spatial_layers=[x.name for x in layers], spatial_max_size=cfg.spatial_max_size
+        handle.denoiser, layers, spatial_layers=maps, spatial_max_size=cfg.spatial_max_size,
+        grid=getattr(handle, "token_grid", None)
     ) as cap:
         x0 = handle.encode_images(x).float()
-        res = cap.run(handle.predict_noise, x0, torch.full((1,), 10, device=device), handle.conditioning([""]))
-    specs = [LayerSpec(x.name, x.module_path, res[x.name].pooled.shape[1], res[x.name].spatial.shape[2],
-                       res[x.name].spatial.shape[3], cfg.spatial) for x in layers]
+        res = cap.run(handle.predict_noise, x0, run_._timestep(t, 1), run_.cond(0, 1))
+    specs = [LayerSpec(x.name, x.module_path, res[x.name].pooled.shape[1],
+                       res[x.name].spatial.shape[2] if x.name in maps else 0,
+                       res[x.name].spatial.shape[3] if x.name in maps else 0, cfg.spatial and x.name in maps)
+             for x in layers]
     t0 = time.perf_counter()
-    ActivationWriter(tmp / "empty.zarr", timesteps=[10], alpha_bar=[0.5], sample_ids=list(range(n)), labels=["x"] * n,
+    ActivationWriter(tmp / "empty.zarr", timesteps=[10], alpha_bar=[float("nan") if run_.flow else 0.5],
+                     sigma=[0.01] if run_.flow else None, sample_ids=list(range(n)), labels=["x"] * n,
                      coarse_labels=None, layers=specs, attrs={"a": 1}, batch_size=cfg.batch_size)
     return time.perf_counter() - t0
 
@@ -324,14 +361,52 @@ def rss_runs(args, cfg, model_dir: Path, image_size: int, tmp: Path) -> int:
     return 0
 
 
+def bench_config(args, handle):
+    """Extract's workflow default (:class:`ExtractConfig`), narrowed by the flags and fitted to the model.
+
+    A flow-matching model (SD3, Flux) runs at sigmas: without ``--timesteps`` it takes
+    extract's default timesteps t as σ = t / T (the same store names, t50 -> s0.050), and
+    without ``--layers``, where extract's default layers (U-Net blocks) do not exist on it,
+    the image-token stream of every joint and single block. Times are checked against the
+    model's convention as extraction checks them (:func:`~diffatlas.activations.extract.model_times`).
+    """
+    from dataclasses import replace
+
+    from diffatlas.activations.config import ExtractConfig
+    from diffatlas.activations.extract import model_times
+    from diffatlas.activations.layers import layer_streams
+    from diffatlas.models.diffusion import Time
+
+    base = ExtractConfig()  # the workflow default
+    times = None
+    if args.timesteps is not None:
+        times = [t.value if t.kind == "step" else str(t) for t in map(Time.parse, args.timesteps)]
+    elif getattr(handle, "time_convention", "step") == "sigma":
+        T = int(handle.num_train_timesteps)
+        times = [str(Time.sigma(Time.parse(t).value / T)) for t in base.timesteps]
+    layers = args.layers
+    streams = layer_streams(handle.denoiser)
+    if layers is None and not set(base.layers) <= set(streams):
+        # image-token streams of joint blocks (block{i}.image, single_block{i}.image); a DiT's block{i}
+        layers = [a for a, (_, st) in streams.items() if (st == "image" and "." in a) or (st is None and "block" in a)]
+    cfg = replace(base, **{k: v for k, v in (("batch_size", args.batch_size), ("timesteps", times),
+                                             ("layers", layers)) if v is not None})
+    model_times(cfg, handle)  # a step on a flow model, a sigma on a UNet, or a step out of range: UserError
+    return cfg
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="shapesworld", help="shapesworld | model directory | tiny family | size (sd15, sd2v)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
     p.add_argument("--n", type=int, default=128, help="images of the throughput runs (default 128)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward (default: extract's default)")
-    p.add_argument("--timesteps", type=int, nargs="+", default=None, help="default: extract's default")
-    p.add_argument("--layers", nargs="+", default=None, help="default: extract's default")
+    p.add_argument("--timesteps", nargs="+", default=None,
+                   help="steps (250, t250) or, for a flow model (SD3, Flux), sigmas (s0.500); default: extract's "
+                        "default (a flow model: the same timesteps as sigmas t/T)")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="default: extract's default, or where the model has none of those (SD3, Flux) its image-token "
+                        "streams (block{i}.image, single_block{i}.image)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2, help="end-to-end runs of each variant, in A B B A order, summed (default 2)")
     p.add_argument("--quick", action="store_true", help="skip section 1 and the diagnostic rows of section 2")
@@ -353,16 +428,13 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("DIFFATLAS_NO_PROGRESS", "1")
     torch.set_num_threads(args.threads)
-    from diffatlas.activations.config import ExtractConfig
     from diffatlas.activations.layers import resolve_layers
+    from diffatlas.errors import UserError
     from diffatlas.io import pick_device
     from diffatlas.models.loader import load_model
 
     device = pick_device(args.device)
     clock = Clock(device)
-    base = ExtractConfig()  # the workflow default, narrowed by the flags
-    cfg = replace(base, **{k: v for k, v in (("batch_size", args.batch_size), ("timesteps", args.timesteps),
-                                             ("layers", args.layers)) if v is not None})
     with tempfile.TemporaryDirectory(prefix="bench_extract-") as tmpname:
         tmp = Path(tmpname)
         model_dir, what = resolve_model(args.model, tmp)
@@ -370,6 +442,10 @@ def main() -> int:
         handle = load_model(str(model_dir), device=device)
         clock.sync()
         load_s = time.perf_counter() - t0
+        try:
+            cfg = bench_config(args, handle)
+        except UserError as err:
+            raise SystemExit(f"bench_extract: {err}") from None
         size = int(handle.image_size)
         images = np.random.default_rng(0).integers(0, 256, (args.n, size, size, 3), dtype=np.uint8)
         layers = resolve_layers(handle.denoiser, cfg.layers)
@@ -402,7 +478,7 @@ def main() -> int:
                   f"{pp['per_layer'] / pp['capture']:.2f}x faster")
 
         print("\n2. end to end, one job per timestep: per-image rate (slope between a one-batch job and "
-              f"{args.n} images) / bare (VAE encode + UNet forwards, same batches and autocast)")
+              f"{args.n} images) / bare (VAE encode + denoiser forwards, same batches and autocast)")
         # (label, maps, stop early, background writer); the last two rows show what the
         # shipped path gains from stopping early and from writing in the background.
         variants = [("with spatial maps", True, True, True), ("without spatial maps", False, True, True)]

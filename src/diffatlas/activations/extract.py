@@ -564,6 +564,17 @@ class _Runner:
         with self._autocast():
             return capture.run(self.handle.predict_noise, x_t, self._timestep(t, x_t.shape[0]), cond)
 
+    def noise(self, t: int | float, ids: np.ndarray | Sequence[int], shape: tuple[int, ...], draw: int = 0) -> torch.Tensor:
+        """The seeded ε [B, *shape] of (seed, sample id, time, draw), on the CPU."""
+        return sample_noise(list(map(int, ids)), self._noise_key(t), tuple(shape), self.cfg.seed, draw)
+
+    def noised(self, x0: torch.Tensor, t: int | float, noise: torch.Tensor) -> torch.Tensor:
+        """``x_t`` of forward noising at the model's time ``t``: the core's ᾱ rule for a step,
+        its flow rule for a σ. The one place extraction noises (the benchmark's bare forward too)."""
+        if self.flow:
+            return flow_add_noise(x0, noise.to(x0.device), float(t))
+        return add_noise(x0, noise, float(self.ab[t]))
+
     def _forward_noised(
         self, capture: ActivationCapture, x0: torch.Tensor, t: int, cond: Any, ids: np.ndarray
     ) -> dict[str, Captured]:
@@ -571,12 +582,7 @@ class _Runner:
         total: dict[str, Captured] | None = None
         draws = self.cfg.noise_ensemble
         for draw in range(draws):
-            noise = sample_noise(ids.tolist(), self._noise_key(t), tuple(x0.shape[1:]), self.cfg.seed, draw)
-            if self.flow:
-                x_t = flow_add_noise(x0, noise.to(x0.device), float(t))
-            else:
-                x_t = add_noise(x0, noise, float(self.ab[t]))
-            res = self._capture(capture, x_t, t, cond)
+            res = self._capture(capture, self.noised(x0, t, self.noise(t, ids, x0.shape[1:], draw)), t, cond)
             if draws == 1:
                 return res
             if total is None:
