@@ -74,7 +74,7 @@ def generate(pipe, captions: list[str], cfg: FidelityConfig, device: torch.devic
     s = pipe.image_size
     c = pipe.unet.config.in_channels
     g = torch.Generator().manual_seed(cfg.seed)
-    noise = torch.randn((len(captions), c, s, s), generator=g)
+    noise = torch.randn((len(captions), c, s, s), generator=g, device="cpu")  # seeded on the host: same noise on any device
     out = []
     for start in range(0, len(captions), cfg.batch_size):
         chunk = captions[start : start + cfg.batch_size]
@@ -115,7 +115,7 @@ def sample_flow(handle, captions: list[str], cfg: FidelityConfig) -> torch.Tenso
     """
     s, c = handle.latent_size, handle.latent_channels
     g = torch.Generator().manual_seed(cfg.seed)
-    noise = torch.randn((len(captions), c, s, s), generator=g)
+    noise = torch.randn((len(captions), c, s, s), generator=g, device="cpu")  # seeded on the host: same noise on any device
     sigmas = flow_sigmas(handle.scheduler.config, cfg.num_inference_steps)
     guided = uses_cfg(cfg.guidance_scale)
     uncond = handle.conditioning([""]) if guided else None
@@ -131,7 +131,7 @@ def sample_flow(handle, captions: list[str], cfg: FidelityConfig) -> torch.Tenso
             v = handle.model_output(cfg_batch(x) if guided else x, sigma, cond).to(x.dtype)
             x = flow_step(cfg_split(v, cfg.guidance_scale) if guided else v, x, sigma, sigma_next)
         out.append(x)
-    return torch.cat(out) if out else torch.zeros((0, c, s, s), dtype=handle.dtype)
+    return torch.cat(out) if out else torch.zeros((0, c, s, s), dtype=handle.dtype, device=handle.device)
 
 
 def _rate(flags: list[bool]) -> dict[str, Any]:

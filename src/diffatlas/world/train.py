@@ -450,8 +450,8 @@ def sample_sigmas(cfg: WorldModelConfig, n: int, generator: torch.Generator) -> 
     same as a time-weighted uniform loss. ``uniform``: σ ~ U(0, 1), the plain rectified flow.
     """
     if cfg.sigma_sampling == "uniform":
-        return torch.rand((n,), generator=generator)
-    return torch.sigmoid(torch.randn((n,), generator=generator) * cfg.logit_std + cfg.logit_mean)
+        return torch.rand((n,), generator=generator, device="cpu")
+    return torch.sigmoid(torch.randn((n,), generator=generator, device="cpu") * cfg.logit_std + cfg.logit_mean)
 
 
 def sd3_condition(pipe, captions: list[str], device: torch.device, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -476,7 +476,7 @@ def flow_matching_loss(pipe, cfg: WorldModelConfig, x0: torch.Tensor, captions: 
     weight: the logit-normal σ density already plays the weighting's part.
     """
     sigma = sample_sigmas(cfg, x0.shape[0], g)
-    noise = torch.randn(x0.shape, generator=g)
+    noise = torch.randn(x0.shape, generator=g, device="cpu")
     x0, sigma, noise = x0.to(device), sigma.to(device), noise.to(device)
     x_t = flow_add_noise(x0, noise, sigma)
     emb, pooled = sd3_condition(pipe, captions, device, cfg.train_text_encoder)
@@ -561,8 +561,8 @@ def train_world_model(
             if flow:
                 loss = flow_matching_loss(pipe, cfg, x0, captions, g, device)
             else:
-                t = torch.randint(0, T, (x0.shape[0],), generator=g)
-                noise = torch.randn(x0.shape, generator=g)
+                t = torch.randint(0, T, (x0.shape[0],), generator=g, device="cpu")
+                noise = torch.randn(x0.shape, generator=g, device="cpu")
                 x0, t, noise = x0.to(device), t.to(device), noise.to(device)
                 x_t = add_noise(x0, noise, alphas_cumprod[t].view(-1, 1, 1, 1))
                 if channels_last:
