@@ -200,3 +200,28 @@ def test_config_checks_and_the_unet_hash_is_unchanged():
         WorldModelConfig(architecture="sd3", sigma_sampling="beta")
     with pytest.raises(UserError, match=r"text_hidden_size = 20 is not allowed for architecture sd3"):
         WorldModelConfig(architecture="sd3", text_hidden_size=20, text_heads=4)
+
+
+def test_daam_generates_on_the_pixel_space_sd3_model(tiny_sd3):
+    """DAAM generation on the VAE-less SD3 world model: each image is the core's flow Euler
+    sampling (the fidelity sampler, checked above against the pipeline) from the item's own seed,
+    and its word maps are on the 32x32 image grid."""
+    from diffatlas.daam.trace import trace_generation
+    from diffatlas.models.diffusion import flow_step
+    from diffatlas.models.loader import load_model
+    from diffatlas.world.fidelity import flow_sigmas
+
+    handle = load_model(tiny_sd3 / "model")
+    prompts = ["a red circle", "a blue square"]
+    run = trace_generation(handle, prompts, steps=3, guidance=1.0, seed=5, batch_size=2, layers=["transformer_blocks.*"])
+    assert run.images.shape == (2, 32, 32, 3)
+    sigmas = flow_sigmas(handle.scheduler.config, 3)
+    for k, prompt in enumerate(prompts):
+        x = torch.randn((1, 3, 32, 32), generator=torch.Generator("cpu").manual_seed(5 + k), device="cpu")
+        cond = handle.conditioning([prompt])
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            x = flow_step(handle.model_output(x, s, cond), x, s, s_next)
+        expect = ((x[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+        assert np.abs(run.images[k].astype(np.float32) / 255 - expect).max() <= 1 / 255 + 1e-4
+        assert run.maps[k].token_maps.shape[1:] == (32, 32) and np.isfinite(run.maps[k].token_maps).all()
+        assert run.maps[k].token_maps.sum() > 0  # the words received attention

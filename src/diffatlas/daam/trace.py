@@ -409,7 +409,15 @@ def trace_generation(
         # prompt past T5's limit, fails before any generation); the pipeline reads the same
         # T5 length as the layout, at the model's own image size.
         joint_layout = {p: joint.joint_prompt_tokens(handle, p) for p in dict.fromkeys(prompts)}
-        call_extra = {"max_sequence_length": handle.t5_length, "height": handle.image_size, "width": handle.image_size}
+    # A pixel-space pipeline without a VAE (the SD3-architecture ShapesWorld model): diffusers'
+    # SD3 pipeline decodes through its VAE unconditionally and sizes its latents by its default
+    # scale factor, so ask for the size that gives the model's own input side and take the final
+    # x0 as latents, turned into images by the handle's decode (the identity clamped to [-1, 1]).
+    pixel_joint = tracer.family == "sd3" and handle.vae is None
+    output_type = "latent" if pixel_joint else "np"
+    if tracer.family is not None:
+        side = handle.latent_size * pipe.vae_scale_factor if pixel_joint else handle.image_size
+        call_extra = {"max_sequence_length": handle.t5_length, "height": side, "width": side}
     images, maps, items, per_step = [], [], [], []
     per_batch = max(1, batch_size // n_images)
     with tracer:
@@ -426,13 +434,13 @@ def trace_generation(
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 generator=gens,
-                output_type="np",
+                output_type=output_type,
                 **call_extra,
             )
             layout = layout_from_pipeline(pipe, n_items)
             raw = tracer.collect(layout)
             per_item_prompts = [p for p in chunk for _ in range(n_images)]
-            images.append(_to_uint8(out.images))
+            images.append(_to_uint8((handle.decode(out.images) + 1) / 2 if pixel_joint else out.images))
             if tracer.family is not None:
                 maps.extend(build_joint_word_maps(raw, [joint_layout[p] for p in per_item_prompts], (size, size)))
             else:
