@@ -58,7 +58,7 @@ def test_geometry_out_of_memory_is_a_clear_error_and_writes_nothing(tmp_path, mo
               "--config-json", cfg, "--device", "cpu", "--threads", "1"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "geometry basis (t=999)" in err and "2 samples x 3 directions" in err and "geometry.attention_chunk" in err
+    assert "geometry basis (t999)" in err and "2 samples x 3 directions" in err and "geometry.attention_chunk" in err
     assert not (tmp_path / "t999").exists()
     assert not list(tmp_path.glob("*t999*"))  # no temporary left behind either
 

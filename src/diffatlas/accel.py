@@ -113,8 +113,9 @@ def describe_precision(weights: "torch.dtype", **compute: "torch.dtype | str | N
 def out_of_memory_hint(stage: str, tried: str, lower: str) -> Iterator[None]:
     """Re-raise out-of-memory inside the block as a UserError naming what to change.
 
-    stage: e.g. ``"geometry basis (t=999)"``; tried: the size, e.g. ``"3 samples x 6
-    directions, x_t (4, 64, 64)"``; lower: the settings, e.g. ``"geometry.chunk_size"``.
+    stage: e.g. ``"geometry basis (t999)"`` (the time in the model's own convention: t999,
+    s0.500); tried: the size, e.g. ``"3 samples x 6 directions, x_t (4, 64, 64)"``; lower: the
+    settings, e.g. ``"geometry.chunk_size"``.
     """
     import torch
 
