@@ -144,7 +144,7 @@ def test_flow_loss_is_rectified_flow_written_by_hand():
 def test_flow_sampler_is_the_sd3_pipelines_loop(tiny_sd3, guidance):
     """The fidelity check's sampler (core Euler step) against StableDiffusion3Pipeline.__call__."""
     from diffatlas.models.loader import load_model
-    from diffatlas.world.fidelity import flow_sigmas, sample_flow
+    from diffatlas.world.fidelity import sample_flow
 
     handle = load_model(tiny_sd3 / "model")
     cfg = FidelityConfig(n_single=3, n_two=0, num_inference_steps=4, guidance_scale=guidance, batch_size=2)
@@ -157,7 +157,7 @@ def test_flow_sampler_is_the_sd3_pipelines_loop(tiny_sd3, guidance):
                           guidance_scale=guidance, output_type="latent", max_sequence_length=handle.t5_length).images
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
     # diffusers' grid at shift 1: N sigmas evenly from 1 down to 1/T, then 0.
-    assert flow_sigmas(handle.scheduler.config, 4) == pytest.approx([*np.linspace(1.0, 1 / 1000, 4), 0.0], abs=1e-6)
+    assert handle.flow_sigmas(4) == pytest.approx([*np.linspace(1.0, 1 / 1000, 4), 0.0], abs=1e-6)
 
 
 def test_fidelity_gate_runs_on_the_sd3_model(tiny_sd3, tmp_path):
@@ -209,13 +209,12 @@ def test_daam_generates_on_the_pixel_space_sd3_model(tiny_sd3):
     from diffatlas.daam.trace import trace_generation
     from diffatlas.models.diffusion import flow_step
     from diffatlas.models.loader import load_model
-    from diffatlas.world.fidelity import flow_sigmas
 
     handle = load_model(tiny_sd3 / "model")
     prompts = ["a red circle", "a blue square"]
     run = trace_generation(handle, prompts, steps=3, guidance=1.0, seed=5, batch_size=2, layers=["transformer_blocks.*"])
     assert run.images.shape == (2, 32, 32, 3)
-    sigmas = flow_sigmas(handle.scheduler.config, 3)
+    sigmas = handle.flow_sigmas(3)
     for k, prompt in enumerate(prompts):
         x = torch.randn((1, 3, 32, 32), generator=torch.Generator("cpu").manual_seed(5 + k), device="cpu")
         cond = handle.conditioning([prompt])

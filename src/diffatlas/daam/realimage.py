@@ -97,44 +97,18 @@ def ddim_timesteps(num_train_timesteps: int, steps: int, t_start: int) -> list[i
     return [t_start, *sorted(grid, reverse=True)]
 
 
-def _image_tokens(handle: Any) -> int:
-    """Image tokens of one transformer call at the model's size (what Flux's shift depends on)."""
-    if handle.family == "flux":
-        h, w = handle.token_grid
-        return int(h * w)
-    p = int(getattr(handle.denoiser.config, "patch_size", 1) or 1)
-    return (int(handle.latent_size) // p) ** 2
-
-
 def flow_sigmas(handle: Any, steps: int, sigma_start: float) -> list[float]:
     """Descending σ ``<= sigma_start`` (and > 0) of the σ grid the model's pipeline samples
-    with ``steps`` steps; the first one is ``sigma_start`` itself (the level the image is put at).
-
-    The grid is the model's own scheduler's (a fresh copy, set up as ``StableDiffusion3Pipeline``
-    / ``FluxPipeline`` set it up: Flux passes the sigmas ``linspace(1, 1/steps, steps)``, and a
-    scheduler with dynamic shifting gets μ from the image-token count), so the shift is the
-    model's, not a constant here. The clean end σ = 0 is where the last step lands.
+    with ``steps`` steps (:meth:`ModelHandle.flow_sigmas`); the first one is ``sigma_start``
+    itself (the level the image is put at). The clean end σ = 0 is where the last step lands.
     """
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
     if steps < 1:
         raise UserError(f"daam real-image steps = {steps} is not allowed; allowed: >= 1")
     sigma_start = float(sigma_start)
     if not 0.0 < sigma_start <= 1.0:
         raise UserError(f"daam real-image sigma_start = {sigma_start} is not allowed; allowed: 0 < sigma <= 1")
-    sched = type(handle.scheduler).from_config(handle.scheduler.config)
-    cfg = sched.config
-    kwargs: dict[str, Any] = {}
-    if cfg.get("use_dynamic_shifting", False):
-        kwargs["mu"] = calculate_shift(
-            _image_tokens(handle), cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
-        )
-    if handle.family == "flux" and not cfg.get("use_flow_sigmas", False):
-        kwargs["sigmas"] = np.linspace(1.0, 1.0 / steps, steps)
-    sched.set_timesteps(steps, **kwargs)
     # strictly below the start (a grid point equal to it up to float32 is the start itself)
-    below = [float(s) for s in sched.sigmas.tolist() if 0.0 < s < sigma_start - 1e-6]
+    below = [s for s in handle.flow_sigmas(steps) if 0.0 < s < sigma_start - 1e-6]
     return [sigma_start, *sorted(below, reverse=True)]
 
 

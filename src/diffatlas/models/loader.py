@@ -374,6 +374,31 @@ class ModelHandle:
                             **extra, **cond).sample
         return pipe._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor)
 
+    def flow_sigmas(self, steps: int) -> list[float]:
+        """The σ grid, 1 -> 0 (the last is 0), that this flow-matching model's own pipeline samples
+        with ``steps`` steps: a fresh copy of its scheduler set up as ``StableDiffusion3Pipeline``
+        / ``FluxPipeline`` set it up (Flux passes the sigmas ``linspace(1, 1/steps, steps)``; a
+        scheduler with dynamic shifting gets μ from the image-token count), so the shift is the
+        model's, not a constant here."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        sched = type(self.scheduler).from_config(self.scheduler.config)
+        cfg = sched.config
+        kwargs: dict[str, Any] = {}
+        if cfg.get("use_dynamic_shifting", False):
+            if self.family == "flux":
+                h, w = self.token_grid
+                tokens = int(h * w)
+            else:
+                tokens = (int(self.latent_size) // int(getattr(self.denoiser.config, "patch_size", 1) or 1)) ** 2
+            kwargs["mu"] = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                           cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        if self.family == "flux" and not cfg.get("use_flow_sigmas", False):
+            kwargs["sigmas"] = np.linspace(1.0, 1.0 / steps, steps)
+        sched.set_timesteps(int(steps), **kwargs)
+        return [float(x) for x in sched.sigmas.tolist()]
+
     @property
     def token_grid(self) -> tuple[int, int] | None:
         """``(h, w)`` of the image tokens where the denoiser's input is not a ``[B, C, H, W]``

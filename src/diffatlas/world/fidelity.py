@@ -85,16 +85,6 @@ def generate(pipe, captions: list[str], cfg: FidelityConfig, device: torch.devic
     return np.concatenate(out) if out else np.zeros((0, s, s, 3), np.uint8)
 
 
-def flow_sigmas(scheduler_config: Any, steps: int) -> list[float]:
-    """The sigmas a flow sampler of ``steps`` steps visits, 1 -> 0 (the last is 0): those of a
-    ``FlowMatchEulerDiscreteScheduler`` with the model's config (its shift) after ``set_timesteps``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    sched.set_timesteps(int(steps))
-    return [float(x) for x in sched.sigmas]
-
-
 @torch.no_grad()
 def generate_flow(handle, captions: list[str], cfg: FidelityConfig) -> np.ndarray:
     """One image per caption from a flow-matching model (:func:`sample_flow`).  -> uint8 [N, S, S, 3]."""
@@ -116,7 +106,7 @@ def sample_flow(handle, captions: list[str], cfg: FidelityConfig) -> torch.Tenso
     s, c = handle.latent_size, handle.latent_channels
     g = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn((len(captions), c, s, s), generator=g, device="cpu")  # seeded on the host: same noise on any device
-    sigmas = flow_sigmas(handle.scheduler.config, cfg.num_inference_steps)
+    sigmas = handle.flow_sigmas(cfg.num_inference_steps)
     guided = uses_cfg(cfg.guidance_scale)
     uncond = handle.conditioning([""]) if guided else None
     out = []
@@ -266,7 +256,7 @@ def run_fidelity(model_path: str | os.PathLike, cfg: FidelityConfig, out_json: s
         from diffatlas.models.diffusion import FLOW_NOISING_RULE
 
         sampler = {"name": "flow Euler", "num_inference_steps": cfg.num_inference_steps,
-                   "sigmas": [round(x, 6) for x in flow_sigmas(handle.scheduler.config, cfg.num_inference_steps)],
+                   "sigmas": [round(x, 6) for x in handle.flow_sigmas(cfg.num_inference_steps)],
                    "shift": handle.scheduler.config.get("shift"), "noising_rule": FLOW_NOISING_RULE,
                    "guidance_scale": cfg.guidance_scale, "negative_prompt": ""}
     else:
